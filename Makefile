@@ -1,0 +1,36 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   creates .venv if missing, installs, runs the main job
+#   make test   creates .venv if missing, installs, runs the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= runs/demo
+# Multi-device code paths are tested on 8 forced CPU devices.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): requirements.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m experiments.demo --workdir $(DEMO_DIR)
+
+test: $(STAMP)
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n 2 --durations=15 tests
+
+test-slow: $(STAMP)
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -m slow tests
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.rasterizer --json runs/bench/rasterizer.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
