@@ -1,0 +1,70 @@
+"""E-step decisions on hand-built score tables."""
+
+import numpy as np
+import pytest
+
+from nvsm_jax import geometry, pseudo_labels as pl
+
+
+def test_offset_grid_and_targets():
+    off = pl.offset_grid(np.radians(15), 2, np.radians(10), 1)
+    assert off.shape == (15, 4)
+    np.testing.assert_array_equal(off[0], 0)
+    assert np.all(off[:, 2:] == 0)
+    src = np.array([[np.radians(350), np.radians(85), 0.1, 5.0]], np.float32)
+    t = pl.propose_targets(src, off, elevation_range=(-np.pi / 2, np.radians(88)))
+    assert t.shape == (1, 15, 4)
+    assert np.all((t[..., 0] >= 0) & (t[..., 0] < 2 * np.pi))
+    assert t[..., 1].max() <= np.radians(88) + 1e-6
+    np.testing.assert_allclose(t[0, :, 2], 0.1)
+    with pytest.raises(ValueError, match="NaN"):
+        pl.propose_targets(np.array([[np.nan, 0, 0, 5]]), off)
+
+
+def test_select_applies_threshold_margin_cap_and_candidates():
+    # 4 views: two close poses (0 and 10 deg azimuth), two far ones (90, 180 deg)
+    az = np.radians([0, 10, 90, 180])
+    view_poses = geometry.make_pose(az, 0.2, 0.0, 5.0, xnp=np)
+    scores = np.array([
+        # img0: clear winner view 1 (close view 0 may score high too)
+        # img1: ambiguous between far views 0 and 2 -> rejected by the margin
+        # img2: below threshold; img3: clear winner view 3; img4: already labelled
+        [0.80, 0.70, 0.20, 0.10, 0.90],
+        [0.85, 0.10, 0.10, 0.10, 0.10],
+        [0.10, 0.69, 0.30, 0.10, 0.10],
+        [0.10, 0.10, 0.10, 0.95, 0.10],
+    ])
+    out = pl.select(scores, view_poses, np.array([0, 0, 1, 2]), np.array([True, True, False, True]),
+                    threshold=0.5, margin=0.05, margin_angle=np.radians(30), max_new=None,
+                    round_index=3, candidates=np.array([True, True, True, True, False]))
+    np.testing.assert_array_equal(out.index, [3, 0])          # sorted by score
+    np.testing.assert_allclose(out.poses, view_poses[[3, 1]])
+    np.testing.assert_allclose(out.score, [0.95, 0.85])
+    np.testing.assert_array_equal(out.source, [2, 0])
+    np.testing.assert_array_equal(out.round, [3, 3])
+    capped = pl.select(scores, view_poses, np.zeros(4, int), np.ones(4, bool), threshold=0.5,
+                       margin=0.05, margin_angle=np.radians(30), max_new=1, round_index=0)
+    np.testing.assert_array_equal(capped.index, [3])
+    empty = pl.select(np.zeros((0, 5)), view_poses[:0], [], [], threshold=0.5, margin=0,
+                      margin_angle=1, max_new=None, round_index=0)
+    assert len(empty) == 0
+
+
+def test_pseudo_labels_extend_and_round_trip():
+    a = pl.PseudoLabels(np.array([1, 2]), np.zeros((2, 4), np.float32), np.ones(2, np.float32),
+                        np.array([0, 0]), np.array([True, True]), np.array([1, 1]))
+    b = pl.PseudoLabels.from_dict(a.to_dict())
+    b.index = np.array([5, 6])
+    c = a.extend(b)
+    assert len(c) == 4
+    with pytest.raises(ValueError, match="already"):
+        c.extend(a)
+
+
+def test_coverage_counts_bins():
+    assert pl.coverage(np.zeros((0, 4))) == 0.0
+    a = np.radians(np.arange(0, 360, 30) + 5)
+    full = np.stack(np.meshgrid(a, np.radians([0, 10, 30]), indexing="ij"), -1).reshape(-1, 2)
+    assert pl.coverage(full) == 1.0
+    assert pl.coverage(full[:18]) == pytest.approx(0.5)
+    assert pl.coverage(np.array([[0.1, np.radians(80)]])) == 0.0  # outside the bins
