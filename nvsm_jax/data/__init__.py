@@ -1,0 +1,27 @@
+"""Data layer: on-disk format, loaders, few-shot splits, input pipeline, synthetic data.
+
+Public API (see each module's docstring for the details):
+
+* format: ``OCCLUSION_LEVELS``, ``occlusion_suffix``, ``subset_name``, ``DataError``
+* loaders: ``PoseSet``, ``load_pose_set``, ``load_model_mesh``
+* few-shot: ``UnlabelledSet``, ``FewShotSplit``, ``make_fewshot_split``,
+  ``hidden_poses`` (evaluation/reporting only), ``anchor_order``
+* pipeline: ``BatchIterator``, ``Augment``, ``flip_pose``, ``color_jitter``,
+  ``normalize_images``, ``shard``
+* testing: ``write_tiny_root`` (tiny fixture roots)
+* synthetic (imported lazily, needs the rasteriser): ``nvsm_jax.data.synthetic``
+* real-data preparation: ``nvsm_jax.data.pascal3d``, ``nvsm_jax.data.kitti``
+"""
+
+from nvsm_jax.data.format import (OCCLUSION_LEVELS, DataError, occlusion_suffix,
+                                  subset_name)
+from nvsm_jax.data.loaders import PoseSet, load_model_mesh, load_pose_set
+from nvsm_jax.data.fewshot import (FewShotSplit, UnlabelledSet, anchor_order, hidden_poses,
+                                   make_fewshot_split)
+from nvsm_jax.data.pipeline import (Augment, BatchIterator, color_jitter, flip_pose,
+                                    normalize_images, shard)
+
+__all__ = ["OCCLUSION_LEVELS", "DataError", "occlusion_suffix", "subset_name", "PoseSet",
+           "load_pose_set", "load_model_mesh", "FewShotSplit", "UnlabelledSet", "anchor_order",
+           "hidden_poses", "make_fewshot_split", "Augment", "BatchIterator", "color_jitter",
+           "flip_pose", "normalize_images", "shard"]

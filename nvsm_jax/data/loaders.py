@@ -1,0 +1,233 @@
+"""Loading a NeMo-format root into memory (:class:`PoseSet`).
+
+Works unchanged on generated synthetic roots, NeMo-preprocessed PASCAL3D+ and
+OccludedPASCAL3D+ (``.JPEG`` images, no masks -> ``None``), and the roots that
+``experiments.prepare_pascal3d`` / ``experiments.prepare_kitti`` write.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import logging
+import os
+
+import numpy as np
+
+from nvsm_jax import meshes
+from nvsm_jax.data.format import (IMAGE_EXTENSIONS, REQUIRED_KEYS, DataError, read_list,
+                                  subset_name)
+
+__all__ = ["PoseSet", "load_pose_set", "load_model_mesh", "load_annotation", "load_image",
+           "list_names", "subset_names"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PoseSet:
+    """A labelled set of one category, everything in memory as numpy arrays.
+
+    images: [N, H, W, 3] uint8; poses: [N, 4] float32 (azimuth, elevation,
+    theta, distance; radians); focal: [N] float32 pixels (= focal * viewport);
+    principal: [N, 2] float32 (px, py) screen coordinates; object_mask /
+    occluder_mask: [N, H, W] bool or None (real data has none).
+    """
+
+    category: str
+    names: tuple[str, ...]
+    images: np.ndarray
+    poses: np.ndarray
+    focal: np.ndarray
+    principal: np.ndarray
+    object_mask: np.ndarray | None = None
+    occluder_mask: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        return tuple(self.images.shape[1:3])
+
+    def subset(self, indices) -> "PoseSet":
+        """The rows ``indices`` (in that order)."""
+        idx = np.asarray(indices, np.int64)
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return PoseSet(self.category, tuple(self.names[i] for i in idx), self.images[idx],
+                       self.poses[idx], self.focal[idx], self.principal[idx],
+                       pick(self.object_mask), pick(self.occluder_mask))
+
+
+def list_names(root, category: str, occlusion="L0") -> list[str]:
+    """Image names of a subset: the union of ``lists/{cat}{occ}/*.txt`` in file order.
+
+    Without a lists folder, the annotation files are listed instead.
+    """
+    sub = subset_name(category, occlusion)
+    list_dir = os.path.join(root, "lists", sub)
+    files = sorted(glob.glob(os.path.join(list_dir, "*.txt")))
+    if files:
+        names, seen = [], set()
+        for f in files:
+            for n in read_list(f):
+                if n not in seen:
+                    seen.add(n)
+                    names.append(n)
+        return names
+    ann_dir = os.path.join(root, "annotations", sub)
+    if not os.path.isdir(ann_dir):
+        raise DataError(f"{list_dir}: no list files and no annotation folder {ann_dir} "
+                        f"(category {category!r}, occlusion {occlusion!r})")
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(ann_dir) if f.endswith(".npz"))
+
+
+def subset_names(root) -> list[str]:
+    """Folder names under ``annotations/`` (e.g. ``car``, ``carFGL1_BGL1``)."""
+    return sorted(os.listdir(os.path.join(root, "annotations")))
+
+
+def _find_image(root, sub, name) -> str:
+    for ext in IMAGE_EXTENSIONS:
+        path = os.path.join(root, "images", sub, name + ext)
+        if os.path.isfile(path):
+            return path
+    raise DataError(f"{os.path.join(root, 'images', sub, name)}.*: image not found "
+                    f"(tried {', '.join(IMAGE_EXTENSIONS)})")
+
+
+def load_image(path) -> np.ndarray:
+    """[H, W, 3] uint8; raises DataError naming the file if it is missing or corrupt."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return np.asarray(im.convert("RGB"), np.uint8)
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image not found") from err
+    except Exception as err:  # PIL raises several types on corrupt data
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def _scalar(ann, key, path):
+    v = np.asarray(ann[key], np.float64).reshape(-1)
+    if v.size != 1:
+        raise DataError(f"{path}: annotation {key!r} must be a scalar, got shape {ann[key].shape}")
+    if not np.isfinite(v[0]):
+        raise DataError(f"{path}: annotation {key!r} is not finite ({v[0]})")
+    return float(v[0])
+
+
+def load_annotation(path) -> dict:
+    """Reads and checks one annotation ``.npz``; raises DataError naming the file.
+
+    Returns dict with ``pose`` [4], ``focal`` (pixels), ``principal`` [2] and the
+    raw arrays (``raw``).
+    """
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: annotation not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ann = {k: z[k] for k in z.files}
+    except Exception as err:
+        raise DataError(f"{path}: cannot read annotation ({type(err).__name__}: {err})") from err
+    missing = [k for k in REQUIRED_KEYS if k not in ann]
+    if missing:
+        raise DataError(f"{path}: annotation is missing keys {missing}")
+    a, e, t, d, f, vp = (_scalar(ann, k, path) for k in
+                         ("azimuth", "elevation", "theta", "distance", "focal", "viewport"))
+    principal = np.asarray(ann["principal"], np.float64).reshape(-1)
+    if principal.size != 2 or not np.all(np.isfinite(principal)):
+        raise DataError(f"{path}: annotation 'principal' must be 2 finite numbers, got {principal}")
+    if d <= 0 or f * vp <= 0:
+        raise DataError(f"{path}: distance ({d}) and focal*viewport ({f * vp}) must be positive")
+    return {"pose": np.array([a, e, t, d], np.float32), "focal": np.float32(f * vp),
+            "principal": principal.astype(np.float32), "raw": ann}
+
+
+def _mask(ann, key, shape, path):
+    if key not in ann:
+        return None
+    m = np.asarray(ann[key])
+    if m.shape != shape:
+        raise DataError(f"{path}: {key!r} has shape {m.shape}, image is {shape}")
+    return m.astype(bool)
+
+
+def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = None,
+                  skip_bad: bool = False) -> PoseSet:
+    """Loads ``{root}/{images,annotations,lists}/{category}{occ}`` into a PoseSet.
+
+    root: a train or a test root. occlusion: 'L0'..'L3' (or 0..3, or the
+      ``FGLk_BGLk`` suffix). limit: the first ``limit`` names of the list.
+    skip_bad: bad entries (missing/corrupt image, annotation missing keys or
+      non-finite, size mismatch) raise a DataError naming the file by default;
+      with ``skip_bad=True`` they are logged and skipped, and the count is
+      logged at the end.
+    Masks are returned only when every loaded annotation has them.
+    """
+    sub = subset_name(category, occlusion)
+    names = list_names(root, category, occlusion)
+    if limit is not None:
+        names = names[:limit]
+    kept, images, poses, focal, principal, obj, occ = [], [], [], [], [], [], []
+    size, size_file, skipped = None, None, 0
+    for name in names:
+        try:
+            ann_path = os.path.join(root, "annotations", sub, name + ".npz")
+            ann = load_annotation(ann_path)
+            img_path = _find_image(root, sub, name)
+            img = load_image(img_path)
+            if size is None:
+                size, size_file = img.shape[:2], img_path
+            elif img.shape[:2] != size:
+                raise DataError(f"{img_path}: image size {img.shape[:2]} differs from "
+                                f"{size} of {size_file}; images of one root must share one size")
+            om = _mask(ann["raw"], "object_mask", img.shape[:2], ann_path)
+            cm = _mask(ann["raw"], "occluder_mask", img.shape[:2], ann_path)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped += 1
+            log.warning("skipping %s", err)
+            continue
+        kept.append(name)
+        images.append(img)
+        poses.append(ann["pose"])
+        focal.append(ann["focal"])
+        principal.append(ann["principal"])
+        obj.append(om)
+        occ.append(cm)
+    if skipped:
+        log.warning("load_pose_set(%s, %s): skipped %d of %d bad entries", root, sub, skipped,
+                    len(names))
+    if not kept:
+        raise DataError(f"{os.path.join(root, 'lists', sub)}: no usable images "
+                        f"({len(names)} listed, {skipped} skipped)")
+    stack = lambda ms: None if any(m is None for m in ms) else np.stack(ms)  # noqa: E731
+    return PoseSet(category=category, names=tuple(kept), images=np.stack(images),
+                   poses=np.stack(poses).astype(np.float32),
+                   focal=np.asarray(focal, np.float32),
+                   principal=np.stack(principal).astype(np.float32),
+                   object_mask=stack(obj), occluder_mask=stack(occ))
+
+
+def load_model_mesh(root, category: str, cad_index: int = 1) -> meshes.Mesh:
+    """The category's model mesh ``{root}/CAD_single/{cat}/{cad_index:02d}.off``.
+
+    Falls back to the sibling root (``../train`` or ``../test``) when this root
+    has no ``CAD_single`` folder.
+    """
+    rel = os.path.join("CAD_single", category, f"{cad_index:02d}.off")
+    path = os.path.join(root, rel)
+    if not os.path.isfile(path):
+        parent = os.path.dirname(os.path.abspath(root))
+        for sib in ("train", "test"):
+            alt = os.path.join(parent, sib, rel)
+            if os.path.isfile(alt):
+                path = alt
+                break
+    try:
+        return meshes.load_mesh(path)
+    except meshes.MeshError as err:
+        raise DataError(str(err)) from err

@@ -1,0 +1,204 @@
+"""Input pipeline: static-size numpy batches, augmentation, sharding.
+
+Batches are dicts of numpy arrays with a static leading size ``batch_size``:
+
+* ``image``: ``[B, H, W, 3]`` **uint8** by default (cheap to transfer; turn it
+  into network input on device with :func:`normalize_images`), or float32
+  ImageNet-normalised (``(x / 255 - mean) / std``) with
+  ``image_dtype="float32"``;
+* ``pose``: ``[B, 4]`` float32 (PoseSet only; an UnlabelledSet has none);
+* ``focal``: ``[B]`` float32 pixels; ``principal``: ``[B, 2]`` float32;
+* ``index``: ``[B]`` int32 row of the source set (after a flip the row's
+  image is mirrored, the index still names the source row);
+* ``flipped``: ``[B]`` bool; with ``include_masks`` also ``object_mask`` /
+  ``occluder_mask`` ``[B, H, W]`` bool.
+
+Order: the rows form one endless stream, the concatenation of per-epoch
+permutations drawn from ``np.random.default_rng([seed, epoch])``; batch
+``step`` is rows ``[step * B, (step + 1) * B)`` of the stream. So a batch is a
+pure function of ``(seed, step)``: iteration is reproducible and resumes from
+any step number, and sets smaller than a batch (7 anchors) still give full
+batches. Augmentation randomness is drawn from ``(seed, step)`` as well.
+
+Horizontal flip rule (mirroring the image about its vertical centre line,
+screen ``x -> W - x``): ``azimuth -> 2 pi - azimuth``, ``theta -> -theta``,
+``principal x -> W - px``; elevation and distance unchanged. It is exact for
+objects that are mirror-symmetric about their x = 0 plane (PASCAL3D+ objects
+are, nearly; tests/test_data_pipeline.py checks it by projection).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import numpy as np
+
+from nvsm_jax import parallel
+from nvsm_jax.data.fewshot import UnlabelledSet
+from nvsm_jax.data.loaders import PoseSet
+
+__all__ = ["Augment", "BatchIterator", "flip_pose", "flip_batch", "color_jitter",
+           "normalize_images", "shard", "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def normalize_images(images, xnp=np):
+    """uint8 ``[..., 3]`` -> float32 ImageNet-normalised (numpy or jax.numpy)."""
+    x = xnp.asarray(images).astype(xnp.float32) / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+def flip_pose(pose, principal, width):
+    """Pose and principal point of the horizontally mirrored image.
+
+    pose: [..., 4]; principal: [..., 2]; width: image width W (pixels).
+    """
+    pose = np.array(pose, np.float32, copy=True)
+    principal = np.array(principal, np.float32, copy=True)
+    pose[..., 0] = np.mod(2 * np.pi - pose[..., 0], 2 * np.pi)
+    pose[..., 2] = -pose[..., 2]
+    principal[..., 0] = width - principal[..., 0]
+    return pose, principal
+
+
+def flip_batch(batch: dict, which: np.ndarray) -> dict:
+    """Mirrors the rows ``which`` ([B] bool) of a batch (images, masks, pose, principal)."""
+    out = dict(batch)
+    which = np.asarray(which, bool)
+    if not which.any():
+        out["flipped"] = which
+        return out
+    width = batch["image"].shape[2]
+    for key in ("image", "object_mask", "occluder_mask"):
+        if key in out:
+            x = out[key].copy()
+            x[which] = x[which][:, :, ::-1]
+            out[key] = x
+    principal = out["principal"].copy()
+    if "pose" in out:
+        pose = out["pose"].copy()
+        pose[which], principal[which] = flip_pose(pose[which], principal[which], width)
+        out["pose"] = pose
+    else:
+        principal[which, 0] = width - principal[which, 0]
+    out["principal"] = principal
+    out["flipped"] = which
+    return out
+
+
+def color_jitter(images: np.ndarray, rng: np.random.Generator, brightness: float = 0.2,
+                 contrast: float = 0.2, saturation: float = 0.2) -> np.ndarray:
+    """Per-image random brightness/contrast/saturation on uint8 ``[B, H, W, 3]``."""
+    b = len(images)
+    x = images.astype(np.float32)
+    gray = x.mean(-1, keepdims=True)
+    s = rng.uniform(1 - saturation, 1 + saturation, (b, 1, 1, 1)).astype(np.float32)
+    x = gray + (x - gray) * s
+    mean = x.mean((1, 2, 3), keepdims=True)
+    c = rng.uniform(1 - contrast, 1 + contrast, (b, 1, 1, 1)).astype(np.float32)
+    x = mean + (x - mean) * c
+    x = x * rng.uniform(1 - brightness, 1 + brightness, (b, 1, 1, 1)).astype(np.float32)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """flip_prob: probability of a horizontal flip; jitter: colour jitter strength (0 = off)."""
+
+    flip_prob: float = 0.5
+    jitter: float = 0.2
+
+
+class BatchIterator:
+    """Reproducible, resumable static-size batches over a PoseSet or UnlabelledSet.
+
+    ``it.batch(step)`` is the batch of a given step; ``iter(it)`` /
+    ``it.iterate(start_step)`` yields them from a step on, forever (or
+    ``num_steps``). See the module doc for the order and keys.
+    """
+
+    def __init__(self, data: PoseSet | UnlabelledSet, batch_size: int, *, seed: int = 0,
+                 shuffle: bool = True, augment: Augment | None = None,
+                 image_dtype: str = "uint8", include_masks: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if len(data) == 0:
+            raise ValueError("BatchIterator: empty data set")
+        if image_dtype not in ("uint8", "float32"):
+            raise ValueError(f"image_dtype must be 'uint8' or 'float32', got {image_dtype!r}")
+        self.data = data
+        self.batch_size = int(batch_size)
+        self.seed = int(seed)
+        self.shuffle = shuffle
+        self.augment = augment
+        self.image_dtype = image_dtype
+        self.include_masks = include_masks and isinstance(data, PoseSet) and \
+            data.object_mask is not None
+        self._perm = functools.lru_cache(maxsize=8)(self._permutation)
+
+    def __len__(self) -> int:
+        """Steps per epoch (ceil)."""
+        return -(-len(self.data) // self.batch_size)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        n = len(self.data)
+        if not self.shuffle:
+            return np.arange(n)
+        return np.random.default_rng([self.seed, epoch]).permutation(n)
+
+    def indices(self, step: int) -> np.ndarray:
+        """Source rows of batch ``step``: [B] int64."""
+        n = len(self.data)
+        pos = np.arange(step * self.batch_size, (step + 1) * self.batch_size, dtype=np.int64)
+        epochs = pos // n
+        out = np.empty_like(pos)
+        for e in np.unique(epochs):
+            sel = epochs == e
+            out[sel] = self._perm(int(e))[pos[sel] % n]
+        return out
+
+    def batch(self, step: int) -> dict:
+        idx = self.indices(step)
+        d = self.data
+        out = {"image": d.images[idx], "focal": d.focal[idx].astype(np.float32),
+               "principal": d.principal[idx].astype(np.float32),
+               "index": idx.astype(np.int32)}
+        if isinstance(d, PoseSet):
+            out["pose"] = d.poses[idx].astype(np.float32)
+            if self.include_masks:
+                out["object_mask"] = d.object_mask[idx]
+                if d.occluder_mask is not None:
+                    out["occluder_mask"] = d.occluder_mask[idx]
+        flipped = np.zeros(len(idx), bool)
+        if self.augment is not None:
+            rng = np.random.default_rng([self.seed, 1, step])
+            flipped = rng.random(len(idx)) < self.augment.flip_prob
+            if self.augment.jitter > 0:
+                j = self.augment.jitter
+                out["image"] = color_jitter(out["image"], rng, j, j, j)
+        out = flip_batch(out, flipped)
+        if self.image_dtype == "float32":
+            out["image"] = normalize_images(out["image"])
+        return out
+
+    def iterate(self, start_step: int = 0, num_steps: int | None = None):
+        step = start_step
+        while num_steps is None or step < start_step + num_steps:
+            yield self.batch(step)
+            step += 1
+
+    def __iter__(self):
+        return self.iterate(0)
+
+
+def shard(batch: dict, mesh) -> tuple[dict, int]:
+    """Pads a host batch to a multiple of the mesh size and shards it over ``data``.
+
+    Returns ``(global_batch, n)`` where ``n`` is the number of real rows (cut
+    results back with ``[:n]``). Uses :mod:`nvsm_jax.parallel`.
+    """
+    padded, n = parallel.pad_to_multiple(batch, mesh.devices.size)
+    return parallel.shard_batch(padded, mesh), n

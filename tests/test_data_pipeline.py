@@ -1,0 +1,150 @@
+"""Few-shot splits, the batch iterator, flip augmentation and sharding."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+
+from nvsm_jax import geometry, parallel
+from nvsm_jax.data import (Augment, BatchIterator, PoseSet, UnlabelledSet, flip_pose,
+                           hidden_poses, load_pose_set, make_fewshot_split, shard)
+from nvsm_jax.data.fewshot import anchor_order
+from nvsm_jax.data.testing import write_tiny_root
+
+
+def _pool(n=120, seed=0, hw=(8, 10)):
+    rng = np.random.default_rng(seed)
+    poses = np.stack([rng.uniform(0, 2 * np.pi, n), np.deg2rad(rng.uniform(-10, 40, n)),
+                      np.deg2rad(rng.normal(0, 5, n)), rng.uniform(4.5, 5.5, n)], 1).astype(np.float32)
+    h, w = hw
+    images = rng.integers(0, 256, (n, h, w, 3), dtype=np.uint8)
+    masks = rng.random((n, h, w)) < 0.5
+    return PoseSet("car", tuple(f"im{i:04d}" for i in range(n)), images, poses,
+                   np.full(n, 300.0, np.float32), np.tile(np.float32([w / 2, h / 2]), (n, 1)),
+                   masks, np.zeros_like(masks))
+
+
+def test_fewshot_nested_and_no_pose_in_unlabelled():
+    pool = _pool()
+    splits = {k: make_fewshot_split(pool, k) for k in (7, 20, 50)}
+    l7, l20, l50 = (splits[k].labelled.names for k in (7, 20, 50))
+    assert l7 == l20[:7] and l20 == l50[:20]
+    for k, sp in splits.items():
+        assert len(sp.labelled) == k and len(sp.unlabelled) == len(pool) - k
+        assert not set(sp.labelled.names) & set(sp.unlabelled.names)
+        assert set(sp.labelled.names) | set(sp.unlabelled.names) == set(pool.names)
+    u = splits[7].unlabelled
+    assert isinstance(u, UnlabelledSet)
+    fields = {f.name for f in dataclasses.fields(u)}
+    assert fields == {"category", "names", "images", "focal", "principal"}
+    for value in vars(u).values():                 # no array that could hold poses
+        assert not (isinstance(value, np.ndarray) and value.ndim == 2 and value.shape[1] == 4)
+    np.testing.assert_array_equal(hidden_poses(pool, u.names),
+                                  pool.poses[[pool.names.index(n) for n in u.names]])
+    with pytest.raises(KeyError):
+        hidden_poses(pool, ["nope"])
+    # the anchors cover the pose space: 7 anchors spread over azimuth
+    az = np.sort(splits[7].anchors.poses[:, 0])
+    gaps = np.diff(np.concatenate([az, az[:1] + 2 * np.pi]))
+    assert gaps.max() < np.deg2rad(150)
+    # deterministic, and spread better than a random pick
+    assert make_fewshot_split(pool, 7).labelled.names == l7
+    def min_pair(p):
+        e = geometry.pose_error(p[:, None], p[None, :], xnp=np)
+        return (e + 10 * np.eye(len(p))).min()
+    rand = pool.poses[anchor_order(pool.poses, rule="random", count=7)]
+    assert min_pair(splits[7].anchors.poses) > min_pair(rand)
+
+
+def _project(points, pose, focal, principal):
+    return geometry.project_to_screen(points, pose, focal, principal, xnp=np)[..., :2]
+
+
+def test_flip_rule_by_projection():
+    """Mirroring the image == projecting the x-mirrored object under the flipped pose."""
+    rng = np.random.default_rng(3)
+    half = rng.uniform(-0.5, 0.5, (30, 3))
+    pts = np.concatenate([half, half * [-1, 1, 1]])           # symmetric about x = 0
+    w = 64
+    for _ in range(10):
+        pose = np.array([rng.uniform(0, 2 * np.pi), rng.uniform(-0.3, 0.7), rng.normal(0, 0.2),
+                         rng.uniform(4.5, 5.5)], np.float32)
+        principal = np.array([rng.uniform(20, 44), rng.uniform(20, 44)], np.float32)
+        uv = _project(pts, pose, 200.0, principal)
+        fpose, fprin = flip_pose(pose, principal, w)
+        uv_f = _project(pts * [-1, 1, 1], fpose, 200.0, fprin)
+        np.testing.assert_allclose(uv_f[:, 0], w - uv[:, 0], atol=1e-3)
+        np.testing.assert_allclose(uv_f[:, 1], uv[:, 1], atol=1e-3)
+        # and therefore the symmetric point *set* projects onto the mirrored set
+        uv_set = _project(pts, fpose, 200.0, fprin)
+        mirrored = np.stack([w - uv[:, 0], uv[:, 1]], 1)
+        d = np.linalg.norm(uv_set[:, None] - mirrored[None], axis=-1).min(1)
+        assert d.max() < 1e-3
+
+
+def test_iterator_reproducible_resumable_static_batches():
+    pool = _pool(23)
+    it = BatchIterator(pool, 8, seed=5, augment=Augment(0.5, 0.2))
+    a = [it.batch(s) for s in range(7)]
+    b = list(BatchIterator(pool, 8, seed=5, augment=Augment(0.5, 0.2)).iterate(3, 4))
+    for x, y in zip(a[3:], b):
+        assert x.keys() == y.keys()
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    for batch in a:
+        assert batch["image"].shape == (8, 8, 10, 3) and batch["image"].dtype == np.uint8
+        assert batch["pose"].shape == (8, 4) and batch["index"].dtype == np.int32
+    # each epoch visits every row once
+    idx = np.concatenate([BatchIterator(pool, 8, seed=5).indices(s) for s in range(23)])
+    for e in range(8):
+        assert sorted(idx[e * 23:(e + 1) * 23]) == list(range(23))
+    # epochs differ, seeds differ
+    assert not np.array_equal(idx[:23], idx[23:46])
+    assert not np.array_equal(BatchIterator(pool, 8, seed=6).indices(0), idx[:8])
+    # sets smaller than a batch (7 anchors) still give full batches
+    small = BatchIterator(pool.subset(np.arange(7)), 16, seed=0)
+    assert small.batch(0)["image"].shape[0] == 16
+
+
+def test_iterator_flip_and_float_images():
+    pool = _pool(10)
+    it = BatchIterator(pool, 10, seed=0, shuffle=False, augment=Augment(flip_prob=1.0, jitter=0.0),
+                       image_dtype="float32", include_masks=True)
+    b = it.batch(0)
+    assert b["flipped"].all()
+    np.testing.assert_allclose(b["pose"][:, 0], np.mod(2 * np.pi - pool.poses[:, 0], 2 * np.pi), atol=1e-6)
+    np.testing.assert_allclose(b["pose"][:, 2], -pool.poses[:, 2])
+    np.testing.assert_allclose(b["principal"][:, 0], 10 - pool.principal[:, 0])
+    np.testing.assert_array_equal(b["object_mask"], pool.object_mask[:, :, ::-1])
+    assert b["image"].dtype == np.float32
+    ref = (pool.images[:, :, ::-1].astype(np.float32) / 255 - [0.485, 0.456, 0.406]) / [0.229, 0.224, 0.225]
+    np.testing.assert_allclose(b["image"], ref, atol=1e-5)
+
+
+def test_unlabelled_iterator_has_no_pose():
+    sp = make_fewshot_split(_pool(30), 7)
+    b = BatchIterator(sp.unlabelled, 4, seed=0, augment=Augment()).batch(2)
+    assert "pose" not in b and b["image"].shape == (4, 8, 10, 3)
+
+
+def test_shard_over_devices():
+    n = jax.device_count()
+    mesh = parallel.make_mesh()
+    batch = BatchIterator(_pool(20), 2 * n, seed=0).batch(0)
+    g, count = shard(batch, mesh)
+    assert count == len(batch["image"])
+    assert g["image"].shape == batch["image"].shape
+    assert len(g["image"].sharding.device_set) == n
+    np.testing.assert_array_equal(np.asarray(g["pose"]), batch["pose"])
+    odd = {k: v[:5] for k, v in batch.items()}
+    g2, count2 = shard(odd, mesh)
+    assert count2 == 5 and g2["image"].shape[0] % n == 0
+
+
+def test_loader_to_split_to_iterator(tmp_path):
+    write_tiny_root(tmp_path, "car", 30, size=(16, 16))
+    pool = load_pose_set(tmp_path, "car")
+    sp = make_fewshot_split(pool, 7)
+    b = BatchIterator(sp.labelled, 4).batch(0)
+    assert set(b["index"]) <= set(range(7))
