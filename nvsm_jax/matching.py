@@ -24,14 +24,10 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nvsm_jax import parallel
+from nvsm_jax.features import l2_normalize as normalize
 
-__all__ = ["normalize", "prepare_views", "match_scores", "match_scores_sharded",
+__all__ = ["prepare_views", "match_scores", "match_scores_sharded",
            "naive_match_scores"]
-
-
-def normalize(x, axis: int = -1, eps: float = 1e-8):
-    """Unit vectors along ``axis`` (zero vectors stay zero)."""
-    return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=axis, keepdims=True), eps * eps))
 
 
 def prepare_views(syn_feats, syn_mask):

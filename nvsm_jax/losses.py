@@ -1,0 +1,94 @@
+"""NeMo's CoKe contrastive loss over the vertex + clutter memory.
+
+For every visible vertex ``i`` of image ``b`` with (unit) feature ``f``:
+
+    logits_j = f . vertex_memory_j / T                       (j over the V vertices)
+    logits_k = f . clutter_memory_k / T + log(clutter_weight) (k over the K clutter rows)
+    ce = -log softmax(logits)_i
+
+where vertices ``j != i`` whose projections lie within ``neighbor_radius``
+input pixels of vertex ``i``'s are removed from the softmax (neighbours are not
+negatives). The shift ``log(clutter_weight)`` is added *after* the temperature
+division, as in NeMo (its mask subtracts ``-log(weight_noise)`` from the scaled
+similarities). The total is
+
+    mean_{visible (b, i)} ce  +  reg_weight * mean(clutter_features . vertex_memory)
+
+The memories are constants (stop_gradient): they move by momentum only.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["CokeLoss", "coke_loss", "neighbor_mask", "sample_anchors"]
+
+
+class CokeLoss(NamedTuple):
+    """total, contrastive (the CE term) and reg (the clutter term), all scalars."""
+
+    total: jax.Array
+    contrastive: jax.Array
+    reg: jax.Array
+
+
+def neighbor_mask(xy, radius: float):
+    """``[..., V, V]`` True where vertices i != j project within ``radius`` pixels."""
+    d2 = jnp.sum((xy[..., :, None, :] - xy[..., None, :, :]) ** 2, axis=-1)
+    v = xy.shape[-2]
+    return (d2 <= radius ** 2) & ~jnp.eye(v, dtype=bool)
+
+
+def sample_anchors(key, visible, num: int):
+    """``num`` distinct visible vertex ids per image, uniformly (Gumbel top-k).
+
+    visible: [B, V] bool -> [B, num] int32. Where an image has fewer than
+    ``num`` visible vertices the remaining picks are invisible ones (the loss
+    masks them out).
+    """
+    g = jax.random.gumbel(key, visible.shape)
+    _, idx = jax.lax.top_k(jnp.where(visible, g, g - 1e4), num)
+    return idx.astype(jnp.int32)
+
+
+def coke_loss(features, visible, xy, vertex_memory, clutter_memory, clutter_features=None, *,
+              anchors=None, temperature: float = 0.07, neighbor_radius: float = 48.0,
+              clutter_weight: float = 0.005, reg_weight: float = 0.1) -> CokeLoss:
+    """The CoKe loss (module docstring).
+
+    features: [B, V, D] vertex features (unit); visible: [B, V] bool; xy: [B, V, 2]
+    vertex projections in input pixels; vertex_memory: [V, D]; clutter_memory:
+    [K, D]; clutter_features: [B, M, D] background features of these images
+    (for the regulariser; None skips it). anchors: optional [B, N] vertex ids:
+    the cross-entropy is then averaged over these (visible) vertices only, a
+    uniform subsample that cuts the [B, V, V + K] logits to [B, N, V + K];
+    negatives are still all V vertices and K clutter rows.
+    """
+    vm = jax.lax.stop_gradient(vertex_memory)
+    cm = jax.lax.stop_gradient(clutter_memory)
+    b, v = visible.shape
+    if anchors is None:
+        anchors = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+    fa = jnp.take_along_axis(features, anchors[..., None], axis=1)       # [B, N, D]
+    xa = jnp.take_along_axis(xy, anchors[..., None], axis=1)             # [B, N, 2]
+    va = jnp.take_along_axis(visible, anchors, axis=1)                   # [B, N]
+    hp = jax.lax.Precision.HIGHEST
+    lv = jnp.einsum("bnd,ud->bnu", fa, vm, precision=hp) / temperature  # [B, N, V]
+    d2 = jnp.sum((xa[:, :, None, :] - xy[:, None, :, :]) ** 2, axis=-1)
+    is_self = anchors[..., None] == jnp.arange(v)
+    target = jnp.sum(jnp.where(is_self, lv, 0.0), axis=-1)              # [B, N]
+    lv = jnp.where((d2 <= neighbor_radius ** 2) & ~is_self, -jnp.inf, lv)
+    lc = jnp.einsum("bnd,kd->bnk", fa, cm, precision=hp) / temperature + np.log(clutter_weight)
+    lse = jnp.logaddexp(jax.nn.logsumexp(lv, axis=-1), jax.nn.logsumexp(lc, axis=-1))
+    ce = lse - target
+    vis = va.astype(features.dtype)
+    contrastive = jnp.sum(jnp.where(va, ce, 0.0)) / jnp.maximum(jnp.sum(vis), 1.0)
+    if clutter_features is None:
+        reg = jnp.zeros((), features.dtype)
+    else:
+        reg = reg_weight * jnp.mean(jnp.einsum("bmd,vd->bmv", clutter_features, vm, precision=hp))
+    return CokeLoss(contrastive + reg, contrastive, reg)

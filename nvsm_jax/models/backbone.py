@@ -1,0 +1,213 @@
+"""ResNet encoder + U-Net-like decoder producing L2-normalised dense features.
+
+NeMo's backbone (facts file): a ResNet tapped at strides 8, 16 and 32, a decoder
+that upsamples (bilinear x2), concatenates the skip and applies two 3x3
+conv-norm-ReLU, back to the output stride, then a 1x1 projection to ``D``
+channels, L2-normalised per pixel.
+
+Public API:
+
+* :class:`ResNetEncoder` ``(x: [B, H, W, 3] float32, train) -> [f4, f8, f16, f32]``
+  (feature maps at strides 4, 8, 16, 32).
+* :class:`FeatureNet` ``(x, train) -> [B, H/stride, W/stride, D]`` unit vectors.
+* :func:`make_feature_net` builds a preset (``"small"``, ``"tiny"``, ``"resnet18"``,
+  ``"resnet50"``) with optional overrides; :func:`preprocess` turns uint8 images
+  into the ImageNet-normalised float input.
+
+Normalisation: ``norm="group"`` (default; per-image statistics, so sharding the
+batch cannot change results), ``"batch"`` (BatchNorm; under ``jit`` with a batch
+sharded over the mesh ``data`` axis its batch mean is already the *global*
+mean, XLA inserts the all-reduce, so 1 and N devices agree), or
+``"frozen_batch"`` (BatchNorm that always uses its running statistics, for
+fine-tuning converted ImageNet weights with small batches). Parameter names
+follow torchvision (``conv1``, ``bn1``, ``layer1_0/conv1`` ...) so
+:mod:`nvsm_jax.models.convert` maps a ResNet-50 state dict onto them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["ResNetEncoder", "FeatureNet", "PRESETS", "make_feature_net", "preprocess",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
+
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def preprocess(images) -> jax.Array:
+    """uint8 ``[..., H, W, 3]`` -> float32 ImageNet-normalised."""
+    x = jnp.asarray(images, jnp.float32) / 255.0
+    return (x - IMAGENET_MEAN) / IMAGENET_STD
+
+
+class Norm(nn.Module):
+    """GroupNorm or BatchNorm chosen by name (see module docstring)."""
+
+    kind: str = "group"
+    num_groups: int = 8
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.kind == "group":
+            groups = int(np.gcd(self.num_groups, x.shape[-1]))
+            return nn.GroupNorm(num_groups=groups, epsilon=1e-5)(x)
+        if self.kind in ("batch", "frozen_batch"):
+            frozen = self.kind == "frozen_batch" or not train
+            return nn.BatchNorm(use_running_average=frozen, momentum=0.9, epsilon=1e-5)(x)
+        raise ValueError(f"unknown norm {self.kind!r}: expected 'group', 'batch' or 'frozen_batch'")
+
+
+def _conv(features, kernel, strides=1, name=None):
+    pad = kernel // 2
+    return nn.Conv(features, (kernel, kernel), strides=(strides, strides),
+                   padding=((pad, pad), (pad, pad)), use_bias=False, name=name)
+
+
+class BasicBlock(nn.Module):
+    width: int
+    strides: int = 1
+    norm: str = "group"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        y = _conv(self.width, 3, self.strides, "conv1")(x)
+        y = nn.relu(Norm(self.norm, name="bn1")(y, train))
+        y = _conv(self.width, 3, 1, "conv2")(y)
+        y = Norm(self.norm, name="bn2")(y, train)
+        if x.shape[-1] != self.width or self.strides != 1:
+            x = _conv(self.width, 1, self.strides, "downsample_conv")(x)
+            x = Norm(self.norm, name="downsample_bn")(x, train)
+        return nn.relu(x + y)
+
+
+class Bottleneck(nn.Module):
+    """torchvision's ResNet v1.5 bottleneck (stride on the 3x3 conv)."""
+
+    width: int
+    strides: int = 1
+    norm: str = "group"
+    expansion: int = 4
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        out = self.width * self.expansion
+        y = _conv(self.width, 1, 1, "conv1")(x)
+        y = nn.relu(Norm(self.norm, name="bn1")(y, train))
+        y = _conv(self.width, 3, self.strides, "conv2")(y)
+        y = nn.relu(Norm(self.norm, name="bn2")(y, train))
+        y = _conv(out, 1, 1, "conv3")(y)
+        y = Norm(self.norm, name="bn3")(y, train)
+        if x.shape[-1] != out or self.strides != 1:
+            x = _conv(out, 1, self.strides, "downsample_conv")(x)
+            x = Norm(self.norm, name="downsample_bn")(x, train)
+        return nn.relu(x + y)
+
+
+class ResNetEncoder(nn.Module):
+    """ResNet trunk returning the maps after each stage (strides 4, 8, 16, 32).
+
+    x: [B, H, W, 3] float32 (H, W multiples of 32) -> list of 4 arrays
+    ``[B, H/s, W/s, C_s]``.
+    """
+
+    stage_sizes: Sequence[int] = (2, 2, 2, 2)
+    widths: Sequence[int] = (64, 128, 256, 512)
+    bottleneck: bool = False
+    stem_width: int = 64
+    norm: str = "group"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.Conv(self.stem_width, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+                    use_bias=False, name="conv1")(x)
+        x = nn.relu(Norm(self.norm, name="bn1")(x, train))
+        x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+        block = Bottleneck if self.bottleneck else BasicBlock
+        outputs = []
+        for i, (size, width) in enumerate(zip(self.stage_sizes, self.widths)):
+            for j in range(size):
+                strides = 2 if (i > 0 and j == 0) else 1
+                x = block(width, strides, self.norm, name=f"layer{i + 1}_{j}")(x, train)
+            outputs.append(x)
+        return outputs
+
+
+class UpBlock(nn.Module):
+    """Bilinear x2, concatenate the skip, two 3x3 conv-norm-ReLU."""
+
+    width: int
+    norm: str = "group"
+
+    @nn.compact
+    def __call__(self, x, skip, train: bool):
+        b, h, w, c = x.shape
+        x = jax.image.resize(x, (b, skip.shape[1], skip.shape[2], c), "bilinear")
+        x = jnp.concatenate([x, skip], axis=-1)
+        for k in range(2):
+            x = _conv(self.width, 3, 1, f"conv{k + 1}")(x)
+            x = nn.relu(Norm(self.norm, name=f"bn{k + 1}")(x, train))
+        return x
+
+
+class FeatureNet(nn.Module):
+    """Encoder + decoder to ``stride`` (4, 8, 16 or 32) + 1x1 projection, L2-normalised.
+
+    x: [B, H, W, 3] float32 (see :func:`preprocess`) -> [B, H/stride, W/stride, D].
+    """
+
+    stage_sizes: Sequence[int] = (1, 1, 1, 1)
+    widths: Sequence[int] = (16, 32, 64, 128)
+    bottleneck: bool = False
+    stem_width: int = 16
+    norm: str = "group"
+    decoder_width: int = 64
+    stride: int = 8
+    feature_dim: int = 128
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.stride not in (4, 8, 16, 32):
+            raise ValueError(f"stride must be 4, 8, 16 or 32, got {self.stride}")
+        feats = ResNetEncoder(self.stage_sizes, self.widths, self.bottleneck, self.stem_width,
+                              self.norm, name="encoder")(x, train)
+        strides = (4, 8, 16, 32)
+        y = feats[-1]
+        level = 3
+        while strides[level] > self.stride:
+            level -= 1
+            y = UpBlock(self.decoder_width, self.norm, name=f"up{strides[level]}")(
+                y, feats[level], train)
+        y = nn.Conv(self.feature_dim, (1, 1), name="proj")(y)
+        norm = jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True) + 1e-12)
+        return y / norm
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # fast enough to train on 2 CPU cores (see benchmarks/train.py)
+    "tiny": dict(stage_sizes=(1, 1, 1, 1), widths=(8, 16, 32, 64), stem_width=8,
+                 bottleneck=False, decoder_width=32),
+    "small": dict(stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128), stem_width=16,
+                  bottleneck=False, decoder_width=64),
+    "resnet18": dict(stage_sizes=(2, 2, 2, 2), widths=(64, 128, 256, 512), stem_width=64,
+                     bottleneck=False, decoder_width=256),
+    # NeMo's backbone; BatchNorm so torchvision ImageNet weights convert exactly
+    "resnet50": dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64,
+                     bottleneck=True, decoder_width=256, norm="batch"),
+}
+
+
+def make_feature_net(preset: str = "small", **overrides) -> FeatureNet:
+    """A :class:`FeatureNet` from a preset name, with field overrides (stride, norm...)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown backbone preset {preset!r}; choose from {sorted(PRESETS)}")
+    kwargs = dict(PRESETS[preset])
+    kwargs.update({k: v for k, v in overrides.items() if v is not None})
+    kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
+    kwargs["widths"] = tuple(kwargs["widths"])
+    return FeatureNet(**kwargs)

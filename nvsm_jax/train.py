@@ -1,0 +1,284 @@
+"""NeMo training: a feature net + vertex/clutter memory trained with the CoKe loss.
+
+``train_and_evaluate(config, workdir)`` (importable from a notebook; the CLI is
+``python -m experiments.train_nemo --config experiments/configs/nemo.py --workdir W``):
+
+1. loads the category's labelled images (all, or ``num_labelled`` of them via
+   :func:`nvsm_jax.data.fewshot.make_fewshot_split`) and its model mesh;
+2. builds a :class:`nvsm_jax.training.TrainState` whose ``aux`` is the
+   :class:`nvsm_jax.features.MemoryBank`, replicated on a Mesh with a ``data``
+   axis; batches are sharded over it;
+3. runs the jitted, donated train step, saving orbax checkpoints every
+   ``checkpoint_every`` steps and at the end (a killed run resumes exactly:
+   batches and keys are pure functions of ``(seed, step)``), metrics as JSON lines
+   (``metrics.jsonl``), the config as ``config.json``;
+4. optionally evaluates on the test root (``experiments.evaluate`` does the same
+   from a workdir).
+
+One train step: features = FeatureNet(images); vertex features read at the
+projected mesh vertices (visibility from the rasteriser); CoKe loss against the
+memory (stop-gradient); Adam update; momentum update of the vertex memory with
+``visibility * |n . v|`` weights; 5 background features per image enter the
+clutter ring.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import time
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nvsm_jax import features as feat
+from nvsm_jax import losses, meshes, parallel, training
+from nvsm_jax.models import backbone
+
+log = logging.getLogger(__name__)
+
+__all__ = ["build_model", "load_train_set", "neighbor_radius", "make_optimizer", "init_state",
+           "make_train_step", "train_and_evaluate", "NemoModel", "load_model", "feature_fn",
+           "predict"]
+
+
+def build_model(config) -> backbone.FeatureNet:
+    m = config.model
+    return backbone.make_feature_net(m.preset, stride=m.stride, feature_dim=m.feature_dim,
+                                     norm=m.get("norm"))
+
+
+def load_train_set(config):
+    """(PoseSet of the labelled training images, Mesh) from ``config.data_root``."""
+    from nvsm_jax.data import fewshot, loaders
+
+    train = loaders.load_pose_set(config.data_root, config.category, "L0")
+    if config.get("num_labelled"):
+        train = fewshot.make_fewshot_split(train, int(config.num_labelled),
+                                           seed=config.seed).labelled
+    mesh = loaders.load_model_mesh(config.data_root, config.category)
+    return train, mesh
+
+
+def neighbor_radius(config, image_width: int) -> float:
+    """NeMo's 48 px neighbour radius scaled from its image width (672) to ours."""
+    lc = config.loss
+    return float(lc.neighbor_radius_px) * image_width / float(lc.neighbor_reference_width)
+
+
+def make_optimizer(config):
+    """Adam (torch-style L2 weight decay, as NeMo) with warm-up + cosine or constant lr.
+
+    Returns (tx, schedule)."""
+    o = config.optim
+    if o.schedule == "cosine":
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, o.lr, max(1, min(o.warmup_steps, config.num_steps - 1)),
+            max(config.num_steps, 2), end_value=o.lr * o.final_lr_fraction)
+    elif o.schedule == "constant":
+        schedule = optax.constant_schedule(o.lr)
+    else:
+        raise ValueError(f"unknown lr schedule {o.schedule!r}")
+    tx = training.make_adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
+                             grad_clip=o.get("grad_clip"), decoupled=o.get("decoupled", False))
+    return tx, schedule
+
+
+def init_state(config, model, num_verts: int, image_hw, mesh_axes) -> training.TrainState:
+    """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh_axes``."""
+    tx, _ = make_optimizer(config)
+    lc = config.loss
+
+    def init(key):
+        k_model, k_mem = jax.random.split(key)
+        variables = model.init(k_model, jnp.zeros((1, *image_hw, 3), jnp.float32), train=False)
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        memory = feat.init_memory(k_mem, num_verts, model.feature_dim, lc.clutter_size)
+        return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                          model_state=model_state, aux=memory)
+
+    return training.create_replicated(init, jax.random.key(config.seed), mesh_axes)
+
+
+def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
+    """The jitted, donated step ``(state, batch, key) -> (state, metrics)``."""
+    verts = jnp.asarray(mesh.verts, jnp.float32)
+    faces = jnp.asarray(mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(mesh.verts, mesh.faces))
+    lc = config.loss
+    radius = neighbor_radius(config, image_hw[1])
+    stride = config.model.stride
+    render_stride = config.get("render_stride") or stride
+    _, schedule = make_optimizer(config)
+
+    def step(state: training.TrainState, batch, key):
+        images = backbone.preprocess(batch["image"])
+        memory: feat.MemoryBank = state.aux
+        mutable = list(state.model_state.keys()) if state.model_state else False
+
+        def loss_fn(params):
+            out = model.apply(state.variables(params), images, train=True, mutable=mutable)
+            fmap, new_model_state = out if mutable else (out, state.model_state)
+            vf = feat.vertex_features(fmap, verts, faces, normals, batch["pose"], batch["focal"],
+                                      batch["principal"], stride=stride,
+                                      render_stride=render_stride)
+            fv = feat.l2_normalize(vf.features)
+            k_clutter, k_anchor = jax.random.split(key)
+            clutter = feat.sample_clutter(k_clutter, fmap, vf.silhouette, lc.clutter_per_image)
+            anchors = None
+            if lc.get("anchors_per_image"):
+                anchors = losses.sample_anchors(k_anchor, vf.visible,
+                                                min(int(lc.anchors_per_image), verts.shape[0]))
+            loss = losses.coke_loss(fv, vf.visible, vf.xy, memory.vertex, memory.clutter,
+                                    clutter, anchors=anchors, temperature=lc.temperature,
+                                    neighbor_radius=radius, clutter_weight=lc.clutter_weight,
+                                    reg_weight=lc.reg_weight)
+            return loss.total, (loss, fv, vf, clutter, new_model_state)
+
+        (_, (loss, fv, vf, clutter, new_ms)), grads = jax.value_and_grad(
+            loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads)
+        vertex = feat.update_vertex_memory(memory.vertex, jax.lax.stop_gradient(fv),
+                                           vf.weights, lc.momentum)
+        memory = feat.enqueue_clutter(memory._replace(vertex=vertex),
+                                      jax.lax.stop_gradient(clutter))
+        state = state.replace(aux=memory, model_state=new_ms)
+        metrics = {"loss": loss.total, "contrastive": loss.contrastive, "reg": loss.reg,
+                   "visible_frac": jnp.mean(vf.visible.astype(jnp.float32)),
+                   "grad_norm": optax.global_norm(grads), "lr": schedule(state.step - 1)}
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=0,
+                   out_shardings=(state_sharding, parallel.replicated(mesh_axes)))
+
+
+def _batch_iterator(config, train):
+    from nvsm_jax.data import pipeline
+
+    aug = config.get("augment")
+    augment = None
+    if aug is not None and (aug.flip_prob > 0 or aug.jitter > 0):
+        augment = pipeline.Augment(flip_prob=aug.flip_prob, jitter=aug.jitter)
+    return pipeline.BatchIterator(train, config.batch_size, seed=config.seed, augment=augment)
+
+
+def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
+                       stop_after: int | None = None, train_set=None, model_mesh=None,
+                       progress: bool = True) -> training.TrainState:
+    """Trains NeMo per ``config`` into ``workdir`` (resuming if checkpoints exist).
+
+    num_devices: devices of the data axis (default ``config.num_devices`` or all).
+    stop_after: stop the loop after this many steps *of this call* (simulates a
+      killed run; the final checkpoint is then not forced).
+    train_set / model_mesh: a PoseSet and Mesh to use instead of loading
+      ``config.data_root`` (tests, notebooks).
+    Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
+    """
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    training.save_config(config, workdir)
+    if train_set is None:
+        train_set, model_mesh = load_train_set(config)
+    mesh_axes = parallel.make_mesh(num_devices or config.get("num_devices"))
+    n_dev = mesh_axes.devices.size
+    if config.batch_size % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
+    model = build_model(config)
+    image_hw = train_set.image_size
+    state = init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                 max_to_keep=config.get("keep_checkpoints", 2))
+    state = ckpt.restore_or(state)
+    start = int(state.step)
+    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    train_step = make_train_step(config, model, model_mesh, image_hw, state_sharding, mesh_axes)
+    batches = _batch_iterator(config, train_set)
+    writer = training.MetricsWriter(workdir)
+    end = config.num_steps if stop_after is None else min(config.num_steps, start + stop_after)
+    if start < end:
+        log.info("training steps %d -> %d on %d device(s), %d images", start, end, n_dev,
+                 len(train_set))
+    timer = training.Throughput()
+    since = 0
+    steps = range(start, end)
+    if progress:
+        steps = training.progress_bar(steps, total=config.num_steps, initial=start)
+    keys = ("image", "pose", "focal", "principal")
+    for s in steps:
+        batch = {k: v for k, v in batches.batch(s).items() if k in keys}
+        batch = parallel.shard_batch(batch, mesh_axes)
+        state, metrics = train_step(state, batch, training.step_key(config.seed, s))
+        since += config.batch_size
+        if (s + 1) % config.log_every == 0 or s + 1 == end:
+            metrics = jax.device_get(metrics)
+            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
+            since = 0
+            if progress and hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        ckpt.maybe_save(s + 1, state, force=(s + 1 == config.num_steps))
+    ckpt.close()
+    if stop_after is None and config.get("eval_at_end") and config.get("test_root"):
+        from experiments import evaluate as evaluate_cli  # noqa: F401  (lazy, optional)
+        evaluate_cli.evaluate_workdir(workdir, config.test_root)
+    return state
+
+
+class NemoModel(NamedTuple):
+    """Everything inference needs. variables: FeatureNet variables; memory: MemoryBank;
+    mesh: the model mesh; config: the training config."""
+
+    model: Any
+    variables: Any
+    memory: feat.MemoryBank
+    mesh: meshes.Mesh
+    config: Any
+
+
+def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
+    """Restores the latest checkpoint of a NeMo workdir (config from ``config.json``)."""
+    import ml_collections
+    import json
+
+    workdir = os.fspath(workdir)
+    if config is None:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ml_collections.ConfigDict(json.load(f))
+    if model_mesh is None:
+        from nvsm_jax.data import loaders
+        model_mesh = loaders.load_model_mesh(config.data_root, config.category)
+    model = build_model(config)
+    mesh_axes = parallel.make_mesh(1)
+    # image size only matters for shapes of nothing here (fully convolutional)
+    state = init_state(config, model, len(model_mesh.verts), (64, 64), mesh_axes)
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = ckpt.restore(state)
+    ckpt.close()
+    return NemoModel(model, state.variables(), state.aux, model_mesh, config)
+
+
+def feature_fn(nemo: NemoModel):
+    """``images uint8 [B, H, W, 3] -> feature maps [B, h, w, D]`` (jitted, eval mode)."""
+    @jax.jit
+    def f(images):
+        return nemo.model.apply(nemo.variables, backbone.preprocess(images), train=False)
+    return f
+
+
+def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
+            progress: bool = False):
+    """NeMo inference on a PoseSet -> :class:`nvsm_jax.pose_solver.SolveResult`."""
+    from nvsm_jax import pose_solver
+
+    if solver_cfg is None:
+        solver_cfg = pose_solver.SolverConfig.from_dict(nemo.config.solver.to_dict())
+    clutter = feat.clutter_prototype(nemo.memory.clutter)
+    bar = (lambda it: training.progress_bar(it, desc="solve")) if progress else None
+    return pose_solver.solve_batched(
+        feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.mesh.verts,
+        nemo.mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
+        cfg=solver_cfg, batch_size=batch_size, progress=bar)

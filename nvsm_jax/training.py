@@ -1,0 +1,246 @@
+"""Generic training machinery shared by the NeMo and MCSS trainers.
+
+* :class:`TrainState`: flax ``TrainState`` (step, params, tx, opt_state) plus
+  ``model_state`` (mutable collections such as ``batch_stats``) and ``aux`` (any
+  pytree that moves with training, e.g. memory banks). One pytree: it is jitted,
+  donated, sharded and checkpointed as a whole.
+* :func:`create_replicated`: ``jax.eval_shape`` then ``jit(init,
+  out_shardings=replicated)`` so parameters are never built on one device and
+  moved.
+* :func:`step_key`: ``fold_in(PRNGKey(seed), step)``; keys are never carried
+  in state, so a resumed run draws the same numbers.
+* :class:`Checkpointer`: a thin wrapper over orbax ``CheckpointManager``
+  (StandardSave/StandardRestore); ``restore_or(state)`` resumes from the latest
+  step if there is one.
+* :class:`MetricsWriter`: JSON lines (``{"step": ..., **metrics}``) in the
+  workdir, written by process 0 only.
+* :func:`progress_bar`, :func:`save_config`, :class:`Throughput`.
+
+Example (a complete loop)::
+
+    state = create_replicated(lambda k: TrainState.create(apply_fn=None, params=init(k),
+                                                          tx=optax.adam(1e-3)), key, mesh)
+    ckpt = Checkpointer(workdir / "checkpoints", save_every=100)
+    state = ckpt.restore_or(state)
+    metrics = MetricsWriter(workdir)
+    for step in progress_bar(range(int(state.step), num_steps), total=num_steps,
+                             initial=int(state.step)):
+        state, m = train_step(state, shard_batch(batch(step), mesh), step_key(seed, step))
+        metrics.write(step + 1, **m)
+        ckpt.maybe_save(step + 1, state, force=step + 1 == num_steps)
+    ckpt.close()
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any, Callable, Iterable
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from nvsm_jax import parallel
+
+__all__ = ["TrainState", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
+           "progress_bar", "save_config", "Throughput", "make_adamw"]
+
+
+class TrainState(train_state.TrainState):
+    """params + optimiser + ``model_state`` (mutable collections) + ``aux`` pytree."""
+
+    model_state: Any = None
+    aux: Any = None
+
+    def variables(self, params=None):
+        """``{"params": ..., **model_state}`` for ``module.apply``."""
+        out = {"params": self.params if params is None else params}
+        if self.model_state:
+            out.update(self.model_state)
+        return out
+
+    def checkpoint_tree(self):
+        """The array pytree that is saved (no apply_fn / tx)."""
+        return {"step": self.step, "params": self.params, "opt_state": self.opt_state,
+                "model_state": self.model_state, "aux": self.aux}
+
+    def restore_tree(self, tree) -> "TrainState":
+        return self.replace(step=tree["step"], params=tree["params"],
+                            opt_state=tree["opt_state"], model_state=tree["model_state"],
+                            aux=tree["aux"])
+
+
+def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
+               grad_clip: float | None = None, decoupled: bool = False):
+    """Adam with weight decay and optional global-norm clipping.
+
+    ``decoupled=False`` adds ``weight_decay * params`` to the gradient before
+    Adam (torch ``Adam(weight_decay=...)``, what NeMo used); ``True`` is AdamW.
+    learning_rate: a float or an optax schedule.
+    """
+    parts = []
+    if grad_clip:
+        parts.append(optax.clip_by_global_norm(grad_clip))
+    if weight_decay and not decoupled:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_adam(b1=b1, b2=b2))
+    if weight_decay and decoupled:
+        parts.append(optax.add_decayed_weights(weight_decay))
+    parts.append(optax.scale_by_learning_rate(learning_rate))
+    return optax.chain(*parts)
+
+
+def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh):
+    """Builds ``init_fn(key)`` directly replicated on ``mesh``.
+
+    ``jax.eval_shape`` first (no compute) to learn the structure, then
+    ``jit(init_fn, out_shardings=replicated)``. Non-array leaves of
+    the result (e.g. a TrainState's ``tx``) are static fields, untouched.
+    """
+    abstract = jax.eval_shape(init_fn, key)
+    shardings = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), abstract)
+    return jax.jit(init_fn, out_shardings=shardings)(key)
+
+
+def step_key(seed_or_key, step) -> jax.Array:
+    """``fold_in(key(seed), step)``: the randomness of one step."""
+    key = (jax.random.key(seed_or_key) if isinstance(seed_or_key, (int, np.integer))
+           else seed_or_key)
+    return jax.random.fold_in(key, step)
+
+
+class Checkpointer:
+    """orbax ``CheckpointManager`` over a :class:`TrainState` (or any pytree).
+
+    directory: where the step folders go; save_every: steps between saves
+    (``maybe_save(..., force=True)`` saves regardless, e.g. at the end);
+    max_to_keep: how many to keep. Saving is asynchronous;
+    :meth:`wait` / :meth:`close` block until written.
+    """
+
+    def __init__(self, directory, save_every: int = 1000, max_to_keep: int = 2):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        self.directory = os.path.abspath(os.fspath(directory))
+        self.save_every = int(save_every)
+        self.manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+                                                                 create=True))
+
+    @staticmethod
+    def _tree(state):
+        return state.checkpoint_tree() if isinstance(state, TrainState) else state
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        """Saves ``state`` at ``step``. The tree is fetched to host first: it is
+        replicated (one copy per device would otherwise be sliced and written
+        per array, which costs seconds for a small model on 8 CPU devices)."""
+        tree = jax.device_get(self._tree(state))
+        self.manager.save(int(step), args=self._ocp.args.StandardSave(tree), force=True)
+
+    def maybe_save(self, step: int, state, force: bool = False) -> bool:
+        """Saves when ``step`` is a multiple of ``save_every`` (or ``force``)."""
+        if force or (self.save_every > 0 and step % self.save_every == 0):
+            if self.manager.latest_step() != int(step):
+                self.save(step, state)
+            return True
+        return False
+
+    def restore(self, state, step: int | None = None):
+        """Restores ``step`` (default latest) into the structure/shardings of ``state``."""
+        step = self.manager.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        ref = self._tree(state)
+        target = jax.tree_util.tree_map(
+            lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x, ref)
+        tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        # back onto the devices with the shardings of ``state``
+        tree = jax.tree_util.tree_map(
+            lambda t, x: jax.device_put(t, x.sharding) if isinstance(x, jax.Array)
+            else jnp.asarray(t), tree, ref)
+        return state.restore_tree(tree) if isinstance(state, TrainState) else tree
+
+    def restore_or(self, state):
+        """The latest checkpoint restored into ``state``'s structure, or ``state`` itself."""
+        return state if self.manager.latest_step() is None else self.restore(state)
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+class MetricsWriter:
+    """Appends ``{"step": s, **metrics}`` JSON lines to ``workdir/filename`` (process 0)."""
+
+    def __init__(self, workdir, filename: str = "metrics.jsonl"):
+        self.path = os.path.join(os.fspath(workdir), filename)
+        self.enabled = parallel.is_main_process()
+        if self.enabled:
+            os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def write(self, step: int, **metrics) -> None:
+        if not self.enabled:
+            return
+        row = {"step": int(step)}
+        for k, v in metrics.items():
+            v = np.asarray(jax.device_get(v))
+            row[k] = v.item() if v.size == 1 else v.tolist()
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.exists(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_bar(iterable: Iterable, total: int | None = None, initial: int = 0,
+                 desc: str = "train", disable: bool | None = None):
+    """tqdm over ``iterable`` (hidden on non-main processes or when ``disable``)."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = not parallel.is_main_process()
+    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable,
+                dynamic_ncols=True, mininterval=2.0)
+
+
+def save_config(config, workdir, filename: str = "config.json") -> str:
+    """Writes an ml_collections config (JSON, best effort; else ``str``)."""
+    os.makedirs(os.fspath(workdir), exist_ok=True)
+    path = os.path.join(os.fspath(workdir), filename)
+    try:
+        text = config.to_json_best_effort(indent=2)
+    except AttributeError:
+        text = json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
+    if parallel.is_main_process():
+        with open(path, "w") as f:
+            f.write(text)
+    return path
+
+
+class Throughput:
+    """Images per second between calls of :meth:`tick` (wall clock)."""
+
+    def __init__(self):
+        self.last = time.perf_counter()
+
+    def tick(self, num_items: int) -> float:
+        now = time.perf_counter()
+        rate = num_items / max(now - self.last, 1e-9)
+        self.last = now
+        return rate
