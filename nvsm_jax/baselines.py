@@ -1,0 +1,496 @@
+"""Pose-classification baseline ("Res50-Gene" in the NVSM / NeMo tables).
+
+A ResNet encoder (the shared :class:`nvsm_jax.models.backbone.ResNetEncoder`, the
+same preset as the NeMo config) + global average pooling + three linear heads
+that classify azimuth, elevation and theta into bins; cross-entropy, optionally
+with label smoothing onto the two neighbouring bins; trained on labelled images
+only (a :class:`nvsm_jax.data.PoseSet`); prediction = the argmax bins' centres
+with distance = ``config.distance`` (5, NeMo's).
+
+Bins (:class:`BinSpec`, all in radians):
+
+* **azimuth** (periodic, default 36 bins = 10 deg): centres ``2 pi k / n``; bin
+  ``k`` covers ``[c_k - w/2, c_k + w/2)`` so 359 deg falls in bin 0 (wrap-around);
+* **elevation** (interval, default 18 bins over ``[-pi/2, pi/2]``): centres
+  ``lo + (k + 1/2) w``, angles outside the interval clip to the end bins;
+* **theta** (periodic, default 36 bins over ``[-pi, pi)``): centres
+  ``-pi + k w`` (0 is a centre), wrap-around at +-pi.
+
+Training follows :mod:`nvsm_jax.train`: one ``Mesh`` with a ``data`` axis, the
+batch sharded over it, everything else replicated; a jitted, donated step;
+keys ``fold_in(seed, step)`` and batches that are pure functions of ``(seed,
+step)`` (:class:`nvsm_jax.data.BatchIterator` with :class:`Augment`, whose
+horizontal flip applies the pose flip rule ``a -> 2 pi - a, theta -> -theta``),
+so a killed run resumes exactly from its orbax checkpoint; metrics as JSON lines
+(``metrics.jsonl``), the config as ``config.json``.
+
+Public API:
+
+* :class:`ClassifierConfig` (frozen dataclass; :func:`classifier_config` gives
+  the ``"default"`` / ``"tiny"`` presets);
+* :class:`BinSpec`, :func:`bin_specs`, :func:`pose_to_bins`, :func:`bins_to_pose`,
+  :func:`smooth_targets`;
+* :class:`PoseClassifier` ``(x [B, H, W, 3] float32, train) -> {"azimuth": [B, n_a],
+  "elevation": [B, n_e], "theta": [B, n_t]}`` logits;
+* :func:`train_classifier` ``(config, train_set, workdir) -> TrainState``;
+* :func:`predict_classifier` ``(state_or_model, images [N, H, W, 3] uint8) ->
+  poses [N, 4]``; :func:`load_classifier` ``(workdir) -> ClassifierModel``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import os
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nvsm_jax import parallel, training
+from nvsm_jax.models import backbone
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ClassifierConfig", "classifier_config", "BinSpec", "bin_specs", "bin_centers",
+           "encode_angle", "decode_angle", "pose_to_bins", "bins_to_pose", "smooth_targets",
+           "PoseClassifier", "build_classifier", "init_classifier_state", "make_train_step",
+           "train_classifier", "ClassifierModel", "load_classifier", "predict_classifier",
+           "HEADS"]
+
+HEADS = ("azimuth", "elevation", "theta")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassifierConfig:
+    """Everything a classifier run needs (hashable: the jitted step is cached on it).
+
+    Backbone: ``preset`` / ``norm`` as :func:`nvsm_jax.models.backbone.make_feature_net`
+    (only its encoder fields are used). Bins: counts and the elevation / theta
+    ranges (radians). ``label_smoothing``: probability mass moved from the true
+    bin to its two neighbours (half each; periodic heads wrap). Optimiser: Adam
+    with torch-style L2 ``weight_decay``, linear warm-up then cosine decay to
+    ``lr * final_lr_fraction``. Augmentation: ``flip_prob`` / ``jitter`` of
+    :class:`nvsm_jax.data.Augment`.
+    """
+
+    preset: str = "small"
+    norm: str = "group"
+    azimuth_bins: int = 36
+    elevation_bins: int = 18
+    theta_bins: int = 36
+    elevation_range: tuple[float, float] = (-np.pi / 2, np.pi / 2)
+    theta_range: tuple[float, float] = (-np.pi, np.pi)
+    label_smoothing: float = 0.0
+    distance: float = 5.0
+    seed: int = 0
+    num_steps: int = 2000
+    batch_size: int = 16
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.05
+    grad_clip: float | None = None
+    flip_prob: float = 0.5
+    jitter: float = 0.2
+    log_every: int = 20
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+
+    def replace(self, **changes) -> "ClassifierConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d) -> "ClassifierConfig":
+        d = dict(d)
+        for k in ("elevation_range", "theta_range"):
+            if k in d:
+                d[k] = tuple(float(v) for v in d[k])
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def classifier_config(arg: str = "default") -> ClassifierConfig:
+    """``"default"`` (NeMo's ``small`` preset, 2000 steps) or ``"tiny"`` (seconds, tests)."""
+    if arg in (None, "", "default"):
+        return ClassifierConfig()
+    if arg == "tiny":
+        return ClassifierConfig(preset="tiny", num_steps=4, batch_size=8, log_every=1,
+                                checkpoint_every=2, warmup_steps=1, lr=3e-3, weight_decay=0.0)
+    raise ValueError(f"config arg must be 'default' or 'tiny', got {arg!r}")
+
+
+# --------------------------------------------------------------------------- bins
+
+class BinSpec(NamedTuple):
+    """``num`` bins over ``[low, high)``; ``periodic`` heads wrap (centres ``low + k w``),
+    interval heads clip (centres ``low + (k + 1/2) w``); ``w = (high - low) / num``."""
+
+    num: int
+    low: float
+    high: float
+    periodic: bool
+
+    @property
+    def width(self) -> float:
+        return (self.high - self.low) / self.num
+
+
+def bin_specs(config: ClassifierConfig) -> tuple[BinSpec, BinSpec, BinSpec]:
+    """(azimuth, elevation, theta) specs of a config."""
+    return (BinSpec(int(config.azimuth_bins), 0.0, 2 * np.pi, True),
+            BinSpec(int(config.elevation_bins), float(config.elevation_range[0]),
+                    float(config.elevation_range[1]), False),
+            BinSpec(int(config.theta_bins), float(config.theta_range[0]),
+                    float(config.theta_range[1]), True))
+
+
+def bin_centers(spec: BinSpec) -> np.ndarray:
+    """[num] float64 bin centres (radians)."""
+    k = np.arange(spec.num, dtype=np.float64)
+    return spec.low + (k if spec.periodic else k + 0.5) * spec.width
+
+
+def _xnp(x):
+    return jnp if isinstance(x, jax.Array) else np
+
+
+def encode_angle(angle, spec: BinSpec):
+    """Angles ``[...]`` (radians) -> bin indices ``[...]`` int32 (numpy or jax)."""
+    xnp = _xnp(angle)
+    t = (xnp.asarray(angle) - spec.low) / spec.width
+    if spec.periodic:
+        k = xnp.mod(xnp.floor(t + 0.5), spec.num)
+    else:
+        k = xnp.clip(xnp.floor(t), 0, spec.num - 1)
+    return k.astype(xnp.int32)
+
+
+def decode_angle(bins, spec: BinSpec):
+    """Bin indices ``[...]`` -> bin centres ``[...]`` float32 (numpy or jax)."""
+    xnp = _xnp(bins)
+    return xnp.asarray(bin_centers(spec).astype(np.float32))[bins]
+
+
+def pose_to_bins(poses, config: ClassifierConfig):
+    """poses ``[..., >=3]`` -> bins ``[..., 3]`` int32 (azimuth, elevation, theta)."""
+    xnp = _xnp(poses)
+    return xnp.stack([encode_angle(poses[..., i], s) for i, s in enumerate(bin_specs(config))],
+                     axis=-1)
+
+
+def bins_to_pose(bins, config: ClassifierConfig):
+    """bins ``[..., 3]`` -> poses ``[..., 4]`` float32 (bin centres, distance = config.distance)."""
+    xnp = _xnp(bins)
+    angles = [decode_angle(bins[..., i], s) for i, s in enumerate(bin_specs(config))]
+    dist = xnp.full(angles[0].shape, config.distance, dtype=xnp.float32)
+    return xnp.stack(angles + [dist], axis=-1)
+
+
+def smooth_targets(bins, spec: BinSpec, smoothing: float = 0.0) -> jax.Array:
+    """Soft targets ``[..., num]``: ``1 - smoothing`` on the bin, ``smoothing / 2`` on each
+    neighbour (periodic heads wrap; at an interval's end the mass stays on the bin)."""
+    bins = jnp.asarray(bins)
+    one = jax.nn.one_hot(bins, spec.num)
+    if not smoothing:
+        return one
+    if spec.periodic:
+        lo, hi = jnp.mod(bins - 1, spec.num), jnp.mod(bins + 1, spec.num)
+    else:
+        lo, hi = jnp.maximum(bins - 1, 0), jnp.minimum(bins + 1, spec.num - 1)
+    return ((1.0 - smoothing) * one + 0.5 * smoothing * jax.nn.one_hot(lo, spec.num)
+            + 0.5 * smoothing * jax.nn.one_hot(hi, spec.num))
+
+
+# --------------------------------------------------------------------------- model
+
+class PoseClassifier(nn.Module):
+    """ResNet encoder + global average pool + one linear head per angle.
+
+    x: [B, H, W, 3] float32 (:func:`nvsm_jax.models.backbone.preprocess`; H, W
+    multiples of 32) -> dict of logits ``{"azimuth": [B, n_a], "elevation": [B, n_e],
+    "theta": [B, n_t]}``. The encoder is named ``encoder`` as in
+    :class:`~nvsm_jax.models.backbone.FeatureNet`, so encoder weights transfer.
+    """
+
+    num_bins: Sequence[int] = (36, 18, 36)
+    stage_sizes: Sequence[int] = (1, 1, 1, 1)
+    widths: Sequence[int] = (16, 32, 64, 128)
+    bottleneck: bool = False
+    stem_width: int = 16
+    norm: str = "group"
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        feats = backbone.ResNetEncoder(self.stage_sizes, self.widths, self.bottleneck,
+                                       self.stem_width, self.norm, name="encoder")(x, train)
+        g = jnp.mean(feats[-1], axis=(1, 2))
+        return {name: nn.Dense(n, name=f"head_{name}")(g)
+                for name, n in zip(HEADS, self.num_bins)}
+
+
+@functools.lru_cache(maxsize=16)
+def build_classifier(config: ClassifierConfig) -> PoseClassifier:
+    """The :class:`PoseClassifier` of a config (encoder fields of ``backbone.PRESETS``)."""
+    if config.preset not in backbone.PRESETS:
+        raise ValueError(f"unknown backbone preset {config.preset!r}; "
+                         f"choose from {sorted(backbone.PRESETS)}")
+    p = backbone.PRESETS[config.preset]
+    return PoseClassifier(num_bins=(config.azimuth_bins, config.elevation_bins, config.theta_bins),
+                          stage_sizes=tuple(p["stage_sizes"]), widths=tuple(p["widths"]),
+                          bottleneck=p["bottleneck"], stem_width=p["stem_width"],
+                          norm=config.norm or p.get("norm", "group"))
+
+
+def _schedule(config: ClassifierConfig):
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.lr, max(1, min(config.warmup_steps, config.num_steps - 1)),
+        max(config.num_steps, 2), end_value=config.lr * config.final_lr_fraction)
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(config: ClassifierConfig):
+    return training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
+                               grad_clip=config.grad_clip)
+
+
+@functools.lru_cache(maxsize=8)
+def _jitted_init(model: PoseClassifier, image_hw: tuple[int, int]):
+    x = jnp.zeros((1, *image_hw, 3), jnp.float32)
+    return jax.jit(lambda key: model.init(key, x, train=False))
+
+
+@functools.lru_cache(maxsize=8)
+def _initial_variables(model: PoseClassifier, seed: int, image_hw: tuple[int, int]):
+    """Host copy of ``model.init(key(seed), zeros [1, H, W, 3])``, cached (compiling the
+    initialiser costs more than a tiny training run, so resumes and tests pay it once)."""
+    return jax.device_get(_jitted_init(model, image_hw)(jax.random.key(seed)))
+
+
+def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> training.TrainState:
+    """TrainState (params, Adam, batch_stats if any) replicated on ``mesh_axes``.
+
+    image_hw: (H, W) of the training images (only the init trace uses it).
+    As :func:`nvsm_jax.training.create_replicated` (built directly replicated),
+    with the initialiser, the model and the optimiser cached on the config, so a
+    resumed run (or a test) reuses both the compiled init and the compiled step.
+    """
+    initial = _initial_variables(build_classifier(config), config.seed, tuple(image_hw))
+    return _state_initializer(config, tuple(image_hw), mesh_axes)(
+        parallel.replicate(initial, mesh_axes))
+
+
+@functools.lru_cache(maxsize=8)
+def _state_initializer(config: ClassifierConfig, image_hw: tuple[int, int], mesh_axes):
+    model = build_classifier(config)
+    tx = _optimizer(config)
+
+    def init(variables):
+        params = variables["params"]
+        model_state = {k: v for k, v in variables.items() if k != "params"}
+        return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                          model_state=model_state)
+
+    # The initial variables are an argument (placed replicated by the caller), not
+    # baked-in constants: every call then returns fresh buffers, which the donated
+    # train step may consume.
+    return jax.jit(init, out_shardings=parallel.replicated(mesh_axes))
+
+
+def classification_loss(logits: dict, bins, config: ClassifierConfig):
+    """Sum over heads of the mean (smoothed) cross-entropy, and per-head accuracies.
+
+    logits: dict of [B, n]; bins: [B, 3] int -> (loss [], {"acc_azimuth": [], ...}).
+    """
+    total = 0.0
+    metrics = {}
+    for i, (name, spec) in enumerate(zip(HEADS, bin_specs(config))):
+        target = smooth_targets(bins[:, i], spec, config.label_smoothing)
+        ce = optax.softmax_cross_entropy(logits[name], target).mean()
+        total = total + ce
+        metrics[f"ce_{name}"] = ce
+        metrics[f"acc_{name}"] = jnp.mean(jnp.argmax(logits[name], -1) == bins[:, i])
+    return total, metrics
+
+
+@functools.lru_cache(maxsize=8)
+def make_train_step(config: ClassifierConfig, mesh_axes):
+    """The jitted, donated step ``(state, batch, key) -> (state, metrics)``.
+
+    batch: ``{"image": [B, H, W, 3] uint8, "pose": [B, 4]}`` sharded over ``data``.
+    Cached on ``(config, mesh)`` so repeated runs (resume, tests) compile once.
+    """
+    model = build_classifier(config)
+    schedule = _schedule(config)
+    rep = parallel.replicated(mesh_axes)
+
+    def step(state: training.TrainState, batch, key):
+        del key  # the model is deterministic; kept for the shared step signature
+        images = backbone.preprocess(batch["image"])
+        bins = pose_to_bins(batch["pose"], config)
+        mutable = list(state.model_state.keys()) if state.model_state else False
+
+        def loss_fn(params):
+            out = model.apply(state.variables(params), images, train=True, mutable=mutable)
+            logits, new_ms = out if mutable else (out, state.model_state)
+            loss, m = classification_loss(logits, bins, config)
+            return loss, (m, new_ms)
+
+        (loss, (m, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        state = state.apply_gradients(grads=grads).replace(model_state=new_ms)
+        metrics = {"loss": loss, **m, "grad_norm": optax.global_norm(grads),
+                   "lr": schedule(state.step - 1)}
+        return state, metrics
+
+    return jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
+
+
+def _save_config(config: ClassifierConfig, workdir: str) -> None:
+    if parallel.is_main_process():
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump({"kind": "pose_classifier", **config.to_dict()}, f, indent=2)
+
+
+def train_classifier(config: ClassifierConfig, train_set, workdir, *,
+                     num_devices: int | None = None, progress: bool = True,
+                     stop_after: int | None = None) -> training.TrainState:
+    """Trains the classifier on a labelled PoseSet into ``workdir`` (resuming if possible).
+
+    train_set: :class:`nvsm_jax.data.PoseSet` (images [N, H, W, 3] uint8, H and W
+      multiples of 32; poses [N, 4]).
+    num_devices: devices of the ``data`` axis (default all); ``config.batch_size``
+      must be a multiple of it.
+    stop_after: stop after this many steps *of this call* (simulates a killed run;
+      the final checkpoint is then not forced).
+    Returns the replicated :class:`nvsm_jax.training.TrainState` (``apply_fn`` =
+    the classifier's ``apply``). Writes ``config.json``, ``metrics.jsonl``
+    (loss, per-head ce/acc, grad_norm, lr, images_per_s) and ``checkpoints/``.
+    """
+    from nvsm_jax.data import pipeline
+
+    if isinstance(config, dict) or hasattr(config, "to_dict") and not isinstance(
+            config, ClassifierConfig):
+        config = ClassifierConfig.from_dict(config.to_dict() if hasattr(config, "to_dict")
+                                            else config)
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    _save_config(config, workdir)
+    mesh_axes = parallel.make_mesh(num_devices)
+    n_dev = mesh_axes.devices.size
+    if config.batch_size % n_dev:
+        raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
+    image_hw = train_set.image_size
+    state = init_classifier_state(config, image_hw, mesh_axes)
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                 max_to_keep=config.keep_checkpoints)
+    state = ckpt.restore_or(state)
+    start = int(state.step)
+    train_step = make_train_step(config, mesh_axes)
+    augment = None
+    if config.flip_prob > 0 or config.jitter > 0:
+        augment = pipeline.Augment(flip_prob=config.flip_prob, jitter=config.jitter)
+    batches = pipeline.BatchIterator(train_set, config.batch_size, seed=config.seed,
+                                     augment=augment)
+    writer = training.MetricsWriter(workdir)
+    end = config.num_steps if stop_after is None else min(config.num_steps, start + stop_after)
+    if start < end:
+        log.info("classifier: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
+                 len(train_set))
+    timer = training.Throughput()
+    since = 0
+    steps = range(start, end)
+    if progress:
+        steps = training.progress_bar(steps, total=config.num_steps, initial=start,
+                                      desc="classifier")
+    for s in steps:
+        host = batches.batch(s)
+        batch = parallel.shard_batch({"image": host["image"], "pose": host["pose"]}, mesh_axes)
+        state, metrics = train_step(state, batch, training.step_key(config.seed, s))
+        since += config.batch_size
+        if (s + 1) % config.log_every == 0 or s + 1 == end:
+            metrics = jax.device_get(metrics)
+            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
+            since = 0
+            if progress and hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        ckpt.maybe_save(s + 1, state, force=(s + 1 == config.num_steps))
+    ckpt.close()
+    return state
+
+
+class ClassifierModel(NamedTuple):
+    """Inference bundle: model (PoseClassifier), variables, config."""
+
+    model: Any
+    variables: Any
+    config: ClassifierConfig
+
+
+def load_classifier(workdir, config: ClassifierConfig | None = None) -> ClassifierModel:
+    """Restores the latest checkpoint of a classifier workdir (config from ``config.json``)."""
+    workdir = os.fspath(workdir)
+    if config is None:
+        with open(os.path.join(workdir, "config.json")) as f:
+            config = ClassifierConfig.from_dict(json.load(f))
+    mesh_axes = parallel.make_mesh(1)
+    state = init_classifier_state(config, (32, 32), mesh_axes)  # fully convolutional + GAP
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state = ckpt.restore(state)
+    ckpt.close()
+    return ClassifierModel(build_classifier(config), state.variables(), config)
+
+
+@functools.lru_cache(maxsize=8)
+def _predict_fn(model: PoseClassifier):
+    @jax.jit
+    def f(variables, images):
+        logits = model.apply(variables, backbone.preprocess(images), train=False)
+        return jnp.stack([jnp.argmax(logits[h], -1) for h in HEADS], axis=-1).astype(jnp.int32)
+    return f
+
+
+def predict_classifier(state_or_model, images, batch_size: int = 32, *,
+                       config: ClassifierConfig | None = None,
+                       num_devices: int | None = None) -> np.ndarray:
+    """Poses of images from the argmax bin of each head.
+
+    state_or_model: a :class:`ClassifierModel` (from :func:`load_classifier`), or the
+      :class:`~nvsm_jax.training.TrainState` returned by :func:`train_classifier`
+      together with ``config`` (needed to rebuild the model and its bins).
+    images: [N, H, W, 3] uint8 (H, W multiples of 32).
+    batch_size: images per forward pass (rounded up to a multiple of the devices;
+      the last batch is padded, so one shape is compiled).
+    Returns poses [N, 4] float32 (bin centres; distance = ``config.distance``).
+    """
+    if isinstance(state_or_model, ClassifierModel):
+        model, variables, config = state_or_model
+    else:
+        if config is None:
+            raise ValueError("predict_classifier(state, ...) needs config=ClassifierConfig")
+        model, variables = build_classifier(config), state_or_model.variables()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [N, H, W, 3], got {images.shape}")
+    if len(images) == 0:
+        return np.zeros((0, 4), np.float32)
+    mesh_axes = parallel.make_mesh(num_devices)
+    n_dev = mesh_axes.devices.size
+    bs = -(-int(batch_size) // n_dev) * n_dev
+    variables = parallel.replicate(jax.device_get(variables), mesh_axes)
+    f = _predict_fn(model)
+    out = []
+    for i in range(0, len(images), bs):
+        chunk = images[i:i + bs]
+        n = len(chunk)
+        if n < bs:
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
+        out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])
+    return np.asarray(bins_to_pose(np.concatenate(out), config), np.float32)
