@@ -1,0 +1,305 @@
+"""MCSS training and evaluation: joint multi-view consistency + supervised pose.
+
+The supervision boundary: :func:`make_train_set` keeps the 3D poses of the
+labelled frames only (``labelled_idx``, ``labelled_pose``); everything else the
+trainer sees is images and the (sequence, view, time) synchronisation indices.
+Camera calibration is never read.
+
+One step draws (a) a multi-view batch ``num_seqs x num_times x num_views`` from
+any training sequence (unlabelled) for the consistency loss and (b)
+``sup_batch`` labelled frames for the pose loss; both go through the network in
+one pass, sharded over the mesh ``data`` axis. ``method="baseline"`` is the same
+network and supervised batch with the multi-view batch (and loss) switched off.
+
+Randomness: the batch of step ``s`` comes from ``numpy.random.default_rng([seed,
+s])`` and the step key from ``fold_in``; a resumed run repeats exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from nvsm_jax import parallel, training
+from nvsm_jax.mcss import losses, metrics
+from nvsm_jax.mcss.h36m import MultiViewData
+from nvsm_jax.mcss.model import make_model
+from nvsm_jax.models.backbone import preprocess
+
+__all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
+           "sample_supervised_batch", "make_train_step", "init_state", "train", "predict",
+           "evaluate_poses"]
+
+
+@dataclasses.dataclass
+class TrainSet:
+    """What the trainer may see: images, synchronisation indices, labelled poses only.
+
+    images uint8 [N, H, W, 3]; seq_id/view/frame int32 [N]; seq_views, seq_frames,
+    seq_offset [S]; labelled_idx int [L]; labelled_pose float32 [L, 17, 3] metres
+    (root-relative, camera frame).
+    """
+
+    images: np.ndarray
+    seq_id: np.ndarray
+    view: np.ndarray
+    frame: np.ndarray
+    seq_views: np.ndarray
+    seq_frames: np.ndarray
+    seq_offset: np.ndarray
+    labelled_idx: np.ndarray
+    labelled_pose: np.ndarray
+
+
+def supervision_mask(data: MultiViewData, level: str, seed: int = 0) -> np.ndarray:
+    """Which frames carry 3D labels: bool [N].
+
+    level: ``"all"``; a subject list ``"S1"`` / ``"S1,S5"``; or ``"frac:0.05"``
+    (that fraction of the time instants of every sequence, drawn at random,
+    labelled in all views).
+    """
+    if level == "all":
+        return np.ones(len(data), bool)
+    if level.startswith("frac:"):
+        frac = float(level.split(":", 1)[1])
+        rng = np.random.default_rng([seed, 1234])
+        mask = np.zeros(len(data), bool)
+        for s in range(len(data.subjects)):
+            t_len, v_len = int(data.seq_frames[s]), int(data.seq_views[s])
+            k = max(1, int(round(frac * t_len)))
+            ts = rng.choice(t_len, size=k, replace=False)
+            mask[data.index(s, np.arange(v_len)[:, None], ts[None])] = True
+        return mask
+    subjects = set(level.split(","))
+    unknown = subjects - set(data.subjects)
+    if unknown:
+        raise ValueError(f"supervision level {level!r}: unknown subjects {sorted(unknown)}")
+    return np.isin(data.subject_of_frame, list(subjects))
+
+
+def make_train_set(data: MultiViewData, labelled: np.ndarray) -> TrainSet:
+    """Drops the 3D labels of unlabelled frames (poses converted to metres)."""
+    idx = np.flatnonzero(labelled)
+    return TrainSet(images=data.images, seq_id=data.seq_id, view=data.view, frame=data.frame,
+                    seq_views=data.seq_views, seq_frames=data.seq_frames,
+                    seq_offset=data.seq_offset, labelled_idx=idx,
+                    labelled_pose=(data.pose3d[idx] / 1000.0).astype(np.float32))
+
+
+def sample_multiview_batch(rng: np.random.Generator, ts: TrainSet, num_seqs: int, num_times: int,
+                           num_views: int) -> dict:
+    """``num_seqs`` sequences x ``num_times`` distinct instants x ``num_views`` views.
+
+    Returns flat (seq-major, then time, then view) ``idx [B]`` and ``seq``,
+    ``time``, ``view`` [B] int32 (``seq`` is the batch-local sequence slot).
+    """
+    n_seq = len(ts.seq_offset)
+    seqs = rng.choice(n_seq, size=num_seqs, replace=num_seqs > n_seq)
+    idx, seq, time, view = [], [], [], []
+    for slot, s in enumerate(seqs):
+        t_len, v_len = int(ts.seq_frames[s]), int(ts.seq_views[s])
+        if v_len < num_views:
+            raise ValueError(f"sequence {s} has {v_len} views < num_views={num_views}")
+        times = rng.choice(t_len, size=num_times, replace=num_times > t_len)
+        for t in times:
+            views = rng.choice(v_len, size=num_views, replace=False)
+            for v in views:
+                idx.append(ts.seq_offset[s] + v * t_len + t)
+                seq.append(slot)
+                time.append(t)
+                view.append(v)
+    as32 = lambda x: np.asarray(x, np.int32)
+    return {"idx": np.asarray(idx), "seq": as32(seq), "time": as32(time), "view": as32(view)}
+
+
+def sample_supervised_batch(rng: np.random.Generator, ts: TrainSet, size: int) -> dict:
+    """``size`` labelled frames (with replacement)."""
+    k = rng.integers(0, len(ts.labelled_idx), size=size)
+    return {"idx": ts.labelled_idx[k], "pose": ts.labelled_pose[k]}
+
+
+def _augment(images, key, strength: float):
+    """Per-image brightness/contrast/colour jitter on [B, H, W, 3] floats in [0, 1]."""
+    if strength <= 0:
+        return images
+    k1, k2, k3 = jax.random.split(key, 3)
+    b = images.shape[0]
+    gain = 1.0 + strength * jax.random.uniform(k1, (b, 1, 1, 3), minval=-1, maxval=1)
+    bias = 0.5 * strength * jax.random.uniform(k2, (b, 1, 1, 1), minval=-1, maxval=1)
+    noise = 0.02 * strength * jax.random.normal(k3, images.shape)
+    return jnp.clip(images * gain + bias + noise, 0.0, 1.0)
+
+
+def _prep(images_u8, key=None, augment: float = 0.0):
+    x = jnp.asarray(images_u8, jnp.float32) / 255.0
+    if key is not None:
+        x = _augment(x, key, augment)
+    return preprocess(x * 255.0)
+
+
+_CACHE: dict = {}
+
+
+def _cfg_key(cfg) -> str:
+    return cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") else repr(cfg)
+
+
+def init_state(cfg, mesh, image_size, seed: int):
+    """A replicated :class:`nvsm_jax.training.TrainState` for ``cfg.model``/``cfg.optim``.
+
+    Built directly replicated (``eval_shape`` then ``jit(init, out_shardings)``,
+    as :func:`nvsm_jax.training.create_replicated`); the jitted init is cached
+    per (config, image size, mesh) so runs that differ only in seed or data do
+    not recompile.
+    """
+    key = ("init", _cfg_key(cfg), tuple(image_size), mesh)
+    if key not in _CACHE:
+        model = make_model(cfg.model)
+        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr,
+                                                   min(cfg.optim.warmup, cfg.steps),
+                                                   max(cfg.steps, 1), cfg.optim.lr * 0.05)
+        tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
+
+        def init_fn(rng):
+            variables = dict(model.init(rng, jnp.zeros((1, *image_size, 3), jnp.float32),
+                                        train=False))
+            params = variables.pop("params")
+            return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                              model_state=variables or None)
+
+        abstract = jax.eval_shape(init_fn, jax.random.key(0))
+        shard = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), abstract)
+        _CACHE[key] = (model, jax.jit(init_fn, out_shardings=shard))
+    model, fn = _CACHE[key]
+    return model, fn(jax.random.key(seed))
+
+
+def make_train_step(model, cfg, use_multiview: bool):
+    """Jitted ``(state, batch, key) -> (state, metrics)`` on the global batch.
+
+    batch: ``sup_images [B2, H, W, 3] uint8``, ``sup_pose [B2, 17, 3]`` and, if
+    ``use_multiview``, ``mv_images [B1, ...]``, ``mv_seq``, ``mv_time``, ``mv_view`` [B1].
+    """
+    mv = cfg.multiview
+    w_mv = float(mv.weight) if use_multiview else 0.0
+
+    def loss_fn(params, state, batch, key):
+        k1, k2 = jax.random.split(key)
+        sup_x = _prep(batch["sup_images"], k1, cfg.augment)
+        if use_multiview:
+            mv_x = _prep(batch["mv_images"], k2, cfg.augment)
+            x = jnp.concatenate([sup_x, mv_x], axis=0)
+        else:
+            x = sup_x
+        emb, pose = model.apply(state.variables(params), x, train=True)
+        n_sup = sup_x.shape[0]
+        l_pose = losses.pose_loss(pose[:n_sup], batch["sup_pose"], kind=cfg.pose_loss)
+        out = {"loss_pose": l_pose}
+        total = cfg.pose_weight * l_pose
+        if use_multiview:
+            l_mv, aux = losses.multiview_loss(
+                emb[n_sup:], batch["mv_seq"], batch["mv_time"], batch["mv_view"], kind=mv.kind,
+                dt_min=mv.dt_min, margin=mv.margin, temperature=mv.temperature,
+                squared=mv.squared, cross_sequence=mv.cross_sequence)
+            total = total + w_mv * l_mv
+            out["loss_mv"] = l_mv
+            out.update({f"mv_{k}": v for k, v in aux.items()})
+        out["loss"] = total
+        return total, out
+
+    def step(state, batch, key):
+        grads, out = jax.grad(loss_fn, has_aux=True)(state.params, state, batch, key)
+        out["grad_norm"] = optax.global_norm(grads)
+        return state.apply_gradients(grads=grads), out
+
+    return jax.jit(step, donate_argnums=(0,))
+
+
+def _cached_step(model, cfg, use_multiview: bool):
+    key = ("step", _cfg_key(cfg), use_multiview, id(model))
+    if key not in _CACHE:
+        _CACHE[key] = make_train_step(model, cfg, use_multiview)
+    return _CACHE[key]
+
+
+def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int) -> dict:
+    rng = np.random.default_rng([seed, step])
+    sup = sample_supervised_batch(rng, ts, cfg.sup_batch)
+    batch = {"sup_images": ts.images[sup["idx"]], "sup_pose": sup["pose"]}
+    if use_multiview:
+        mvb = sample_multiview_batch(rng, ts, cfg.multiview.num_seqs, cfg.multiview.num_times,
+                                     cfg.multiview.num_views)
+        batch.update(mv_images=ts.images[mvb["idx"]], mv_seq=mvb["seq"], mv_time=mvb["time"],
+                     mv_view=mvb["view"])
+    return batch
+
+
+def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int = 0,
+          log=print) -> tuple[Any, Any]:
+    """Trains (or resumes) one run in ``workdir``; returns ``(model, state)``.
+
+    method: ``"mcss"`` (pose + multi-view loss) or ``"baseline"`` (pose only).
+    Checkpoints every ``cfg.save_every`` steps; metrics to ``metrics.jsonl``.
+    """
+    if method not in ("mcss", "baseline"):
+        raise ValueError(f"method must be 'mcss' or 'baseline', got {method!r}")
+    mesh = mesh or parallel.make_mesh()
+    use_mv = method == "mcss"
+    image_size = ts.images.shape[1:3]
+    model, state = init_state(cfg, mesh, image_size, seed)
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=cfg.save_every)
+    state = ckpt.restore_or(state)
+    writer = training.MetricsWriter(workdir)
+    step_fn = _cached_step(model, cfg, use_mv)
+    start = int(jax.device_get(state.step))
+    bar = training.progress_bar(range(start, cfg.steps), total=cfg.steps, initial=start,
+                                desc=os.path.basename(workdir), disable=not cfg.get("progress", False))
+    for step in bar:
+        batch = parallel.shard_batch(_batch_for_step(ts, cfg, step, use_mv, seed), mesh)
+        state, out = step_fn(state, batch, training.step_key(seed, step))
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
+            writer.write(step + 1, **out)
+            if log:
+                m = jax.device_get(out)
+                log(f"[{os.path.basename(workdir)}] step {step + 1}/{cfg.steps} " +
+                    " ".join(f"{k}={float(v):.4f}" for k, v in sorted(m.items())))
+        ckpt.maybe_save(step + 1, state, force=step + 1 == cfg.steps)
+    ckpt.close()
+    return model, state
+
+
+@functools.lru_cache(maxsize=None)
+def _predict_fn(model):
+    return jax.jit(lambda variables, x: model.apply(variables, _prep(x), train=False))
+
+
+def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256):
+    """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3]."""
+    mesh = mesh or parallel.make_mesh()
+    n_dev = mesh.devices.size
+    fn = _predict_fn(model)
+    variables = state.variables()
+    embs, poses = [], []
+    batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded, n = parallel.pad_to_multiple(chunk, batch_size if len(images) > batch_size else n_dev)
+        e, p = fn(variables, parallel.shard_batch(padded, mesh))
+        embs.append(np.asarray(e)[:n])
+        poses.append(np.asarray(p)[:n] * 1000.0)
+    return np.concatenate(embs), np.concatenate(poses)
+
+
+def evaluate_poses(pred_mm: np.ndarray, gt_mm: np.ndarray) -> dict:
+    """Mean MPJPE / N-MPJPE / PA-MPJPE (mm) over frames."""
+    pred, gt = jnp.asarray(pred_mm, jnp.float32), jnp.asarray(gt_mm, jnp.float32)
+    return {"mpjpe": float(jnp.mean(metrics.mpjpe(pred, gt))),
+            "n_mpjpe": float(jnp.mean(metrics.n_mpjpe(pred, gt))),
+            "pa_mpjpe": float(jnp.mean(metrics.pa_mpjpe(pred, gt)))}
