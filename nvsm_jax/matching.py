@@ -12,6 +12,11 @@ the valid pixels. Writing ``A_k = M_k * normalize(F_syn_k) / |M_k|`` and
 matmul speed. Images are processed in chunks so memory stays bounded, and the
 image axis is sharded over the mesh's ``data`` axis (each device scores its own
 images against all views; no communication until the result is gathered).
+
+Normalising ``B`` is memory-bound and, for a few dozen views, costs more than
+the product itself; the E-step matches the same pool against many batches of
+views, so it normalises the pool once (:func:`normalize_images`) and passes
+``normalized=True``.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nvsm_jax import parallel
 from nvsm_jax.features import l2_normalize as normalize
 
-__all__ = ["prepare_views", "match_scores", "match_scores_sharded",
+__all__ = ["prepare_views", "normalize_images", "match_scores", "match_scores_sharded",
            "naive_match_scores"]
 
 
@@ -45,24 +50,38 @@ def prepare_views(syn_feats, syn_mask):
     return a.reshape(k, -1)
 
 
-@functools.partial(jax.jit, static_argnames=("chunk",))
-def match_scores(syn_feats, syn_mask, image_feats, chunk: int = 256):
+@jax.jit
+def normalize_images(image_feats):
+    """Per-pixel L2 normalisation, float32. image_feats: [N, h, w, D] -> [N, h, w, D].
+
+    Keeps the input's sharding; do it once per pool and match with ``normalized=True``.
+    """
+    return normalize(image_feats.astype(jnp.float32))
+
+
+@functools.partial(jax.jit, static_argnames=("chunk", "normalized"))
+def match_scores(syn_feats, syn_mask, image_feats, chunk: int = 256, normalized: bool = False):
     """Scores of every synthesised view against every image.
 
     syn_feats: [K, h, w, D]; syn_mask: [K, h, w]; image_feats: [N, h, w, D]
-    (need not be normalised). Returns [K, N] float32 in [-1, 1].
-    Images are scanned in chunks of ``chunk`` so at most ``chunk * h*w*D``
-    normalised features are live at once.
+    (normalised per pixel if ``normalized``, else normalised here).
+    Returns [K, N] float32 in [-1, 1]. Raw images are scanned in chunks of
+    ``chunk`` so at most ``chunk * h*w*D`` normalised features are live at once;
+    normalised ones need no copy and go through one product.
     """
     a = prepare_views(syn_feats, syn_mask)
     n = image_feats.shape[0]
+    if normalized:  # no intermediate to bound: one product straight from the input buffer
+        b = image_feats.astype(jnp.float32).reshape(n, -1)
+        return jnp.einsum("kp,np->kn", a, b, precision=jax.lax.Precision.DEFAULT)
     chunk = max(1, min(chunk, n))
     pad = (-n) % chunk
     feats = jnp.pad(image_feats, ((0, pad),) + ((0, 0),) * 3)
     feats = feats.reshape(-1, chunk, *image_feats.shape[1:])
 
     def one(_, block):
-        b = normalize(block.astype(jnp.float32)).reshape(chunk, -1)
+        b = block.astype(jnp.float32)
+        b = (b if normalized else normalize(b)).reshape(chunk, -1)
         return None, jnp.einsum("kp,np->kn", a, b, precision=jax.lax.Precision.DEFAULT)
 
     _, scores = jax.lax.scan(one, None, feats)          # [num_chunks, K, chunk]
@@ -71,7 +90,7 @@ def match_scores(syn_feats, syn_mask, image_feats, chunk: int = 256):
 
 
 def match_scores_sharded(syn_feats, syn_mask, image_feats, mesh: Mesh | None = None,
-                         chunk: int = 256):
+                         chunk: int = 256, normalized: bool = False):
     """:func:`match_scores` with the image axis sharded over ``data``.
 
     Host or device arrays in; a [K, N] numpy array out. N is padded to a
@@ -91,17 +110,17 @@ def match_scores_sharded(syn_feats, syn_mask, image_feats, mesh: Mesh | None = N
     images = jax.device_put(image_feats, NamedSharding(mesh, P(parallel.DATA)))
     views = jax.device_put((syn_feats, syn_mask), NamedSharding(mesh, P()))
     per_device = -(-images.shape[0] // n_dev)
-    fn = _sharded_fn(mesh, min(chunk, per_device))
+    fn = _sharded_fn(mesh, min(chunk, per_device), bool(normalized))
     return np.asarray(fn(*views, images))[:, :n]
 
 
 @functools.lru_cache(maxsize=16)
-def _sharded_fn(mesh: Mesh, chunk: int):
+def _sharded_fn(mesh: Mesh, chunk: int, normalized: bool):
     @jax.jit
     @functools.partial(jax.shard_map, mesh=mesh,
                        in_specs=(P(), P(), P(parallel.DATA)), out_specs=P(None, parallel.DATA))
     def fn(syn_feats, syn_mask, image_feats):
-        return match_scores(syn_feats, syn_mask, image_feats, chunk=chunk)
+        return match_scores(syn_feats, syn_mask, image_feats, chunk=chunk, normalized=normalized)
     return fn
 
 

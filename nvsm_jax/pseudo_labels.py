@@ -11,8 +11,11 @@ records it and its measured effect):
 * **Scores.** Views are synthesised from each source's features and matched
   against the unlabelled pool (:mod:`nvsm_jax.synthesis`, :mod:`nvsm_jax.matching`)
   -> a ``[num_views, num_images]`` score table.
-* **Acceptance** (:func:`select`). For each unlabelled image the best view gives a
-  candidate pose. It is accepted when (a) its score passes ``threshold``,
+* **Acceptance** (:func:`select`). Under the default rule each unlabelled image
+  takes its best view; under ``view_top`` each view claims its best images by
+  per-view z-score, which keeps views with a large silhouette from claiming
+  everything (measured in WORKSPACE.md). The view gives a candidate pose. It
+  is accepted when (a) its score passes ``threshold``,
   (b) it beats the best view whose pose lies more than ``margin_angle`` away by
   at least ``margin`` (a consistency rule: the match must prefer *this* pose over
   distant ones), and (c) it is within the ``max_new`` best-scoring candidates of
@@ -30,7 +33,8 @@ import numpy as np
 
 from nvsm_jax import geometry
 
-__all__ = ["PseudoLabels", "offset_grid", "propose_targets", "select", "coverage"]
+__all__ = ["PseudoLabels", "offset_grid", "propose_targets", "standardize_views", "select",
+           "coverage"]
 
 
 @dataclasses.dataclass
@@ -109,15 +113,33 @@ def propose_targets(source_poses, offsets, elevation_range=(-np.pi / 2, np.pi / 
     return t
 
 
+def standardize_views(scores, candidates):
+    """Per-view z-scores over the candidate images: [K, N] -> [K, N].
+
+    Removes a view's overall bias (a side view of a car, with its large
+    silhouette, scores well against every image) before views compete.
+    """
+    c = scores[:, candidates]
+    mean = c.mean(axis=1, keepdims=True) if c.size else 0.0
+    std = c.std(axis=1, keepdims=True) + 1e-6 if c.size else 1.0
+    return (scores - mean) / std
+
+
 def select(scores, view_poses, view_source, view_source_is_labelled, *, threshold: float,
            margin: float, margin_angle: float, max_new: int | None, round_index: int,
-           candidates=None) -> PseudoLabels:
+           candidates=None, rule: str = "image_best", per_view: int = 1,
+           z_threshold: float | None = None) -> PseudoLabels:
     """Accepts pseudo-labels from a score table.
 
     scores: [K, N] score of view k against unlabelled image n.
     view_poses: [K, 4]; view_source: [K] int; view_source_is_labelled: [K] bool.
     candidates: [N] bool, images still unlabelled (default all).
-    Returns the accepted images as :class:`PseudoLabels` (sorted by score, best
+    rule: ``"image_best"`` - each image takes its best view; ``"view_top"`` -
+      each view claims its ``per_view`` best images by per-view z-score
+      (:func:`standardize_views`), an image claimed by several views takes the
+      one with the highest z-score, and candidates are ranked by it
+      (``z_threshold`` optionally bounds it from below).
+    Returns the accepted images as :class:`PseudoLabels` (sorted by rank, best
     first). ``max_new=None`` accepts every image that passes.
     """
     scores = np.asarray(scores, np.float32)
@@ -127,16 +149,34 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
         return PseudoLabels.empty()
     if candidates is None:
         candidates = np.ones(n, bool)
-    best = np.argmax(scores, axis=0)                                  # [N]
+    candidates = np.asarray(candidates, bool)
+    if rule == "image_best":
+        best = np.argmax(scores, axis=0)                              # [N]
+        rank = scores[best, np.arange(n)]
+        claimed = np.ones(n, bool)
+    elif rule == "view_top":
+        z = standardize_views(scores, candidates)
+        z = np.where(candidates[None], z, -np.inf)
+        top = np.argsort(-z, axis=1, kind="stable")[:, :per_view]     # [K, per_view]
+        claims = np.full((k, n), -np.inf, np.float32)
+        rows = np.repeat(np.arange(k), top.shape[1])
+        claims[rows, top.ravel()] = z[rows, top.ravel()]
+        best = np.argmax(claims, axis=0)
+        rank = claims[best, np.arange(n)]
+        claimed = np.isfinite(rank)
+        if z_threshold is not None:
+            claimed &= rank >= z_threshold
+    else:
+        raise ValueError(f"unknown selection rule {rule!r} (use 'image_best' or 'view_top')")
     best_score = scores[best, np.arange(n)]
     # Geodesic distance of every view's pose to each image's best pose: [K, N]
     dist = geometry.pose_error(view_poses[:, None, :].astype(np.float64),
                                view_poses[best][None].astype(np.float64))
     far = np.where(dist > margin_angle, scores, -np.inf)
     runner_up = far.max(axis=0)
-    ok = candidates & (best_score >= threshold) & (best_score - runner_up >= margin)
+    ok = candidates & claimed & (best_score >= threshold) & (best_score - runner_up >= margin)
     idx = np.flatnonzero(ok)
-    idx = idx[np.argsort(-best_score[idx], kind="stable")]
+    idx = idx[np.argsort(-rank[idx], kind="stable")]
     if max_new is not None:
         idx = idx[:max_new]
     view = best[idx]

@@ -40,6 +40,11 @@ def test_sharded_over_8_devices_matches_one_device():
         got = matching.match_scores_sharded(syn, mask, img, mesh, chunk=2)
         assert got.shape == (5, 13)
         np.testing.assert_allclose(got, want, atol=1e-5)
+        # the E-step's path: the pool normalised once, then matched as is
+        pre = np.asarray(matching.normalize_images(img))
+        np.testing.assert_allclose(np.linalg.norm(pre, axis=-1), 1.0, atol=1e-5)
+        got = matching.match_scores_sharded(syn, mask, pre, mesh, chunk=2, normalized=True)
+        np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 def test_empty_pool_is_a_clear_error():

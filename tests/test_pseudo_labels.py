@@ -68,3 +68,24 @@ def test_coverage_counts_bins():
     assert pl.coverage(full) == 1.0
     assert pl.coverage(full[:18]) == pytest.approx(0.5)
     assert pl.coverage(np.array([[0.1, np.radians(80)]])) == 0.0  # outside the bins
+
+
+def test_view_top_rule_lets_every_view_claim_its_own_best_image():
+    # view 0 (a "side view") scores high on everything; per-image argmax gives it
+    # every image, per-view z-scores let view 1 and view 2 claim their matches.
+    az = np.radians([90, 0, 180])
+    view_poses = geometry.make_pose(az, 0.1, 0.0, 5.0, xnp=np)
+    scores = np.array([[0.90, 0.91, 0.92, 0.90],
+                       [0.50, 0.85, 0.40, 0.45],
+                       [0.55, 0.50, 0.88, 0.52]])
+    kw = dict(threshold=0.0, margin=-1.0, margin_angle=np.radians(30), max_new=None, round_index=1)
+    best = pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), **kw)
+    np.testing.assert_array_equal(np.sort(best.index), [0, 1, 2, 3])
+    assert np.all(best.poses[:, 0] == np.float32(np.radians(90)))
+    top = pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), rule="view_top", **kw)
+    claimed = dict(zip(top.index.tolist(), np.degrees(top.poses[:, 0]).round().tolist()))
+    assert claimed[1] == 0 and claimed[2] == 180           # each view's own best image
+    # at most one claim per view; view 0's only claim (image 2) loses to view 2's
+    assert len(top) == 2
+    with pytest.raises(ValueError, match="rule"):
+        pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), rule="nope", **kw)

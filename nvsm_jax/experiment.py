@@ -1,0 +1,279 @@
+"""The NVSM few-shot experiment, importable from a notebook.
+
+``train_and_evaluate(config, workdir)`` (the CLI is ``experiments/nvsm_fewshot.py``)
+composes the library; it computes nothing itself:
+
+1. data: ``config.data_root`` / ``config.test_root``, or the synthetic benchmark
+   rendered into ``workdir/data`` when they are empty and ``config.data.generate``;
+2. per category and number of annotations, on the same few-shot split:
+   ``cls_baseline`` (:mod:`nvsm_jax.baselines`), ``nemo`` (:mod:`nvsm_jax.train` on
+   the labelled images), ``nvsm`` (:mod:`nvsm_jax.semi_supervised`); per category
+   ``nemo_full`` (every training label);
+3. evaluation on every occlusion level, ``results.json`` (rows as
+   :mod:`nvsm_jax.evaluation`), ``report.md`` (the seed's table layouts) and
+   pictures.
+
+Each finished cell (method, category, annotations) writes ``rows.json`` in its
+own directory and is skipped when the experiment is rerun; unfinished cells
+resume from their checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from nvsm_jax import evaluation
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ensure_data", "train_and_evaluate", "format_report"]
+
+METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
+
+
+def ensure_data(config, workdir) -> tuple[str, str]:
+    """(train_root, test_root), generating the synthetic benchmark if needed."""
+    train_root, test_root = config.get("data_root") or "", config.get("test_root") or ""
+    if train_root and test_root:
+        for root in (train_root, test_root):
+            if not os.path.isdir(root):
+                raise FileNotFoundError(f"data root {root} does not exist")
+        return train_root, test_root
+    out = os.path.join(os.fspath(workdir), "data")
+    train_root, test_root = os.path.join(out, "train"), os.path.join(out, "test")
+    if os.path.exists(os.path.join(test_root, "dataset.json")):
+        return train_root, test_root
+    if not config.data.generate:
+        raise FileNotFoundError("config.data_root/test_root are empty and data.generate is False")
+    from experiments.configs import synthetic as synthetic_config
+    from nvsm_jax.data import synthetic
+
+    sc = synthetic_config.get_config(config.data.variant)
+    sc.categories = config.categories
+    sc.num_train = config.data.num_train
+    sc.num_test = config.data.num_test
+    sc.image_size = tuple(config.data.image_size)
+    sc.seed = config.data.seed
+    sc.test_levels = tuple(config.eval_occlusions)
+    t0 = time.time()
+    synthetic.generate(out, synthetic.SynthConfig.from_mapping(sc), log=log.info)
+    log.info("generated the synthetic benchmark in %.0f s", time.time() - t0)
+    return train_root, test_root
+
+
+def _cell(workdir, method, category, annotations):
+    return os.path.join(workdir, f"{method}_{category}_{annotations}")
+
+
+def _load_rows(cell):
+    path = os.path.join(cell, "rows.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
+
+
+def _save_rows(cell, rows, errors):
+    os.makedirs(cell, exist_ok=True)
+    np.savez(os.path.join(cell, "errors.npz"), **errors)
+    tmp = os.path.join(cell, "rows.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(rows, f, indent=1)
+    os.replace(tmp, os.path.join(cell, "rows.json"))
+
+
+def _rows(method, category, annotations, results):
+    rows = [evaluation.make_row(method, category, annotations, occ, r["errors"])
+            for occ, r in results.items()]
+    return rows, {occ: np.asarray(r["errors"]) for occ, r in results.items()}
+
+
+def _nemo_config(config, num_labelled, steps):
+    c = copy.deepcopy(config)
+    c.num_labelled = num_labelled
+    c.num_steps = steps
+    c.checkpoint_every = max(1, min(c.checkpoint_every, steps))
+    return c
+
+
+def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
+    from nvsm_jax import pose_solver, semi_supervised, train
+
+    c = _nemo_config(config, num_labelled, steps)
+    state = train.train_and_evaluate(c, cell, train_set=train_set, model_mesh=mesh)
+    nemo = semi_supervised.nemo_model(c, train.build_model(c), state, mesh)
+    solver = pose_solver.SolverConfig.from_dict(c.solver.to_dict())
+    return semi_supervised.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size)
+
+
+def _run_cls(config, cell, labelled, test_sets):
+    from nvsm_jax import baselines
+
+    c = baselines.ClassifierConfig(
+        preset=config.model.preset, norm=config.model.norm,
+        azimuth_bins=config.cls.azimuth_bins, elevation_bins=config.cls.elevation_bins,
+        theta_bins=config.cls.theta_bins, seed=config.seed, num_steps=config.cls.num_steps,
+        batch_size=config.batch_size, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
+        flip_prob=config.augment.flip_prob, jitter=config.augment.jitter,
+        log_every=config.log_every, checkpoint_every=max(1, min(config.checkpoint_every,
+                                                                 config.cls.num_steps)))
+    state = baselines.train_classifier(c, labelled, cell)
+    out = {}
+    for occ, test in test_sets.items():
+        pred = baselines.predict_classifier(state, test.images, config.eval_batch_size, config=c)
+        out[occ] = {"errors": evaluation.rotation_errors(pred, test.poses), "pred": pred}
+    return out
+
+
+def _nvsm_figures(cell, out, test_sets, mesh, config):
+    """Pictures of one NVSM run (best effort: a failing plot never loses results)."""
+    from nvsm_jax import figures, semi_supervised, train
+
+    paths = {}
+    try:
+        paths["rounds"] = figures.plot_rounds(out["rounds"], os.path.join(cell, "rounds.png"))
+        pl = out["pseudo_labels"]
+        err = evaluation.rotation_errors(pl.poses, out["hidden"][pl.index]) if len(pl) else np.zeros(0)
+        paths["coverage"] = figures.plot_coverage(out["labelled"].poses, pl.poses, err, pl.round,
+                                                  os.path.join(cell, "coverage.png"))
+        test = test_sets.get("L0") or next(iter(test_sets.values()))
+        k = min(8, len(test))
+        nemo = semi_supervised.nemo_model(config, train.build_model(config), out["state"], mesh)
+        maps = np.asarray(train.feature_fn(nemo)(test.images[:k]))
+        paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), mesh.verts,
+                                               test.images[:k], os.path.join(cell, "features_pca.png"))
+        pred = out["test"]["L0" if "L0" in out["test"] else next(iter(out["test"]))]["pred"]
+        paths["poses"] = figures.draw_poses(test.images[:k], pred[:k], test.poses[:k], mesh.verts,
+                                            mesh.faces, test.focal[:k], test.principal[:k],
+                                            os.path.join(cell, "predicted_poses.png"))
+    except Exception as err:  # noqa: BLE001 - figures are a by-product
+        log.warning("NVSM figures failed: %s", err)
+    return paths
+
+
+def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
+    from nvsm_jax import semi_supervised
+
+    c = copy.deepcopy(config)
+    c.num_labelled = num_labelled
+    out = semi_supervised.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,
+                                   test_sets=test_sets)
+    _nvsm_figures(cell, out, test_sets, mesh, c)
+    return out["test"]
+
+
+def train_and_evaluate(config, workdir) -> str:
+    """Runs every configured row; returns the markdown report (also in report.md)."""
+    from nvsm_jax.data import load_model_mesh, load_pose_set
+
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    unknown = set(config.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown methods {sorted(unknown)}; expected a subset of {METHODS}")
+    train_root, test_root = ensure_data(config, workdir)
+    all_rows, all_errors = [], {}
+    for category in [c for c in config.categories.split(",") if c]:
+        train_set = load_pose_set(train_root, category, "L0")
+        mesh = load_model_mesh(train_root, category)
+        test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.get("eval_limit"))
+                     for occ in config.eval_occlusions}
+        cells = [("nemo_full", "all")] if "nemo_full" in config.methods else []
+        cells += [(m, n) for n in config.annotations for m in config.methods if m != "nemo_full"]
+        for method, n in cells:
+            cell = _cell(workdir, method, category, n)
+            rows = _load_rows(cell)
+            if rows is None:
+                t0 = time.time()
+                log.info("=== %s, %s, %s annotations", method, category, n)
+                if method == "nemo_full":
+                    res = _run_nemo(config, cell, train_set, mesh, test_sets, None, config.full_steps)
+                elif method == "nemo":
+                    res = _run_nemo(config, cell, train_set, mesh, test_sets, n, config.fewshot_steps)
+                elif method == "cls_baseline":
+                    from nvsm_jax.data import make_fewshot_split
+                    labelled = make_fewshot_split(train_set, n, seed=config.seed).labelled
+                    res = _run_cls(config, cell, labelled, test_sets)
+                else:
+                    res = _run_nvsm(config, cell, train_set, mesh, test_sets, n)
+                rows, errors = _rows(method, category, n, res)
+                for r in rows:
+                    r["seconds"] = time.time() - t0
+                _save_rows(cell, rows, errors)
+            else:
+                errors = dict(np.load(os.path.join(cell, "errors.npz")))
+            all_rows += rows
+            for r in rows:
+                all_errors[(r["method"], r["category"], r["annotations"], r["occlusion"])] = \
+                    errors[r["occlusion"]]
+    all_rows += evaluation.mean_rows(all_rows, all_errors)
+    evaluation.write_results(workdir, all_rows)
+    report = format_report(all_rows, config, workdir)
+    with open(os.path.join(workdir, "report.md"), "w") as f:
+        f.write(report)
+    return report
+
+
+def _seed_table(rows, annotations, occlusion="L0"):
+    """The poster's layout: a line per method, ACC@pi/6 | ACC@pi/18 | MedErr for each
+    number of annotations and their mean (category "Mean")."""
+    methods = [m for m in METHODS if m != "nemo_full"]
+    get = {(r["method"], r["annotations"]): r for r in rows
+           if r["category"] == "Mean" and r["occlusion"] == occlusion}
+    ann = list(annotations)
+    head = "| method | " + " | ".join(
+        f"{metric} {a}" for metric in ("ACC pi/6", "ACC pi/18", "MedErr") for a in ann + ["Mean"]) + " |"
+    lines = [head, "|" + "---|" * (1 + 3 * (len(ann) + 1))]
+    for m in methods + ["nemo_full"]:
+        keys = ["all"] if m == "nemo_full" else ann
+        cells = []
+        for metric in ("acc_pi_6", "acc_pi_18", "med_err_deg"):
+            vals = [get[(m, a)][metric] if (m, a) in get else np.nan for a in keys]
+            if m == "nemo_full":
+                vals = vals * len(ann)
+            cells += [f"{v:.1f}" for v in vals] + [f"{np.nanmean(vals):.1f}" if vals else "-"]
+        if any((m, a) in get for a in keys):
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _occlusion_table(rows, occlusions):
+    get = {(r["method"], r["annotations"], r["occlusion"]): r for r in rows if r["category"] == "Mean"}
+    combos = sorted({(r["method"], r["annotations"]) for r in rows if r["category"] == "Mean"},
+                    key=lambda x: (METHODS.index(x[0]), str(x[1])))
+    lines = ["| method | annotations | " + " | ".join(f"ACC pi/6 {o}" for o in occlusions) + " | "
+             + " | ".join(f"MedErr {o}" for o in occlusions) + " |",
+             "|" + "---|" * (2 + 2 * len(occlusions))]
+    for m, a in combos:
+        accs = [get.get((m, a, o), {}).get("acc_pi_6", np.nan) for o in occlusions]
+        meds = [get.get((m, a, o), {}).get("med_err_deg", np.nan) for o in occlusions]
+        lines.append(f"| {m} | {a} | " + " | ".join(f"{v:.1f}" for v in accs) + " | "
+                     + " | ".join(f"{v:.1f}" for v in meds) + " |")
+    return "\n".join(lines)
+
+
+def format_report(rows, config, workdir) -> str:
+    parts = ["# NVSM few-shot results", "",
+             f"Categories: {config.categories}; annotations: {list(config.annotations)}; "
+             f"config: see `{os.path.join(workdir, 'config.json')}` and the per-cell directories.", "",
+             "## L0 (unoccluded) test set, mean over categories", "",
+             _seed_table(rows, config.annotations), "",
+             "## Occlusion levels (ACC@pi/6 in %, MedErr in degrees)", "",
+             _occlusion_table(rows, list(config.eval_occlusions)), "",
+             "## Every row", "", evaluation.rows_to_markdown(rows), ""]
+    pictures = []
+    for name in sorted(os.listdir(workdir)):
+        cell = os.path.join(workdir, name)
+        if name.startswith("nvsm_") and os.path.isdir(cell):
+            for png in ("rounds.png", "coverage.png", "features_pca.png", "predicted_poses.png"):
+                if os.path.exists(os.path.join(cell, png)):
+                    pictures.append(f"![{name} {png}]({name}/{png})")
+    if pictures:
+        parts += ["## Pictures", ""] + pictures + [""]
+    return "\n".join(parts)

@@ -1,0 +1,367 @@
+"""NVSM semi-supervised training: EM rounds of view synthesis, matching and CoKe.
+
+``run_nvsm(config, workdir)`` composes the pieces; it computes nothing itself:
+
+* **Round 0 (initial M-step).** CoKe training (:mod:`nvsm_jax.train`) on the
+  labelled images only; optionally starting from a self-supervised pre-trained
+  backbone (``config.pretrain_workdir``).
+* **E-step** (:func:`e_step`). Feature maps of the sources (labelled +
+  pseudo-labelled images) and of the unlabelled pool; the sources' vertex
+  features at their poses (:func:`nvsm_jax.features.vertex_features`); target
+  poses a small step away (:mod:`nvsm_jax.pseudo_labels`); synthesised views
+  (:mod:`nvsm_jax.synthesis`); scores of every view against the pool
+  (:mod:`nvsm_jax.matching`, sharded over devices); acceptance by threshold,
+  margin over distant poses and a per-round cap. Accepted poses may be refined
+  with the NeMo pose solver (``config.estep.refine_steps``).
+* **M-step.** CoKe training on labelled + pseudo-labelled images, continuing the
+  same TrainState (params, Adam state and the vertex/clutter memory).
+* Expansion continues from the newly covered poses until ``num_rounds`` is
+  reached, the pool is exhausted, or nothing new passes.
+
+Every round is checkpointed: the TrainState with orbax at the round's last
+step, the pseudo-labels as ``pseudo_labels/round_XXX.npz``, and
+``progress.json`` (written last) naming the finished round and its step. A
+killed run resumes at the last finished round and ends with the same result
+(batches and keys are functions of ``(seed, round, step)``).
+
+Per round ``rounds.jsonl`` logs the pseudo-label count, their precision against
+the hidden truth (fraction within pi/6, computed for reporting only: the hidden
+poses never reach training), pose-space coverage and test accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from nvsm_jax import features as feat
+from nvsm_jax import (evaluation, matching, meshes, parallel, pose_solver,
+                      pseudo_labels, synthesis, train, training)
+from nvsm_jax.data import PoseSet, fewshot, loaders
+
+log = logging.getLogger(__name__)
+
+__all__ = ["RoundResult", "extract_features", "e_step", "training_set", "run_nvsm",
+           "load_progress", "nemo_model", "evaluate_nemo"]
+
+
+@dataclasses.dataclass
+class RoundResult:
+    """What one E-step produced (host arrays)."""
+
+    new: pseudo_labels.PseudoLabels
+    num_views: int
+    seconds: float
+
+
+def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
+    """Feature maps of all images: uint8 [N, H, W, 3] -> float32 [N, h, w, D] (host)."""
+    if len(images) == 0:
+        raise ValueError("extract_features: no images")
+    out = []
+    for s in range(0, len(images), batch_size):
+        chunk, m = parallel.pad_to_multiple(np.asarray(images[s:s + batch_size]), batch_size)
+        out.append(np.asarray(feature_fn(chunk))[:m])
+    return np.concatenate(out)
+
+
+def _padded_pool(pool_feats: np.ndarray, mesh_axes):
+    """The pool's feature maps padded to a multiple of the devices, sharded once."""
+    n_dev = mesh_axes.devices.size
+    padded, _ = parallel.pad_to_multiple(pool_feats, n_dev)
+    return parallel.shard_batch(padded, mesh_axes)
+
+
+def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, source_ids,
+           source_is_labelled, pool_maps, candidates, model_mesh: meshes.Mesh, stride: int,
+           round_index: int, mesh_axes, solver_inputs=None) -> RoundResult:
+    """One expansion: synthesise around every source, match, accept.
+
+    source_maps: [S, h, w, D] feature maps of the sources; source_poses: [S, 4];
+    source_focal: [S]; source_principal: [S, 2] (input-image intrinsics);
+    source_ids: [S] ids recorded as the pseudo-labels' ``source``;
+    source_is_labelled: [S] bool; pool_maps: [N, h, w, D] of the unlabelled
+    pool; candidates: [N] bool (still unlabelled). ``cfg`` is the ``estep``
+    config block. ``solver_inputs`` = (vertex_memory, clutter, SolverConfig)
+    enables refinement of accepted poses when ``cfg.refine_steps > 0``.
+    """
+    start = time.time()
+    s_count = len(source_poses)
+    if s_count == 0:
+        raise ValueError("e_step: no sources (need at least one labelled image)")
+    if not np.any(candidates):
+        return RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
+    h, w = pool_maps.shape[1:3]
+    verts = jnp.asarray(model_mesh.verts, jnp.float32)
+    faces = jnp.asarray(model_mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
+    offsets = pseudo_labels.offset_grid(cfg.azimuth_step, cfg.azimuth_steps, cfg.elevation_step,
+                                        cfg.elevation_steps)
+    targets = pseudo_labels.propose_targets(source_poses, offsets,
+                                            (cfg.min_elevation, cfg.max_elevation))  # [S, K, 4]
+    k = targets.shape[1]
+    pool = matching.normalize_images(_padded_pool(pool_maps, mesh_axes))  # once per round
+    n = len(pool_maps)
+    scores = []
+    chunk = max(1, int(cfg.source_chunk))
+    for s0 in range(0, s_count, chunk):
+        sl = slice(s0, min(s0 + chunk, s_count))
+        idx, m = parallel.pad_to_multiple(np.arange(s0, sl.stop), chunk)
+        vf = feat.vertex_features(jnp.asarray(source_maps[idx]), verts, faces, normals,
+                                  jnp.asarray(source_poses[idx]), jnp.asarray(source_focal[idx]),
+                                  jnp.asarray(source_principal[idx]), stride=stride)
+        syn, mask = synthesis.synthesize_many(
+            vf.features, vf.visible, verts, faces, jnp.asarray(targets[idx]),
+            jnp.asarray(source_focal[idx]) / stride, jnp.asarray(source_principal[idx]) / stride,
+            (h, w), min_weight=cfg.min_weight)
+        syn = syn[:m].reshape(m * k, h, w, -1)
+        mask = mask[:m].reshape(m * k, h, w)
+        scores.append(matching.match_scores_sharded(syn, mask, pool, mesh_axes,
+                                                    normalized=True)[:, :n])
+    scores = np.concatenate(scores)                                        # [S*K, N]
+    view_poses = targets.reshape(-1, 4)
+    view_source = np.repeat(np.asarray(source_ids), k)
+    view_labelled = np.repeat(np.asarray(source_is_labelled, bool), k)
+    new = pseudo_labels.select(scores, view_poses, view_source, view_labelled,
+                               threshold=cfg.threshold, margin=cfg.margin,
+                               margin_angle=cfg.margin_angle, max_new=cfg.get("max_new"),
+                               round_index=round_index, candidates=candidates,
+                               rule=cfg.get("rule", "image_best"), per_view=cfg.get("per_view", 1),
+                               z_threshold=cfg.get("z_threshold"))
+    if len(new) and cfg.refine_steps > 0 and solver_inputs is not None:
+        memory, clutter, solver_cfg = solver_inputs
+        solver_cfg = dataclasses.replace(solver_cfg, steps=int(cfg.refine_steps))
+        maps = jnp.asarray(pool_maps[new.index])
+        fo = jnp.asarray(source_focal[0]) / stride * jnp.ones(len(new))
+        pr = jnp.broadcast_to(jnp.asarray(source_principal[0]) / stride, (len(new), 2))
+        poses, _, _ = pose_solver.refine(maps, memory, clutter, verts, faces, fo, pr,
+                                         jnp.asarray(new.poses)[:, None], solver_cfg)
+        new.poses = np.asarray(poses[:, 0], np.float32)
+    return RoundResult(new, int(scores.shape[0]), time.time() - start)
+
+
+def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
+                 labelled_min_fraction: float = 0.0) -> PoseSet:
+    """Labelled rows (repeated to make up ``labelled_min_fraction`` of the set)
+    followed by the pseudo-labelled rows at their pseudo poses."""
+    reps = 1
+    if labelled_min_fraction > 0 and len(pl):
+        want = labelled_min_fraction * len(pl) / max(1e-9, 1 - labelled_min_fraction)
+        reps = max(1, int(np.ceil(want / len(labelled))))
+    lab = labelled.subset(np.tile(np.arange(len(labelled)), reps))
+    if len(pl) == 0:
+        return lab
+    idx = pl.index
+    return PoseSet(labelled.category,
+                   lab.names + tuple(unlabelled.names[i] for i in idx),
+                   np.concatenate([lab.images, unlabelled.images[idx]]),
+                   np.concatenate([lab.poses, pl.poses.astype(np.float32)]),
+                   np.concatenate([lab.focal, unlabelled.focal[idx]]),
+                   np.concatenate([lab.principal, unlabelled.principal[idx]]))
+
+
+def load_progress(workdir) -> dict | None:
+    """``{"round": r, "step": s}`` of the last finished round, or None."""
+    path = os.path.join(os.fspath(workdir), "progress.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _round_path(workdir, r):
+    return os.path.join(workdir, "pseudo_labels", f"round_{r:03d}.npz")
+
+
+def _m_step(config, state, train_step, data: PoseSet, start: int, num_steps: int, round_index,
+            mesh_axes, writer, progress: bool):
+    """CoKe steps ``start .. start + num_steps`` on ``data`` (batches keyed by round)."""
+    from nvsm_jax.data import pipeline
+
+    aug = config.get("augment")
+    augment = None
+    if aug is not None and (aug.flip_prob > 0 or aug.jitter > 0):
+        augment = pipeline.Augment(flip_prob=aug.flip_prob, jitter=aug.jitter)
+    batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
+                                     augment=augment)
+    keys = ("image", "pose", "focal", "principal")
+    steps = range(start, start + num_steps)
+    if progress:
+        steps = training.progress_bar(steps, desc=f"round {round_index} M-step")
+    timer = training.Throughput()
+    for s in steps:
+        batch = {k: v for k, v in batches.batch(s - start).items() if k in keys}
+        state, metrics = train_step(state, parallel.shard_batch(batch, mesh_axes),
+                                    training.step_key(config.seed, s))
+        if (s + 1) % config.log_every == 0:
+            writer.write(s + 1, round=round_index, images_per_s=timer.tick(config.log_every * config.batch_size),
+                         **jax.device_get(metrics))
+    return state
+
+
+def nemo_model(config, model, state, model_mesh) -> train.NemoModel:
+    """The inference bundle of a live TrainState."""
+    return train.NemoModel(model, state.variables(), state.aux, model_mesh, config)
+
+
+def evaluate_nemo(nemo: train.NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
+    """NeMo inference on ``{occlusion: PoseSet}`` -> ``{occlusion: {"errors" [N] rad,
+    "pred" [N, 4], "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
+    rows = {}
+    for occ, test in test_sets.items():
+        res = train.predict(nemo, test, solver_cfg, batch_size=batch_size)
+        err = evaluation.rotation_errors(res.pose, test.poses)
+        rows[occ] = {"errors": err, "pred": res.pose, "score": res.score,
+                     "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),
+                     "acc_pi_18": evaluation.accuracy_at(err, np.pi / 18),
+                     "med_err_deg": evaluation.median_error_deg(err)}
+    return rows
+
+
+def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
+             test_sets: dict | None = None, num_devices: int | None = None,
+             stop_after_rounds: int | None = None, progress: bool = True) -> dict:
+    """NVSM per ``config`` into ``workdir``; resumes from ``progress.json``.
+
+    train_set / model_mesh / test_sets ({"L0": PoseSet, ...}): given directly
+    (tests, notebooks) or loaded from ``config.data_root`` / ``config.test_root``.
+    stop_after_rounds: stop after finishing this many rounds in this call
+    (simulates a kill). Returns ``{"rounds": [...], "pseudo_labels":
+    PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
+    """
+    workdir = os.fspath(workdir)
+    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
+    training.save_config(config, workdir)
+    if train_set is None:
+        train_set = loaders.load_pose_set(config.data_root, config.category, "L0")
+        model_mesh = loaders.load_model_mesh(config.data_root, config.category)
+    if test_sets is None:
+        test_sets = {}
+        if config.get("test_root"):
+            for occ in config.eval_occlusions:
+                test_sets[occ] = loaders.load_pose_set(config.test_root, config.category, occ,
+                                                       limit=config.get("eval_limit"))
+    split = fewshot.make_fewshot_split(train_set, int(config.num_labelled), seed=config.seed)
+    labelled, unlabelled = split.labelled, split.unlabelled
+    hidden = fewshot.hidden_poses(train_set, unlabelled.names)   # reporting only
+
+    mesh_axes = parallel.make_mesh(num_devices or config.get("num_devices"))
+    model = train.build_model(config)
+    image_hw = train_set.image_size
+    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
+    if config.get("pretrain_workdir"):
+        from nvsm_jax import pretrain
+        state = pretrain.apply_pretrained(state, pretrain.load_pretrained_params(config.pretrain_workdir))
+    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=10 ** 9,
+                                 max_to_keep=3)
+    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    train_step = train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
+                                       mesh_axes)
+    writer = training.MetricsWriter(workdir)
+    round_log = training.MetricsWriter(workdir, "rounds.jsonl")
+    stride = config.model.stride
+    solver_cfg = pose_solver.SolverConfig.from_dict(config.solver.to_dict())
+
+    done = load_progress(workdir)
+    pl = pseudo_labels.PseudoLabels.empty()
+    rounds = [r for r in round_log.read()] if done else []
+    if done:
+        state = ckpt.restore(state, step=done["step"])
+        if done["round"] > 0:
+            pl = pseudo_labels.PseudoLabels.from_dict(np.load(_round_path(workdir, done["round"])))
+        rounds = [r for r in rounds if r["round"] <= done["round"]]
+        next_round, step = done["round"] + 1, done["step"]
+        log.info("resuming after round %d (step %d, %d pseudo-labels)", done["round"], step, len(pl))
+    else:
+        next_round, step = 0, 0
+
+    finished_this_call = 0
+    for r in range(next_round, config.num_rounds + 1):
+        if stop_after_rounds is not None and finished_this_call >= stop_after_rounds:
+            break
+        t0 = time.time()
+        new = pseudo_labels.PseudoLabels.empty()
+        e_seconds, num_views = 0.0, 0
+        if r > 0:
+            candidates = np.ones(len(unlabelled), bool)
+            candidates[pl.index] = False
+            nemo = nemo_model(config, model, state, model_mesh)
+            fn = train.feature_fn(nemo)
+            pool_maps = extract_features(fn, unlabelled.images, config.eval_batch_size)
+            src_maps = np.concatenate([extract_features(fn, labelled.images, config.eval_batch_size),
+                                       pool_maps[pl.index]])
+            src_poses = np.concatenate([labelled.poses, pl.poses])
+            src_focal = np.concatenate([labelled.focal, unlabelled.focal[pl.index]])
+            src_principal = np.concatenate([labelled.principal, unlabelled.principal[pl.index]])
+            src_ids = np.concatenate([np.arange(len(labelled)), pl.index])
+            src_lab = np.concatenate([np.ones(len(labelled), bool), np.zeros(len(pl), bool)])
+            if config.estep.frontier_only and r > 1:
+                keep = np.concatenate([np.zeros(len(labelled), bool), pl.round == r - 1])
+                if keep.any():
+                    src_maps, src_poses, src_focal, src_principal, src_ids, src_lab = (
+                        a[keep] for a in (src_maps, src_poses, src_focal, src_principal, src_ids, src_lab))
+            clutter = feat.clutter_prototype(state.aux.clutter)
+            result = e_step(config.estep, source_maps=src_maps, source_poses=src_poses,
+                            source_focal=src_focal, source_principal=src_principal,
+                            source_ids=src_ids, source_is_labelled=src_lab, pool_maps=pool_maps,
+                            candidates=candidates, model_mesh=model_mesh, stride=stride,
+                            round_index=r, mesh_axes=mesh_axes,
+                            solver_inputs=(state.aux.vertex, clutter, solver_cfg))
+            new, e_seconds, num_views = result.new, result.seconds, result.num_views
+            del pool_maps, src_maps
+            if len(new) == 0:
+                log.info("round %d: nothing new passes; stopping", r)
+            pl = pl.extend(new)
+        if r == 0 or len(new) > 0:
+            data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
+            n_steps = config.initial_steps if r == 0 else config.steps_per_round
+            state = _m_step(config, state, train_step, data, step, n_steps, r, mesh_axes, writer,
+                            progress)
+            step += n_steps
+        # record the round
+        err = evaluation.rotation_errors(pl.poses, hidden[pl.index]) if len(pl) else np.zeros(0)
+        new_err = err[len(pl) - len(new):] if len(new) else np.zeros(0)
+        entry = {"round": r, "step": step, "num_pseudo": len(pl), "num_new": len(new),
+                 "precision": float(np.mean(err < np.pi / 6)) if len(err) else None,
+                 "precision_new": float(np.mean(new_err < np.pi / 6)) if len(new_err) else None,
+                 "coverage": pseudo_labels.coverage(np.concatenate([labelled.poses, pl.poses])),
+                 "num_views": num_views, "estep_seconds": e_seconds,
+                 "round_seconds": time.time() - t0}
+        if config.get("eval_every_round") and "L0" in test_sets:
+            res = evaluate_nemo(nemo_model(config, model, state, model_mesh),
+                            {"L0": test_sets["L0"]}, solver_cfg, config.eval_batch_size)
+            entry.update({f"test_{k}": v for k, v in res["L0"].items()
+                          if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
+        ckpt.save(step, state)
+        ckpt.wait()
+        np.savez(_round_path(workdir, r), **pl.to_dict())
+        _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
+        round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
+        rounds.append({**entry})
+        finished_this_call += 1
+        log.info("round %d: %s", r, {k: v for k, v in entry.items() if k != "round"})
+        if r > 0 and len(new) == 0:
+            break
+        if r > 0 and len(pl) == len(unlabelled):
+            break
+    ckpt.close()
+    out = {"rounds": rounds, "pseudo_labels": pl, "state": state, "labelled": labelled,
+           "unlabelled": unlabelled, "hidden": hidden}
+    if stop_after_rounds is None and test_sets:
+        out["test"] = evaluate_nemo(nemo_model(config, model, state, model_mesh), test_sets, solver_cfg,
+                                config.eval_batch_size)
+    return out
