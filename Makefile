@@ -21,7 +21,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m experiments.demo --workdir $(DEMO_DIR)
+	$(PY) -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n 2 --durations=15 tests
