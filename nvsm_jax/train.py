@@ -41,9 +41,9 @@ from nvsm_jax.models import backbone
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "load_train_set", "neighbor_radius", "make_optimizer", "init_state",
-           "make_train_step", "train_and_evaluate", "NemoModel", "load_model", "feature_fn",
-           "predict"]
+__all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
+           "make_optimizer", "init_state", "make_train_step", "train_and_evaluate", "NemoModel",
+           "load_model", "feature_fn", "predict"]
 
 
 def build_model(config) -> backbone.FeatureNet:
@@ -52,16 +52,24 @@ def build_model(config) -> backbone.FeatureNet:
                                      norm=m.get("norm"))
 
 
+def labelled_images(config, pool):
+    """The images NeMo trains on: all of ``pool``, or its ``config.num_labelled``
+    few-shot anchors (the same split as every other method of the experiment)."""
+    from nvsm_jax.data import fewshot
+
+    if config.get("num_labelled"):
+        return fewshot.make_fewshot_split(pool, int(config.num_labelled),
+                                          seed=config.seed).labelled
+    return pool
+
+
 def load_train_set(config):
     """(PoseSet of the labelled training images, Mesh) from ``config.data_root``."""
-    from nvsm_jax.data import fewshot, loaders
+    from nvsm_jax.data import loaders
 
     train = loaders.load_pose_set(config.data_root, config.category, "L0")
-    if config.get("num_labelled"):
-        train = fewshot.make_fewshot_split(train, int(config.num_labelled),
-                                           seed=config.seed).labelled
     mesh = loaders.load_model_mesh(config.data_root, config.category)
-    return train, mesh
+    return labelled_images(config, train), mesh
 
 
 def neighbor_radius(config, image_width: int) -> float:
@@ -175,8 +183,9 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     num_devices: devices of the data axis (default ``config.num_devices`` or all).
     stop_after: stop the loop after this many steps *of this call* (simulates a
       killed run; the final checkpoint is then not forced).
-    train_set / model_mesh: a PoseSet and Mesh to use instead of loading
-      ``config.data_root`` (tests, notebooks).
+    train_set / model_mesh: a PoseSet (the whole pool; ``config.num_labelled``
+      still picks the few-shot anchors from it) and Mesh to use instead of
+      loading ``config.data_root`` (tests, notebooks, the few-shot experiment).
     Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
     """
     workdir = os.fspath(workdir)
@@ -184,6 +193,8 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     training.save_config(config, workdir)
     if train_set is None:
         train_set, model_mesh = load_train_set(config)
+    else:
+        train_set = labelled_images(config, train_set)
     mesh_axes = parallel.make_mesh(num_devices or config.get("num_devices"))
     n_dev = mesh_axes.devices.size
     if config.batch_size % n_dev:

@@ -69,6 +69,27 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path):
     ckpt.close()
 
 
+def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path):
+    """A pool passed in still trains on only its ``num_labelled`` few-shot anchors."""
+    from nvsm_jax.data import fewshot
+
+    pool = _toy_set(n=16)
+    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    cfg = _config()
+    cfg.num_steps = 2
+    cfg.num_labelled = 4
+    anchors = fewshot.make_fewshot_split(pool, 4, seed=cfg.seed).labelled
+    assert len(anchors) == 4 and set(anchors.names) < set(pool.names)
+    assert nemo_train.labelled_images(cfg, pool).names == anchors.names
+    from_pool = nemo_train.train_and_evaluate(cfg, tmp_path / "pool", train_set=pool,
+                                              model_mesh=mesh, num_devices=1, progress=False)
+    cfg.num_labelled = None
+    assert nemo_train.labelled_images(cfg, pool) is pool
+    from_anchors = nemo_train.train_and_evaluate(cfg, tmp_path / "anchors", train_set=anchors,
+                                                 model_mesh=mesh, num_devices=1, progress=False)
+    _assert_close(_params(from_pool), _params(from_anchors), atol=1e-6)
+
+
 def test_checkpointer_roundtrip_and_step_key(tmp_path):
     mesh = parallel.make_mesh(1)
     import optax
@@ -87,3 +108,25 @@ def test_checkpointer_roundtrip_and_step_key(tmp_path):
     ck.close()
     k1, k2 = training.step_key(0, 5), training.step_key(0, 5)
     assert (jax.random.key_data(k1) == jax.random.key_data(k2)).all()
+
+
+def test_quiet_checkpoint_logs_drops_only_orbax_info():
+    import logging as py_logging
+    import os
+
+    from absl import logging as absl_logging
+
+    training.quiet_checkpoint_logs()
+    training.quiet_checkpoint_logs()  # idempotent
+    handler = absl_logging.get_absl_handler()
+    filters = [f for f in handler.filters if isinstance(f, training._DropCheckpointInfo)]
+    assert len(filters) == 1
+
+    def record(path, level):
+        return py_logging.LogRecord("absl", level, path, 1, "msg", None, None)
+
+    orbax_file = os.path.join(os.sep, "site-packages", "orbax", "checkpoint", "x.py")
+    ours = os.path.join(os.sep, "repo", "nvsm_jax", "train.py")
+    assert not handler.filter(record(orbax_file, py_logging.INFO))
+    assert handler.filter(record(orbax_file, py_logging.WARNING))
+    assert handler.filter(record(ours, py_logging.INFO))
