@@ -26,11 +26,12 @@ flags.DEFINE_string("workdir", None, "Everything the run writes goes here.", req
 
 def main(argv):
     del argv
-    from nvsm_jax import parallel
+    from nvsm_jax import parallel, training
     from nvsm_jax.experiment import train_and_evaluate
 
     parallel.initialize()
     logging.set_verbosity(logging.INFO)
+    training.quiet_checkpoint_logs()
     start = time.time()
     report = train_and_evaluate(FLAGS.config, FLAGS.workdir)
     print(report)

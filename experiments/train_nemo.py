@@ -21,9 +21,11 @@ flags.DEFINE_bool("evaluate", False, "Evaluate on config.test_root after trainin
 
 def main(argv):
     del argv
+    from nvsm_jax import train, training
+
     parallel.initialize()
     logging.set_verbosity(logging.INFO)
-    from nvsm_jax import train
+    training.quiet_checkpoint_logs()
     config = FLAGS.config
     if FLAGS.evaluate:
         config.eval_at_end = True

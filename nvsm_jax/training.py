@@ -34,6 +34,7 @@ Example (a complete loop)::
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Iterable
@@ -48,7 +49,7 @@ from flax.training import train_state
 from nvsm_jax import parallel
 
 __all__ = ["TrainState", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "save_config", "Throughput", "make_adamw"]
+           "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs"]
 
 
 class TrainState(train_state.TrainState):
@@ -217,6 +218,22 @@ def progress_bar(iterable: Iterable, total: int | None = None, initial: int = 0,
         disable = not parallel.is_main_process()
     return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable,
                 dynamic_ncols=True, mininterval=2.0)
+
+
+class _DropCheckpointInfo(logging.Filter):
+    """Drops orbax's INFO records (a dozen lines per save); keeps its warnings."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno > logging.INFO or f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
+def quiet_checkpoint_logs() -> None:
+    """Lets binaries log at INFO without orbax's per-save chatter (idempotent)."""
+    from absl import logging as absl_logging
+
+    handler = absl_logging.get_absl_handler()
+    if not any(isinstance(f, _DropCheckpointInfo) for f in handler.filters):
+        handler.addFilter(_DropCheckpointInfo())
 
 
 def save_config(config, workdir, filename: str = "config.json") -> str:
