@@ -19,7 +19,11 @@ records it and its measured effect):
   (b) it beats the best view whose pose lies more than ``margin_angle`` away by
   at least ``margin`` (a consistency rule: the match must prefer *this* pose over
   distant ones), and (c) it is within the ``max_new`` best-scoring candidates of
-  the round. Each pseudo-label records its source, score and round.
+  the round. Optionally (d) the NeMo render-and-compare solver, run over its
+  initial pose grid with the current vertex memory, must agree with the matched
+  pose within ``agree_angle`` (:func:`agree_with_solver`): two different
+  mechanisms (synthesised views vs the vertex memory) rarely make the same
+  mistake. Each pseudo-label records its source, score and round.
 * **Coverage** (:func:`coverage`): the fraction of azimuth x elevation bins that
   hold at least one labelled or pseudo-labelled pose; expansion stops when it is
   full or when nothing new passes.
@@ -34,7 +38,7 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["PseudoLabels", "offset_grid", "propose_targets", "standardize_views", "select",
-           "coverage"]
+           "agree_with_solver", "coverage"]
 
 
 @dataclasses.dataclass
@@ -71,6 +75,10 @@ class PseudoLabels:
             raise ValueError(f"images {overlap[:5].tolist()} are already pseudo-labelled")
         return PseudoLabels(*(np.concatenate([getattr(self, f.name), getattr(other, f.name)])
                               for f in dataclasses.fields(self)))
+
+    def take(self, rows) -> "PseudoLabels":
+        """The rows ``rows`` (indices, a slice or a bool mask) as a new set."""
+        return PseudoLabels(*(getattr(self, f.name)[rows] for f in dataclasses.fields(self)))
 
     def to_dict(self) -> dict[str, np.ndarray]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -184,6 +192,16 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
                         score=best_score[idx], source=np.asarray(view_source)[view].astype(np.int64),
                         source_is_labelled=np.asarray(view_source_is_labelled)[view].astype(bool),
                         round=np.full(len(idx), round_index, np.int64))
+
+
+def agree_with_solver(matched_poses, solver_poses, agree_angle: float) -> np.ndarray:
+    """[M] bool: the matched pose lies within ``agree_angle`` (geodesic, radians)
+    of the solver's pose. matched_poses, solver_poses: [M, 4]."""
+    matched = np.asarray(matched_poses, np.float64).reshape(-1, 4)
+    solved = np.asarray(solver_poses, np.float64).reshape(-1, 4)
+    if matched.shape != solved.shape:
+        raise ValueError(f"agree_with_solver: {matched.shape} matched vs {solved.shape} solver poses")
+    return geometry.pose_error(matched, solved) <= agree_angle
 
 
 DEFAULT_ELEVATION_EDGES = tuple(np.radians([-10.0, 5.0, 20.0, 40.0]))

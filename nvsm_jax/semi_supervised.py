@@ -79,6 +79,21 @@ def _padded_pool(pool_feats: np.ndarray, mesh_axes):
     return parallel.shard_batch(padded, mesh_axes)
 
 
+def _solver_grid_poses(maps, memory, clutter, verts, faces, focal, principal, grid,
+                       batch: int = 32) -> np.ndarray:
+    """The NeMo grid search's best pose per map. maps: [M, h, w, D]; focal: scalar and
+    principal: [2] on the feature map; grid: [G, 4] -> [M, 4]. Chunks are padded to
+    ``batch`` so every call has one shape."""
+    out = []
+    for s0 in range(0, len(maps), batch):
+        chunk, m = parallel.pad_to_multiple(np.asarray(maps[s0:s0 + batch]), batch)
+        losses = pose_solver.grid_losses(jnp.asarray(chunk), memory, clutter, verts, faces,
+                                         jnp.full(batch, focal), jnp.broadcast_to(principal, (batch, 2)),
+                                         grid)
+        out.append(np.asarray(grid)[np.argmin(np.asarray(losses)[:m], axis=1)])
+    return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
+
+
 def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, source_ids,
            source_is_labelled, pool_maps, candidates, model_mesh: meshes.Mesh, stride: int,
            round_index: int, mesh_axes, solver_inputs=None) -> RoundResult:
@@ -90,7 +105,9 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
     source_is_labelled: [S] bool; pool_maps: [N, h, w, D] of the unlabelled
     pool; candidates: [N] bool (still unlabelled). ``cfg`` is the ``estep``
     config block. ``solver_inputs`` = (vertex_memory, clutter, SolverConfig)
-    enables refinement of accepted poses when ``cfg.refine_steps > 0``.
+    enables the solver-agreement rule (``cfg.agree_angle > 0``: keep a match only
+    if the NeMo grid search's best pose lies within that angle) and refinement of
+    accepted poses (``cfg.refine_steps > 0``).
     """
     start = time.time()
     s_count = len(source_poses)
@@ -129,19 +146,30 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
     view_poses = targets.reshape(-1, 4)
     view_source = np.repeat(np.asarray(source_ids), k)
     view_labelled = np.repeat(np.asarray(source_is_labelled, bool), k)
+    agree = float(cfg.get("agree_angle") or 0.0) if solver_inputs is not None else 0.0
     new = pseudo_labels.select(scores, view_poses, view_source, view_labelled,
                                threshold=cfg.threshold, margin=cfg.margin,
-                               margin_angle=cfg.margin_angle, max_new=cfg.get("max_new"),
+                               margin_angle=cfg.margin_angle,
+                               max_new=None if agree > 0 else cfg.get("max_new"),
                                round_index=round_index, candidates=candidates,
                                rule=cfg.get("rule", "image_best"), per_view=cfg.get("per_view", 1),
                                z_threshold=cfg.get("z_threshold"))
+    # The pool's intrinsics on the feature map (the synthetic and NeMo-format crops share one camera).
+    fo = float(source_focal[0]) / stride
+    pr = np.asarray(source_principal[0], np.float32) / stride
+    if len(new) and agree > 0:
+        memory, clutter, solver_cfg = solver_inputs
+        grid_best = _solver_grid_poses(pool_maps[new.index], memory, clutter, verts, faces, fo, pr,
+                                       solver_cfg.grid())
+        new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))
+        if cfg.get("max_new") is not None:
+            new = new.take(slice(0, int(cfg.max_new)))
     if len(new) and cfg.refine_steps > 0 and solver_inputs is not None:
         memory, clutter, solver_cfg = solver_inputs
         solver_cfg = dataclasses.replace(solver_cfg, steps=int(cfg.refine_steps))
         maps = jnp.asarray(pool_maps[new.index])
-        fo = jnp.asarray(source_focal[0]) / stride * jnp.ones(len(new))
-        pr = jnp.broadcast_to(jnp.asarray(source_principal[0]) / stride, (len(new), 2))
-        poses, _, _ = pose_solver.refine(maps, memory, clutter, verts, faces, fo, pr,
+        poses, _, _ = pose_solver.refine(maps, memory, clutter, verts, faces,
+                                         jnp.full(len(new), fo), jnp.broadcast_to(pr, (len(new), 2)),
                                          jnp.asarray(new.poses)[:, None], solver_cfg)
         new.poses = np.asarray(poses[:, 0], np.float32)
     return RoundResult(new, int(scores.shape[0]), time.time() - start)

@@ -89,3 +89,27 @@ def test_view_top_rule_lets_every_view_claim_its_own_best_image():
     assert len(top) == 2
     with pytest.raises(ValueError, match="rule"):
         pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), rule="nope", **kw)
+
+
+def test_agree_with_solver_uses_the_geodesic_angle_and_take_keeps_rows_aligned():
+    matched = np.array([[0.0, 0.2, 0.0, 5.0],           # same pose
+                        [0.0, 0.2, 0.0, 5.0],           # 20 deg of azimuth away
+                        [np.pi, 0.2, 0.0, 5.0]])        # front/back flip
+    solved = np.array([[0.0, 0.2, 0.0, 5.0],
+                       [np.radians(20.0), 0.2, 0.0, 5.0],
+                       [0.0, 0.2, 0.0, 5.0]])
+    # an azimuth change of 20 deg at elevation e is a rotation by 20 deg about the vertical
+    np.testing.assert_array_equal(
+        pl.agree_with_solver(matched, solved, np.radians(25.0)), [True, True, False])
+    np.testing.assert_array_equal(
+        pl.agree_with_solver(matched, solved, np.radians(15.0)), [True, False, False])
+    with pytest.raises(ValueError, match="matched"):
+        pl.agree_with_solver(matched, solved[:2], 1.0)
+    labels = pl.PseudoLabels(np.array([4, 7, 9]), matched.astype(np.float32),
+                                    np.array([0.9, 0.8, 0.7], np.float32), np.array([0, 1, 2]),
+                                    np.array([True, True, False]), np.zeros(3, np.int64))
+    kept = labels.take(np.array([True, False, True]))
+    np.testing.assert_array_equal(kept.index, [4, 9])
+    np.testing.assert_array_equal(kept.source_is_labelled, [True, False])
+    np.testing.assert_allclose(kept.poses[1], matched[2])
+    assert len(labels.take(slice(0, 2))) == 2

@@ -70,6 +70,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.estep.max_new = 250                # per round
     c.estep.frontier_only = False        # True: only last round's pseudo-labels expand
     c.estep.source_chunk = 8             # sources synthesised per call (memory bound)
+    c.estep.agree_angle = 0.0            # > 0: the NeMo grid search must agree within this angle
     c.estep.refine_steps = 0             # > 0: refine accepted poses with the pose solver
 
     # ---- classification baseline (Res50-Gene row)
@@ -118,6 +119,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.estep.threshold = -1.0         # accept anything: exercises every path
         c.estep.margin = -1.0
         c.estep.max_new = 4
+        c.estep.agree_angle = float(np.pi)  # the solver check runs but never rejects
         c.estep.azimuth_steps = 1
         c.estep.elevation_steps = 0
         c.estep.source_chunk = 4
