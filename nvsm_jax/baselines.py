@@ -404,25 +404,15 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     if start < end:
         log.info("classifier: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
-    timer = training.Throughput()
-    since = 0
-    steps = range(start, end)
-    if progress:
-        steps = training.progress_bar(steps, total=config.num_steps, initial=start,
-                                      desc="classifier")
-    for s in steps:
-        host = batches.batch(s)
-        batch = parallel.shard_batch({"image": host["image"], "pose": host["pose"]}, mesh_axes)
-        state, metrics = train_step(state, batch, training.step_key(config.seed, s))
-        since += config.batch_size
-        if (s + 1) % config.log_every == 0 or s + 1 == end:
-            metrics = jax.device_get(metrics)
-            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
-            since = 0
-            if progress and hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        ckpt.maybe_save(s + 1, state, force=(s + 1 == config.num_steps))
-    ckpt.close()
+
+    def host_batch(step):
+        b = batches.batch(step)
+        return {"image": b["image"], "pose": b["pose"]}
+
+    state = training.run_loop(
+        state, train_step, host_batch, mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
+        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
+        progress=progress, desc="classifier")
     return state
 
 

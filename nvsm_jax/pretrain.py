@@ -457,24 +457,11 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
     if start < end:
         log.info("pretrain: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(unlabelled))
-    timer = training.Throughput()
-    since = 0
-    steps = range(start, end)
-    if progress:
-        steps = training.progress_bar(steps, total=config.num_steps, initial=start,
-                                      desc="pretrain")
-    for s in steps:
-        batch = parallel.shard_batch(_host_batch(batches, model, config, s), mesh_axes)
-        state, metrics = train_step(state, batch, training.step_key(config.seed, s))
-        since += config.batch_size
-        if (s + 1) % config.log_every == 0 or s + 1 == end:
-            metrics = jax.device_get(metrics)
-            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
-            since = 0
-            if progress and hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        ckpt.maybe_save(s + 1, state, force=(s + 1 == config.num_steps))
-    ckpt.close()
+    state = training.run_loop(
+        state, train_step, lambda s: _host_batch(batches, model, config, s), mesh_axes,
+        start=start, end=end, num_steps=config.num_steps, seed=config.seed,
+        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
+        progress=progress, desc="pretrain")
     result = Pretrained(jax.device_get(state.params), jax.device_get(state.model_state or {}))
     if int(state.step) >= config.num_steps and parallel.is_main_process():
         with open(os.path.join(workdir, PARAMS_FILE), "wb") as f:

@@ -24,15 +24,12 @@ clutter ring.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from nvsm_jax import features as feat
@@ -96,8 +93,14 @@ def make_optimizer(config):
     return tx, schedule
 
 
-def init_state(config, model, num_verts: int, image_hw, mesh_axes) -> training.TrainState:
-    """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh_axes``."""
+def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
+               pretrained: bool = True) -> training.TrainState:
+    """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh_axes``.
+
+    With ``config.pretrain_workdir`` set (and ``pretrained``), the backbone starts
+    from that self-supervised run's weights (:mod:`nvsm_jax.pretrain`); restoring
+    a checkpoint afterwards overrides them as usual.
+    """
     tx, _ = make_optimizer(config)
     lc = config.loss
 
@@ -110,7 +113,12 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes) -> training.T
         return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
                                           model_state=model_state, aux=memory)
 
-    return training.create_replicated(init, jax.random.key(config.seed), mesh_axes)
+    state = training.create_replicated(init, jax.random.key(config.seed), mesh_axes)
+    if pretrained and config.get("pretrain_workdir"):
+        from nvsm_jax import pretrain
+        state = pretrain.apply_pretrained(state,
+                                          pretrain.load_pretrained_params(config.pretrain_workdir))
+    return state
 
 
 def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
@@ -214,25 +222,12 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     if start < end:
         log.info("training steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
-    timer = training.Throughput()
-    since = 0
-    steps = range(start, end)
-    if progress:
-        steps = training.progress_bar(steps, total=config.num_steps, initial=start)
     keys = ("image", "pose", "focal", "principal")
-    for s in steps:
-        batch = {k: v for k, v in batches.batch(s).items() if k in keys}
-        batch = parallel.shard_batch(batch, mesh_axes)
-        state, metrics = train_step(state, batch, training.step_key(config.seed, s))
-        since += config.batch_size
-        if (s + 1) % config.log_every == 0 or s + 1 == end:
-            metrics = jax.device_get(metrics)
-            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
-            since = 0
-            if progress and hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        ckpt.maybe_save(s + 1, state, force=(s + 1 == config.num_steps))
-    ckpt.close()
+    state = training.run_loop(
+        state, train_step, lambda s: {k: v for k, v in batches.batch(s).items() if k in keys},
+        mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
+        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
+        progress=progress)
     if stop_after is None and config.get("eval_at_end") and config.get("test_root"):
         from experiments import evaluate as evaluate_cli  # noqa: F401  (lazy, optional)
         evaluate_cli.evaluate_workdir(workdir, config.test_root)
@@ -265,7 +260,8 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
     model = build_model(config)
     mesh_axes = parallel.make_mesh(1)
     # image size only matters for shapes of nothing here (fully convolutional)
-    state = init_state(config, model, len(model_mesh.verts), (64, 64), mesh_axes)
+    state = init_state(config, model, len(model_mesh.verts), (64, 64), mesh_axes,
+                       pretrained=False)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
     state = ckpt.restore(state)
     ckpt.close()

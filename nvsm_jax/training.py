@@ -39,7 +39,6 @@ import os
 import time
 from typing import Any, Callable, Iterable
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -49,7 +48,8 @@ from flax.training import train_state
 from nvsm_jax import parallel
 
 __all__ = ["TrainState", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs"]
+           "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs",
+           "run_loop"]
 
 
 class TrainState(train_state.TrainState):
@@ -261,3 +261,33 @@ class Throughput:
         rate = num_items / max(now - self.last, 1e-9)
         self.last = now
         return rate
+
+
+def run_loop(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
+             num_steps: int, seed, batch_size: int, log_every: int, writer: "MetricsWriter",
+             ckpt: "Checkpointer", progress: bool = True, desc: str = "train"):
+    """The step loop every trainer shares: steps ``start .. end - 1`` of a ``num_steps`` run.
+
+    host_batch(step) -> dict of host arrays (sharded here over ``mesh``'s data axis);
+    train_step(state, batch, key) -> (state, metrics), keyed by ``step_key(seed, step)``.
+    Writes metrics (plus images/s) every ``log_every`` steps and at ``end``; saves
+    checkpoints on ``ckpt``'s schedule and always at ``num_steps``; closes ``ckpt``.
+    """
+    timer = Throughput()
+    since = 0
+    steps = range(start, end)
+    if progress:
+        steps = progress_bar(steps, total=num_steps, initial=start, desc=desc)
+    for s in steps:
+        batch = parallel.shard_batch(host_batch(s), mesh)
+        state, metrics = train_step(state, batch, step_key(seed, s))
+        since += batch_size
+        if (s + 1) % log_every == 0 or s + 1 == end:
+            metrics = jax.device_get(metrics)
+            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
+            since = 0
+            if progress and hasattr(steps, "set_postfix"):
+                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+        ckpt.maybe_save(s + 1, state, force=(s + 1 == num_steps))
+    ckpt.close()
+    return state
