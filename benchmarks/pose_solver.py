@@ -49,7 +49,7 @@ except ImportError:  # benchmarks/common.py is another engineer's; minimal stand
         with open(path, "w") as f:
             json.dump(records, f, indent=2)
 
-from nvsm_jax import evaluation, geometry, meshes
+from nvsm_jax import evaluation, meshes
 from nvsm_jax import pose_solver as ps
 from nvsm_jax.features import clutter_prototype
 

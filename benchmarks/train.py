@@ -9,7 +9,6 @@ Random images/poses and NeMo's cuboid; records matmul GFLOP/s first.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 
 import jax

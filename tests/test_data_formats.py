@@ -134,7 +134,7 @@ def _write_pascal_raw(root, cat="car"):
 
 def test_prepare_pascal3d_projection_lands_on_object(tmp_path):
     raw = tmp_path / "raw"
-    vp = _write_pascal_raw(raw)
+    _write_pascal_raw(raw)
     out = tmp_path / "out"
     pascal3d.prepare_pascal3d(raw, out, ["car"], crop_hw=(128, 160), target_focal=600.0)
     root = out / "train"

@@ -1,6 +1,5 @@
 """Render-and-compare through the rasteriser: refinement and the initial grid search."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
