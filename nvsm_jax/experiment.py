@@ -168,6 +168,29 @@ def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
     return out["test"]
 
 
+def _with_pretrained_backbone(config, workdir, category, train_set):
+    """The config every row of ``category`` uses: with ``config.pretrain_steps > 0``
+    (and no ``pretrain_workdir`` given) the backbone is first pre-trained,
+    self-supervised, on the category's training images (pixels only, no poses)
+    in ``workdir/pretrain_<category>`` (resumable), and the NeMo and NVSM rows
+    start from it."""
+    steps = int(config.get("pretrain_steps") or 0)
+    if steps <= 0 or config.get("pretrain_workdir"):   # none wanted, or given from outside
+        return config
+    from nvsm_jax import pretrain
+
+    c = copy.deepcopy(config)
+    c.pretrain_workdir = os.path.join(workdir, f"pretrain_{category}")
+    pc = pretrain.pretrain_config("default").replace(
+        num_steps=steps, batch_size=int(config.get("pretrain_batch") or 32), seed=config.seed)
+    if not os.path.exists(os.path.join(c.pretrain_workdir, pretrain.PARAMS_FILE)):
+        t0 = time.time()
+        log.info("=== self-supervised pre-training, %s, %d steps", category, steps)
+        pretrain.pretrain(pc, c, train_set, c.pretrain_workdir)
+        log.info("pre-training done in %.0f s", time.time() - t0)
+    return c
+
+
 def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md)."""
     from nvsm_jax.data import load_model_mesh, load_pose_set
@@ -182,6 +205,7 @@ def train_and_evaluate(config, workdir) -> str:
     for category in [c for c in config.categories.split(",") if c]:
         train_set = load_pose_set(train_root, category, "L0")
         mesh = load_model_mesh(train_root, category)
+        cfg = _with_pretrained_backbone(config, workdir, category, train_set)
         test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.get("eval_limit"))
                      for occ in config.eval_occlusions}
         cells = [("nemo_full", "all")] if "nemo_full" in config.methods else []
@@ -193,15 +217,15 @@ def train_and_evaluate(config, workdir) -> str:
                 t0 = time.time()
                 log.info("=== %s, %s, %s annotations", method, category, n)
                 if method == "nemo_full":
-                    res = _run_nemo(config, cell, train_set, mesh, test_sets, None, config.full_steps)
+                    res = _run_nemo(cfg, cell, train_set, mesh, test_sets, None, cfg.full_steps)
                 elif method == "nemo":
-                    res = _run_nemo(config, cell, train_set, mesh, test_sets, n, config.fewshot_steps)
+                    res = _run_nemo(cfg, cell, train_set, mesh, test_sets, n, cfg.fewshot_steps)
                 elif method == "cls_baseline":
                     from nvsm_jax.data import make_fewshot_split
-                    labelled = make_fewshot_split(train_set, n, seed=config.seed).labelled
-                    res = _run_cls(config, cell, labelled, test_sets)
+                    labelled = make_fewshot_split(train_set, n, seed=cfg.seed).labelled
+                    res = _run_cls(cfg, cell, labelled, test_sets)
                 else:
-                    res = _run_nvsm(config, cell, train_set, mesh, test_sets, n)
+                    res = _run_nvsm(cfg, cell, train_set, mesh, test_sets, n)
                 rows, errors = _rows(method, category, n, res)
                 for r in rows:
                     r["seconds"] = time.time() - t0

@@ -291,9 +291,6 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     model = train.build_model(config)
     image_hw = train_set.image_size
     state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
-    if config.get("pretrain_workdir"):
-        from nvsm_jax import pretrain
-        state = pretrain.apply_pretrained(state, pretrain.load_pretrained_params(config.pretrain_workdir))
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=10 ** 9,
                                  max_to_keep=3)
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)

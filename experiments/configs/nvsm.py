@@ -50,7 +50,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.initial_steps = c.get_ref("fewshot_steps")
     c.steps_per_round = 400
     c.labelled_min_fraction = 0.1        # labelled rows repeated to >= 10% of each M-step set
-    c.pretrain_workdir = ""              # a pretrain.py workdir, or "" (random init)
+    c.pretrain_workdir = ""              # a pretrain.py workdir to start every NeMo/NVSM row from
+    c.pretrain_steps = 0                 # > 0 (and no pretrain_workdir): self-supervised
+    c.pretrain_batch = 32                #   pre-training on the pool first, shared by the rows
     c.eval_every_round = True
 
     c.estep = ml_collections.ConfigDict()
