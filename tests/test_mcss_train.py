@@ -63,3 +63,21 @@ def test_one_step_same_loss_on_8_devices():
     assert losses[1]["loss_mv"] > 0 and losses[1]["loss_pose"] > 0
     for k in losses[1]:
         assert losses[8][k] == pytest.approx(losses[1][k], rel=2e-3, abs=1e-5), k
+
+
+def test_predict_features_embedding_is_the_normalised_pooled_features():
+    cfg = mcss_config.get_config("tiny").train
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    images = np.random.default_rng(1).integers(0, 256, size=(5, 32, 32, 3), dtype=np.uint8)
+    head, pose_a = mtrain.predict(model, state, images, mesh)
+    feats, pose_b = mtrain.predict(model, state, images, mesh, embedding="features")
+    np.testing.assert_allclose(pose_a, pose_b, atol=1e-4)
+    _, pooled = model.apply(state.variables(), mtrain._prep(jnp.asarray(images)), train=False,
+                            method=model.embed)
+    pooled = np.asarray(pooled)
+    want = pooled / np.linalg.norm(pooled, axis=-1, keepdims=True)
+    np.testing.assert_allclose(feats, want, atol=5e-4)
+    assert head.shape[1] == cfg.model.embed_dim and feats.shape[1] == pooled.shape[1]
+    with pytest.raises(ValueError, match="embedding"):
+        mtrain.predict(model, state, images, mesh, embedding="pose")

@@ -56,6 +56,7 @@ def get_config(arg: str = "demo"):
     # --- evaluation -------------------------------------------------------------
     c.eval = ml_collections.ConfigDict(dict(
         query_view=0, ks=(1, 5, 10, 20), hit_threshold=50.0, random_embedding="untrained",
+        baseline_embedding="features",    # "features" (pooled, what it learned) | "head"
         figure_rows=4))
     c.num_devices = 0                     # 0 = all
     c.compilation_cache = ""              # a folder for JAX's persistent compilation cache
@@ -65,7 +66,7 @@ def get_config(arg: str = "demo"):
         c.data.image_size = (32, 32)
         t.multiview.num_times = 4
         t.model.update(widths=(16, 32, 64, 128), stem_width=16)
-        t.steps = 300
+        t.steps = 800                     # the embedding leaves its collapsed start at ~250
     elif arg == "tiny":
         c.data.train_subjects = ("S1", "S5")
         c.data.test_subjects = ("S9",)

@@ -276,15 +276,29 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
 
 
 @functools.lru_cache(maxsize=None)
-def _predict_fn(model):
-    return jax.jit(lambda variables, x: model.apply(variables, _prep(x), train=False))
+def _predict_fn(model, embedding: str = "head"):
+    def fn(variables, x):
+        emb, pose = model.apply(variables, _prep(x), train=False)
+        if embedding == "features":
+            _, pooled = model.apply(variables, _prep(x), train=False, method=model.embed)
+            emb = pooled / jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
+        return emb, pose
+    return jax.jit(fn)
 
 
-def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256):
-    """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3]."""
+def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
+            embedding: str = "head"):
+    """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3].
+
+    embedding: ``"head"`` (the unit embedding the multi-view loss trains) or
+    ``"features"`` (the unit-normalised pooled encoder features the regressor
+    reads: the representation a supervised-only network actually learns).
+    """
+    if embedding not in ("head", "features"):
+        raise ValueError(f"embedding must be 'head' or 'features', got {embedding!r}")
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.devices.size
-    fn = _predict_fn(model)
+    fn = _predict_fn(model, embedding)
     variables = state.variables()
     embs, poses = [], []
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
