@@ -24,7 +24,7 @@ demo: $(STAMP)
 	$(PY) -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n 2 --durations=15 tests
+	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-slow: $(STAMP)
 	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -m slow tests

@@ -17,7 +17,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA", "initialize", "make_mesh", "data_sharding", "replicated",
-           "shard_batch", "replicate", "pad_to_multiple", "is_main_process"]
+           "shard_batch", "replicate", "pad_to_multiple", "is_main_process",
+           "wait_if_cpu_collectives"]
 
 DATA = "data"
 
@@ -44,6 +45,23 @@ def make_mesh(num_devices: int | None = None) -> Mesh:
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
     return Mesh(np.asarray(devices[:n]), (DATA,))
+
+
+def wait_if_cpu_collectives(tree: Any, mesh: Mesh) -> Any:
+    """Blocks until ``tree`` is computed when ``mesh`` spans several CPU devices.
+
+    Step loops call this after each step. XLA's in-process CPU collectives run
+    every device's share of a program on one shared thread pool; when two
+    programs with collectives overlap (async dispatch of step s + 1 while step s
+    still runs), the pool can fill with threads waiting at one rendezvous while
+    the last participant has no thread to run on, and XLA aborts the process
+    after 40 s ("may be stuck ... not all of them arrived"). One step in flight at
+    a time avoids it. GPUs, TPUs and single-device runs keep async dispatch.
+    Returns ``tree``.
+    """
+    if mesh.devices.size > 1 and mesh.devices.flat[0].platform == "cpu":
+        jax.block_until_ready(tree)
+    return tree
 
 
 def data_sharding(mesh: Mesh) -> NamedSharding:

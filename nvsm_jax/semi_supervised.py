@@ -235,6 +235,7 @@ def _m_step(config, state, train_step, data: PoseSet, start: int, num_steps: int
         batch = {k: v for k, v in batches.batch(s - start).items() if k in keys}
         state, metrics = train_step(state, parallel.shard_batch(batch, mesh_axes),
                                     training.step_key(config.seed, s))
+        parallel.wait_if_cpu_collectives((state, metrics), mesh_axes)
         if (s + 1) % config.log_every == 0:
             writer.write(s + 1, round=round_index, images_per_s=timer.tick(config.log_every * config.batch_size),
                          **jax.device_get(metrics))

@@ -26,6 +26,7 @@ Example (a complete loop)::
     for step in progress_bar(range(int(state.step), num_steps), total=num_steps,
                              initial=int(state.step)):
         state, m = train_step(state, shard_batch(batch(step), mesh), step_key(seed, step))
+        wait_if_cpu_collectives((state, m), mesh)   # see nvsm_jax.parallel
         metrics.write(step + 1, **m)
         ckpt.maybe_save(step + 1, state, force=step + 1 == num_steps)
     ckpt.close()
@@ -281,6 +282,7 @@ def run_loop(state, train_step, host_batch: Callable[[int], dict], mesh, *, star
     for s in steps:
         batch = parallel.shard_batch(host_batch(s), mesh)
         state, metrics = train_step(state, batch, step_key(seed, s))
+        parallel.wait_if_cpu_collectives((state, metrics), mesh)
         since += batch_size
         if (s + 1) % log_every == 0 or s + 1 == end:
             metrics = jax.device_get(metrics)

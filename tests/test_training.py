@@ -130,3 +130,35 @@ def test_quiet_checkpoint_logs_drops_only_orbax_info():
     assert not handler.filter(record(orbax_file, py_logging.INFO))
     assert handler.filter(record(orbax_file, py_logging.WARNING))
     assert handler.filter(record(ours, py_logging.INFO))
+
+
+@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (forced CPU) devices")
+def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path):
+    """Two overlapping CPU programs with collectives can deadlock XLA's shared thread
+    pool, so on several CPU devices step s + 1 is dispatched only once step s is done."""
+    mesh = parallel.make_mesh(8)
+    rep = parallel.replicated(mesh)
+
+    @jax.jit
+    def heavy(w, x):
+        h = x @ w                                      # [B, D] sharded over data
+        for _ in range(6):
+            h = jax.numpy.tanh(h @ w)
+        g = jax.lax.with_sharding_constraint(h, rep)   # an all-gather
+        return w + 1e-6 * (g.T @ g), {"loss": jax.numpy.mean(g)}
+
+    seen = []
+
+    def train_step(state, batch, key):
+        seen.append(all(leaf.is_ready() for leaf in jax.tree_util.tree_leaves(state)))
+        return heavy(state, batch["x"])
+
+    rng = np.random.default_rng(0)
+    state = parallel.replicate(np.eye(512, dtype=np.float32), mesh)
+    ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=1000)
+    training.run_loop(state, train_step, lambda s: {"x": rng.random((64, 512), np.float32)},
+                      mesh, start=0, end=6, num_steps=1000, seed=0, batch_size=64, log_every=1000,
+                      writer=training.MetricsWriter(tmp_path), ckpt=ckpt, progress=False)
+    assert all(seen), seen
+    x = parallel.replicate(np.ones(3, np.float32), parallel.make_mesh(1))
+    assert parallel.wait_if_cpu_collectives(x, parallel.make_mesh(1)) is x

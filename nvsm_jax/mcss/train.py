@@ -264,6 +264,7 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     for step in bar:
         batch = parallel.shard_batch(_batch_for_step(ts, cfg, step, use_mv, seed), mesh)
         state, out = step_fn(state, batch, training.step_key(seed, step))
+        parallel.wait_if_cpu_collectives((state, out), mesh)
         if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
             writer.write(step + 1, **out)
             if log:
