@@ -10,9 +10,6 @@ from nvsm_jax import meshes, parallel, training
 from nvsm_jax import train as nemo_train
 from nvsm_jax.data.loaders import PoseSet
 
-# identical computations recompile in each train_and_evaluate call; the persistent
-# compilation cache of tests/conftest.py turns those into cache hits.
-
 
 def _toy_set(n=12, hw=64, seed=0):
     rng = np.random.default_rng(seed)

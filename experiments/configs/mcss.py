@@ -60,6 +60,8 @@ def get_config(arg: str = "demo"):
         figure_rows=4))
     c.num_devices = 0                     # 0 = all
     c.compilation_cache = ""              # a folder for JAX's persistent compilation cache
+    #                                       (one device only: with jax 0.10.2, cached
+    #                                       multi-device CPU programs can deadlock)
 
     if arg == "demo":
         # 2 shared CPU cores: 32x32 crops (the 64x64 step is ~4x slower).
