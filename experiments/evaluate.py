@@ -3,6 +3,7 @@
     python -m experiments.evaluate --workdir runs/nemo_car --data data/synthetic/test
     python -m experiments.evaluate --workdir runs/nemo_car --data data/synthetic/test \\
         --solver reference --limit 50
+    python -m experiments.evaluate --workdir runs/nemo_car --top_k 3 --out runs/nemo_car/top3
 
 Writes ``WORKDIR/results.json`` (``{"rows": [...]}``, accuracies in percent),
 ``results.md``, ``errors.npz`` and ``error_distribution.png``.
@@ -10,6 +11,7 @@ Writes ``WORKDIR/results.json`` (``{"rows": [...]}``, accuracies in percent),
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -22,6 +24,8 @@ flags.DEFINE_string("data", None, "Test root (default: config.test_root).")
 flags.DEFINE_string("solver", "config", "'config' (the workdir's config.solver), 'reference' "
                     "(NeMo's 300 steps) or 'fast'.")
 flags.DEFINE_integer("limit", None, "At most this many images per occlusion level.")
+flags.DEFINE_integer("top_k", None, "Refine the best k grid poses per image (default: the "
+                     "solver setting's).")
 flags.DEFINE_list("occlusions", None, "Levels to evaluate (default config.eval_occlusions).")
 flags.DEFINE_string("method", "NeMo", "Method name in the rows.")
 flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
@@ -29,7 +33,7 @@ flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
 
 def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=None,
                      occlusions=None, method: str = "NeMo", out_dir=None,
-                     nemo=None) -> list[dict]:
+                     nemo=None, top_k: int | None = None) -> list[dict]:
     """Runs NeMo inference on every available level; returns the rows written."""
     from nvsm_jax import evaluation, pose_solver, train
     from nvsm_jax.data import loaders
@@ -38,6 +42,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     cfg = nemo.config
     data_root = data_root or cfg.test_root
     out_dir = out_dir or workdir
+    os.makedirs(out_dir, exist_ok=True)
     if solver == "config":
         scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
     elif solver == "reference":
@@ -46,6 +51,10 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         scfg = pose_solver.FAST
     else:
         raise ValueError(f"unknown solver setting {solver!r}")
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        scfg = dataclasses.replace(scfg, top_k=top_k)
     annotations = cfg.get("num_labelled") or "all"
     limit = limit if limit is not None else cfg.get("eval_limit")
     rows, errors, timing = [], {}, {}
@@ -78,7 +87,8 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
 def main(argv):
     del argv
     evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
-                     occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out)
+                     occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
+                     top_k=FLAGS.top_k)
 
 
 if __name__ == "__main__":

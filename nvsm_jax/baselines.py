@@ -67,7 +67,7 @@ HEADS = ("azimuth", "elevation", "theta")
 
 
 @dataclasses.dataclass(frozen=True)
-class ClassifierConfig:
+class ClassifierConfig(training.DataclassConfig):
     """Everything a classifier run needs (hashable: the jitted step is cached on it).
 
     Backbone: ``preset`` / ``norm`` as :func:`nvsm_jax.models.backbone.make_feature_net`
@@ -102,20 +102,13 @@ class ClassifierConfig:
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
 
-    def replace(self, **changes) -> "ClassifierConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
     @classmethod
     def from_dict(cls, d) -> "ClassifierConfig":
         d = dict(d)
         for k in ("elevation_range", "theta_range"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
+        return super().from_dict(d)
 
 
 def classifier_config(arg: str = "default") -> ClassifierConfig:

@@ -79,7 +79,7 @@ PARAMS_FILE = "pretrained.msgpack"
 
 
 @dataclasses.dataclass(frozen=True)
-class PretrainConfig:
+class PretrainConfig(training.DataclassConfig):
     """Dense contrastive pre-training settings (hashable: the jitted step is cached on it).
 
     Views: ``max_shift_cells`` (translation range in feature cells), ``flip_prob``,
@@ -109,17 +109,6 @@ class PretrainConfig:
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-
-    def replace(self, **changes) -> "PretrainConfig":
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d) -> "PretrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(d).items() if k in names})
 
 
 def pretrain_config(arg: str = "default") -> PretrainConfig:

@@ -34,6 +34,7 @@ Example (a complete loop)::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -235,6 +236,23 @@ def quiet_checkpoint_logs() -> None:
     handler = absl_logging.get_absl_handler()
     if not any(isinstance(f, _DropCheckpointInfo) for f in handler.filters):
         handler.addFilter(_DropCheckpointInfo())
+
+
+class DataclassConfig:
+    """``replace`` / ``to_dict`` / ``from_dict`` for the frozen-dataclass configs of
+    the trainers that are not ml_collections files (pre-training, the classifier).
+    ``from_dict`` drops keys the dataclass does not know (older or newer files)."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in dict(d).items() if k in names})
 
 
 def save_config(config, workdir, filename: str = "config.json") -> str:

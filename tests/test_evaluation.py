@@ -36,3 +36,36 @@ def test_rotation_errors_and_rows(tmp_path):
     assert "| NeMo | Mean |" in open(mpath).read()
     png = evaluation.plot_error_distribution({"L0": e}, tmp_path / "err.png")
     assert open(png, "rb").read(4) == b"\x89PNG"
+
+
+def test_evaluate_cli_rows_files_and_top_k(tmp_path):
+    """``experiments.evaluate`` on a test root: a row per level plus the mean, the
+    predictions of every image, the solver actually used (``--top_k`` override)."""
+    import os
+
+    from experiments import evaluate as evaluate_cli
+    from experiments.configs import nemo as nemo_config
+    from nvsm_jax import meshes, parallel, semi_supervised
+    from nvsm_jax import train as nemo_train
+    from nvsm_jax.data.testing import write_tiny_root
+
+    root = str(tmp_path / "test")
+    write_tiny_root(root, "car", num=3, size=(32, 32), occlusion="L0")
+    cfg = nemo_config.get_config("tiny")
+    cfg.eval_batch_size = 4
+    model = nemo_train.build_model(cfg)
+    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
+    state = nemo_train.init_state(cfg, model, len(mesh.verts), (32, 32), parallel.make_mesh(1))
+    nemo = semi_supervised.nemo_model(cfg, model, state, mesh)
+    out = str(tmp_path / "eval")
+    rows = evaluate_cli.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+                                         occlusions=["L0", "L3"], top_k=2)
+    assert [(r["method"], r["occlusion"]) for r in rows][0] == ("NeMo", "L0")
+    assert not any(r["occlusion"] == "L3" for r in rows)   # missing level: skipped, not fatal
+    saved = json.load(open(os.path.join(out, "results.json")))
+    assert saved["solver"]["top_k"] == 2 and saved["timing"]["L0"]["images"] == 3
+    pred = np.load(os.path.join(out, "predictions_L0.npz"))
+    assert pred["pred"].shape == (3, 4) and np.isfinite(pred["error"]).all()
+    assert os.path.exists(os.path.join(out, "error_distribution.png"))
+    with np.testing.assert_raises(ValueError):
+        evaluate_cli.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out, top_k=0)

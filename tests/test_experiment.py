@@ -1,4 +1,8 @@
-"""The few-shot experiment end to end on its tiny config: every row, every level, rerun = resume."""
+"""The few-shot experiment end to end on its tiny config: rows, levels, rerun = resume.
+
+CI runs the NeMo and NVSM rows on L0 (with the shared pre-training); the run with
+every method and every occlusion level is marked slow (``make test-slow``).
+"""
 
 import json
 import os
@@ -9,18 +13,23 @@ from experiments.configs import nvsm as nvsm_config
 from nvsm_jax import experiment, pretrain
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    workdir = str(tmp_path_factory.mktemp("fewshot"))
+def _tiny(**overrides):
     c = nvsm_config.get_config("tiny")
     c.pretrain_steps = 2
     c.pretrain_batch = 8
-    report = experiment.train_and_evaluate(c, workdir)
-    return c, workdir, report
+    for k, v in overrides.items():
+        setattr(c, k, v)
+    return c
 
 
-def test_every_method_and_level_is_reported(tiny_run):
-    c, workdir, report = tiny_run
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("fewshot_quick"))
+    c = _tiny(methods=("nemo", "nvsm"), eval_occlusions=("L0",), eval_every_round=False)
+    return c, workdir, experiment.train_and_evaluate(c, workdir)
+
+
+def _check_rows(c, workdir, report):
     rows = json.load(open(os.path.join(workdir, "results.json")))["rows"]
     cells = {(r["method"], r["category"], str(r["annotations"]), r["occlusion"]) for r in rows}
     for method in c.methods:
@@ -32,11 +41,15 @@ def test_every_method_and_level_is_reported(tiny_run):
     assert "| nvsm |" in report and os.path.exists(os.path.join(workdir, "report.md"))
 
 
-def test_rows_start_from_the_pretrained_backbone_and_rerun_resumes(tiny_run):
-    c, workdir, report = tiny_run
+def test_nemo_and_nvsm_rows_are_reported(quick_run):
+    _check_rows(*quick_run)
+
+
+def test_rows_start_from_the_pretrained_backbone_and_rerun_resumes(quick_run):
+    c, workdir, report = quick_run
     pre = os.path.join(workdir, "pretrain_car")
     assert os.path.exists(os.path.join(pre, pretrain.PARAMS_FILE))
-    for cell in ("nemo_car_7", "nvsm_car_7", "nemo_full_car_all"):
+    for cell in ("nemo_car_7", "nvsm_car_7"):
         saved = json.load(open(os.path.join(workdir, cell, "config.json")))
         assert saved["pretrain_workdir"] == pre, cell
     stamp = {cell: os.path.getmtime(os.path.join(workdir, cell, "rows.json"))
@@ -44,3 +57,12 @@ def test_rows_start_from_the_pretrained_backbone_and_rerun_resumes(tiny_run):
     assert experiment.train_and_evaluate(c, workdir) == report   # every cell loaded, not rerun
     for cell, t in stamp.items():
         assert os.path.getmtime(os.path.join(workdir, cell, "rows.json")) == t
+
+
+@pytest.mark.slow
+def test_every_method_and_level_is_reported(tmp_path):
+    c = _tiny()
+    report = experiment.train_and_evaluate(c, str(tmp_path))
+    _check_rows(c, str(tmp_path), report)
+    saved = json.load(open(os.path.join(str(tmp_path), "nemo_full_car_all", "config.json")))
+    assert saved["pretrain_workdir"] == os.path.join(str(tmp_path), "pretrain_car")

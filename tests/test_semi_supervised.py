@@ -24,6 +24,7 @@ def _config():
     c = nvsm_config.get_config("tiny")
     c.num_labelled = 7
     c.eval_every_round = False
+    c.estep.agree_angle = 0.0    # the solver-agreement path runs in tests/test_experiment.py
     return c
 
 

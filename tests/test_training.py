@@ -33,9 +33,18 @@ def _params(state):
     return jax.tree_util.tree_map(np.asarray, (state.params, state.aux))
 
 
-def _assert_close(a, b, atol):
+def _assert_close(a, b, atol, adam_lr=None, steps=0):
+    """Leaves equal within ``atol``. With ``adam_lr``: Adam moves every weight by about
+    ``lr`` whatever its gradient's size, so a weight whose gradient is ~0 may step either
+    way when the reduction order changes (1 vs 8 devices); such weights (< 1%) may then
+    differ by up to ``2 * lr * steps``."""
     for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
-        np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+        if adam_lr is None:
+            np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+            continue
+        diff = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+        assert diff.max(initial=0.0) <= 2 * adam_lr * steps, diff.max()
+        assert np.mean(diff > atol) <= 0.01, np.mean(diff > atol)
 
 
 @pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (forced CPU) devices")
@@ -49,7 +58,9 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path):
     killed = run("a", num_devices=8, stop_after=2)           # "killed" after step 2
     assert int(killed.step) == 2
     one_dev = run("b", num_devices=1, stop_after=2)
-    _assert_close(_params(killed), _params(one_dev), atol=2e-4)  # 1 vs 8 devices
+    # 1 vs 8 devices: the memory banks (no Adam) tightly, the weights up to Adam sign flips
+    _assert_close(killed.aux, one_dev.aux, atol=2e-4)
+    _assert_close(killed.params, one_dev.params, atol=2e-4, adam_lr=cfg.optim.lr, steps=2)
 
     resumed = run("a", num_devices=8)                         # resumes at step 2
     full = run("c", num_devices=8)                            # uninterrupted 4 steps
@@ -66,25 +77,27 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path):
     ckpt.close()
 
 
-def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path):
+def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path, monkeypatch):
     """A pool passed in still trains on only its ``num_labelled`` few-shot anchors."""
     from nvsm_jax.data import fewshot
 
     pool = _toy_set(n=16)
     mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
-    cfg.num_steps = 2
     cfg.num_labelled = 4
     anchors = fewshot.make_fewshot_split(pool, 4, seed=cfg.seed).labelled
     assert len(anchors) == 4 and set(anchors.names) < set(pool.names)
     assert nemo_train.labelled_images(cfg, pool).names == anchors.names
-    from_pool = nemo_train.train_and_evaluate(cfg, tmp_path / "pool", train_set=pool,
-                                              model_mesh=mesh, num_devices=1, progress=False)
-    cfg.num_labelled = None
-    assert nemo_train.labelled_images(cfg, pool) is pool
-    from_anchors = nemo_train.train_and_evaluate(cfg, tmp_path / "anchors", train_set=anchors,
-                                                 model_mesh=mesh, num_devices=1, progress=False)
-    _assert_close(_params(from_pool), _params(from_anchors), atol=1e-6)
+
+    trained_on = []                       # what the batch iterator of the trainer is given
+    real = nemo_train._batch_iterator
+    monkeypatch.setattr(nemo_train, "_batch_iterator",
+                        lambda config, data: trained_on.append(data.names) or real(config, data))
+    for n, wd in ((4, "pool"), (None, "all")):
+        cfg.num_labelled = n
+        nemo_train.train_and_evaluate(cfg, tmp_path / wd, train_set=pool, model_mesh=mesh,
+                                      num_devices=1, stop_after=0, progress=False)
+    assert trained_on == [anchors.names, pool.names]
 
 
 def test_checkpointer_roundtrip_and_step_key(tmp_path):
