@@ -6,8 +6,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
-# Multi-device code paths are tested on 8 forced CPU devices.
-TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8
+# Multi-device code paths are tested on 8 forced CPU devices. The tests' programs run
+# for milliseconds but take seconds to compile: without LLVM optimisation the suite
+# takes ~40% less time.
+TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 
 .PHONY: install demo test test-slow bench clean
 
@@ -24,10 +26,10 @@ demo: $(STAMP)
 	$(PY) -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:demo --workdir $(DEMO_DIR)
 
 test: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -n 2 --dist loadfile --durations=15 tests
 
 test-slow: $(STAMP)
-	XLA_FLAGS=$(TEST_XLA_FLAGS) $(PY) -m pytest -q -m slow tests
+	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -m slow tests
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.rasterizer --json runs/bench/rasterizer.json
