@@ -86,6 +86,9 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
 
 def main(argv):
     del argv
+    from nvsm_jax import training
+
+    training.quiet_checkpoint_logs()
     evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
                      occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
                      top_k=FLAGS.top_k)
