@@ -60,7 +60,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     out = str(tmp_path / "eval")
     rows = evaluate_cli.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                          occlusions=["L0", "L3"], top_k=2)
-    assert [(r["method"], r["occlusion"]) for r in rows][0] == ("NeMo", "L0")
+    assert (rows[0]["method"], rows[0]["occlusion"]) == ("NeMo", "L0")
     assert not any(r["occlusion"] == "L3" for r in rows)   # missing level: skipped, not fatal
     saved = json.load(open(os.path.join(out, "results.json")))
     assert saved["solver"]["top_k"] == 2 and saved["timing"]["L0"]["images"] == 3
