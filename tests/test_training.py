@@ -164,7 +164,9 @@ def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path):
         return heavy(state, batch["x"])
 
     rng = np.random.default_rng(0)
-    state = parallel.replicate(np.eye(512, dtype=np.float32), mesh)
+    # the starting state's host-to-device copy is finished, so every entry of ``seen``
+    # is about the outputs of the step before
+    state = jax.block_until_ready(parallel.replicate(np.eye(512, dtype=np.float32), mesh))
     ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=1000)
     training.run_loop(state, train_step, lambda s: {"x": rng.random((64, 512), np.float32)},
                       mesh, start=0, end=6, num_steps=1000, seed=0, batch_size=64, log_every=1000,
