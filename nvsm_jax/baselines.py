@@ -75,8 +75,8 @@ class ClassifierConfig(training.DataclassConfig):
     ranges (radians). ``label_smoothing``: probability mass moved from the true
     bin to its two neighbours (half each; periodic heads wrap). Optimiser: Adam
     with torch-style L2 ``weight_decay``, linear warm-up then cosine decay to
-    ``lr * final_lr_fraction``. Augmentation: ``flip_prob`` / ``jitter`` of
-    :class:`nvsm_jax.data.Augment`.
+    ``lr * final_lr_fraction``. Augmentation: ``flip_prob`` / ``jitter`` /
+    ``hue`` / ``grayscale_prob`` of :class:`nvsm_jax.data.Augment`.
     """
 
     preset: str = "small"
@@ -98,6 +98,8 @@ class ClassifierConfig(training.DataclassConfig):
     grad_clip: float | None = None
     flip_prob: float = 0.5
     jitter: float = 0.2
+    hue: float = 0.0
+    grayscale_prob: float = 0.0
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -387,9 +389,8 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     state = ckpt.restore_or(state)
     start = int(state.step)
     train_step = make_train_step(config, mesh_axes)
-    augment = None
-    if config.flip_prob > 0 or config.jitter > 0:
-        augment = pipeline.Augment(flip_prob=config.flip_prob, jitter=config.jitter)
+    augment = pipeline.augment_from_config(
+        {k: getattr(config, k) for k in ("flip_prob", "jitter", "hue", "grayscale_prob")})
     batches = pipeline.BatchIterator(train_set, config.batch_size, seed=config.seed,
                                      augment=augment)
     writer = training.MetricsWriter(workdir)

@@ -121,6 +121,7 @@ def _run_cls(config, cell, labelled, test_sets):
         theta_bins=config.cls.theta_bins, seed=config.seed, num_steps=config.cls.num_steps,
         batch_size=config.batch_size, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
         flip_prob=config.augment.flip_prob, jitter=config.augment.jitter,
+        hue=config.augment.get("hue", 0.0), grayscale_prob=config.augment.get("grayscale_prob", 0.0),
         log_every=config.log_every, checkpoint_every=max(1, min(config.checkpoint_every,
                                                                  config.cls.num_steps)))
     state = baselines.train_classifier(c, labelled, cell)

@@ -14,16 +14,16 @@ records it and its measured effect):
 * **Acceptance** (:func:`select`). Under the default rule each unlabelled image
   takes its best view; under ``view_top`` each view claims its best images by
   per-view z-score, which keeps views with a large silhouette from claiming
-  everything (measured in WORKSPACE.md). The view gives a candidate pose. It
-  is accepted when (a) its score passes ``threshold``,
-  (b) it beats the best view whose pose lies more than ``margin_angle`` away by
-  at least ``margin`` (a consistency rule: the match must prefer *this* pose over
-  distant ones), and (c) it is within the ``max_new`` best-scoring candidates of
-  the round. Optionally (d) the NeMo render-and-compare solver, run over its
-  initial pose grid with the current vertex memory, must agree with the matched
-  pose within ``agree_angle`` (:func:`agree_with_solver`): two different
-  mechanisms (synthesised views vs the vertex memory) rarely make the same
-  mistake. Each pseudo-label records its source, score and round.
+  everything (at 64 px it was the better rule, at 128 px the worse one:
+  WORKSPACE.md). The view gives a candidate pose. It is accepted when (a) its
+  score passes ``threshold``, (b) it beats the best view whose pose lies more
+  than ``margin_angle`` away by at least ``margin`` (a consistency rule: the
+  match must prefer *this* pose over distant ones), and (c) it is within the
+  ``max_new`` best-scoring candidates of the round (at most ``bin_quota`` per
+  azimuth sector, if set). Optionally (d) the NeMo render-and-compare solver,
+  run over its initial pose grid with the current vertex memory, must agree
+  with the matched pose within ``agree_angle`` (:func:`agree_with_solver`). Each
+  pseudo-label records its source, score and round.
 * **Coverage** (:func:`coverage`): the fraction of azimuth x elevation bins that
   hold at least one labelled or pseudo-labelled pose; expansion stops when it is
   full or when nothing new passes.
@@ -38,7 +38,7 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["PseudoLabels", "offset_grid", "propose_targets", "standardize_views", "select",
-           "agree_with_solver", "coverage"]
+           "azimuth_sector", "agree_with_solver", "coverage"]
 
 
 @dataclasses.dataclass
@@ -136,7 +136,8 @@ def standardize_views(scores, candidates):
 def select(scores, view_poses, view_source, view_source_is_labelled, *, threshold: float,
            margin: float, margin_angle: float, max_new: int | None, round_index: int,
            candidates=None, rule: str = "image_best", per_view: int = 1,
-           z_threshold: float | None = None) -> PseudoLabels:
+           z_threshold: float | None = None, bin_quota: int | None = None,
+           quota_bins: int = 12) -> PseudoLabels:
     """Accepts pseudo-labels from a score table.
 
     scores: [K, N] score of view k against unlabelled image n.
@@ -147,6 +148,10 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
       (:func:`standardize_views`), an image claimed by several views takes the
       one with the highest z-score, and candidates are ranked by it
       (``z_threshold`` optionally bounds it from below).
+    bin_quota: at most this many images per azimuth sector (``quota_bins``
+      equal sectors of the matched pose's azimuth), taken best first. Raw scores
+      favour poses with large silhouettes (a car's sides): without a quota a
+      round's best matches pile up there and the pose space is never covered.
     Returns the accepted images as :class:`PseudoLabels` (sorted by rank, best
     first). ``max_new=None`` accepts every image that passes.
     """
@@ -185,6 +190,9 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
     ok = candidates & claimed & (best_score >= threshold) & (best_score - runner_up >= margin)
     idx = np.flatnonzero(ok)
     idx = idx[np.argsort(-rank[idx], kind="stable")]
+    if bin_quota is not None:
+        sector = azimuth_sector(view_poses[best[idx], 0], quota_bins)
+        idx = idx[_first_per_group(sector, int(bin_quota))]
     if max_new is not None:
         idx = idx[:max_new]
     view = best[idx]
@@ -192,6 +200,24 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
                         score=best_score[idx], source=np.asarray(view_source)[view].astype(np.int64),
                         source_is_labelled=np.asarray(view_source_is_labelled)[view].astype(bool),
                         round=np.full(len(idx), round_index, np.int64))
+
+
+def azimuth_sector(azimuth, bins: int) -> np.ndarray:
+    """Sector index in ``[0, bins)`` of azimuths (radians, any range): [M] -> [M] int."""
+    a = np.mod(np.asarray(azimuth, np.float64), 2 * np.pi)
+    return np.minimum((a / (2 * np.pi) * bins).astype(np.int64), bins - 1)
+
+
+def _first_per_group(groups, quota: int) -> np.ndarray:
+    """Positions of the first ``quota`` members of each group, in input order."""
+    groups = np.asarray(groups)
+    seen: dict = {}
+    keep = []
+    for i, g in enumerate(groups.tolist()):
+        if seen.get(g, 0) < quota:
+            seen[g] = seen.get(g, 0) + 1
+            keep.append(i)
+    return np.asarray(keep, np.int64)
 
 
 def agree_with_solver(matched_poses, solver_poses, agree_angle: float) -> np.ndarray:

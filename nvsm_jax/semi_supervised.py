@@ -12,7 +12,13 @@
   (:mod:`nvsm_jax.synthesis`); scores of every view against the pool
   (:mod:`nvsm_jax.matching`, sharded over devices); acceptance by threshold,
   margin over distant poses and a per-round cap. Accepted poses may be refined
-  with the NeMo pose solver (``config.estep.refine_steps``).
+  with the NeMo pose solver (``config.estep.refine_steps``). With
+  ``estep.mirror_sources`` every source also synthesises from its mirror image
+  (:func:`mirrored_sources`). By default pseudo-labels accumulate and
+  pseudo-labelled images become sources; with ``estep.reselect`` only the
+  anchors synthesise, every pool image competes again each round, and the best
+  ``max_new * round`` replace the set, so the improved features can drop an
+  earlier mistake.
 * **M-step.** CoKe training on labelled + pseudo-labelled images, continuing the
   same TrainState (params, Adam state and the vertex/clutter memory).
 * Expansion continues from the newly covered poses until ``num_rounds`` is
@@ -31,6 +37,7 @@ poses never reach training), pose-space coverage and test accuracy.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -48,8 +55,8 @@ from nvsm_jax.data import PoseSet, fewshot, loaders
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundResult", "extract_features", "e_step", "training_set", "run_nvsm",
-           "load_progress", "nemo_model", "evaluate_nemo"]
+__all__ = ["RoundResult", "extract_features", "e_step", "mirrored_sources", "training_set",
+           "run_nvsm", "load_progress", "nemo_model", "evaluate_nemo"]
 
 
 @dataclasses.dataclass
@@ -92,6 +99,15 @@ def _solver_grid_poses(maps, memory, clutter, verts, faces, focal, principal, gr
                                          grid)
         out.append(np.asarray(grid)[np.argmin(np.asarray(losses)[:m], axis=1)])
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
+
+
+def bin_quota(cfg, round_index: int) -> int | None:
+    """Pseudo-labels allowed per azimuth sector in a round: ``cfg.bin_quota``
+    in round 1, growing by ``cfg.bin_quota_growth`` per round (None = no quota)."""
+    q = cfg.get("bin_quota")
+    if q is None:
+        return None
+    return int(q + (cfg.get("bin_quota_growth") or 0) * max(0, round_index - 1))
 
 
 def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, source_ids,
@@ -153,7 +169,9 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
                                max_new=None if agree > 0 else cfg.get("max_new"),
                                round_index=round_index, candidates=candidates,
                                rule=cfg.get("rule", "image_best"), per_view=cfg.get("per_view", 1),
-                               z_threshold=cfg.get("z_threshold"))
+                               z_threshold=cfg.get("z_threshold"),
+                               bin_quota=bin_quota(cfg, round_index),
+                               quota_bins=int(cfg.get("quota_bins") or 12))
     # The pool's intrinsics on the feature map (the synthetic and NeMo-format crops share one camera).
     fo = float(source_focal[0]) / stride
     pr = np.asarray(source_principal[0], np.float32) / stride
@@ -173,6 +191,27 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
                                          jnp.asarray(new.poses)[:, None], solver_cfg)
         new.poses = np.asarray(poses[:, 0], np.float32)
     return RoundResult(new, int(scores.shape[0]), time.time() - start)
+
+
+def mirrored_sources(feature_fn, batch_size, images, maps, poses, focal, principal, ids,
+                     is_labelled):
+    """The sources followed by their mirror images (``pipeline.flip_pose``).
+
+    images: uint8 [S, H, W, 3]; maps: [S, h, w, D]; poses: [S, 4]; focal: [S];
+    principal: [S, 2]; ids, is_labelled: [S]. Returns the six source arrays with
+    2S rows (a mirrored source keeps its id). Exact for objects symmetric about
+    their x = 0 plane (cars, most PASCAL3D+ classes): the mirror of an image at
+    ``(a, e, t)`` shows the object at ``(2 pi - a, e, -t)``, a free second view.
+    """
+    from nvsm_jax.data import pipeline
+
+    width = images.shape[2]
+    flipped = np.ascontiguousarray(images[:, :, ::-1])
+    f_poses, f_principal = pipeline.flip_pose(poses, principal, width)
+    f_maps = extract_features(feature_fn, flipped, batch_size)
+    return (np.concatenate([maps, f_maps]), np.concatenate([poses, f_poses]),
+            np.concatenate([focal, focal]), np.concatenate([principal, f_principal]),
+            np.concatenate([ids, ids]), np.concatenate([is_labelled, is_labelled]))
 
 
 def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
@@ -220,10 +259,7 @@ def _m_step(config, state, train_step, data: PoseSet, start: int, num_steps: int
     """CoKe steps ``start .. start + num_steps`` on ``data`` (batches keyed by round)."""
     from nvsm_jax.data import pipeline
 
-    aug = config.get("augment")
-    augment = None
-    if aug is not None and (aug.flip_prob > 0 or aug.jitter > 0):
-        augment = pipeline.Augment(flip_prob=aug.flip_prob, jitter=aug.jitter)
+    augment = pipeline.augment_from_config(config.get("augment"))
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
                                      augment=augment)
     keys = ("image", "pose", "focal", "principal")
@@ -240,6 +276,30 @@ def _m_step(config, state, train_step, data: PoseSet, start: int, num_steps: int
             writer.write(s + 1, round=round_index, images_per_s=timer.tick(config.log_every * config.batch_size),
                          **jax.device_get(metrics))
     return state
+
+
+def _round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps, pl, round_index: int):
+    """The E-step's sources: the anchors, then the pseudo-labelled images ``pl``
+    (only last round's with ``estep.frontier_only``), then their mirror images
+    with ``estep.mirror_sources``. Returns (maps, poses, focal, principal, ids,
+    is_labelled) with one row per source."""
+    maps = np.concatenate([extract_features(fn, labelled.images, config.eval_batch_size),
+                           pool_maps[pl.index]])
+    poses = np.concatenate([labelled.poses, pl.poses])
+    focal = np.concatenate([labelled.focal, unlabelled.focal[pl.index]])
+    principal = np.concatenate([labelled.principal, unlabelled.principal[pl.index]])
+    ids = np.concatenate([np.arange(len(labelled)), pl.index])
+    is_labelled = np.concatenate([np.ones(len(labelled), bool), np.zeros(len(pl), bool)])
+    images = np.concatenate([labelled.images, unlabelled.images[pl.index]])
+    if config.estep.frontier_only and round_index > 1:
+        keep = np.concatenate([np.zeros(len(labelled), bool), pl.round == round_index - 1])
+        if keep.any():
+            maps, poses, focal, principal, ids, is_labelled, images = (
+                a[keep] for a in (maps, poses, focal, principal, ids, is_labelled, images))
+    if config.estep.get("mirror_sources"):
+        return mirrored_sources(fn, config.eval_batch_size, images, maps, poses, focal,
+                                principal, ids, is_labelled)
+    return maps, poses, focal, principal, ids, is_labelled
 
 
 def nemo_model(config, model, state, model_mesh) -> train.NemoModel:
@@ -320,28 +380,27 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
         if stop_after_rounds is not None and finished_this_call >= stop_after_rounds:
             break
         t0 = time.time()
-        new = pseudo_labels.PseudoLabels.empty()
+        new, dropped = pseudo_labels.PseudoLabels.empty(), 0
         e_seconds, num_views = 0.0, 0
         if r > 0:
+            # reselect: the anchors alone synthesise, every pool image competes again and
+            # the round's best max_new * r replace the set (a wrong label can be dropped)
+            reselect = bool(config.estep.get("reselect"))
+            estep_cfg = config.estep
             candidates = np.ones(len(unlabelled), bool)
-            candidates[pl.index] = False
+            src_pl = pseudo_labels.PseudoLabels.empty() if reselect else pl
+            if reselect:
+                estep_cfg = copy.deepcopy(config.estep)
+                estep_cfg.max_new = int(config.estep.max_new) * r
+            else:
+                candidates[pl.index] = False
             nemo = nemo_model(config, model, state, model_mesh)
             fn = train.feature_fn(nemo)
             pool_maps = extract_features(fn, unlabelled.images, config.eval_batch_size)
-            src_maps = np.concatenate([extract_features(fn, labelled.images, config.eval_batch_size),
-                                       pool_maps[pl.index]])
-            src_poses = np.concatenate([labelled.poses, pl.poses])
-            src_focal = np.concatenate([labelled.focal, unlabelled.focal[pl.index]])
-            src_principal = np.concatenate([labelled.principal, unlabelled.principal[pl.index]])
-            src_ids = np.concatenate([np.arange(len(labelled)), pl.index])
-            src_lab = np.concatenate([np.ones(len(labelled), bool), np.zeros(len(pl), bool)])
-            if config.estep.frontier_only and r > 1:
-                keep = np.concatenate([np.zeros(len(labelled), bool), pl.round == r - 1])
-                if keep.any():
-                    src_maps, src_poses, src_focal, src_principal, src_ids, src_lab = (
-                        a[keep] for a in (src_maps, src_poses, src_focal, src_principal, src_ids, src_lab))
+            src_maps, src_poses, src_focal, src_principal, src_ids, src_lab = _round_sources(
+                config, fn, labelled, unlabelled, pool_maps, src_pl, r)
             clutter = feat.clutter_prototype(state.aux.clutter)
-            result = e_step(config.estep, source_maps=src_maps, source_poses=src_poses,
+            result = e_step(estep_cfg, source_maps=src_maps, source_poses=src_poses,
                             source_focal=src_focal, source_principal=src_principal,
                             source_ids=src_ids, source_is_labelled=src_lab, pool_maps=pool_maps,
                             candidates=candidates, model_mesh=model_mesh, stride=stride,
@@ -349,9 +408,13 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                             solver_inputs=(state.aux.vertex, clutter, solver_cfg))
             new, e_seconds, num_views = result.new, result.seconds, result.num_views
             del pool_maps, src_maps
+            if reselect:
+                dropped = int(np.sum(~np.isin(pl.index, new.index)))
+                pl, new = new, new.take(~np.isin(new.index, pl.index))
             if len(new) == 0:
                 log.info("round %d: nothing new passes; stopping", r)
-            pl = pl.extend(new)
+            else:
+                pl = pl if reselect else pl.extend(new)
         if r == 0 or len(new) > 0:
             data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
             n_steps = config.initial_steps if r == 0 else config.steps_per_round
@@ -360,8 +423,9 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             step += n_steps
         # record the round
         err = evaluation.rotation_errors(pl.poses, hidden[pl.index]) if len(pl) else np.zeros(0)
-        new_err = err[len(pl) - len(new):] if len(new) else np.zeros(0)
+        new_err = evaluation.rotation_errors(new.poses, hidden[new.index]) if len(new) else np.zeros(0)
         entry = {"round": r, "step": step, "num_pseudo": len(pl), "num_new": len(new),
+                 "num_dropped": dropped,
                  "precision": float(np.mean(err < np.pi / 6)) if len(err) else None,
                  "precision_new": float(np.mean(new_err < np.pi / 6)) if len(new_err) else None,
                  "coverage": pseudo_labels.coverage(np.concatenate([labelled.poses, pl.poses])),

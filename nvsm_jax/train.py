@@ -176,11 +176,8 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
 def _batch_iterator(config, train):
     from nvsm_jax.data import pipeline
 
-    aug = config.get("augment")
-    augment = None
-    if aug is not None and (aug.flip_prob > 0 or aug.jitter > 0):
-        augment = pipeline.Augment(flip_prob=aug.flip_prob, jitter=aug.jitter)
-    return pipeline.BatchIterator(train, config.batch_size, seed=config.seed, augment=augment)
+    return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
+                                  augment=pipeline.augment_from_config(config.get("augment")))
 
 
 def train_and_evaluate(config, workdir, *, num_devices: int | None = None,

@@ -148,3 +148,49 @@ def test_loader_to_split_to_iterator(tmp_path):
     sp = make_fewshot_split(pool, 7)
     b = BatchIterator(sp.labelled, 4).batch(0)
     assert set(b["index"]) <= set(range(7))
+
+
+def test_hue_rotation_against_channel_cycles_and_hsv():
+    from nvsm_jax.data.pipeline import hue_rotation
+    import colorsys
+
+    # A third of a turn about the grey axis cycles the primaries: R -> G -> B -> R.
+    m = hue_rotation(np.array([2 * np.pi / 3, -2 * np.pi / 3, 0.0]))
+    np.testing.assert_allclose(m[0] @ [1.0, 0.0, 0.0], [0, 1, 0], atol=1e-6)
+    np.testing.assert_allclose(m[0] @ [0.2, 0.5, 0.9], [0.9, 0.2, 0.5], atol=1e-6)
+    np.testing.assert_allclose(m[1] @ [0.2, 0.5, 0.9], [0.5, 0.9, 0.2], atol=1e-6)
+    np.testing.assert_allclose(m[2], np.eye(3), atol=1e-7)
+    # Any angle keeps greys and turns the HSV hue of a primary by the angle (colorsys);
+    # 60 degrees maps pure red onto the R-G-B hexagon's yellow-ward edge direction.
+    for deg in (20.0, 75.0, 140.0):
+        mm = hue_rotation(np.array([np.radians(deg)]))[0]
+        np.testing.assert_allclose(mm @ [0.4, 0.4, 0.4], [0.4] * 3, atol=1e-6)
+        rgb = mm @ np.array([1.0, 0.0, 0.0])
+        h, _, _ = colorsys.rgb_to_hsv(*np.clip(rgb - rgb.min(), 0, None))
+        assert np.isclose(h * 360, deg, atol=8.0), (deg, h * 360)
+
+
+def test_recolor_hue_and_grayscale():
+    from nvsm_jax.data.pipeline import augment_from_config, recolor
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (6, 5, 4, 3), dtype=np.uint8)
+    same = recolor(images, np.random.default_rng(1), hue=0.0, grayscale_prob=0.0)
+    assert same is images
+    grey = recolor(images, np.random.default_rng(1), hue=0.0, grayscale_prob=1.0)
+    np.testing.assert_allclose(grey[..., 0], images.astype(np.float32).mean(-1), atol=0.51)
+    assert (grey[..., 0] == grey[..., 1]).all() and (grey[..., 1] == grey[..., 2]).all()
+    turned = recolor(images, np.random.default_rng(1), hue=1.0)
+    assert turned.dtype == np.uint8 and turned.shape == images.shape
+    assert not np.array_equal(turned, images)
+    # the channel sum (brightness) survives a hue turn, up to rounding and clipping
+    inside = (turned > 0).all(-1) & (turned < 255).all(-1)
+    diff = turned.astype(int).sum(-1) - images.astype(int).sum(-1)
+    assert np.abs(diff[inside]).max() <= 2
+    # config blocks: missing fields keep defaults, all-off gives no augmentation
+    assert augment_from_config(None) is None
+    assert augment_from_config({"flip_prob": 0.0, "jitter": 0.0}) is None
+    a = augment_from_config({"flip_prob": 0.5, "jitter": 0.2, "hue": 1.0})
+    assert a == Augment(flip_prob=0.5, jitter=0.2, hue=1.0, grayscale_prob=0.0)
+    it = BatchIterator(_pool(8), 8, seed=3, shuffle=False, augment=a)
+    np.testing.assert_array_equal(it.batch(2)["image"], it.batch(2)["image"])

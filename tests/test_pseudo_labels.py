@@ -113,3 +113,32 @@ def test_agree_with_solver_uses_the_geodesic_angle_and_take_keeps_rows_aligned()
     np.testing.assert_array_equal(kept.source_is_labelled, [True, False])
     np.testing.assert_allclose(kept.poses[1], matched[2])
     assert len(labels.take(slice(0, 2))) == 2
+
+
+def test_bin_quota_spreads_acceptance_over_azimuth_sectors():
+    # 3 views: two side views (65 and 85 deg, one 30-degree sector) and a front view (5 deg);
+    # 6 images: the side views score highest on 4 of them.
+    view_poses = geometry.make_pose(np.radians([65.0, 85.0, 5.0]), 0.2, 0.0, 5.0, xnp=np)
+    scores = np.array([
+        [0.90, 0.89, 0.10, 0.10, 0.10, 0.10],
+        [0.10, 0.10, 0.88, 0.87, 0.10, 0.10],
+        [0.10, 0.10, 0.10, 0.10, 0.60, 0.55],
+    ])
+    kw = dict(threshold=0.0, margin=-1.0, margin_angle=np.radians(30), round_index=1)
+    plain = pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), max_new=4, **kw)
+    np.testing.assert_array_equal(plain.index, [0, 1, 2, 3])            # all side views
+    quota = pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), max_new=4,
+                      bin_quota=2, **kw)
+    np.testing.assert_array_equal(quota.index, [0, 1, 4, 5])            # 2 per sector
+    np.testing.assert_array_equal(pl.azimuth_sector(quota.poses[:, 0], 12), [2, 2, 0, 0])
+    # sectors wrap: -1 deg and 359 deg share the last sector
+    np.testing.assert_array_equal(pl.azimuth_sector(np.radians([-1.0, 359.0, 0.0, 30.0]), 12),
+                                  [11, 11, 0, 1])
+
+
+def test_round_quota_grows():
+    from nvsm_jax.semi_supervised import bin_quota
+
+    assert bin_quota({"bin_quota": None}, 3) is None
+    assert [bin_quota({"bin_quota": 1, "bin_quota_growth": 2}, r) for r in (1, 2, 4)] == [1, 3, 7]
+    assert bin_quota({"bin_quota": 2}, 5) == 2

@@ -28,10 +28,11 @@ def _config():
     return c
 
 
-def _run(tiny_data, workdir, **kw):
+def _run(tiny_data, workdir, config=None, **kw):
     train_set, mesh, tests = tiny_data
-    return semi_supervised.run_nvsm(_config(), workdir, train_set=train_set, model_mesh=mesh,
-                                    test_sets=tests, num_devices=8, progress=False, **kw)
+    return semi_supervised.run_nvsm(config or _config(), workdir, train_set=train_set,
+                                    model_mesh=mesh, test_sets=tests, num_devices=8,
+                                    progress=False, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +79,21 @@ def test_resume_after_kill_gives_the_same_result(tiny_data, reference, tmp_path)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
+def test_reselect_replaces_the_set_from_the_anchors_and_grows_the_cap(tiny_data, tmp_path):
+    c = _config()
+    c.estep.reselect = True
+    out = _run(tiny_data, tmp_path / "reselect", config=c)
+    pl, rounds = out["pseudo_labels"], out["rounds"]
+    cap = c.estep.max_new
+    assert [r["num_pseudo"] for r in rounds] == [0, cap, 2 * cap]      # threshold off
+    assert np.all(pl.source_is_labelled)                  # only the anchors synthesise
+    assert len(np.unique(pl.index)) == len(pl)
+    r1, r2 = rounds[1], rounds[2]
+    assert r2["num_pseudo"] == r1["num_pseudo"] + r2["num_new"] - r2["num_dropped"]
+    kept = np.isin(pl.index, np.load(tmp_path / "reselect" / "pseudo_labels" / "round_001.npz")["index"])
+    assert int((~kept).sum()) == r2["num_new"]
+
+
 def test_e_step_rejects_empty_sources(tiny_data):
     _, mesh, _ = tiny_data
     with pytest.raises(ValueError, match="no sources"):
@@ -88,3 +104,43 @@ def test_e_step_rejects_empty_sources(tiny_data):
                                pool_maps=np.zeros((3, 8, 8, 4)), candidates=np.ones(3, bool),
                                model_mesh=mesh, stride=4, round_index=1, mesh_axes=None)
 
+
+
+def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
+    """A mirrored source's pose projects the model mesh onto the mirror of the
+    original projection (checked by projecting, not through flip_pose), and its
+    feature map is the network's map of the mirrored image."""
+    from nvsm_jax import geometry
+
+    train_set, model_mesh, _ = tiny_data
+    rows = np.arange(3)
+    images = train_set.images[rows]
+    w = images.shape[2]
+    calls = []
+
+    def feature_fn(x):                      # a stand-in network: per-pixel channel sums
+        calls.append(np.asarray(x))
+        return np.asarray(x, np.float32).sum(-1, keepdims=True)
+
+    maps = feature_fn(images)
+    out = semi_supervised.mirrored_sources(
+        feature_fn, 2, images, maps, train_set.poses[rows], train_set.focal[rows],
+        train_set.principal[rows], np.array([4, 5, 6]), np.array([True, False, True]))
+    m_maps, m_poses, m_focal, m_principal, m_ids, m_lab = out
+    assert m_maps.shape == (6,) + maps.shape[1:]
+    np.testing.assert_array_equal(m_maps[3:], feature_fn(images[:, :, ::-1]))
+    np.testing.assert_array_equal(m_ids, [4, 5, 6, 4, 5, 6])
+    np.testing.assert_array_equal(m_lab, [True, False, True] * 2)
+    verts = np.asarray(model_mesh.verts, np.float64)
+    mirrored_verts = verts * [-1.0, 1.0, 1.0]       # the car is symmetric about x = 0
+    for i in range(3):
+        uv = geometry.project_to_screen(verts, *_camera(train_set.poses[i], train_set.focal[i],
+                                                        train_set.principal[i]))
+        uv_m = geometry.project_to_screen(mirrored_verts, *_camera(m_poses[3 + i], m_focal[3 + i],
+                                                                   m_principal[3 + i]))
+        np.testing.assert_allclose(uv_m[:, 0], w - uv[:, 0], atol=1e-3)
+        np.testing.assert_allclose(uv_m[:, 1], uv[:, 1], atol=1e-3)
+
+
+def _camera(pose, focal, principal):
+    return (np.asarray(pose, np.float64), np.float64(focal), np.asarray(principal, np.float64))

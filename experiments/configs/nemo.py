@@ -69,6 +69,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.augment = ml_collections.ConfigDict()
     c.augment.flip_prob = 0.5
     c.augment.jitter = 0.2
+    c.augment.hue = 0.0                 # hue rotation range / pi (1 = any hue)
+    c.augment.grayscale_prob = 0.0
 
     c.solver = ml_collections.ConfigDict()
     c.solver.num_azimuth = 12

@@ -40,6 +40,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.data_root = ""                     # "" = <workdir>/data/train (generated)
     c.test_root = ""                     # "" = <workdir>/data/test
     c.num_labelled = 7                   # set per row by the experiment
+    c.augment.hue = 1.0                  # any hue + 20% grey images: the 7 anchors' part colours
+    c.augment.grayscale_prob = 0.2       #   must not become pose cues (WORKSPACE.md, NVSM)
 
     # ---- NeMo rows
     c.full_steps = 2000                  # nemo_full: all training labels
@@ -63,17 +65,23 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.estep.min_elevation = float(np.radians(-20.0))
     c.estep.max_elevation = float(np.radians(60.0))
     c.estep.min_weight = 0.5             # synthesised pixel valid if >= half its face was seen
-    c.estep.rule = "view_top"            # "view_top" (per-view z-scored claims) | "image_best"
+    c.estep.rule = "image_best"          # "image_best" (each image its best view) | "view_top"
     c.estep.per_view = 1                 # images each view may claim per round
     c.estep.z_threshold = ml_collections.config_dict.placeholder(float)
-    c.estep.threshold = 0.5              # minimum matching score (mean cosine)
-    c.estep.margin = 0.02                # over the best view >= margin_angle away
+    c.estep.threshold = -1.0             # minimum matching score (mean cosine; -1 = off)
+    c.estep.margin = -1.0                # over the best view >= margin_angle away (-1 = off)
     c.estep.margin_angle = float(np.pi / 6)
-    c.estep.max_new = 250                # per round
+    c.estep.max_new = 30                 # per round: the best-scoring 30 are accepted
+    c.estep.bin_quota = ml_collections.config_dict.placeholder(int)  # per azimuth sector, round 1
+    c.estep.bin_quota_growth = 0         # quota added per later round
+    c.estep.quota_bins = 12              # azimuth sectors of 30 degrees
     c.estep.frontier_only = False        # True: only last round's pseudo-labels expand
+    c.estep.reselect = False             # True: anchors only synthesise; each round the best
+    #                                      max_new * round images replace the set
     c.estep.source_chunk = 8             # sources synthesised per call (memory bound)
     c.estep.agree_angle = 0.0            # > 0: the NeMo grid search must agree within this angle
     c.estep.refine_steps = 0             # > 0: refine accepted poses with the pose solver
+    c.estep.mirror_sources = True        # also synthesise from each source's mirror image
 
     # ---- classification baseline (Res50-Gene row)
     c.cls = ml_collections.ConfigDict()
@@ -97,7 +105,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.steps_per_round = 120
         c.num_rounds = 4
         c.cls.num_steps = 200
-        c.estep.max_new = 120
+        c.estep.max_new = 15             # a 393-image pool
         c.loss.clutter_size = 512
         c.solver.steps = 30
         c.solver.decay_every = 12

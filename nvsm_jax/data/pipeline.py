@@ -39,7 +39,8 @@ from nvsm_jax.data.fewshot import UnlabelledSet
 from nvsm_jax.data.loaders import PoseSet
 
 __all__ = ["Augment", "BatchIterator", "flip_pose", "flip_batch", "color_jitter",
-           "normalize_images", "shard", "IMAGENET_MEAN", "IMAGENET_STD"]
+           "hue_rotation", "recolor", "augment_from_config", "normalize_images", "shard",
+           "IMAGENET_MEAN", "IMAGENET_STD"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -104,12 +105,62 @@ def color_jitter(images: np.ndarray, rng: np.random.Generator, brightness: float
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
+def hue_rotation(angle) -> np.ndarray:
+    """RGB matrices rotating colours about the grey axis: angle [B] radians -> [B, 3, 3].
+
+    Rotation by ``angle`` about ``(1, 1, 1) / sqrt(3)`` (Rodrigues): greys stay grey,
+    brightness ``r + g + b`` and saturation (distance from the grey axis) are
+    kept, the hue turns by ``angle``.
+    """
+    angle = np.asarray(angle, np.float64)
+    u = np.ones(3) / np.sqrt(3.0)
+    cross = np.array([[0, -u[2], u[1]], [u[2], 0, -u[0]], [-u[1], u[0], 0]])
+    c, s = np.cos(angle)[:, None, None], np.sin(angle)[:, None, None]
+    return (c * np.eye(3) + s * cross + (1 - c) * np.outer(u, u)).astype(np.float32)
+
+
+def recolor(images: np.ndarray, rng: np.random.Generator, hue: float = 0.0,
+            grayscale_prob: float = 0.0) -> np.ndarray:
+    """Per-image random hue rotation and greyscale on uint8 ``[B, H, W, 3]``.
+
+    hue: rotation angles are drawn from ``U(-hue * pi, hue * pi)`` (1 = any hue);
+    grayscale_prob: probability of replacing an image by its grey level.
+    The random draws happen even when an effect is off, so switching one
+    effect does not change the other's draws.
+    """
+    b = len(images)
+    angle = rng.uniform(-np.pi, np.pi, b) * hue
+    gray = rng.random(b) < grayscale_prob
+    if hue == 0 and not gray.any():
+        return images
+    m = hue_rotation(angle)
+    m[gray] = np.full((3, 3), 1.0 / 3.0, np.float32)
+    x = np.einsum("bhwc,bdc->bhwd", images.astype(np.float32), m)
+    return np.clip(np.rint(x), 0, 255).astype(np.uint8)
+
+
 @dataclasses.dataclass(frozen=True)
 class Augment:
-    """flip_prob: probability of a horizontal flip; jitter: colour jitter strength (0 = off)."""
+    """flip_prob: probability of a horizontal flip; jitter: colour jitter strength
+    (0 = off); hue: hue rotation range as a fraction of pi (0 = off, 1 = any hue);
+    grayscale_prob: probability of a grey image (:func:`recolor`)."""
 
     flip_prob: float = 0.5
     jitter: float = 0.2
+    hue: float = 0.0
+    grayscale_prob: float = 0.0
+
+
+def augment_from_config(aug) -> Augment | None:
+    """An :class:`Augment` from a config block with its fields (missing ones keep
+    their defaults; older configs lack ``hue`` / ``grayscale_prob``), or None
+    when the block is None or every effect is off."""
+    if aug is None:
+        return None
+    fields = {f.name: float(aug.get(f.name, f.default)) for f in dataclasses.fields(Augment)}
+    if not any(v > 0 for v in fields.values()):
+        return None
+    return Augment(**fields)
 
 
 class BatchIterator:
@@ -179,6 +230,9 @@ class BatchIterator:
             if self.augment.jitter > 0:
                 j = self.augment.jitter
                 out["image"] = color_jitter(out["image"], rng, j, j, j)
+            if self.augment.hue > 0 or self.augment.grayscale_prob > 0:
+                out["image"] = recolor(out["image"], np.random.default_rng([self.seed, 2, step]),
+                                       self.augment.hue, self.augment.grayscale_prob)
         out = flip_batch(out, flipped)
         if self.image_dtype == "float32":
             out["image"] = normalize_images(out["image"])
