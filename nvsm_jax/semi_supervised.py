@@ -375,6 +375,9 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     else:
         next_round, step = 0, 0
 
+    # reselect: the anchors alone synthesise, every pool image competes again and the
+    # round's best max_new * r replace the set (a wrong label can be dropped)
+    reselect = bool(config.estep.get("reselect"))
     finished_this_call = 0
     for r in range(next_round, config.num_rounds + 1):
         if stop_after_rounds is not None and finished_this_call >= stop_after_rounds:
@@ -383,9 +386,6 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
         new, dropped = pseudo_labels.PseudoLabels.empty(), 0
         e_seconds, num_views = 0.0, 0
         if r > 0:
-            # reselect: the anchors alone synthesise, every pool image competes again and
-            # the round's best max_new * r replace the set (a wrong label can be dropped)
-            reselect = bool(config.estep.get("reselect"))
             estep_cfg = config.estep
             candidates = np.ones(len(unlabelled), bool)
             src_pl = pseudo_labels.PseudoLabels.empty() if reselect else pl
@@ -411,10 +411,10 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             if reselect:
                 dropped = int(np.sum(~np.isin(pl.index, new.index)))
                 pl, new = new, new.take(~np.isin(new.index, pl.index))
+            else:
+                pl = pl.extend(new)
             if len(new) == 0:
                 log.info("round %d: nothing new passes; stopping", r)
-            else:
-                pl = pl if reselect else pl.extend(new)
         if r == 0 or len(new) > 0:
             data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
             n_steps = config.initial_steps if r == 0 else config.steps_per_round
