@@ -137,7 +137,8 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
            margin: float, margin_angle: float, max_new: int | None, round_index: int,
            candidates=None, rule: str = "image_best", per_view: int = 1,
            z_threshold: float | None = None, bin_quota: int | None = None,
-           quota_bins: int = 12) -> PseudoLabels:
+           quota_bins: int = 12, view_cap: int | None = None,
+           view_cell: tuple[float, float] = (np.radians(15.0), np.radians(10.0))) -> PseudoLabels:
     """Accepts pseudo-labels from a score table.
 
     scores: [K, N] score of view k against unlabelled image n.
@@ -152,6 +153,12 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
       equal sectors of the matched pose's azimuth), taken best first. Raw scores
       favour poses with large silhouettes (a car's sides): without a quota a
       round's best matches pile up there and the pose space is never covered.
+    view_cap: at most this many images per matched-pose cell (``view_cell`` =
+      (azimuth, elevation) cell size in radians), taken best first: after a few
+      M-steps a handful of views near the densest pseudo-labels outscore the
+      right view for many images (hubs), and the cap keeps each view pose to its
+      best few claims. It raised late-round precision on stored score tables
+      but not in a full run (WORKSPACE.md), so the experiment leaves it off.
     Returns the accepted images as :class:`PseudoLabels` (sorted by rank, best
     first). ``max_new=None`` accepts every image that passes.
     """
@@ -193,6 +200,8 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
     if bin_quota is not None:
         sector = azimuth_sector(view_poses[best[idx], 0], quota_bins)
         idx = idx[_first_per_group(sector, int(bin_quota))]
+    if view_cap is not None:
+        idx = idx[_first_per_group(pose_cell(view_poses[best[idx]], *view_cell), int(view_cap))]
     if max_new is not None:
         idx = idx[:max_new]
     view = best[idx]
@@ -206,6 +215,16 @@ def azimuth_sector(azimuth, bins: int) -> np.ndarray:
     """Sector index in ``[0, bins)`` of azimuths (radians, any range): [M] -> [M] int."""
     a = np.mod(np.asarray(azimuth, np.float64), 2 * np.pi)
     return np.minimum((a / (2 * np.pi) * bins).astype(np.int64), bins - 1)
+
+
+def pose_cell(poses, azimuth_step: float, elevation_step: float) -> np.ndarray:
+    """Cell of each pose on an azimuth x elevation grid centred on multiples of
+    the steps (azimuth wraps): poses [M, 4] -> [M] int."""
+    poses = np.asarray(poses, np.float64)
+    cols = int(round(2 * np.pi / azimuth_step))
+    a = np.round(np.mod(poses[:, 0], 2 * np.pi) / azimuth_step).astype(np.int64) % cols
+    e = np.round(poses[:, 1] / elevation_step).astype(np.int64)
+    return e * cols + a
 
 
 def _first_per_group(groups, quota: int) -> np.ndarray:

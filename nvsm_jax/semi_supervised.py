@@ -171,7 +171,9 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
                                rule=cfg.get("rule", "image_best"), per_view=cfg.get("per_view", 1),
                                z_threshold=cfg.get("z_threshold"),
                                bin_quota=bin_quota(cfg, round_index),
-                               quota_bins=int(cfg.get("quota_bins") or 12))
+                               quota_bins=int(cfg.get("quota_bins") or 12),
+                               view_cap=cfg.get("view_cap"),
+                               view_cell=(cfg.azimuth_step, cfg.elevation_step))
     # The pool's intrinsics on the feature map (the synthetic and NeMo-format crops share one camera).
     fo = float(source_focal[0]) / stride
     pr = np.asarray(source_principal[0], np.float32) / stride
@@ -321,6 +323,12 @@ def evaluate_nemo(nemo: train.NemoModel, test_sets: dict, solver_cfg, batch_size
     return rows
 
 
+def schedule_steps(config) -> int:
+    """Optimiser steps of a whole NVSM run, the learning-rate schedule's horizon:
+    round 0 (``initial_steps``) plus ``num_rounds`` M-steps of ``steps_per_round``."""
+    return int(config.initial_steps) + int(config.num_rounds) * int(config.steps_per_round)
+
+
 def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
              test_sets: dict | None = None, num_devices: int | None = None,
              stop_after_rounds: int | None = None, progress: bool = True) -> dict:
@@ -328,12 +336,16 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
 
     train_set / model_mesh / test_sets ({"L0": PoseSet, ...}): given directly
     (tests, notebooks) or loaded from ``config.data_root`` / ``config.test_root``.
+    The learning-rate schedule spans the run (:func:`schedule_steps`), not
+    ``config.num_steps``.
     stop_after_rounds: stop after finishing this many rounds in this call
     (simulates a kill). Returns ``{"rounds": [...], "pseudo_labels":
     PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
     """
     workdir = os.fspath(workdir)
     os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
+    config = copy.deepcopy(config)
+    config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
     training.save_config(config, workdir)
     if train_set is None:
         train_set = loaders.load_pose_set(config.data_root, config.category, "L0")

@@ -142,3 +142,29 @@ def test_round_quota_grows():
     assert bin_quota({"bin_quota": None}, 3) is None
     assert [bin_quota({"bin_quota": 1, "bin_quota_growth": 2}, r) for r in (1, 2, 4)] == [1, 3, 7]
     assert bin_quota({"bin_quota": 2}, 5) == 2
+
+
+def test_view_cap_limits_the_claims_of_one_view_pose():
+    # views at azimuth 76 and 79 deg (two sources, one 15-degree cell), 110 deg and
+    # 352 deg; the cell at 75 deg is the best view of 4 of the 6 images.
+    az = np.radians([76.0, 79.0, 110.0, 352.0])
+    view_poses = geometry.make_pose(az, np.radians(4.0), 0.0, 5.0, xnp=np)
+    scores = np.array([
+        [0.95, 0.94, 0.10, 0.10, 0.10, 0.10],
+        [0.10, 0.10, 0.93, 0.92, 0.10, 0.10],
+        [0.90, 0.90, 0.90, 0.90, 0.85, 0.10],
+        [0.10, 0.10, 0.10, 0.10, 0.10, 0.80],
+    ])
+    kw = dict(threshold=0.0, margin=-1.0, margin_angle=np.radians(30), round_index=1,
+              max_new=None)
+    plain = pl.select(scores, view_poses, np.arange(4), np.ones(4, bool), **kw)
+    np.testing.assert_array_equal(plain.index, [0, 1, 2, 3, 4, 5])
+    capped = pl.select(scores, view_poses, np.arange(4), np.ones(4, bool), view_cap=2, **kw)
+    np.testing.assert_array_equal(capped.index, [0, 1, 4, 5])    # images 2, 3: cell full
+    np.testing.assert_allclose(np.degrees(capped.poses[:, 0]), [76, 76, 110, 352], atol=1e-4)
+    # cells: 15 x 10 degrees centred on multiples of the steps; azimuth wraps at 360
+    cells = pl.pose_cell(geometry.make_pose(np.radians([353.0, 0.0, 7.0, 8.0, 80.0, 80.0]),
+                                            np.radians([0.0, 0.0, 0.0, 0.0, 4.0, 6.0]),
+                                            0.0, 5.0, xnp=np), np.radians(15.0), np.radians(10.0))
+    assert cells[0] == cells[1] == cells[2] != cells[3]
+    assert cells[4] != cells[5]

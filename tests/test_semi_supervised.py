@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import nvsm as nvsm_config
-from nvsm_jax import semi_supervised
+from nvsm_jax import semi_supervised, training
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set
 from nvsm_jax.data.testing import write_tiny_root
 
@@ -38,7 +38,8 @@ def _run(tiny_data, workdir, config=None, **kw):
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
     """An uninterrupted run on 8 devices."""
-    return _run(tiny_data, tmp_path_factory.mktemp("nvsm_reference"))
+    workdir = tmp_path_factory.mktemp("nvsm_reference")
+    return {**_run(tiny_data, workdir), "workdir": workdir}
 
 
 def test_tiny_em_rounds_on_8_devices(tiny_data, reference):
@@ -62,6 +63,19 @@ def test_tiny_em_rounds_on_8_devices(tiny_data, reference):
     split = fewshot.make_fewshot_split(train_set, 7, seed=c.seed)
     data = semi_supervised.training_set(split.labelled, split.unlabelled, pl)
     np.testing.assert_allclose(data.poses[-len(pl):], pl.poses)
+
+
+def test_learning_rate_decays_through_the_last_round(reference):
+    """The schedule spans round 0 and every M-step, not the NeMo config's num_steps."""
+    c = _config()
+    total = c.fewshot_steps + c.num_rounds * c.steps_per_round
+    assert total > c.num_steps                            # the case the horizon gets wrong
+    logged = [m for m in training.MetricsWriter(reference["workdir"]).read() if "lr" in m]
+    assert [m["step"] for m in logged] == list(range(1, total + 1))
+    lr = np.array([m["lr"] for m in logged])
+    assert lr[1] == pytest.approx(c.optim.lr)            # one warm-up step
+    assert np.all(np.diff(lr[1:]) < 0)                    # still decaying in the last round
+    assert lr[-1] > c.optim.lr * c.optim.final_lr_fraction
 
 
 def test_resume_after_kill_gives_the_same_result(tiny_data, reference, tmp_path):

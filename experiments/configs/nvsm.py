@@ -75,6 +75,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.estep.bin_quota = ml_collections.config_dict.placeholder(int)  # per azimuth sector, round 1
     c.estep.bin_quota_growth = 0         # quota added per later round
     c.estep.quota_bins = 12              # azimuth sectors of 30 degrees
+    c.estep.view_cap = ml_collections.config_dict.placeholder(int)  # per matched-pose cell
+    #                                      (azimuth_step x elevation_step) and round
     c.estep.frontier_only = False        # True: only last round's pseudo-labels expand
     c.estep.reselect = False             # True: anchors only synthesise; each round the best
     #                                      max_new * round images replace the set
