@@ -264,9 +264,9 @@ def coverage(poses, azimuth_bins: int = 12, elevation_edges=DEFAULT_ELEVATION_ED
     n_el = len(edges) - 1
     if len(poses) == 0:
         return 0.0
-    a_bin = np.floor(np.mod(poses[:, 0], 2 * np.pi) / (2 * np.pi) * azimuth_bins).astype(int)
+    a_bin = azimuth_sector(poses[:, 0], azimuth_bins)
     e_bin = np.searchsorted(edges, poses[:, 1], side="right") - 1
     keep = (e_bin >= 0) & (e_bin < n_el)
     hit = np.zeros((azimuth_bins, n_el), bool)
-    hit[np.minimum(a_bin[keep], azimuth_bins - 1), e_bin[keep]] = True
+    hit[a_bin[keep], e_bin[keep]] = True
     return float(hit.mean())
