@@ -5,7 +5,9 @@ same preset as the NeMo config) + global average pooling + three linear heads
 that classify azimuth, elevation and theta into bins; cross-entropy, optionally
 with label smoothing onto the two neighbouring bins; trained on labelled images
 only (a :class:`nvsm_jax.data.PoseSet`); prediction = the argmax bins' centres
-with distance = ``config.distance`` (5, NeMo's).
+with distance = ``config.distance`` (5, NeMo's). The encoder starts from random
+weights, or from the self-supervised pre-training the NeMo rows use
+(``train_classifier(..., pretrained=...)``, :mod:`nvsm_jax.pretrain`).
 
 Bins (:class:`BinSpec`, all in radians):
 
@@ -356,7 +358,7 @@ def _save_config(config: ClassifierConfig, workdir: str) -> None:
 
 def train_classifier(config: ClassifierConfig, train_set, workdir, *,
                      num_devices: int | None = None, progress: bool = True,
-                     stop_after: int | None = None) -> training.TrainState:
+                     stop_after: int | None = None, pretrained=None) -> training.TrainState:
     """Trains the classifier on a labelled PoseSet into ``workdir`` (resuming if possible).
 
     train_set: :class:`nvsm_jax.data.PoseSet` (images [N, H, W, 3] uint8, H and W
@@ -365,6 +367,9 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
       must be a multiple of it.
     stop_after: stop after this many steps *of this call* (simulates a killed run;
       the final checkpoint is then not forced).
+    pretrained: :class:`nvsm_jax.pretrain.Pretrained` (or a FeatureNet params
+      tree) whose ``encoder`` starts the run (the heads stay random); a
+      checkpoint in ``workdir``, if any, still wins.
     Returns the replicated :class:`nvsm_jax.training.TrainState` (``apply_fn`` =
     the classifier's ``apply``). Writes ``config.json``, ``metrics.jsonl``
     (loss, per-head ce/acc, grad_norm, lr, images_per_s) and ``checkpoints/``.
@@ -384,6 +389,9 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     image_hw = train_set.image_size
     state = init_classifier_state(config, image_hw, mesh_axes)
+    if pretrained is not None:
+        from nvsm_jax import pretrain
+        state = pretrain.apply_pretrained(state, pretrained, subtree="encoder")
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=config.keep_checkpoints)
     state = ckpt.restore_or(state)

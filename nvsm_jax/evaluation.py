@@ -6,7 +6,9 @@
 * :func:`make_row` one ``results.json`` row; :func:`mean_rows` the "Mean"
   rows weighted by image count; :func:`rows_to_markdown`;
   :func:`write_results` (``results.json`` + ``results.md``);
-  :func:`plot_error_distribution` (PNG).
+  :func:`plot_error_distribution` (PNG);
+* :func:`accuracy_by_azimuth` ACC@pi/6 per azimuth sector (where a few-shot
+  model fails: front and back views, facing flips), :func:`azimuth_table`.
 
 A row is ``{"method", "category", "annotations", "occlusion", "acc_pi_6",
 "acc_pi_18", "med_err_deg", "num_images"}`` with accuracies in percent.
@@ -24,7 +26,8 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["rotation_errors", "accuracy_at", "median_error_deg", "make_row", "mean_rows",
-           "rows_to_markdown", "write_results", "read_results", "plot_error_distribution"]
+           "rows_to_markdown", "write_results", "read_results", "plot_error_distribution",
+           "accuracy_by_azimuth", "azimuth_table"]
 
 
 def rotation_errors(pred_poses, gt_poses) -> np.ndarray:
@@ -59,6 +62,48 @@ def make_row(method: str, category: str, annotations, occlusion: str, errors) ->
             "occlusion": occlusion, "acc_pi_6": accuracy_at(e, np.pi / 6),
             "acc_pi_18": accuracy_at(e, np.pi / 18), "med_err_deg": median_error_deg(e),
             "num_images": int(e.size)}
+
+
+def accuracy_by_azimuth(errors, azimuths, sectors: int = 12,
+                        threshold: float = np.pi / 6) -> tuple[np.ndarray, np.ndarray]:
+    """Accuracy per azimuth sector of the ground truth.
+
+    errors: [N] radians; azimuths: [N] ground-truth azimuths (radians, any
+    range); sectors: number of equal sectors, centred on multiples of
+    ``2 pi / sectors`` (sector 0 holds azimuths within half a sector of 0, the
+    front view). Returns (accuracy [sectors] in percent, NaN for an empty
+    sector; counts [sectors] int).
+    """
+    e = _clean(errors)
+    a = np.asarray(azimuths, np.float64).reshape(-1)
+    if a.shape != e.shape:
+        raise ValueError(f"accuracy_by_azimuth: {e.size} errors but {a.size} azimuths")
+    if sectors < 1:
+        raise ValueError(f"accuracy_by_azimuth: sectors must be >= 1, got {sectors}")
+    width = 2 * np.pi / sectors
+    idx = np.minimum(np.floor(np.mod(a + width / 2, 2 * np.pi) / width).astype(np.int64), sectors - 1)
+    counts = np.bincount(idx, minlength=sectors)
+    hits = np.bincount(idx, weights=(e < threshold).astype(np.float64), minlength=sectors)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        acc = np.where(counts > 0, 100.0 * hits / np.maximum(counts, 1), np.nan)
+    return acc, counts
+
+
+def azimuth_table(entries: Sequence[Mapping], sectors: int = 12) -> str:
+    """Markdown table of :func:`accuracy_by_azimuth` results.
+
+    entries: dicts with ``label`` (the row name), ``acc`` [sectors] and
+    ``counts`` [sectors] (the counts of the first entry head the table).
+    """
+    width = 360 / sectors
+    head = "| | " + " | ".join(f"{k * width:.0f}" for k in range(sectors)) + " |"
+    lines = [head, "|" + "---|" * (sectors + 1)]
+    if entries:
+        lines.append("| images | " + " | ".join(str(int(c)) for c in entries[0]["counts"]) + " |")
+    for ent in entries:
+        lines.append(f"| {ent['label']} | "
+                     + " | ".join("-" if not np.isfinite(v) else f"{v:.0f}" for v in ent["acc"]) + " |")
+    return "\n".join(lines)
 
 
 def mean_rows(rows: Sequence[Mapping], errors: Mapping | None = None) -> list[dict]:

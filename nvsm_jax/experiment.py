@@ -10,8 +10,9 @@ composes the library; it computes nothing itself:
    the labelled images), ``nvsm`` (:mod:`nvsm_jax.semi_supervised`); per category
    ``nemo_full`` (every training label);
 3. evaluation on every occlusion level, ``results.json`` (rows as
-   :mod:`nvsm_jax.evaluation`), ``report.md`` (the seed's table layouts) and
-   pictures.
+   :mod:`nvsm_jax.evaluation`), ``report.md`` (the seed's table layouts, and
+   L0 accuracy per ground-truth azimuth sector, which shows where the few-shot
+   rows fail) and pictures.
 
 Each finished cell (method, category, annotations) writes ``rows.json`` in its
 own directory and is skipped when the experiment is rerun; unfinished cells
@@ -124,7 +125,11 @@ def _run_cls(config, cell, labelled, test_sets):
         hue=config.augment.get("hue", 0.0), grayscale_prob=config.augment.get("grayscale_prob", 0.0),
         log_every=config.log_every, checkpoint_every=max(1, min(config.checkpoint_every,
                                                                  config.cls.num_steps)))
-    state = baselines.train_classifier(c, labelled, cell)
+    pretrained = None
+    if config.get("pretrain_workdir"):      # the encoder the NeMo rows start from, too
+        from nvsm_jax import pretrain
+        pretrained = pretrain.load_pretrained_params(config.pretrain_workdir)
+    state = baselines.train_classifier(c, labelled, cell, pretrained=pretrained)
     out = {}
     for occ, test in test_sets.items():
         pred = baselines.predict_classifier(state, test.images, config.eval_batch_size, config=c)
@@ -202,7 +207,7 @@ def train_and_evaluate(config, workdir) -> str:
     if unknown:
         raise ValueError(f"unknown methods {sorted(unknown)}; expected a subset of {METHODS}")
     train_root, test_root = ensure_data(config, workdir)
-    all_rows, all_errors = [], {}
+    all_rows, all_errors, by_azimuth = [], {}, []
     for category in [c for c in config.categories.split(",") if c]:
         train_set = load_pose_set(train_root, category, "L0")
         mesh = load_model_mesh(train_root, category)
@@ -237,9 +242,18 @@ def train_and_evaluate(config, workdir) -> str:
             for r in rows:
                 all_errors[(r["method"], r["category"], r["annotations"], r["occlusion"])] = \
                     errors[r["occlusion"]]
+            occ = "L0" if "L0" in errors else sorted(errors)[0]
+            if occ in test_sets and len(errors[occ]) == len(test_sets[occ]):
+                acc, counts = evaluation.accuracy_by_azimuth(errors[occ], test_sets[occ].poses[:, 0])
+                by_azimuth.append({"method": method, "category": category, "annotations": n,
+                                   "occlusion": occ, "acc": acc.tolist(),
+                                   "counts": counts.tolist()})
+            else:       # a cell evaluated on another test subset: no per-image azimuths
+                log.warning("%s: stored errors do not match the %s test set; no azimuth table",
+                            cell, occ)
     all_rows += evaluation.mean_rows(all_rows, all_errors)
-    evaluation.write_results(workdir, all_rows)
-    report = format_report(all_rows, config, workdir)
+    evaluation.write_results(workdir, all_rows, extra={"by_azimuth": by_azimuth})
+    report = format_report(all_rows, config, workdir, by_azimuth)
     with open(os.path.join(workdir, "report.md"), "w") as f:
         f.write(report)
     return report
@@ -283,7 +297,18 @@ def _occlusion_table(rows, occlusions):
     return "\n".join(lines)
 
 
-def format_report(rows, config, workdir) -> str:
+def _azimuth_section(by_azimuth) -> list[str]:
+    """One azimuth table per (category, occlusion level) of ``by_azimuth`` entries."""
+    parts = []
+    for category, occ in dict.fromkeys((e["category"], e["occlusion"]) for e in by_azimuth):
+        ents = [{"label": f"{e['method']} ({e['annotations']})", "acc": np.asarray(e["acc"], float),
+                 "counts": e["counts"]}
+                for e in by_azimuth if (e["category"], e["occlusion"]) == (category, occ)]
+        parts += [f"### {category}, {occ}", "", evaluation.azimuth_table(ents), ""]
+    return parts
+
+
+def format_report(rows, config, workdir, by_azimuth=None) -> str:
     parts = ["# NVSM few-shot results", "",
              f"Categories: {config.categories}; annotations: {list(config.annotations)}; "
              f"config: see `{os.path.join(workdir, 'config.json')}` and the per-cell directories.", "",
@@ -292,6 +317,10 @@ def format_report(rows, config, workdir) -> str:
              "## Occlusion levels (ACC@pi/6 in %, MedErr in degrees)", "",
              _occlusion_table(rows, list(config.eval_occlusions)), "",
              "## Every row", "", evaluation.rows_to_markdown(rows), ""]
+    if by_azimuth:
+        parts += ["## ACC@pi/6 (%) by ground-truth azimuth", "",
+                  "30-degree sectors centred on the azimuth shown (0 = front view, 180 = back).", ""]
+        parts += _azimuth_section(by_azimuth)
     pictures = []
     for name in sorted(os.listdir(workdir)):
         cell = os.path.join(workdir, name)

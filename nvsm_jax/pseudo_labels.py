@@ -7,7 +7,10 @@ records it and its measured effect):
   a pose) proposes target poses a small step away: a grid of azimuth and
   elevation offsets (:func:`offset_grid`) added to its pose
   (:func:`propose_targets`). The source's own pose (offset 0) is included, so an
-  unlabelled image that looks like the source itself is matched at its pose.
+  unlabelled image that looks like the source itself is matched at its pose;
+  :func:`novel_views` drops it for pseudo-labelled sources (``novel_views_only``:
+  after an M-step has fitted them, their unsynthesised own views out-score every
+  novel view).
 * **Scores.** Views are synthesised from each source's features and matched
   against the unlabelled pool (:mod:`nvsm_jax.synthesis`, :mod:`nvsm_jax.matching`)
   -> a ``[num_views, num_images]`` score table.
@@ -37,8 +40,8 @@ import numpy as np
 
 from nvsm_jax import geometry
 
-__all__ = ["PseudoLabels", "offset_grid", "propose_targets", "standardize_views", "select",
-           "azimuth_sector", "agree_with_solver", "coverage"]
+__all__ = ["PseudoLabels", "offset_grid", "propose_targets", "novel_views", "standardize_views",
+           "select", "azimuth_sector", "agree_with_solver", "coverage"]
 
 
 @dataclasses.dataclass
@@ -102,6 +105,19 @@ def offset_grid(azimuth_step: float, azimuth_steps: int, elevation_step: float,
     off = np.stack([a.ravel(), e.ravel(), np.zeros(a.size), np.zeros(a.size)], -1)
     order = np.argsort(np.abs(off[:, 0]) + np.abs(off[:, 1]), kind="stable")
     return off[order].astype(np.float32)
+
+
+def novel_views(offsets, source_is_labelled) -> np.ndarray:
+    """Which views to keep when pseudo-labelled sources may not propose their own pose.
+
+    offsets: [K, 4] (:func:`offset_grid`); source_is_labelled: [S] bool ->
+    [S * K] bool in the row order of :func:`propose_targets` (source-major):
+    False for the zero offset of every source that is not labelled.
+    """
+    offsets = np.asarray(offsets)
+    labelled = np.asarray(source_is_labelled, bool).reshape(-1)
+    zero = np.all(offsets == 0, axis=-1)                                  # [K]
+    return ~(zero[None, :] & ~labelled[:, None]).reshape(-1)
 
 
 def propose_targets(source_poses, offsets, elevation_range=(-np.pi / 2, np.pi / 2)) -> np.ndarray:

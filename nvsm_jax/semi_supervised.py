@@ -14,7 +14,9 @@
   margin over distant poses and a per-round cap. Accepted poses may be refined
   with the NeMo pose solver (``config.estep.refine_steps``). With
   ``estep.mirror_sources`` every source also synthesises from its mirror image
-  (:func:`mirrored_sources`). By default pseudo-labels accumulate and
+  (:func:`mirrored_sources`). With ``estep.novel_views_only`` a pseudo-labelled
+  source proposes only poses away from its own (its zero-offset view is its
+  own fitted feature map). By default pseudo-labels accumulate and
   pseudo-labelled images become sources; with ``estep.reselect`` only the
   anchors synthesise, every pool image competes again each round, and the best
   ``max_new * round`` replace the set, so the improved features can drop an
@@ -162,6 +164,10 @@ def e_step(cfg, *, source_maps, source_poses, source_focal, source_principal, so
     view_poses = targets.reshape(-1, 4)
     view_source = np.repeat(np.asarray(source_ids), k)
     view_labelled = np.repeat(np.asarray(source_is_labelled, bool), k)
+    if cfg.get("novel_views_only"):
+        keep = pseudo_labels.novel_views(offsets, source_is_labelled)
+        scores, view_poses, view_source, view_labelled = (
+            a[keep] for a in (scores, view_poses, view_source, view_labelled))
     agree = float(cfg.get("agree_angle") or 0.0) if solver_inputs is not None else 0.0
     new = pseudo_labels.select(scores, view_poses, view_source, view_labelled,
                                threshold=cfg.threshold, margin=cfg.margin,

@@ -122,3 +122,26 @@ def test_resume_after_kill_reproduces_params(full_run, tmp_path):
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state_full.params)),
                     jax.tree_util.tree_leaves(jax.device_get(state.params))):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_pretrained_encoder_starts_the_run_and_heads_stay_fresh(tmp_path):
+    from nvsm_jax import pretrain
+
+    data = _tiny_pose_set()
+    cfg = _cfg()
+    other = jax.device_get(baselines._initial_variables(baselines.build_classifier(cfg), 1, (32, 32)))
+    fresh = jax.device_get(baselines._initial_variables(baselines.build_classifier(cfg), cfg.seed,
+                                                        (32, 32)))
+    given = pretrain.Pretrained(other["params"], {k: v for k, v in other.items() if k != "params"})
+    state = jax.device_get(baselines.train_classifier(cfg, data, tmp_path / "pre", num_devices=1,
+                                                      progress=False, stop_after=0,
+                                                      pretrained=given))
+    for a, b in zip(jax.tree_util.tree_leaves(state.params["encoder"]),
+                    jax.tree_util.tree_leaves(other["params"]["encoder"])):
+        np.testing.assert_array_equal(a, b)
+    for head in set(state.params) - {"encoder"}:
+        for a, b in zip(jax.tree_util.tree_leaves(state.params[head]),
+                        jax.tree_util.tree_leaves(fresh["params"][head])):
+            np.testing.assert_array_equal(a, b)
+    assert not np.allclose(state.params["encoder"]["conv1"]["kernel"],
+                           fresh["params"]["encoder"]["conv1"]["kernel"])

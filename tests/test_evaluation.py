@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from nvsm_jax import evaluation, geometry
 
@@ -12,6 +13,23 @@ def test_accuracy_and_median():
     assert np.isclose(evaluation.accuracy_at(e, np.pi / 6), 100 * 4 / 6)
     assert np.isclose(evaluation.accuracy_at(e, np.pi / 18), 100 * 2 / 6)
     assert np.isclose(evaluation.median_error_deg(e), (12 + 25) / 2)
+
+
+def test_accuracy_by_azimuth_centres_sector_zero_on_the_front_view():
+    az = np.radians([-10.0, 10.0, 350.0, 14.9, 15.1, 180.0, 190.0, 196.0, 720.0])
+    err = np.radians([5.0, 40.0, 1.0, 29.0, 2.0, 179.0, np.nan, 3.0, 0.0])
+    acc, counts = evaluation.accuracy_by_azimuth(err, az, 12)
+    # by hand: sector 0 = [-15, 15): -10, 10, 350, 14.9, 720 (4 of 5 under 30 deg);
+    # sector 1 = [15, 45): 15.1; sector 6 = [165, 195): 180, 190 (NaN = miss); sector 7: 196
+    expect_counts = np.zeros(12, int)
+    expect_counts[[0, 1, 6, 7]] = [5, 1, 2, 1]
+    np.testing.assert_array_equal(counts, expect_counts)
+    np.testing.assert_allclose(acc[[0, 1, 6, 7]], [80.0, 100.0, 0.0, 100.0])
+    assert np.isnan(acc[[2, 3, 4, 5, 8, 9, 10, 11]]).all()
+    table = evaluation.azimuth_table([{"label": "nemo (7)", "acc": acc, "counts": counts}])
+    assert "| images | 5 | 1 | 0 |" in table and "| nemo (7) | 80 | 100 | - |" in table
+    with pytest.raises(ValueError, match="3 errors but 2 azimuths"):
+        evaluation.accuracy_by_azimuth(np.zeros(3), np.zeros(2))
 
 
 def test_rotation_errors_and_rows(tmp_path):

@@ -7,6 +7,7 @@ every method and every occlusion level is marked slow (``make test-slow``).
 import json
 import os
 
+import numpy as np
 import pytest
 
 from experiments.configs import nvsm as nvsm_config
@@ -39,6 +40,17 @@ def _check_rows(c, workdir, report):
     for r in rows:
         assert 0.0 <= r["acc_pi_6"] <= 100.0 and r["acc_pi_18"] <= r["acc_pi_6"]
     assert "| nvsm |" in report and os.path.exists(os.path.join(workdir, "report.md"))
+    # per-azimuth accuracy: every image in one sector, sectors add up to the row
+    by_az = json.load(open(os.path.join(workdir, "results.json")))["by_azimuth"]
+    assert {e["method"] for e in by_az} == set(c.methods)
+    for e in by_az:
+        row = next(r for r in rows if (r["method"], r["category"], r["occlusion"])
+                   == (e["method"], e["category"], e["occlusion"]))
+        counts = np.asarray(e["counts"])
+        assert counts.sum() == row["num_images"]
+        hits = np.nansum(np.asarray(e["acc"], float) * counts) / 100.0
+        assert np.isclose(100.0 * hits / counts.sum(), row["acc_pi_6"])
+    assert "by ground-truth azimuth" in report
 
 
 def test_nemo_and_nvsm_rows_are_reported(quick_run):

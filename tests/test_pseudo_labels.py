@@ -168,3 +168,10 @@ def test_view_cap_limits_the_claims_of_one_view_pose():
                                             0.0, 5.0, xnp=np), np.radians(15.0), np.radians(10.0))
     assert cells[0] == cells[1] == cells[2] != cells[3]
     assert cells[4] != cells[5]
+
+
+def test_novel_views_drop_only_the_own_pose_of_pseudo_labelled_sources():
+    off = pl.offset_grid(np.radians(15), 1, np.radians(10), 0)          # 0, -15, +15 deg
+    keep = pl.novel_views(off, [True, False, False])
+    np.testing.assert_array_equal(keep, [True, True, True, False, True, True, False, True, True])
+    assert pl.novel_views(off, np.zeros(0, bool)).shape == (0,)

@@ -120,6 +120,40 @@ def test_e_step_rejects_empty_sources(tiny_data):
 
 
 
+def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_data):
+    """A pool image whose feature map is a pseudo-labelled source's own map is
+    matched at that source's pose; with ``novel_views_only`` that view is gone
+    and the image lands at another pose."""
+    from nvsm_jax import geometry, parallel
+
+    train_set, mesh, _ = tiny_data
+    rng = np.random.default_rng(0)
+    maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
+    pool = np.concatenate([maps[1:], rng.normal(size=(3, 8, 8, 16)).astype(np.float32)])
+    kw = dict(source_maps=maps, source_poses=train_set.poses[:2], source_focal=train_set.focal[:2],
+              source_principal=train_set.principal[:2], source_ids=np.array([0, 100]),
+              source_is_labelled=np.array([True, False]), pool_maps=pool,
+              candidates=np.ones(4, bool), model_mesh=mesh, stride=4, round_index=2,
+              mesh_axes=parallel.make_mesh(1))
+    cfg = _config().estep
+    cfg.max_new = 4
+
+    def pose_of_image_0(result):
+        rows = np.flatnonzero(result.new.index == 0)
+        assert len(rows) == 1
+        return result.new.poses[rows[0]].astype(np.float64), result.new.source[rows[0]]
+
+    base = semi_supervised.e_step(cfg, **kw)
+    pose, source = pose_of_image_0(base)
+    own = train_set.poses[1].astype(np.float64)
+    assert source == 100 and geometry.pose_error(pose, own) < 1e-4
+    cfg.novel_views_only = True
+    novel = semi_supervised.e_step(cfg, **kw)
+    assert novel.num_views == base.num_views - 1
+    pose, _ = pose_of_image_0(novel)
+    assert geometry.pose_error(pose, own) > np.radians(5)
+
+
 def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
     """A mirrored source's pose projects the model mesh onto the mirror of the
     original projection (checked by projecting, not through flip_pose), and its

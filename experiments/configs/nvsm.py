@@ -84,6 +84,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.estep.agree_angle = 0.0            # > 0: the NeMo grid search must agree within this angle
     c.estep.refine_steps = 0             # > 0: refine accepted poses with the pose solver
     c.estep.mirror_sources = True        # also synthesise from each source's mirror image
+    c.estep.novel_views_only = False     # True: pseudo-labelled sources skip their own pose
 
     # ---- classification baseline (Res50-Gene row)
     c.cls = ml_collections.ConfigDict()
