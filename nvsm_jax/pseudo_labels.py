@@ -9,8 +9,8 @@ records it and its measured effect):
   (:func:`propose_targets`). The source's own pose (offset 0) is included, so an
   unlabelled image that looks like the source itself is matched at its pose;
   :func:`novel_views` drops it for pseudo-labelled sources (``novel_views_only``:
-  after an M-step has fitted them, their unsynthesised own views out-score every
-  novel view).
+  after an M-step has fitted them, their own, unsynthesised views win nearly all
+  matches, so the E-step stops expanding).
 * **Scores.** Views are synthesised from each source's features and matched
   against the unlabelled pool (:mod:`nvsm_jax.synthesis`, :mod:`nvsm_jax.matching`)
   -> a ``[num_views, num_images]`` score table.
