@@ -80,8 +80,7 @@ def accuracy_by_azimuth(errors, azimuths, sectors: int = 12,
         raise ValueError(f"accuracy_by_azimuth: {e.size} errors but {a.size} azimuths")
     if sectors < 1:
         raise ValueError(f"accuracy_by_azimuth: sectors must be >= 1, got {sectors}")
-    width = 2 * np.pi / sectors
-    idx = np.minimum(np.floor(np.mod(a + width / 2, 2 * np.pi) / width).astype(np.int64), sectors - 1)
+    idx = geometry.azimuth_sector(a + np.pi / sectors, sectors)        # centred sectors
     counts = np.bincount(idx, minlength=sectors)
     hits = np.bincount(idx, weights=(e < threshold).astype(np.float64), minlength=sectors)
     with np.errstate(invalid="ignore", divide="ignore"):

@@ -52,6 +52,7 @@ __all__ = [
     "rotation_to_pose",
     "rotation_error",
     "pose_error",
+    "azimuth_sector",
     "nemo_pose_grid",
     "sample_poses_at_angle",
     "rotation_about_axis",
@@ -274,6 +275,16 @@ def pose_error(pose_pred, pose_gt, *, xnp=None):
     r1 = rotation_pascal(pose_pred[..., 0], pose_pred[..., 1], pose_pred[..., 2], xnp=xnp)
     r2 = rotation_pascal(pose_gt[..., 0], pose_gt[..., 1], pose_gt[..., 2], xnp=xnp)
     return rotation_error(r1, r2, xnp=xnp)
+
+
+def azimuth_sector(azimuth, bins: int) -> np.ndarray:
+    """Sector index in ``[0, bins)`` of azimuths (radians, any range): [M] -> [M] int.
+
+    Sector k covers ``[2 pi k / bins, 2 pi (k + 1) / bins)``; add half a sector
+    to the azimuths for sectors centred on multiples of ``2 pi / bins``.
+    """
+    a = np.mod(np.asarray(azimuth, np.float64), 2 * np.pi)
+    return np.minimum((a / (2 * np.pi) * bins).astype(np.int64), bins - 1)
 
 
 def nemo_pose_grid(num_azimuth: int = 12,

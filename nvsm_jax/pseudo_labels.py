@@ -227,10 +227,7 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
                         round=np.full(len(idx), round_index, np.int64))
 
 
-def azimuth_sector(azimuth, bins: int) -> np.ndarray:
-    """Sector index in ``[0, bins)`` of azimuths (radians, any range): [M] -> [M] int."""
-    a = np.mod(np.asarray(azimuth, np.float64), 2 * np.pi)
-    return np.minimum((a / (2 * np.pi) * bins).astype(np.int64), bins - 1)
+azimuth_sector = geometry.azimuth_sector     # the sectors of bin_quota and coverage
 
 
 def pose_cell(poses, azimuth_step: float, elevation_step: float) -> np.ndarray:
