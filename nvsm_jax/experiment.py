@@ -227,8 +227,8 @@ def train_and_evaluate(config, workdir) -> str:
                 elif method == "nemo":
                     res = _run_nemo(cfg, cell, train_set, mesh, test_sets, n, cfg.fewshot_steps)
                 elif method == "cls_baseline":
-                    from nvsm_jax.data import make_fewshot_split
-                    labelled = make_fewshot_split(train_set, n, seed=cfg.seed).labelled
+                    from nvsm_jax.data import fewshot
+                    labelled = fewshot.split_from_config(train_set, n, cfg).labelled
                     res = _run_cls(cfg, cell, labelled, test_sets)
                 else:
                     res = _run_nvsm(cfg, cell, train_set, mesh, test_sets, n)

@@ -362,7 +362,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             for occ in config.eval_occlusions:
                 test_sets[occ] = loaders.load_pose_set(config.test_root, config.category, occ,
                                                        limit=config.get("eval_limit"))
-    split = fewshot.make_fewshot_split(train_set, int(config.num_labelled), seed=config.seed)
+    split = fewshot.split_from_config(train_set, int(config.num_labelled), config)
     labelled, unlabelled = split.labelled, split.unlabelled
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)   # reporting only
 

@@ -55,8 +55,7 @@ def labelled_images(config, pool):
     from nvsm_jax.data import fewshot
 
     if config.get("num_labelled"):
-        return fewshot.make_fewshot_split(pool, int(config.num_labelled),
-                                          seed=config.seed).labelled
+        return fewshot.split_from_config(pool, int(config.num_labelled), config).labelled
     return pool
 
 

@@ -55,6 +55,48 @@ def test_fewshot_nested_and_no_pose_in_unlabelled():
         return (e + 10 * np.eye(len(p))).min()
     rand = pool.poses[anchor_order(pool.poses, rule="random", count=7)]
     assert min_pair(splits[7].anchors.poses) > min_pair(rand)
+    fps = pool.poses[anchor_order(pool.poses, rule="pose_coverage", count=7)]
+    assert min_pair(fps) > min_pair(rand)
+
+
+def test_azimuth_ring_anchors_against_azimuth_distances():
+    # At one elevation and theta 0 the geodesic angle between two views is their
+    # azimuth difference, so the rule's picks can be checked on azimuths alone.
+    rng = np.random.default_rng(3)
+    n = 90
+    az = rng.uniform(0, 2 * np.pi, n)
+    poses = np.stack([az, np.full(n, 0.2), np.zeros(n), np.full(n, 5.0)], 1)
+    def circ(a, b):
+        return np.abs((a - b + np.pi) % (2 * np.pi) - np.pi)
+    order = anchor_order(poses, rule="azimuth_ring", count=50)
+    expect = []
+    for k in range(7):
+        d = circ(az, 2 * np.pi * k / 7)
+        d[expect] = np.inf
+        expect.append(int(np.argmin(d)))
+    assert order[:7].tolist() == expect
+    # then farthest-point sampling from those 7
+    mind = np.min([circ(az, az[i]) for i in expect], axis=0)
+    mind[expect] = -1
+    assert order[7] == np.argmax(mind)
+    assert len(set(order.tolist())) == 50
+    for count in (3, 7, 20):                      # nested, whatever the count
+        np.testing.assert_array_equal(anchor_order(poses, rule="azimuth_ring", count=count),
+                                      order[:count])
+    with pytest.raises(ValueError, match="anchor rule 'nope'"):
+        anchor_order(poses, rule="nope")
+
+
+def test_split_from_config_uses_the_configured_rule():
+    import ml_collections
+    from nvsm_jax.data.fewshot import split_from_config
+    pool = _pool()
+    cfg = ml_collections.ConfigDict({"seed": 0, "anchor_rule": "pose_coverage"})
+    fps = split_from_config(pool, 7, cfg).labelled.names
+    assert fps == make_fewshot_split(pool, 7, rule="pose_coverage").labelled.names
+    assert fps != make_fewshot_split(pool, 7).labelled.names      # default: azimuth_ring
+    assert (split_from_config(pool, 7, ml_collections.ConfigDict({"seed": 0})).labelled.names
+            == make_fewshot_split(pool, 7, rule="azimuth_ring").labelled.names)
 
 
 def _project(points, pose, focal, principal):

@@ -24,6 +24,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.test_root = "data/synthetic/test"
     c.category = "car"
     c.num_labelled = ml_collections.config_dict.placeholder(int)  # None = all labels
+    c.anchor_rule = "azimuth_ring"      # which images are labelled (nvsm_jax/data/fewshot.py);
+                                        #   "pose_coverage" = the rule of earlier tables
     c.image_size = (128, 128)           # informative: the data's own size is used
     c.seed = 0
     c.num_devices = ml_collections.config_dict.placeholder(int)   # None = all
