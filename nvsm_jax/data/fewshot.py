@@ -6,7 +6,7 @@ hand, and this is the pick of a person choosing informative views): the first
 views (theta 0) at the pool's median elevation and the azimuths
 ``2 pi k / NUM_ANCHORS`` (k = 0 is the front view); the later ones continue by
 farthest-point sampling from them (below). On the synthetic car it gives NeMo
-on 7 images 10-13 more points of ACC@pi/6 than ``"pose_coverage"``
+on 7 images 8-13 more points of ACC@pi/6 than ``"pose_coverage"``
 (WORKSPACE.md, "Anchor rule").
 
 Rule ``"pose_coverage"`` (the default before that measurement):
