@@ -41,7 +41,7 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["PseudoLabels", "offset_grid", "propose_targets", "novel_views", "standardize_views",
-           "select", "azimuth_sector", "agree_with_solver", "coverage"]
+           "select", "agree_with_solver", "coverage"]
 
 
 @dataclasses.dataclass
@@ -214,7 +214,7 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
     idx = np.flatnonzero(ok)
     idx = idx[np.argsort(-rank[idx], kind="stable")]
     if bin_quota is not None:
-        sector = azimuth_sector(view_poses[best[idx], 0], quota_bins)
+        sector = geometry.azimuth_sector(view_poses[best[idx], 0], quota_bins)
         idx = idx[_first_per_group(sector, int(bin_quota))]
     if view_cap is not None:
         idx = idx[_first_per_group(pose_cell(view_poses[best[idx]], *view_cell), int(view_cap))]
@@ -225,9 +225,6 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
                         score=best_score[idx], source=np.asarray(view_source)[view].astype(np.int64),
                         source_is_labelled=np.asarray(view_source_is_labelled)[view].astype(bool),
                         round=np.full(len(idx), round_index, np.int64))
-
-
-azimuth_sector = geometry.azimuth_sector     # the sectors of bin_quota and coverage
 
 
 def pose_cell(poses, azimuth_step: float, elevation_step: float) -> np.ndarray:
@@ -277,7 +274,7 @@ def coverage(poses, azimuth_bins: int = 12, elevation_edges=DEFAULT_ELEVATION_ED
     n_el = len(edges) - 1
     if len(poses) == 0:
         return 0.0
-    a_bin = azimuth_sector(poses[:, 0], azimuth_bins)
+    a_bin = geometry.azimuth_sector(poses[:, 0], azimuth_bins)
     e_bin = np.searchsorted(edges, poses[:, 1], side="right") - 1
     keep = (e_bin >= 0) & (e_bin < n_el)
     hit = np.zeros((azimuth_bins, n_el), bool)

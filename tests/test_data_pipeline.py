@@ -85,6 +85,8 @@ def test_azimuth_ring_anchors_against_azimuth_distances():
                                       order[:count])
     with pytest.raises(ValueError, match="anchor rule 'nope'"):
         anchor_order(poses, rule="nope")
+    for rule in ("azimuth_ring", "pose_coverage", "random"):
+        assert anchor_order(poses, rule=rule, count=0).shape == (0,)
 
 
 def test_split_from_config_uses_the_configured_rule():

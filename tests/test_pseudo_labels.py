@@ -130,9 +130,9 @@ def test_bin_quota_spreads_acceptance_over_azimuth_sectors():
     quota = pl.select(scores, view_poses, np.arange(3), np.ones(3, bool), max_new=4,
                       bin_quota=2, **kw)
     np.testing.assert_array_equal(quota.index, [0, 1, 4, 5])            # 2 per sector
-    np.testing.assert_array_equal(pl.azimuth_sector(quota.poses[:, 0], 12), [2, 2, 0, 0])
+    np.testing.assert_array_equal(geometry.azimuth_sector(quota.poses[:, 0], 12), [2, 2, 0, 0])
     # sectors wrap: -1 deg and 359 deg share the last sector
-    np.testing.assert_array_equal(pl.azimuth_sector(np.radians([-1.0, 359.0, 0.0, 30.0]), 12),
+    np.testing.assert_array_equal(geometry.azimuth_sector(np.radians([-1.0, 359.0, 0.0, 30.0]), 12),
                                   [11, 11, 0, 1])
 
 

@@ -96,10 +96,12 @@ def anchor_order(poses: np.ndarray, *, rule: str = DEFAULT_ANCHOR_RULE, seed: in
     n = len(poses)
     count = n if count is None else min(count, n)
     rng = np.random.default_rng([seed, 7177])
-    if rule == "random":
-        return rng.permutation(n)[:count].astype(np.int64)
     if rule not in ANCHOR_RULES:
         raise ValueError(f"unknown anchor rule {rule!r}; expected one of {ANCHOR_RULES}")
+    if rule == "random":
+        return rng.permutation(n)[:count].astype(np.int64)
+    if count <= 0:
+        return np.zeros(0, np.int64)
     rot = _rotations(poses)                                       # [N, 3, 3]
 
     def dist_to(r):                                               # geodesic angle to r
@@ -132,7 +134,7 @@ def anchor_order(poses: np.ndarray, *, rule: str = DEFAULT_ANCHOR_RULE, seed: in
         order.append(nxt)
         mind = np.minimum(mind, dist_to(rot[nxt]))
         mind[order] = -1.0
-    return np.asarray(order[:count], np.int64)
+    return np.asarray(order, np.int64)
 
 
 def make_fewshot_split(train: PoseSet, num_labelled: int, *, rule: str = DEFAULT_ANCHOR_RULE,
