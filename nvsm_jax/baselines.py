@@ -55,7 +55,7 @@ import numpy as np
 import optax
 
 from nvsm_jax import parallel, training
-from nvsm_jax.models import backbone
+from nvsm_jax.models import backbone, weights
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,10 @@ HEADS = ("azimuth", "elevation", "theta")
 class ClassifierConfig(training.DataclassConfig):
     """Everything a classifier run needs (hashable: the jitted step is cached on it).
 
-    Backbone: ``preset`` / ``norm`` as :func:`nvsm_jax.models.backbone.make_feature_net`
-    (only its encoder fields are used). Bins: counts and the elevation / theta
+    Backbone: ``backbone`` / ``norm`` / ``encoder_norm`` / ``depthwise`` as
+    :func:`nvsm_jax.models.backbone.make_feature_net` (only its encoder fields are
+    used); ``pretrained="imagenet"`` starts the encoder from the packaged ImageNet
+    weights; ``frozen_stages`` as the NeMo config's. Bins: counts and the elevation / theta
     ranges (radians). ``label_smoothing``: probability mass moved from the true
     bin to its two neighbours (half each; periodic heads wrap). Optimiser: Adam
     with torch-style L2 ``weight_decay``, linear warm-up then cosine decay to
@@ -81,8 +83,12 @@ class ClassifierConfig(training.DataclassConfig):
     ``hue`` / ``grayscale_prob`` of :class:`nvsm_jax.data.Augment`.
     """
 
-    preset: str = "small"
+    backbone: str = "small"
     norm: str = "group"
+    encoder_norm: str | None = None
+    depthwise: str = "auto"
+    pretrained: str = ""
+    frozen_stages: int = 0
     azimuth_bins: int = 36
     elevation_bins: int = 18
     theta_bins: int = 36
@@ -120,7 +126,7 @@ def classifier_config(arg: str = "default") -> ClassifierConfig:
     if arg in (None, "", "default"):
         return ClassifierConfig()
     if arg == "tiny":
-        return ClassifierConfig(preset="tiny", num_steps=4, batch_size=8, log_every=1,
+        return ClassifierConfig(backbone="tiny", num_steps=4, batch_size=8, log_every=1,
                                 checkpoint_every=2, warmup_steps=1, lr=3e-3, weight_decay=0.0)
     raise ValueError(f"config arg must be 'default' or 'tiny', got {arg!r}")
 
@@ -210,7 +216,7 @@ def smooth_targets(bins, spec: BinSpec, smoothing: float = 0.0) -> jax.Array:
 # --------------------------------------------------------------------------- model
 
 class PoseClassifier(nn.Module):
-    """ResNet encoder + global average pool + one linear head per angle.
+    """Encoder (ResNet or EfficientNet-Lite) + global average pool + one linear head per angle.
 
     x: [B, H, W, 3] float32 (:func:`nvsm_jax.models.backbone.preprocess`; H, W
     multiples of 32) -> dict of logits ``{"azimuth": [B, n_a], "elevation": [B, n_e],
@@ -224,11 +230,15 @@ class PoseClassifier(nn.Module):
     bottleneck: bool = False
     stem_width: int = 16
     norm: str = "group"
+    encoder: str = "resnet"
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        feats = backbone.ResNetEncoder(self.stage_sizes, self.widths, self.bottleneck,
-                                       self.stem_width, self.norm, name="encoder")(x, train)
+        feats = backbone.make_encoder(self.encoder, stage_sizes=self.stage_sizes,
+                                      widths=self.widths, bottleneck=self.bottleneck,
+                                      stem_width=self.stem_width, norm=self.norm,
+                                      depthwise=self.depthwise, name="encoder")(x, train)
         g = jnp.mean(feats[-1], axis=(1, 2))
         return {name: nn.Dense(n, name=f"head_{name}")(g)
                 for name, n in zip(HEADS, self.num_bins)}
@@ -237,14 +247,16 @@ class PoseClassifier(nn.Module):
 @functools.lru_cache(maxsize=16)
 def build_classifier(config: ClassifierConfig) -> PoseClassifier:
     """The :class:`PoseClassifier` of a config (encoder fields of ``backbone.PRESETS``)."""
-    if config.preset not in backbone.PRESETS:
-        raise ValueError(f"unknown backbone preset {config.preset!r}; "
+    if config.backbone not in backbone.PRESETS:
+        raise ValueError(f"unknown backbone preset {config.backbone!r}; "
                          f"choose from {sorted(backbone.PRESETS)}")
-    p = backbone.PRESETS[config.preset]
+    net = backbone.make_feature_net(config.backbone, norm=config.norm,
+                                    encoder_norm=config.encoder_norm, depthwise=config.depthwise)
     return PoseClassifier(num_bins=(config.azimuth_bins, config.elevation_bins, config.theta_bins),
-                          stage_sizes=tuple(p["stage_sizes"]), widths=tuple(p["widths"]),
-                          bottleneck=p["bottleneck"], stem_width=p["stem_width"],
-                          norm=config.norm or p.get("norm", "group"))
+                          stage_sizes=net.stage_sizes, widths=net.widths,
+                          bottleneck=net.bottleneck, stem_width=net.stem_width,
+                          norm=net.encoder_norm or net.norm, encoder=net.encoder,
+                          depthwise=net.depthwise)
 
 
 def _schedule(config: ClassifierConfig):
@@ -255,8 +267,10 @@ def _schedule(config: ClassifierConfig):
 
 @functools.lru_cache(maxsize=16)
 def _optimizer(config: ClassifierConfig):
-    return training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
-                               grad_clip=config.grad_clip)
+    tx = training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
+                             grad_clip=config.grad_clip)
+    frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
+    return tx if frozen is None else training.freeze(tx, frozen)
 
 
 @functools.lru_cache(maxsize=8)
@@ -280,9 +294,14 @@ def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> trai
     with the initialiser, the model and the optimiser cached on the config, so a
     resumed run (or a test) reuses both the compiled init and the compiled step.
     """
-    initial = _initial_variables(build_classifier(config), config.seed, tuple(image_hw))
-    return _state_initializer(config, tuple(image_hw), mesh_axes)(
+    model = build_classifier(config)
+    initial = _initial_variables(model, config.seed, tuple(image_hw))
+    state = _state_initializer(config, tuple(image_hw), mesh_axes)(
         parallel.replicate(initial, mesh_axes))
+    encoder = weights.pretrained_encoder(model.encoder, config.pretrained)
+    if encoder is not None:
+        state = training.replace_weights(state, *encoder, subtree="encoder")
+    return state
 
 
 @functools.lru_cache(maxsize=8)

@@ -117,7 +117,10 @@ def _run_cls(config, cell, labelled, test_sets):
     from nvsm_jax import baselines
 
     c = baselines.ClassifierConfig(
-        preset=config.model.preset, norm=config.model.norm,
+        backbone=config.model.backbone, norm=config.model.norm,
+        encoder_norm=config.model.get("encoder_norm"), depthwise=config.model.get("depthwise"),
+        pretrained=config.model.get("pretrained") or "",
+        frozen_stages=int(config.model.get("frozen_stages") or 0),
         azimuth_bins=config.cls.azimuth_bins, elevation_bins=config.cls.elevation_bins,
         theta_bins=config.cls.theta_bins, seed=config.seed, num_steps=config.cls.num_steps,
         batch_size=config.batch_size, lr=config.optim.lr, weight_decay=config.optim.weight_decay,

@@ -294,19 +294,20 @@ def pretrain_loss(fmap1, fmap2, batch, config: PretrainConfig):
 
 def resolve_model(model_config_or_model) -> backbone.FeatureNet:
     """A FeatureNet from: a FeatureNet; a NeMo config (``config.model``); a model config
-    (``preset``, ``stride``, ``feature_dim``, ``norm``); or a preset name."""
+    (``backbone``, ``stride``, ``feature_dim``, ``norm``...); or a preset name."""
     m = model_config_or_model
     if isinstance(m, backbone.FeatureNet):
         return m
     if isinstance(m, str):
         return backbone.make_feature_net(m)
-    if hasattr(m, "model") and hasattr(m.model, "preset"):
+    if hasattr(m, "model") and hasattr(m.model, "backbone"):
         m = m.model
     get = m.get if hasattr(m, "get") else (lambda k, d=None: getattr(m, k, d))
-    if get("preset") is None:
+    if get("backbone") is None:
         raise TypeError(f"cannot build a FeatureNet from {type(model_config_or_model)}")
-    return backbone.make_feature_net(get("preset"), stride=get("stride"),
-                                     feature_dim=get("feature_dim"), norm=get("norm"))
+    return backbone.make_feature_net(get("backbone"), stride=get("stride"),
+                                     feature_dim=get("feature_dim"), norm=get("norm"),
+                                     encoder_norm=get("encoder_norm"), depthwise=get("depthwise"))
 
 
 def _schedule(config: PretrainConfig):
@@ -506,41 +507,5 @@ def apply_pretrained(state: training.TrainState, pretrained: Pretrained | Any, *
     """
     if not isinstance(pretrained, Pretrained):
         pretrained = Pretrained(pretrained, {})
-
-    def place(new, old, where):
-        new_s = jax.tree_util.tree_structure(new)
-        old_s = jax.tree_util.tree_structure(old)
-        if new_s != old_s:
-            raise ValueError(f"pre-trained {where} do not match the model: {new_s} vs {old_s}")
-
-        def put(n, o):
-            n = np.asarray(n)
-            if n.shape != o.shape:
-                raise ValueError(f"pre-trained {where} shape {n.shape} != model's {o.shape}")
-            n = n.astype(o.dtype)
-            return jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n
-
-        return jax.tree_util.tree_map(put, new, old)
-
-    params = flax.core.unfreeze(state.params)
-    src = flax.core.unfreeze(pretrained.params)
-    if subtree is None:
-        params = place(src, params, "params")
-    else:
-        params = dict(params)
-        params[subtree] = place(src[subtree], params[subtree], f"params[{subtree!r}]")
-    state = state.replace(params=params)
-    ms = state.model_state
-    if ms and pretrained.model_state:
-        ms = dict(ms)
-        for col, tree in ms.items():
-            if col in pretrained.model_state:
-                src_col = pretrained.model_state[col]
-                if subtree is None:
-                    ms[col] = place(src_col, tree, col)
-                elif subtree in src_col:
-                    t = dict(tree)
-                    t[subtree] = place(src_col[subtree], tree[subtree], f"{col}[{subtree!r}]")
-                    ms[col] = t
-        state = state.replace(model_state=ms)
-    return state
+    return training.replace_weights(state, pretrained.params, pretrained.model_state,
+                                    subtree=subtree)

@@ -34,7 +34,7 @@ import optax
 
 from nvsm_jax import features as feat
 from nvsm_jax import losses, meshes, parallel, training
-from nvsm_jax.models import backbone
+from nvsm_jax.models import backbone, weights
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +45,11 @@ __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius"
 
 def build_model(config) -> backbone.FeatureNet:
     m = config.model
-    return backbone.make_feature_net(m.preset, stride=m.stride, feature_dim=m.feature_dim,
-                                     norm=m.get("norm"))
+    return backbone.make_feature_net(m.backbone, stride=m.stride, feature_dim=m.feature_dim,
+                                     norm=m.get("norm"), encoder_norm=m.get("encoder_norm"),
+                                     depthwise=m.get("depthwise"))
+
+
 
 
 def labelled_images(config, pool):
@@ -89,6 +92,10 @@ def make_optimizer(config):
         raise ValueError(f"unknown lr schedule {o.schedule!r}")
     tx = training.make_adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
                              grad_clip=o.get("grad_clip"), decoupled=o.get("decoupled", False))
+    frozen = backbone.frozen_encoder_filter(config.model.backbone,
+                                            config.model.get("frozen_stages"))
+    if frozen is not None:
+        tx = training.freeze(tx, frozen)
     return tx, schedule
 
 
@@ -96,9 +103,11 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
                pretrained: bool = True) -> training.TrainState:
     """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh_axes``.
 
-    With ``config.pretrain_workdir`` set (and ``pretrained``), the backbone starts
-    from that self-supervised run's weights (:mod:`nvsm_jax.pretrain`); restoring
-    a checkpoint afterwards overrides them as usual.
+    With ``pretrained``, the encoder starts from ``config.model.pretrained``
+    (``"imagenet"``: :func:`nvsm_jax.models.weights.pretrained_encoder`) and, with
+    ``config.pretrain_workdir`` set, the backbone from that self-supervised run's
+    weights (:mod:`nvsm_jax.pretrain`); restoring a checkpoint afterwards
+    overrides them as usual.
     """
     tx, _ = make_optimizer(config)
     lc = config.loss
@@ -113,6 +122,10 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
                                           model_state=model_state, aux=memory)
 
     state = training.create_replicated(init, jax.random.key(config.seed), mesh_axes)
+    encoder = (weights.pretrained_encoder(model.encoder, config.model.get("pretrained"))
+               if pretrained else None)
+    if encoder is not None:
+        state = training.replace_weights(state, *encoder, subtree="encoder")
     if pretrained and config.get("pretrain_workdir"):
         from nvsm_jax import pretrain
         state = pretrain.apply_pretrained(state,

