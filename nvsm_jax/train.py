@@ -12,8 +12,8 @@
    ``checkpoint_every`` steps and at the end (a killed run resumes exactly:
    batches and keys are pure functions of ``(seed, step)``), metrics as JSON lines
    (``metrics.jsonl``), the config as ``config.json``;
-4. optionally evaluates on the test root (``experiments.evaluate`` does the same
-   from a workdir).
+4. optionally evaluates on the test root (:func:`evaluate_workdir`; the CLI
+   ``python -m experiments.evaluate`` does the same from a workdir).
 
 One train step: features = FeatureNet(images); vertex features read at the
 projected mesh vertices (visibility from the rasteriser); CoKe loss against the
@@ -24,12 +24,15 @@ clutter ring.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
+import time
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from nvsm_jax import features as feat
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
            "make_optimizer", "init_state", "make_train_step", "train_and_evaluate", "NemoModel",
-           "load_model", "feature_fn", "predict"]
+           "load_model", "feature_fn", "predict", "evaluate_workdir"]
 
 
 def build_model(config) -> backbone.FeatureNet:
@@ -238,8 +241,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
         progress=progress)
     if stop_after is None and config.get("eval_at_end") and config.get("test_root"):
-        from experiments import evaluate as evaluate_cli  # noqa: F401  (lazy, optional)
-        evaluate_cli.evaluate_workdir(workdir, config.test_root)
+        evaluate_workdir(workdir, config.test_root)
     return state
 
 
@@ -298,3 +300,59 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
         feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.mesh.verts,
         nemo.mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
         cfg=solver_cfg, batch_size=batch_size, progress=bar)
+
+
+def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=None,
+                     occlusions=None, method: str = "NeMo", out_dir=None,
+                     nemo=None, top_k: int | None = None) -> list[dict]:
+    """NeMo inference on every available level of ``data_root`` (default the config's
+    ``test_root``); writes ``results.json`` / ``results.md``, ``predictions_<level>.npz``
+    and ``error_distribution.png`` into ``out_dir`` (default the workdir) and returns
+    the rows. The CLI is ``python -m experiments.evaluate``."""
+    from nvsm_jax import evaluation, pose_solver
+    from nvsm_jax.data import loaders
+
+    nemo = nemo or load_model(workdir)
+    cfg = nemo.config
+    data_root = data_root or cfg.test_root
+    out_dir = out_dir or workdir
+    os.makedirs(out_dir, exist_ok=True)
+    if solver == "config":
+        scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
+    elif solver == "reference":
+        scfg = pose_solver.REFERENCE
+    elif solver == "fast":
+        scfg = pose_solver.FAST
+    else:
+        raise ValueError(f"unknown solver setting {solver!r}")
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        scfg = dataclasses.replace(scfg, top_k=top_k)
+    annotations = cfg.get("num_labelled") or "all"
+    limit = limit if limit is not None else cfg.get("eval_limit")
+    rows, errors, timing = [], {}, {}
+    for occ in (occlusions or cfg.get("eval_occlusions") or ("L0",)):
+        try:
+            test = loaders.load_pose_set(data_root, cfg.category, occ, limit=limit)
+        except (FileNotFoundError, OSError, ValueError) as err:
+            log.warning("skipping %s %s: %s", cfg.category, occ, err)
+            continue
+        t = time.perf_counter()
+        res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
+                            progress=True)
+        timing[occ] = {"images": len(test), "seconds": time.perf_counter() - t}
+        err = evaluation.rotation_errors(res.pose, test.poses)
+        errors[(method, cfg.category, annotations, occ)] = err
+        rows.append(evaluation.make_row(method, cfg.category, annotations, occ, err))
+        log.info("%s %s: %s", cfg.category, occ, rows[-1])
+        np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), names=np.asarray(test.names),
+                 pred=res.pose, gt=test.poses, score=res.score, init=res.init_pose, error=err)
+    rows += evaluation.mean_rows(rows, errors)
+    evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
+        "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": timing})
+    evaluation.plot_error_distribution({k[3]: v for k, v in errors.items()},
+                                       os.path.join(out_dir, "error_distribution.png"),
+                                       title=f"{method} {cfg.category} ({annotations} labels)")
+    print(evaluation.rows_to_markdown(rows))
+    return rows

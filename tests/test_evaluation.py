@@ -57,11 +57,11 @@ def test_rotation_errors_and_rows(tmp_path):
 
 
 def test_evaluate_cli_rows_files_and_top_k(tmp_path):
-    """``experiments.evaluate`` on a test root: a row per level plus the mean, the
-    predictions of every image, the solver actually used (``--top_k`` override)."""
+    """``train.evaluate_workdir`` (the ``experiments.evaluate`` CLI) on a test root: a row
+    per level plus the mean, the predictions of every image, the solver actually used
+    (``--top_k`` override)."""
     import os
 
-    from experiments import evaluate as evaluate_cli
     from experiments.configs import nemo as nemo_config
     from nvsm_jax import meshes, parallel, semi_supervised
     from nvsm_jax import train as nemo_train
@@ -76,7 +76,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     state = nemo_train.init_state(cfg, model, len(mesh.verts), (32, 32), parallel.make_mesh(1))
     nemo = semi_supervised.nemo_model(cfg, model, state, mesh)
     out = str(tmp_path / "eval")
-    rows = evaluate_cli.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+    rows = nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                          occlusions=["L0", "L3"], top_k=2)
     assert (rows[0]["method"], rows[0]["occlusion"]) == ("NeMo", "L0")
     assert not any(r["occlusion"] == "L3" for r in rows)   # missing level: skipped, not fatal
@@ -86,4 +86,30 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     assert pred["pred"].shape == (3, 4) and np.isfinite(pred["error"]).all()
     assert os.path.exists(os.path.join(out, "error_distribution.png"))
     with np.testing.assert_raises(ValueError):
-        evaluate_cli.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out, top_k=0)
+        nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out, top_k=0)
+
+
+def test_train_nemo_cli_evaluates_after_training(tmp_path):
+    """``train_nemo --evaluate`` trains, then evaluates in the same process (it used to
+    die with absl's DuplicateFlagError: the library imported the evaluate binary)."""
+    import os
+    import subprocess
+    import sys
+
+    from nvsm_jax.data.testing import write_tiny_root
+
+    train_root, test_root = str(tmp_path / "train"), str(tmp_path / "test")
+    write_tiny_root(train_root, "car", num=8, size=(32, 32))
+    write_tiny_root(test_root, "car", num=2, size=(32, 32), seed=1)
+    work = str(tmp_path / "work")
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "experiments.train_nemo",
+           "--config", os.path.join(repo, "experiments", "configs", "nemo.py") + ":tiny",
+           "--workdir", work, f"--config.data_root={train_root}",
+           f"--config.test_root={test_root}", "--config.eval_occlusions=('L0',)",
+           "--config.num_steps=2", "--evaluate"]
+    env = dict(os.environ, XLA_FLAGS="--xla_backend_optimization_level=0")
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.load(open(os.path.join(work, "results.json")))["rows"]
+    assert rows[0]["occlusion"] == "L0" and rows[0]["num_images"] == 2
