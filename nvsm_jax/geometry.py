@@ -254,6 +254,9 @@ def rotation_error(r1, r2, *, xnp=None):
     r1, r2: [..., 3, 3] -> [...]. Computed as ``atan2(|vee(M - M^T)| / 2,
     (tr M - 1) / 2)`` with ``M = R1^T R2``, which is exact and well conditioned
     near 0 and pi. NaN or Inf inputs give pi/2, as the PASCAL3D+ evaluation does.
+    Differentiable everywhere under jax: where ``|vee|`` is exactly 0 (no error, or
+    exactly pi) the square root is taken of a safe value, so the gradient there is
+    0 (a subgradient of the kink at 0) instead of NaN.
     """
     xnp = xnp or _xnp(r1, r2)
     m = _matmul(xnp.swapaxes(r1, -1, -2), r2, xnp)
@@ -261,7 +264,9 @@ def rotation_error(r1, r2, *, xnp=None):
     skew = xnp.stack([m[..., 2, 1] - m[..., 1, 2],
                       m[..., 0, 2] - m[..., 2, 0],
                       m[..., 1, 0] - m[..., 0, 1]], axis=-1)
-    sin = xnp.sqrt(xnp.sum(skew ** 2, axis=-1)) / 2.0
+    s2 = xnp.sum(skew ** 2, axis=-1)
+    pos = s2 > 0
+    sin = xnp.where(pos, xnp.sqrt(xnp.where(pos, s2, 1.0)), 0.0) / 2.0
     angle = xnp.arctan2(sin, cos)
     return xnp.where(xnp.isfinite(angle), angle, np.pi / 2)
 

@@ -131,6 +131,28 @@ def test_pose_error_nan_counts_as_half_pi_and_jax_matches_numpy():
                                geo.pose_error(a, b), atol=2e-5)
 
 
+def test_pose_error_gradient_is_finite_at_zero_and_pi_and_matches_differences():
+    import jax
+
+    grad = jax.grad(lambda p, q: geo.pose_error(p, q))
+    p = jnp.asarray([0.4, 0.2, 0.1, 5.0], jnp.float32)
+    g0 = np.asarray(grad(p, p))                           # zero error: the kink
+    assert np.all(np.isfinite(g0)) and np.allclose(g0, 0.0)
+    flipped = jnp.asarray([0.4 + np.pi, 0.0, 0.0, 5.0])   # exactly pi about the vertical
+    assert np.all(np.isfinite(np.asarray(grad(flipped, jnp.asarray([0.4, 0.0, 0.0, 5.0])))))
+    # away from the kink: central differences in float64 numpy
+    rng = np.random.default_rng(3)
+    for _ in range(5):
+        a, b = random_poses(rng, 1)[0], random_poses(rng, 1)[0]
+        g = np.asarray(grad(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)))
+        for k in range(3):
+            e = np.zeros(4)
+            e[k] = 1e-6
+            fd = (geo.pose_error(a + e, b) - geo.pose_error(a - e, b)) / 2e-6
+            assert abs(g[k] - fd) < 2e-3, (k, g[k], fd)
+        assert g[3] == 0.0                                # distance plays no part
+
+
 def test_azimuth_difference_is_the_geodesic_error_at_zero_elevation():
     a = np.array([0.0, 0.0, 0.0, 5.0])
     for delta in [0.1, 1.0, 2.5]:
