@@ -31,8 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nvsm_jax import parallel
 from nvsm_jax.features import l2_normalize as normalize
 
-__all__ = ["prepare_views", "normalize_images", "match_scores", "match_scores_sharded",
-           "naive_match_scores"]
+__all__ = ["prepare_views", "normalize_images", "match_scores", "match_scores_sharded"]
 
 
 def prepare_views(syn_feats, syn_mask):
@@ -122,24 +121,3 @@ def _sharded_fn(mesh: Mesh, chunk: int, normalized: bool):
     def fn(syn_feats, syn_mask, image_feats):
         return match_scores(syn_feats, syn_mask, image_feats, chunk=chunk, normalized=normalized)
     return fn
-
-
-def naive_match_scores(syn_feats, syn_mask, image_feats) -> np.ndarray:
-    """Reference: the poster's formula as explicit loops (numpy, float64; tests only)."""
-    syn_feats, syn_mask, image_feats = (np.asarray(x, np.float64)
-                                        for x in (syn_feats, syn_mask, image_feats))
-    out = np.zeros((len(syn_feats), len(image_feats)))
-    for k in range(len(syn_feats)):
-        for n in range(len(image_feats)):
-            total, count = 0.0, 0
-            for h in range(syn_feats.shape[1]):
-                for w in range(syn_feats.shape[2]):
-                    if syn_mask[k, h, w] <= 0:
-                        continue
-                    a, b = syn_feats[k, h, w], image_feats[n, h, w]
-                    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-                    cos = a @ b / (na * nb) if na > 0 and nb > 0 else 0.0
-                    total += 1.0 - (1.0 - cos)
-                    count += 1
-            out[k, n] = total / count if count else 0.0
-    return out

@@ -10,10 +10,7 @@ import pytest
 from nvsm_jax import geometry
 from nvsm_jax.data import load_model_mesh, load_pose_set, shapes
 from nvsm_jax.data.format import OCCLUSION_LEVELS, subset_name
-
-rasterizer = pytest.importorskip("rasterizer")
-if not hasattr(rasterizer, "rasterize"):
-    pytest.skip("rasterizer.rasterize is not available yet", allow_module_level=True)
+import rasterizer
 
 from nvsm_jax.data import synthetic  # noqa: E402
 

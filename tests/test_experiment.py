@@ -37,8 +37,19 @@ def _check_rows(c, workdir, report):
         ann = "all" if method == "nemo_full" else "7"
         for occ in c.eval_occlusions:
             assert (method, "car", ann, occ) in cells
-    for r in rows:
-        assert 0.0 <= r["acc_pi_6"] <= 100.0 and r["acc_pi_18"] <= r["acc_pi_6"]
+    for r in rows:   # each row is its cell's stored per-image errors, recounted here
+        if r["category"] == "Mean":            # one category: the mean row is the car row
+            car = next(q for q in rows if q["category"] == "car" and all(
+                q[k] == r[k] for k in ("method", "annotations", "occlusion")))
+            assert r["acc_pi_6"] == pytest.approx(car["acc_pi_6"])
+            continue
+        cell = os.path.join(workdir, f"{r['method']}_{r['category']}_{r['annotations']}")
+        err = np.load(os.path.join(cell, "errors.npz"))[r["occlusion"]]
+        assert len(err) == r["num_images"] == c.data.num_test
+        assert np.all((err >= 0) & (err <= np.pi + 1e-6))
+        assert r["acc_pi_6"] == pytest.approx(100.0 * np.sum(err < np.pi / 6) / len(err))
+        assert r["acc_pi_18"] == pytest.approx(100.0 * np.sum(err < np.pi / 18) / len(err))
+        assert r["med_err_deg"] == pytest.approx(np.degrees(np.median(err)))
     assert "| nvsm |" in report and os.path.exists(os.path.join(workdir, "report.md"))
     # per-azimuth accuracy: every image in one sector, sectors add up to the row
     by_az = json.load(open(os.path.join(workdir, "results.json")))["by_azimuth"]

@@ -39,10 +39,8 @@ def test_multiview_batch_is_synchronised():
             assert len(set(b["view"][r])) == r.sum() == 2
 
 
-def test_one_step_same_loss_on_8_devices():
+def test_one_step_same_loss_on_8_devices(eight_devices):
     """MCSS step (pose + multi-view loss) on 1 and 8 devices from the same init."""
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
     cfg = mcss_config.get_config("tiny").train
     ts = _fake_train_set()
     mesh1, mesh8 = parallel.make_mesh(1), parallel.make_mesh(8)

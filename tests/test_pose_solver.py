@@ -6,8 +6,7 @@ import pytest
 
 from nvsm_jax import geometry, meshes
 from nvsm_jax import pose_solver as ps
-
-rasterizer = pytest.importorskip("rasterizer")
+import rasterizer
 
 MESH = meshes.cuboid_mesh([-0.8, -1.6, -0.6], [0.8, 1.6, 0.6], 500)
 

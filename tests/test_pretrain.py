@@ -99,9 +99,7 @@ def _smooth_noise(n, size, seed):
     return np.clip(big, 0, 255).astype(np.uint8)
 
 
-def test_tiny_pretrain_on_8_devices_decreases_loss(tmp_path):
-    if jax.device_count() < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_tiny_pretrain_on_8_devices_decreases_loss(tmp_path, eight_devices):
     n = 16
     images = _smooth_noise(n, (32, 32), 0)
     pool = UnlabelledSet("car", tuple(f"u{i}" for i in range(n)), images,

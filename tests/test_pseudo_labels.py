@@ -50,13 +50,23 @@ def test_select_applies_threshold_margin_cap_and_candidates():
     assert len(empty) == 0
 
 
-def test_pseudo_labels_extend_and_round_trip():
-    a = pl.PseudoLabels(np.array([1, 2]), np.zeros((2, 4), np.float32), np.ones(2, np.float32),
-                        np.array([0, 0]), np.array([True, True]), np.array([1, 1]))
+def test_pseudo_labels_extend_and_round_trip(tmp_path):
+    rng = np.random.default_rng(0)
+    a = pl.PseudoLabels(np.array([1, 2]), rng.normal(size=(2, 4)).astype(np.float32),
+                        np.array([0.7, 0.4], np.float32), np.array([3, 0]),
+                        np.array([True, False]), np.array([1, 2]))
+    np.savez(tmp_path / "pl.npz", **a.to_dict())              # the per-round file format
+    for b in (pl.PseudoLabels.from_dict(a.to_dict()),
+              pl.PseudoLabels.from_dict(np.load(tmp_path / "pl.npz"))):
+        for f in ("index", "poses", "score", "source", "source_is_labelled", "round"):
+            np.testing.assert_array_equal(getattr(b, f), getattr(a, f), err_msg=f)
+            assert getattr(b, f).dtype == getattr(a, f).dtype, f
     b = pl.PseudoLabels.from_dict(a.to_dict())
     b.index = np.array([5, 6])
     c = a.extend(b)
-    assert len(c) == 4
+    np.testing.assert_array_equal(c.index, [1, 2, 5, 6])
+    np.testing.assert_array_equal(c.source_is_labelled, [True, False, True, False])
+    np.testing.assert_allclose(c.take([3, 0]).score, [0.4, 0.7], rtol=1e-6)
     with pytest.raises(ValueError, match="already"):
         c.extend(a)
 

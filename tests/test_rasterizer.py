@@ -212,9 +212,7 @@ def test_no_retrace_on_same_shapes():
     assert hard._rasterize._cache_size() == n
 
 
-def test_sharded_batch_matches_single_device():
-    if len(jax.devices()) < 8:
-        pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+def test_sharded_batch_matches_single_device(eight_devices):
     verts, faces = mesh("cuboid")
     sv = screen(verts, poses(8, seed=9))
     attrs = jnp.asarray(verts, jnp.float32)

@@ -47,8 +47,7 @@ def _assert_close(a, b, atol, adam_lr=None, steps=0):
         assert np.mean(diff > atol) <= 0.01, np.mean(diff > atol)
 
 
-@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (forced CPU) devices")
-def test_one_vs_eight_devices_and_resume_after_kill(tmp_path):
+def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     data = _toy_set()
     mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
@@ -142,8 +141,7 @@ def test_quiet_checkpoint_logs_drops_only_orbax_info():
     assert handler.filter(record(ours, py_logging.INFO))
 
 
-@pytest.mark.skipif(len(jax.devices()) < 8, reason="needs 8 (forced CPU) devices")
-def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path):
+def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devices):
     """Two overlapping CPU programs with collectives can deadlock XLA's shared thread
     pool, so on several CPU devices step s + 1 is dispatched only once step s is done."""
     mesh = parallel.make_mesh(8)
