@@ -347,6 +347,7 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
     model = build_classifier(config)
     schedule = _schedule(config)
     rep = parallel.replicated(mesh_axes)
+    frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
 
     def step(state: training.TrainState, batch, key):
         del key  # the model is deterministic; kept for the shared step signature
@@ -355,6 +356,8 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
         mutable = list(state.model_state.keys()) if state.model_state else False
 
         def loss_fn(params):
+            if frozen is not None:          # no backward through the frozen stages
+                params = training.stop_gradient_where(params, frozen)
             out = model.apply(state.variables(params), images, train=True, mutable=mutable)
             logits, new_ms = out if mutable else (out, state.model_state)
             loss, m = classification_loss(logits, bins, config)

@@ -146,6 +146,8 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
     stride = config.model.stride
     render_stride = config.get("render_stride") or stride
     _, schedule = make_optimizer(config)
+    frozen = backbone.frozen_encoder_filter(config.model.backbone,
+                                            config.model.get("frozen_stages"))
 
     def step(state: training.TrainState, batch, key):
         images = backbone.preprocess(batch["image"])
@@ -153,6 +155,8 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
         mutable = list(state.model_state.keys()) if state.model_state else False
 
         def loss_fn(params):
+            if frozen is not None:          # no backward through the frozen stages
+                params = training.stop_gradient_where(params, frozen)
             out = model.apply(state.variables(params), images, train=True, mutable=mutable)
             fmap, new_model_state = out if mutable else (out, state.model_state)
             vf = feat.vertex_features(fmap, verts, faces, normals, batch["pose"], batch["focal"],

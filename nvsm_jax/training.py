@@ -50,7 +50,7 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 
-__all__ = ["TrainState", "replace_weights", "freeze", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
+__all__ = ["TrainState", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
 
@@ -161,6 +161,15 @@ def freeze(tx: optax.GradientTransformation, is_frozen: Callable[[tuple[str, ...
             else "train", params)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+
+
+def stop_gradient_where(params, is_frozen: Callable[[tuple[str, ...]], bool]):
+    """``params`` with ``lax.stop_gradient`` on the leaves where ``is_frozen(path)``:
+    inside a loss, the backward pass then stops there (XLA drops the frozen layers'
+    weight gradients, and everything before them that only they needed)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jax.lax.stop_gradient(x)
+        if is_frozen(tuple(getattr(k, "key", str(k)) for k in path)) else x, params)
 
 
 def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh):
