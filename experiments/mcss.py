@@ -1,164 +1,27 @@
-"""MCSS experiment: data -> (MCSS, baseline) x supervision levels -> metrics, retrieval.
+"""MCSS experiment binary (the experiment itself: :mod:`nvsm_jax.mcss.experiment`).
 
     python -m experiments.mcss --config experiments/configs/mcss.py:demo --workdir runs/mcss_demo
-
-Writes to WORKDIR: ``data/`` (synthetic benchmark, unless ``config.data.root``),
-``runs/<method>_<level>/`` (checkpoints + metrics.jsonl; re-running resumes),
-``results.json``, ``report.md``, ``retrieval.png``.
 """
 
-from __future__ import annotations
-
-import json
-import os
-import re
-import time
-
-import jax
-import numpy as np
+from absl import app, flags, logging
+from ml_collections import config_flags
 
 from nvsm_jax import parallel, training
-from nvsm_jax.mcss import data as mdata
-from nvsm_jax.mcss import h36m, retrieval
-from nvsm_jax.mcss import train as mtrain
+from nvsm_jax.mcss.experiment import train_and_evaluate
 
-__all__ = ["run", "main"]
-
-
-def _slug(level: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", level)
-
-
-def _eval_model(model, state, test, mesh, cfg, with_pose: bool = True, embedding: str = "head"):
-    emb, pose = mtrain.predict(model, state, test.images, mesh, embedding=embedding)
-    row = mtrain.evaluate_poses(pose, test.pose3d) if with_pose else {}
-    ret = retrieval.retrieval_scores(emb, test.pose3d, test.view, query_view=cfg.eval.query_view,
-                                     ks=tuple(cfg.eval.ks), threshold=cfg.eval.hit_threshold)
-    return row, ret
-
-
-def run(config, workdir: str, log=print) -> dict:
-    """The whole experiment; returns the results dict (also written to disk)."""
-    t0 = time.time()
-    os.makedirs(workdir, exist_ok=True)
-    training.save_config(config, workdir)
-    if config.get("compilation_cache", ""):
-        jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    mesh = parallel.make_mesh(config.num_devices or None)
-    root = config.data.root or os.path.join(workdir, "data")
-    if config.data.generate:
-        mdata.generate_dataset(root, subjects=tuple(config.data.train_subjects) +
-                               tuple(config.data.test_subjects), actions=config.data.actions,
-                               num_frames=config.data.num_frames, num_views=config.data.num_views,
-                               image_size=tuple(config.data.image_size), seed=config.seed,
-                               noise_std=config.data.noise_std, log=log)
-    t_data = time.time() - t0
-    size = tuple(config.data.image_size)
-    train_data = h36m.load_dataset(root, config.data.train_subjects, config.data.actions, size)
-    test = h36m.load_dataset(root, config.data.test_subjects, config.data.actions, size)
-    log(f"[mcss] data ready in {t_data:.0f}s: train {len(train_data)} frames, test {len(test)}")
-
-    rows, figure_src = [], None
-    for level in config.supervision_levels:
-        mask = mtrain.supervision_mask(train_data, level, config.seed)
-        ts = mtrain.make_train_set(train_data, mask)
-        n_inst = int(mask.sum())
-        for method in config.methods:
-            t1 = time.time()
-            run_dir = os.path.join(workdir, "runs", f"{method}_{_slug(level)}")
-            model, state = mtrain.train(ts, config.train, run_dir, method=method, mesh=mesh,
-                                        seed=config.seed, log=log)
-            # The baseline's embedding head gets no gradient (and Adam-normalised L2 decay
-            # shrinks it to zero); by default it is judged by the features it did learn.
-            emb_kind = config.eval.get("baseline_embedding", "features") \
-                if method == "baseline" else "head"
-            row, ret = _eval_model(model, state, test, mesh, config, embedding=emb_kind)
-            row.update(method=method, embedding=emb_kind, supervision=level, labelled_frames=n_inst,
-                       labelled_fraction=n_inst / len(train_data),
-                       retrieval={k: v for k, v in ret["pa_mpjpe"].items()},
-                       hit=ret["hit"], seconds=time.time() - t1)
-            rows.append(row)
-            log(f"[mcss] {method:8s} {level:10s} MPJPE {row['mpjpe']:.1f} "
-                f"N-MPJPE {row['n_mpjpe']:.1f} PA-MPJPE {row['pa_mpjpe']:.1f} "
-                f"ret@1 {ret['pa_mpjpe']['1']:.1f} ({row['seconds']:.0f}s)")
-            if method == "mcss" and figure_src is None:
-                figure_src = (ret, level)
-
-    # Random embedding: the same network untrained (or gaussian vectors).
-    model, state = mtrain.init_state(config.train, mesh, size, config.seed + 1)
-    row, ret = _eval_model(model, state, test, mesh, config)
-    if config.eval.random_embedding == "gaussian":
-        emb = np.random.default_rng(config.seed).normal(size=(len(test), 64))
-        ret = retrieval.retrieval_scores(emb, test.pose3d, test.view,
-                                         query_view=config.eval.query_view,
-                                         ks=tuple(config.eval.ks),
-                                         threshold=config.eval.hit_threshold)
-    row.update(method="random", supervision="none", retrieval=ret["pa_mpjpe"], hit=ret["hit"])
-    rows.append(row)
-
-    fig_path = None
-    if figure_src is not None:
-        ret, level = figure_src
-        fig_path = retrieval.save_retrieval_figure(
-            os.path.join(workdir, "retrieval.png"), test.images, ret["queries"],
-            ret["neighbours"], ret["errors"], test.view, rows=config.eval.figure_rows,
-            title=f"MCSS ({level}): query (left) and top-5 from other views, PA-MPJPE")
-    results = {"rows": rows, "data_seconds": t_data, "total_seconds": time.time() - t0,
-               "test_frames": len(test), "train_frames": len(train_data),
-               "devices": int(mesh.devices.size), "figure": fig_path}
-    if parallel.is_main_process():
-        with open(os.path.join(workdir, "results.json"), "w") as f:
-            json.dump(results, f, indent=1)
-        with open(os.path.join(workdir, "report.md"), "w") as f:
-            f.write(report_markdown(results, config))
-    log(f"[mcss] done in {results['total_seconds']:.0f}s -> {workdir}/results.json")
-    return results
-
-
-def report_markdown(results: dict, config) -> str:
-    ks = [str(k) for k in config.eval.ks]
-    lines = ["# MCSS on the synthetic multi-view benchmark", "",
-             f"Train frames {results['train_frames']}, test frames {results['test_frames']} "
-             f"(subjects {', '.join(config.data.test_subjects)}), {results['devices']} device(s), "
-             f"total {results['total_seconds']:.0f}s (data {results['data_seconds']:.0f}s).", "",
-             "## 3D pose (mm, test subjects)", "",
-             "| method | supervision | labelled frames | MPJPE | N-MPJPE | PA-MPJPE |",
-             "|---|---|---|---|---|---|"]
-    for r in results["rows"]:
-        lines.append(f"| {r['method']} | {r['supervision']} | {r.get('labelled_frames', 0)} | "
-                     f"{r['mpjpe']:.1f} | {r['n_mpjpe']:.1f} | {r['pa_mpjpe']:.1f} |")
-    lines += ["", f"## Cross-view retrieval (queries: camera {config.eval.query_view}; gallery: "
-              "the other cameras). Mean PA-MPJPE (mm) of the top-k; Hit@k under "
-              f"{config.eval.hit_threshold:g} mm", "",
-              "| method | supervision | " + " | ".join(f"PA@{k}" for k in ks) + " | " +
-              " | ".join(f"Hit@{k}" for k in ks) + " |",
-              "|---|---|" + "---|" * (2 * len(ks))]
-    for r in results["rows"]:
-        lines.append(f"| {r['method']} | {r['supervision']} | " +
-                     " | ".join(f"{r['retrieval'][k]:.1f}" for k in ks) + " | " +
-                     " | ".join(f"{r['hit'][k]:.2f}" for k in ks) + " |")
-    if results.get("figure"):
-        lines += ["", "![retrieval](retrieval.png)"]
-    return "\n".join(lines) + "\n"
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "experiments/configs/mcss.py:demo")
+flags.DEFINE_string("workdir", None, "output directory")
+flags.mark_flags_as_required(["config", "workdir"])
 
 
 def main(argv):
     del argv
-    from absl import flags
-
-    from absl import logging
-
-    logging.set_verbosity(logging.WARNING)   # orbax logs every save at INFO
+    logging.set_verbosity(logging.INFO)
+    training.quiet_checkpoint_logs()         # orbax logs every save at INFO
     parallel.initialize()
-    run(flags.FLAGS.config, flags.FLAGS.workdir)
+    train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
 if __name__ == "__main__":
-    from absl import app, flags
-    from ml_collections import config_flags
-
-    config_flags.DEFINE_config_file("config", None, "experiments/configs/mcss.py:demo")
-    flags.DEFINE_string("workdir", None, "output directory")
-    flags.mark_flags_as_required(["config", "workdir"])
     app.run(main)

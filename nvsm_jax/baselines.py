@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nvsm_jax import parallel, training
+from nvsm_jax import parallel, pretrain, training
+from nvsm_jax.data import pipeline
 from nvsm_jax.models import backbone, weights
 
 log = logging.getLogger(__name__)
@@ -396,7 +397,6 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     the classifier's ``apply``). Writes ``config.json``, ``metrics.jsonl``
     (loss, per-head ce/acc, grad_norm, lr, images_per_s) and ``checkpoints/``.
     """
-    from nvsm_jax.data import pipeline
 
     if isinstance(config, dict) or hasattr(config, "to_dict") and not isinstance(
             config, ClassifierConfig):
@@ -412,7 +412,6 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     image_hw = train_set.image_size
     state = init_classifier_state(config, image_hw, mesh_axes)
     if pretrained is not None:
-        from nvsm_jax import pretrain
         state = pretrain.apply_pretrained(state, pretrained, subtree="encoder")
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=config.keep_checkpoints)

@@ -29,7 +29,9 @@ import time
 
 import numpy as np
 
-from nvsm_jax import evaluation
+from nvsm_jax import (baselines, evaluation, figures, pose_solver, pretrain, semi_supervised,
+                      train)
+from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,9 @@ METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
 
 
 def ensure_data(config, workdir) -> tuple[str, str]:
-    """(train_root, test_root), generating the synthetic benchmark if needed."""
+    """(train_root, test_root), generating the synthetic benchmark if needed (the
+    generator's settings ``config.data.synthetic``, with the experiment's categories,
+    counts, image size, seed and occlusion levels)."""
     train_root, test_root = config.get("data_root") or "", config.get("test_root") or ""
     if train_root and test_root:
         for root in (train_root, test_root):
@@ -52,10 +56,8 @@ def ensure_data(config, workdir) -> tuple[str, str]:
         return train_root, test_root
     if not config.data.generate:
         raise FileNotFoundError("config.data_root/test_root are empty and data.generate is False")
-    from experiments.configs import synthetic as synthetic_config
-    from nvsm_jax.data import synthetic
 
-    sc = synthetic_config.get_config(config.data.variant)
+    sc = copy.deepcopy(config.data.synthetic)
     sc.categories = config.categories
     sc.num_train = config.data.num_train
     sc.num_test = config.data.num_test
@@ -104,17 +106,15 @@ def _nemo_config(config, num_labelled, steps):
 
 
 def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
-    from nvsm_jax import pose_solver, semi_supervised, train
 
     c = _nemo_config(config, num_labelled, steps)
     state = train.train_and_evaluate(c, cell, train_set=train_set, model_mesh=mesh)
-    nemo = semi_supervised.nemo_model(c, train.build_model(c), state, mesh)
+    nemo = train.nemo_model(c, train.build_model(c), state, mesh)
     solver = pose_solver.SolverConfig.from_dict(c.solver.to_dict())
-    return semi_supervised.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size)
+    return train.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size)
 
 
 def _run_cls(config, cell, labelled, test_sets):
-    from nvsm_jax import baselines
 
     c = baselines.ClassifierConfig(
         backbone=config.model.backbone, norm=config.model.norm,
@@ -130,7 +130,6 @@ def _run_cls(config, cell, labelled, test_sets):
                                                                  config.cls.num_steps)))
     pretrained = None
     if config.get("pretrain_workdir"):      # the encoder the NeMo rows start from, too
-        from nvsm_jax import pretrain
         pretrained = pretrain.load_pretrained_params(config.pretrain_workdir)
     state = baselines.train_classifier(c, labelled, cell, pretrained=pretrained)
     out = {}
@@ -142,7 +141,6 @@ def _run_cls(config, cell, labelled, test_sets):
 
 def _nvsm_figures(cell, out, test_sets, mesh, config):
     """Pictures of one NVSM run (best effort: a failing plot never loses results)."""
-    from nvsm_jax import figures, semi_supervised, train
 
     paths = {}
     try:
@@ -153,7 +151,7 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
                                                   os.path.join(cell, "coverage.png"))
         test = test_sets.get("L0") or next(iter(test_sets.values()))
         k = min(8, len(test))
-        nemo = semi_supervised.nemo_model(config, train.build_model(config), out["state"], mesh)
+        nemo = train.nemo_model(config, train.build_model(config), out["state"], mesh)
         maps = np.asarray(train.feature_fn(nemo)(test.images[:k]))
         paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), mesh.verts,
                                                test.images[:k], os.path.join(cell, "features_pca.png"))
@@ -167,7 +165,6 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
 
 
 def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
-    from nvsm_jax import semi_supervised
 
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
@@ -186,7 +183,6 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
     steps = int(config.get("pretrain_steps") or 0)
     if steps <= 0 or config.get("pretrain_workdir"):   # none wanted, or given from outside
         return config
-    from nvsm_jax import pretrain
 
     c = copy.deepcopy(config)
     c.pretrain_workdir = os.path.join(workdir, f"pretrain_{category}")
@@ -202,7 +198,6 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
 
 def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md)."""
-    from nvsm_jax.data import load_model_mesh, load_pose_set
 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -230,7 +225,6 @@ def train_and_evaluate(config, workdir) -> str:
                 elif method == "nemo":
                     res = _run_nemo(cfg, cell, train_set, mesh, test_sets, n, cfg.fewshot_steps)
                 elif method == "cls_baseline":
-                    from nvsm_jax.data import fewshot
                     labelled = fewshot.split_from_config(train_set, n, cfg).labelled
                     res = _run_cls(cfg, cell, labelled, test_sets)
                 else:

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from nvsm_jax import geometry
+from rasterizer import rasterize, vertex_visibility
 
 __all__ = ["bilinear_sample", "l2_normalize", "render_fragments", "silhouette_mask",
            "VertexFeatures", "vertex_features", "view_weights", "MemoryBank", "init_memory",
@@ -65,8 +66,6 @@ def render_fragments(verts, faces, pose, focal, principal, image_hw):
     verts: [V, 3] world; faces: [F, 3]; pose: [..., 4]; focal: [...];
     principal: [..., 2] (all for the ``image_hw`` map) -> (Fragments, screen [..., V, 3]).
     """
-    from rasterizer import rasterize
-
     screen = geometry.project_to_screen(jnp.asarray(verts), pose, focal, principal)
     return rasterize(screen, jnp.asarray(faces), image_size=tuple(image_hw)), screen
 
@@ -108,8 +107,6 @@ def vertex_features(feature_map, verts, faces, normals, pose, focal, principal, 
     rasteriser on a render at ``H / render_stride`` (default ``stride``) and
     requires the projection to lie inside the image; it carries no gradient.
     """
-    from rasterizer import vertex_visibility
-
     b, h, w, _ = feature_map.shape
     render_stride = render_stride or stride
     big_h, big_w = h * stride, w * stride

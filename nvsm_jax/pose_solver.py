@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nvsm_jax import geometry
+from nvsm_jax import geometry, parallel
 from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
@@ -225,7 +225,6 @@ def solve_batched(feature_fn, images, vertex_memory, clutter, verts, faces, foca
 
     The last chunk is padded to ``batch_size`` (one compilation) and cut back.
     """
-    from nvsm_jax import parallel
 
     n = len(images)
     outs = []

@@ -66,6 +66,7 @@ import numpy as np
 import optax
 
 from nvsm_jax import parallel, training
+from nvsm_jax.data import pipeline
 from nvsm_jax.models import backbone
 
 log = logging.getLogger(__name__)
@@ -174,7 +175,6 @@ def make_views(images: np.ndarray, stride: int, config: PretrainConfig,
     original-grid (row, col) of each sample; plus ``shift`` [B, 2, 2] int32
     (ty, tx per view) and ``flip`` [B, 2] bool.
     """
-    from nvsm_jax.data.pipeline import color_jitter
 
     images = np.asarray(images)
     b, height, width, _ = images.shape
@@ -194,7 +194,7 @@ def make_views(images: np.ndarray, stride: int, config: PretrainConfig,
             out[n] = x[:, ::-1] if flip[n, v] else x
         if config.jitter > 0:
             j = config.jitter
-            out = color_jitter(out, rng, j, j, j)
+            out = pipeline.color_jitter(out, rng, j, j, j)
         if config.noise_std > 0:
             noisy = out.astype(np.float32) + rng.normal(0, config.noise_std, out.shape)
             out = np.clip(np.rint(noisy), 0, 255).astype(np.uint8)
@@ -419,7 +419,6 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
     stop_after: stop after this many steps of this call (simulated kill).
     Returns :class:`Pretrained` (host numpy ``params`` / ``model_state`` trees).
     """
-    from nvsm_jax.data import pipeline
 
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)

@@ -53,12 +53,12 @@ import numpy as np
 from nvsm_jax import features as feat
 from nvsm_jax import (evaluation, matching, meshes, parallel, pose_solver,
                       pseudo_labels, synthesis, train, training)
-from nvsm_jax.data import PoseSet, fewshot, loaders
+from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundResult", "extract_features", "e_step", "mirrored_sources", "training_set",
-           "run_nvsm", "load_progress", "nemo_model", "evaluate_nemo"]
+           "run_nvsm", "load_progress"]
 
 
 @dataclasses.dataclass
@@ -211,7 +211,6 @@ def mirrored_sources(feature_fn, batch_size, images, maps, poses, focal, princip
     their x = 0 plane (cars, most PASCAL3D+ classes): the mirror of an image at
     ``(a, e, t)`` shows the object at ``(2 pi - a, e, -t)``, a free second view.
     """
-    from nvsm_jax.data import pipeline
 
     width = images.shape[2]
     flipped = np.ascontiguousarray(images[:, :, ::-1])
@@ -265,7 +264,6 @@ def _round_path(workdir, r):
 def _m_step(config, state, train_step, data: PoseSet, start: int, num_steps: int, round_index,
             mesh_axes, writer, progress: bool):
     """CoKe steps ``start .. start + num_steps`` on ``data`` (batches keyed by round)."""
-    from nvsm_jax.data import pipeline
 
     augment = pipeline.augment_from_config(config.get("augment"))
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
@@ -308,25 +306,6 @@ def _round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps, pl, rou
         return mirrored_sources(fn, config.eval_batch_size, images, maps, poses, focal,
                                 principal, ids, is_labelled)
     return maps, poses, focal, principal, ids, is_labelled
-
-
-def nemo_model(config, model, state, model_mesh) -> train.NemoModel:
-    """The inference bundle of a live TrainState."""
-    return train.NemoModel(model, state.variables(), state.aux, model_mesh, config)
-
-
-def evaluate_nemo(nemo: train.NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
-    """NeMo inference on ``{occlusion: PoseSet}`` -> ``{occlusion: {"errors" [N] rad,
-    "pred" [N, 4], "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
-    rows = {}
-    for occ, test in test_sets.items():
-        res = train.predict(nemo, test, solver_cfg, batch_size=batch_size)
-        err = evaluation.rotation_errors(res.pose, test.poses)
-        rows[occ] = {"errors": err, "pred": res.pose, "score": res.score,
-                     "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),
-                     "acc_pi_18": evaluation.accuracy_at(err, np.pi / 18),
-                     "med_err_deg": evaluation.median_error_deg(err)}
-    return rows
 
 
 def schedule_steps(config) -> int:
@@ -412,7 +391,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                 estep_cfg.max_new = int(config.estep.max_new) * r
             else:
                 candidates[pl.index] = False
-            nemo = nemo_model(config, model, state, model_mesh)
+            nemo = train.nemo_model(config, model, state, model_mesh)
             fn = train.feature_fn(nemo)
             pool_maps = extract_features(fn, unlabelled.images, config.eval_batch_size)
             src_maps, src_poses, src_focal, src_principal, src_ids, src_lab = _round_sources(
@@ -450,7 +429,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                  "num_views": num_views, "estep_seconds": e_seconds,
                  "round_seconds": time.time() - t0}
         if config.get("eval_every_round") and "L0" in test_sets:
-            res = evaluate_nemo(nemo_model(config, model, state, model_mesh),
+            res = train.evaluate_nemo(train.nemo_model(config, model, state, model_mesh),
                             {"L0": test_sets["L0"]}, solver_cfg, config.eval_batch_size)
             entry.update({f"test_{k}": v for k, v in res["L0"].items()
                           if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
@@ -470,6 +449,6 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     out = {"rounds": rounds, "pseudo_labels": pl, "state": state, "labelled": labelled,
            "unlabelled": unlabelled, "hidden": hidden}
     if stop_after_rounds is None and test_sets:
-        out["test"] = evaluate_nemo(nemo_model(config, model, state, model_mesh), test_sets, solver_cfg,
+        out["test"] = train.evaluate_nemo(train.nemo_model(config, model, state, model_mesh), test_sets, solver_cfg,
                                 config.eval_batch_size)
     return out

@@ -25,6 +25,7 @@ clutter ring.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -32,18 +33,21 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
+from nvsm_jax import evaluation, losses, meshes, parallel, pose_solver, pretrain, training
 from nvsm_jax import features as feat
-from nvsm_jax import losses, meshes, parallel, training
+from nvsm_jax.data import fewshot, loaders, pipeline
 from nvsm_jax.models import backbone, weights
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
            "make_optimizer", "init_state", "make_train_step", "train_and_evaluate", "NemoModel",
-           "load_model", "feature_fn", "predict", "evaluate_workdir"]
+           "load_model", "feature_fn", "predict", "evaluate_workdir", "nemo_model",
+           "evaluate_nemo"]
 
 
 def build_model(config) -> backbone.FeatureNet:
@@ -53,12 +57,9 @@ def build_model(config) -> backbone.FeatureNet:
                                      depthwise=m.get("depthwise"))
 
 
-
-
 def labelled_images(config, pool):
     """The images NeMo trains on: all of ``pool``, or its ``config.num_labelled``
     few-shot anchors (the same split as every other method of the experiment)."""
-    from nvsm_jax.data import fewshot
 
     if config.get("num_labelled"):
         return fewshot.split_from_config(pool, int(config.num_labelled), config).labelled
@@ -67,7 +68,6 @@ def labelled_images(config, pool):
 
 def load_train_set(config):
     """(PoseSet of the labelled training images, Mesh) from ``config.data_root``."""
-    from nvsm_jax.data import loaders
 
     train = loaders.load_pose_set(config.data_root, config.category, "L0")
     mesh = loaders.load_model_mesh(config.data_root, config.category)
@@ -130,7 +130,6 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
     if pretrained and config.get("pretrain_workdir"):
-        from nvsm_jax import pretrain
         state = pretrain.apply_pretrained(state,
                                           pretrain.load_pretrained_params(config.pretrain_workdir))
     return state
@@ -193,7 +192,6 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
 
 
 def _batch_iterator(config, train):
-    from nvsm_jax.data import pipeline
 
     return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
                                   augment=pipeline.augment_from_config(config.get("augment")))
@@ -260,17 +258,33 @@ class NemoModel(NamedTuple):
     config: Any
 
 
+def nemo_model(config, model, state, model_mesh) -> "NemoModel":
+    """The inference bundle of a live TrainState."""
+    return NemoModel(model, state.variables(), state.aux, model_mesh, config)
+
+
+def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
+    """NeMo inference on ``{occlusion: PoseSet}`` -> ``{occlusion: {"errors" [N] rad,
+    "pred" [N, 4], "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
+    rows = {}
+    for occ, test in test_sets.items():
+        res = predict(nemo, test, solver_cfg, batch_size=batch_size)
+        err = evaluation.rotation_errors(res.pose, test.poses)
+        rows[occ] = {"errors": err, "pred": res.pose, "score": res.score,
+                     "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),
+                     "acc_pi_18": evaluation.accuracy_at(err, np.pi / 18),
+                     "med_err_deg": evaluation.median_error_deg(err)}
+    return rows
+
+
 def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
     """Restores the latest checkpoint of a NeMo workdir (config from ``config.json``)."""
-    import ml_collections
-    import json
 
     workdir = os.fspath(workdir)
     if config is None:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ml_collections.ConfigDict(json.load(f))
     if model_mesh is None:
-        from nvsm_jax.data import loaders
         model_mesh = loaders.load_model_mesh(config.data_root, config.category)
     model = build_model(config)
     mesh_axes = parallel.make_mesh(1)
@@ -294,7 +308,6 @@ def feature_fn(nemo: NemoModel):
 def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
             progress: bool = False):
     """NeMo inference on a PoseSet -> :class:`nvsm_jax.pose_solver.SolveResult`."""
-    from nvsm_jax import pose_solver
 
     if solver_cfg is None:
         solver_cfg = pose_solver.SolverConfig.from_dict(nemo.config.solver.to_dict())
@@ -313,8 +326,6 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     ``test_root``); writes ``results.json`` / ``results.md``, ``predictions_<level>.npz``
     and ``error_distribution.png`` into ``out_dir`` (default the workdir) and returns
     the rows. The CLI is ``python -m experiments.evaluate``."""
-    from nvsm_jax import evaluation, pose_solver
-    from nvsm_jax.data import loaders
 
     nemo = nemo or load_model(workdir)
     cfg = nemo.config

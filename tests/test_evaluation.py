@@ -74,7 +74,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     model = nemo_train.build_model(cfg)
     mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
     state = nemo_train.init_state(cfg, model, len(mesh.verts), (32, 32), parallel.make_mesh(1))
-    nemo = semi_supervised.nemo_model(cfg, model, state, mesh)
+    nemo = nemo_train.nemo_model(cfg, model, state, mesh)
     out = str(tmp_path / "eval")
     rows = nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                          occlusions=["L0", "L3"], top_k=2)

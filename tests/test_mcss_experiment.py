@@ -8,12 +8,12 @@ import pytest
 
 @pytest.mark.slow
 def test_tiny_experiment_end_to_end_and_resume(tmp_path):
-    from experiments import mcss as exp
+    from nvsm_jax.mcss import experiment as exp
     from experiments.configs import mcss as mcss_config
 
     cfg = mcss_config.get_config("tiny")
     workdir = str(tmp_path / "w")
-    res = exp.run(cfg, workdir, log=None)
+    res = exp.train_and_evaluate(cfg, workdir, log=None)
     with open(os.path.join(workdir, "results.json")) as f:
         saved = json.load(f)
     methods = {(r["method"], r["supervision"]) for r in saved["rows"]}
@@ -26,5 +26,5 @@ def test_tiny_experiment_end_to_end_and_resume(tmp_path):
     assert os.path.exists(os.path.join(workdir, "report.md"))
     assert os.path.exists(os.path.join(workdir, "retrieval.png"))
     # Re-running resumes from the final checkpoints: same numbers.
-    res2 = exp.run(cfg, workdir, log=None)
+    res2 = exp.train_and_evaluate(cfg, workdir, log=None)
     assert res2["rows"][0]["mpjpe"] == pytest.approx(res["rows"][0]["mpjpe"], rel=1e-5)

@@ -17,7 +17,7 @@ All NeMo/CoKe settings (model, loss, optimiser, solver) come from
 import ml_collections
 import numpy as np
 
-from experiments.configs import nemo
+from experiments.configs import nemo, synthetic
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -32,7 +32,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.methods = ("cls_baseline", "nemo", "nvsm", "nemo_full")
     c.data = ml_collections.ConfigDict()
     c.data.generate = True              # render the synthetic benchmark if data_root is missing
-    c.data.variant = "default"          # experiments/configs/synthetic.py variant
+    # the generator's settings (experiments/configs/synthetic.py); the fields below and
+    # config.categories / eval_occlusions override its counts, size, seed and levels
+    c.data.synthetic = synthetic.get_config("tiny" if arg == "tiny" else "default")
     c.data.num_train = 1000
     c.data.num_test = 200
     c.data.image_size = (128, 128)
@@ -120,7 +122,6 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.data.num_train = 24
         c.data.num_test = 4
         c.data.image_size = (32, 32)
-        c.data.variant = "tiny"
         c.model.stride = 4
         c.batch_size = 8
         c.full_steps = 2

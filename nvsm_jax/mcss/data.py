@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import rasterizer
 from nvsm_jax import geometry as geo
 from nvsm_jax.mcss import skeleton as sk
 
@@ -138,8 +139,6 @@ def render_frames(joints_world, radii, colours, cam_pose, focal, principal, ligh
     bottom colour of a vertical gradient); noise_key: PRNG key.
     Returns uint8 images [N, H, W, 3].
     """
-    import rasterizer  # written in parallel; imported lazily
-
     unit_np, faces_np = capsule_template(segments)
     unit = jnp.asarray(unit_np)
     h, w = image_size
