@@ -261,9 +261,8 @@ def build_classifier(config: ClassifierConfig) -> PoseClassifier:
 
 
 def _schedule(config: ClassifierConfig):
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, max(1, min(config.warmup_steps, config.num_steps - 1)),
-        max(config.num_steps, 2), end_value=config.lr * config.final_lr_fraction)
+    return training.make_schedule(config.lr, config.num_steps, warmup_steps=config.warmup_steps,
+                                  final_lr_fraction=config.final_lr_fraction)
 
 
 @functools.lru_cache(maxsize=16)

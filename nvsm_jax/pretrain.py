@@ -311,9 +311,8 @@ def resolve_model(model_config_or_model) -> backbone.FeatureNet:
 
 
 def _schedule(config: PretrainConfig):
-    return optax.warmup_cosine_decay_schedule(
-        0.0, config.lr, max(1, min(config.warmup_steps, config.num_steps - 1)),
-        max(config.num_steps, 2), end_value=config.lr * config.final_lr_fraction)
+    return training.make_schedule(config.lr, config.num_steps, warmup_steps=config.warmup_steps,
+                                  final_lr_fraction=config.final_lr_fraction)
 
 
 @functools.lru_cache(maxsize=8)

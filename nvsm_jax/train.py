@@ -85,14 +85,8 @@ def make_optimizer(config):
 
     Returns (tx, schedule)."""
     o = config.optim
-    if o.schedule == "cosine":
-        schedule = optax.warmup_cosine_decay_schedule(
-            0.0, o.lr, max(1, min(o.warmup_steps, config.num_steps - 1)),
-            max(config.num_steps, 2), end_value=o.lr * o.final_lr_fraction)
-    elif o.schedule == "constant":
-        schedule = optax.constant_schedule(o.lr)
-    else:
-        raise ValueError(f"unknown lr schedule {o.schedule!r}")
+    schedule = training.make_schedule(o.lr, config.num_steps, warmup_steps=o.warmup_steps,
+                                      final_lr_fraction=o.final_lr_fraction, kind=o.schedule)
     tx = training.make_adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
                              grad_clip=o.get("grad_clip"), decoupled=o.get("decoupled", False))
     frozen = backbone.frozen_encoder_filter(config.model.backbone,

@@ -50,7 +50,7 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 
-__all__ = ["TrainState", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
+__all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
 
@@ -127,6 +127,23 @@ def replace_weights(state: TrainState, params, model_state=None, *,
                     ms[col] = t
         state = state.replace(model_state=ms)
     return state
+
+
+def make_schedule(lr: float, num_steps: int, *, warmup_steps: int = 0,
+                  final_lr_fraction: float = 0.05, kind: str = "cosine"):
+    """The learning-rate schedule every trainer uses.
+
+    ``"cosine"``: linear warm-up from 0 over ``warmup_steps`` (at least 1, at most
+    ``num_steps - 1``), then cosine decay to ``lr * final_lr_fraction`` at
+    ``num_steps``; ``"constant"``: ``lr``.
+    """
+    if kind == "cosine":
+        return optax.warmup_cosine_decay_schedule(
+            0.0, lr, max(1, min(int(warmup_steps), int(num_steps) - 1)), max(int(num_steps), 2),
+            end_value=lr * final_lr_fraction)
+    if kind == "constant":
+        return optax.constant_schedule(lr)
+    raise ValueError(f"unknown lr schedule {kind!r}: expected 'cosine' or 'constant'")
 
 
 def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: float = 0.999,

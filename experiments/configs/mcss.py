@@ -45,7 +45,8 @@ def get_config(arg: str = "demo"):
     t.pose_loss = "mpjpe"                 # "mpjpe" | "l1" | "mse" (metres)
     t.pose_weight = 1.0
     t.augment = 0.2                       # colour jitter strength (0 = off)
-    t.optim = ml_collections.ConfigDict(dict(lr=2e-3, warmup=50, weight_decay=1e-4, grad_clip=1.0))
+    t.optim = ml_collections.ConfigDict(dict(lr=2e-3, warmup=50, weight_decay=1e-4, grad_clip=1.0,
+                                             final_lr_fraction=0.05))
     t.multiview = ml_collections.ConfigDict(dict(
         kind="contrastive",               # "contrastive" | "triplet" (see DESIGN.md)
         weight=1.0, margin=0.2, temperature=0.1, squared=True, dt_min=8,

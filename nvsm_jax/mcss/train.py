@@ -162,9 +162,8 @@ def init_state(cfg, mesh, image_size, seed: int):
     key = ("init", _cfg_key(cfg), tuple(image_size), mesh)
     if key not in _CACHE:
         model = make_model(cfg.model)
-        sched = optax.warmup_cosine_decay_schedule(0.0, cfg.optim.lr,
-                                                   min(cfg.optim.warmup, cfg.steps),
-                                                   max(cfg.steps, 1), cfg.optim.lr * 0.05)
+        sched = training.make_schedule(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
+                                       final_lr_fraction=cfg.optim.final_lr_fraction)
         tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
 
         def init_fn(rng):
