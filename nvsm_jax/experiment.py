@@ -29,15 +29,15 @@ import time
 
 import numpy as np
 
-from nvsm_jax import (baselines, evaluation, figures, pose_solver, pretrain, semi_supervised,
-                      train)
+from nvsm_jax import (baselines, config_checks, evaluation, figures, pose_solver, pretrain,
+                      semi_supervised, train)
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 
 log = logging.getLogger(__name__)
 
 __all__ = ["ensure_data", "train_and_evaluate", "format_report"]
 
-METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
+METHODS = config_checks.METHODS
 
 
 def ensure_data(config, workdir) -> tuple[str, str]:
@@ -197,13 +197,11 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
 
 
 def train_and_evaluate(config, workdir) -> str:
-    """Runs every configured row; returns the markdown report (also in report.md)."""
-
+    """Runs every configured row; returns the markdown report (also in report.md).
+    Every enumerated option is checked first (:func:`nvsm_jax.config_checks.check_config`)."""
+    config_checks.check_config(config)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
-    unknown = set(config.methods) - set(METHODS)
-    if unknown:
-        raise ValueError(f"unknown methods {sorted(unknown)}; expected a subset of {METHODS}")
     train_root, test_root = ensure_data(config, workdir)
     all_rows, all_errors, by_azimuth = [], {}, []
     for category in [c for c in config.categories.split(",") if c]:

@@ -51,7 +51,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvsm_jax import features as feat
-from nvsm_jax import (evaluation, matching, meshes, parallel, pose_solver,
+from nvsm_jax import (config_checks, evaluation, matching, meshes, parallel, pose_solver,
                       pseudo_labels, synthesis, train, training)
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 
@@ -327,6 +327,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     (simulates a kill). Returns ``{"rounds": [...], "pseudo_labels":
     PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
     """
+    config_checks.check_config(config)
     workdir = os.fspath(workdir)
     os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
     config = copy.deepcopy(config)

@@ -37,7 +37,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from nvsm_jax import evaluation, losses, meshes, parallel, pose_solver, pretrain, training
+from nvsm_jax import (config_checks, evaluation, losses, meshes, parallel, pose_solver, pretrain,
+                      training)
 from nvsm_jax import features as feat
 from nvsm_jax.data import fewshot, loaders, pipeline
 from nvsm_jax.models import backbone, weights
@@ -204,6 +205,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
       loading ``config.data_root`` (tests, notebooks, the few-shot experiment).
     Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
     """
+    config_checks.check_config(config)
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     training.save_config(config, workdir)
