@@ -373,9 +373,8 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
 
 
 def _save_config(config: ClassifierConfig, workdir: str) -> None:
-    if parallel.is_main_process():
-        with open(os.path.join(workdir, "config.json"), "w") as f:
-            json.dump({"kind": "pose_classifier", **config.to_dict()}, f, indent=2)
+    """The run's record; refuses a workdir run with another config (training.save_config)."""
+    training.save_config({"kind": "pose_classifier", **config.to_dict()}, workdir)
 
 
 def train_classifier(config: ClassifierConfig, train_set, workdir, *,

@@ -30,7 +30,7 @@ import time
 import numpy as np
 
 from nvsm_jax import (baselines, config_checks, evaluation, figures, pose_solver, pretrain,
-                      semi_supervised, train)
+                      semi_supervised, train, training)
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 
 log = logging.getLogger(__name__)
@@ -201,7 +201,7 @@ def train_and_evaluate(config, workdir) -> str:
     Every enumerated option is checked first (:func:`nvsm_jax.config_checks.check_config`)."""
     config_checks.check_config(config)
     workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
+    training.save_config(config, workdir)      # refuses a changed config on a rerun
     train_root, test_root = ensure_data(config, workdir)
     all_rows, all_errors, by_azimuth = [], {}, []
     for category in [c for c in config.categories.split(",") if c]:

@@ -51,7 +51,8 @@ from flax.training import train_state
 from nvsm_jax import parallel
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "save_config", "Throughput", "make_adamw", "quiet_checkpoint_logs",
+           "progress_bar", "save_config", "ConfigMismatchError", "config_differences",
+           "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
 
 
@@ -346,17 +347,85 @@ class DataclassConfig:
         return cls(**{k: v for k, v in dict(d).items() if k in names})
 
 
-def save_config(config, workdir, filename: str = "config.json") -> str:
-    """Writes an ml_collections config (JSON, best effort; else ``str``)."""
-    os.makedirs(os.fspath(workdir), exist_ok=True)
-    path = os.path.join(os.fspath(workdir), filename)
+# Keys that may change between a run and its resumption: they choose what is
+# evaluated, logged or added (the few-shot experiment's cells), not what is trained.
+RESUME_FREE_KEYS = ("eval_limit", "eval_batch_size", "eval_occlusions", "eval_at_end",
+                    "eval_every_round", "log_every", "num_devices", "checkpoint_every",
+                    "keep_checkpoints", "test_root", "methods", "annotations", "categories",
+                    "restart")
+
+
+class ConfigMismatchError(ValueError):
+    """A workdir holds a run made with another config."""
+
+
+def _config_text(config) -> str:
     try:
-        text = config.to_json_best_effort(indent=2)
+        return config.to_json_best_effort(indent=2)
     except AttributeError:
-        text = json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
+        return json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
+
+
+def _flatten_json(tree, prefix=""):
+    out = {}
+    if isinstance(tree, dict):
+        for k, v in tree.items():
+            out.update(_flatten_json(v, f"{prefix}{k}."))
+    else:
+        out[prefix[:-1]] = tree
+    return out
+
+
+def config_differences(old: dict, new: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
+    """``"key: old -> new"`` for every dotted key that differs outside ``free_keys``."""
+    a, b = _flatten_json(old), _flatten_json(new)
+    free = lambda k: any(k == f or k.startswith(f + ".") for f in free_keys)  # noqa: E731
+    return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
+            for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]
+
+
+def save_config(config, workdir, filename: str = "config.json", *,
+                free_keys=RESUME_FREE_KEYS) -> str:
+    """Writes an ml_collections config (JSON, best effort; else ``str``) as the run's record.
+
+    If ``workdir`` already holds ``filename`` from a run with a different config
+    (outside ``free_keys``), raises :class:`ConfigMismatchError` naming every
+    differing key, before anything is overwritten: resuming it with another model
+    or schedule would mix two runs. With ``config.restart`` set, the workdir's
+    previous files (all but a generated ``data/`` folder) move to
+    ``replaced-<UTC time>/`` first and the run starts over; nothing is deleted.
+    """
+    workdir = os.fspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, filename)
+    text = _config_text(config)
+    if os.path.exists(path) and parallel.is_main_process():
+        try:
+            with open(path) as f:
+                old = json.load(f)
+            diffs = config_differences(old, json.loads(text), free_keys)
+        except (json.JSONDecodeError, OSError, TypeError, ValueError) as err:
+            diffs = [f"<{path} unreadable: {err}>"]
+        restart = bool(config.get("restart")) if hasattr(config, "get") else False
+        if diffs and not restart:
+            shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs)} keys)" if len(diffs) > 12 else "")
+            raise ConfigMismatchError(
+                f"{path}: this workdir holds a run with another config ({shown}). Rerun with "
+                "the same config, use a new --workdir, or pass --config.restart=True to move "
+                "the old run aside and start over")
+        if diffs:
+            aside = os.path.join(workdir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
+            os.makedirs(aside)
+            for name in os.listdir(workdir):
+                if name != "data" and not name.startswith("replaced-"):
+                    os.replace(os.path.join(workdir, name), os.path.join(aside, name))
+            logging.getLogger(__name__).warning("config changed (%s): the previous run moved to %s",
+                                                "; ".join(diffs[:5]), aside)
     if parallel.is_main_process():
-        with open(path, "w") as f:
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
             f.write(text)
+        os.replace(tmp, path)
     return path
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from experiments.configs import nvsm as nvsm_config
-from nvsm_jax import experiment, pretrain
+from nvsm_jax import experiment, pretrain, training
 
 
 def _tiny(**overrides):
@@ -80,6 +80,18 @@ def test_rows_start_from_the_pretrained_backbone_and_rerun_resumes(quick_run):
     assert experiment.train_and_evaluate(c, workdir) == report   # every cell loaded, not rerun
     for cell, t in stamp.items():
         assert os.path.getmtime(os.path.join(workdir, cell, "rows.json")) == t
+
+
+def test_rerun_with_a_changed_config_is_refused(quick_run):
+    c, workdir, _ = quick_run
+    saved = json.load(open(os.path.join(workdir, "config.json")))   # the run's own record
+    assert saved["fewshot_steps"] == c.fewshot_steps
+    changed = _tiny(methods=("nemo", "nvsm"), eval_occlusions=("L0",), eval_every_round=False)
+    changed.fewshot_steps = 3
+    changed.model.feature_dim = 16
+    with pytest.raises(training.ConfigMismatchError, match="fewshot_steps: 2 -> 3"):
+        experiment.train_and_evaluate(changed, workdir)
+    assert json.load(open(os.path.join(workdir, "config.json"))) == saved
 
 
 @pytest.mark.slow

@@ -73,6 +73,13 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     assert json.load(open(tmp_path / "a" / "config.json"))["batch_size"] == 8
     ckpt = training.Checkpointer(tmp_path / "a" / "checkpoints")
     assert ckpt.latest_step() == 4
+    # a rerun with another model refuses before training (it used to restore the old
+    # checkpoint into the new shapes and die inside flax)
+    changed = _config()
+    changed.model.feature_dim = 16
+    with pytest.raises(training.ConfigMismatchError, match=r"model\.feature_dim: 32 -> 16"):
+        nemo_train.train_and_evaluate(changed, tmp_path / "a", train_set=data, model_mesh=mesh,
+                                      progress=False)
     ckpt.close()
 
 
@@ -172,3 +179,33 @@ def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devi
     assert all(seen), seen
     x = parallel.replicate(np.ones(3, np.float32), parallel.make_mesh(1))
     assert parallel.wait_if_cpu_collectives(x, parallel.make_mesh(1)) is x
+
+
+def test_save_config_refuses_a_changed_config_and_restart_moves_the_old_run(tmp_path):
+    import ml_collections
+
+    c = ml_collections.ConfigDict({"seed": 0, "restart": False, "eval_limit": 5,
+                                   "model": {"feature_dim": 128, "backbone": "small"}})
+    work = tmp_path / "w"
+    training.save_config(c, work)
+    (work / "checkpoints").mkdir()
+    (work / "data").mkdir()
+    training.save_config(c, work)                               # same config: resumes
+    c.eval_limit = 50                                           # evaluation only: allowed
+    training.save_config(c, work)
+    c.model.feature_dim = 16
+    with pytest.raises(training.ConfigMismatchError,
+                       match=r"model\.feature_dim: 128 -> 16.*--config\.restart=True"):
+        training.save_config(c, work)
+    assert json.load(open(work / "config.json"))["model"]["feature_dim"] == 128  # untouched
+    (work / "config.json").write_text('{"seed": 0, "mod')       # truncated record
+    with pytest.raises(training.ConfigMismatchError, match="unreadable"):
+        training.save_config(c, work)
+    (work / "config.json").write_text(json.dumps({"seed": 0, "model": {"feature_dim": 128}}))
+    c.restart = True
+    training.save_config(c, work)
+    aside = [p for p in work.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and (aside[0] / "checkpoints").is_dir()
+    assert json.load(open(aside[0] / "config.json"))["model"]["feature_dim"] == 128
+    assert (work / "data").is_dir() and not (work / "checkpoints").exists()
+    assert json.load(open(work / "config.json"))["model"]["feature_dim"] == 16

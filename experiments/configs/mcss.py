@@ -18,6 +18,7 @@ import ml_collections
 def get_config(arg: str = "demo"):
     c = ml_collections.ConfigDict()
     c.seed = 0
+    c.restart = False      # True: a workdir run with another config is moved aside, then rerun
     # --- data -------------------------------------------------------------------
     c.data = ml_collections.ConfigDict()
     c.data.root = ""                      # "" -> WORKDIR/data (synthetic, generated once)

@@ -28,6 +28,8 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
                                         #   "pose_coverage" = the rule of earlier tables
     c.image_size = (128, 128)           # informative: the data's own size is used
     c.seed = 0
+    c.restart = False                   # True: a workdir run with another config is moved
+    #                                     aside (replaced-<time>/) and the run starts over
     c.num_devices = ml_collections.config_dict.placeholder(int)   # None = all
 
     c.model = ml_collections.ConfigDict()
