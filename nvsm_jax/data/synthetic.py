@@ -41,8 +41,11 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+import rasterizer
 from nvsm_jax import geometry, meshes
 from nvsm_jax.data import appearance, shapes
 from nvsm_jax.data.format import (OCCLUSION_LEVELS, save_npz, save_png, subset_name,
@@ -157,10 +160,6 @@ def _render_fn(hw, supersample):
     key = (tuple(hw), supersample)
     if key in _RENDER_CACHE:
         return _RENDER_CACHE[key]
-    import jax
-    import jax.numpy as jnp
-    import rasterizer
-
     h, w = hw
     s = supersample
 
@@ -263,9 +262,6 @@ def render_instances(instances, poses, focal, principal, lights, textures, color
 def _silhouette_fn(hw, supersample):
     key = ("silhouette", tuple(hw), supersample)
     if key not in _RENDER_CACHE:
-        import jax
-        import jax.numpy as jnp
-        import rasterizer
         h, w = hw
         s = supersample
 
