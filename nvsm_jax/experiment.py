@@ -106,7 +106,6 @@ def _nemo_config(config, num_labelled, steps):
 
 
 def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
-
     c = _nemo_config(config, num_labelled, steps)
     state = train.train_and_evaluate(c, cell, train_set=train_set, model_mesh=mesh)
     nemo = train.nemo_model(c, train.build_model(c), state, mesh)
@@ -115,7 +114,6 @@ def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
 
 
 def _run_cls(config, cell, labelled, test_sets):
-
     c = baselines.ClassifierConfig(
         backbone=config.model.backbone, norm=config.model.norm,
         encoder_norm=config.model.get("encoder_norm"), depthwise=config.model.get("depthwise"),
@@ -165,7 +163,6 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
 
 
 def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
-
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
     out = semi_supervised.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,

@@ -187,7 +187,6 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
 
 
 def _batch_iterator(config, train):
-
     return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
                                   augment=pipeline.augment_from_config(config.get("augment")))
 
