@@ -77,8 +77,8 @@ def _cell(workdir, method, category, annotations):
 def _load_rows(cell):
     path = os.path.join(cell, "rows.json")
     if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+        return training.read_json(path, "record of the cell's results",
+                                  "delete it to re-evaluate the cell from its checkpoints")
     return None
 
 

@@ -246,8 +246,12 @@ def load_progress(workdir) -> dict | None:
     path = os.path.join(os.fspath(workdir), "progress.json")
     if not os.path.exists(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    done = training.read_json(path, "record of the last finished NVSM round",
+                              "delete it to restart the NVSM run from round 0, or restore it")
+    if not isinstance(done, dict) or not {"round", "step"} <= set(done):
+        raise ValueError(f"{path}: expected {{'round': r, 'step': s}}, got {done!r}; delete it "
+                         "to restart the NVSM run from round 0")
+    return done
 
 
 def _write_json_atomic(path, obj):

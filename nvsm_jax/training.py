@@ -51,7 +51,7 @@ from flax.training import train_state
 from nvsm_jax import parallel
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "save_config", "ConfigMismatchError", "config_differences",
+           "progress_bar", "save_config", "read_json", "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
 
@@ -255,10 +255,22 @@ class Checkpointer:
         step = self.manager.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")
+        if int(step) not in self.manager.all_steps():
+            raise FileNotFoundError(
+                f"{self.directory}: no checkpoint of step {step} (saved steps: "
+                f"{sorted(self.manager.all_steps())}); the run's progress record points at a "
+                "checkpoint that is gone: restore it, or start the run over in a new workdir")
         ref = self._tree(state)
         target = jax.tree_util.tree_map(
             lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x, ref)
-        tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        try:
+            tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
+        except (ValueError, KeyError, OSError, FileNotFoundError) as err:
+            raise ValueError(
+                f"{os.path.join(self.directory, str(step))}: cannot restore this checkpoint "
+                f"({type(err).__name__}: {str(err)[:300]}); it is damaged or from another "
+                "model. Delete that step folder to resume from an earlier one, or start over "
+                "in a new workdir") from err
         # back onto the devices with the shardings of ``state``
         tree = jax.tree_util.tree_map(
             lambda t, x: jax.device_put(t, x.sharding) if isinstance(x, jax.Array)
@@ -427,6 +439,17 @@ def save_config(config, workdir, filename: str = "config.json", *,
             f.write(text)
         os.replace(tmp, path)
     return path
+
+
+def read_json(path, what: str, recover: str):
+    """``json.load`` of a run-state file, or a ValueError naming the file, what it
+    records and how to recover (instead of a bare JSONDecodeError)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: the {what} is damaged ({err.msg} at line {err.lineno}); "
+                         f"{recover}") from err
 
 
 class Throughput:

@@ -58,6 +58,7 @@ from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from . import _sharding, _splat
@@ -90,6 +91,25 @@ def _check_image_size(image_size) -> tuple[int, int]:
     return h, w
 
 
+def _check_mesh(verts, faces) -> None:
+    """Shapes always; index range too when ``faces`` is concrete (not traced)."""
+    vshape, fshape = jnp.shape(verts), jnp.shape(faces)
+    if len(vshape) < 2 or vshape[-1] != 3:
+        raise ValueError(f"verts must be [..., V, 3], got shape {vshape}")
+    if len(fshape) != 2 or fshape[1] != 3:
+        raise ValueError(f"faces must be [F, 3], got shape {fshape}")
+    if fshape[0] == 0:
+        raise ValueError("faces is empty (0 triangles): nothing to rasterise")
+    try:
+        f = np.asarray(faces)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return                                    # traced under jit: shapes only
+    lo, hi = int(f.min()), int(f.max())
+    if lo < 0 or hi >= vshape[-2]:
+        raise ValueError(f"face indices span [{lo}, {hi}] but there are {vshape[-2]} "
+                         "vertices: every index must lie in [0, V)")
+
+
 def rasterize(verts, faces, image_size: Sequence[int], *, near: float = 1e-3,
               cull_backfaces: bool = False, block: Sequence[int] = DEFAULT_BLOCK,
               jobs_per_pass: int = DEFAULT_JOBS_PER_PASS,
@@ -114,6 +134,7 @@ def rasterize(verts, faces, image_size: Sequence[int], *, near: float = 1e-3,
       [..., H, W]. bary and depth are differentiable w.r.t. verts; face_id is
       not.
     """
+    _check_mesh(verts, faces)
     return _rasterize(verts, jnp.asarray(faces, jnp.int32), near, min_area,
                       _check_image_size(image_size), bool(cull_backfaces),
                       tuple(int(b) for b in block), int(jobs_per_pass))
