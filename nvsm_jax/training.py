@@ -50,7 +50,8 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 
-__all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where", "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
+__all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
+           "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "read_json", "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "run_loop"]
@@ -167,6 +168,11 @@ def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: fl
     return optax.chain(*parts)
 
 
+def _key_names(path) -> tuple[str, ...]:
+    """A pytree key path as its dict key names, e.g. ``("encoder", "conv_stem", "kernel")``."""
+    return tuple(getattr(k, "key", str(k)) for k in path)
+
+
 def freeze(tx: optax.GradientTransformation, is_frozen: Callable[[tuple[str, ...]], bool]
            ) -> optax.GradientTransformation:
     """``tx`` for the params where ``is_frozen(path)`` is False; zero updates (no
@@ -175,8 +181,7 @@ def freeze(tx: optax.GradientTransformation, is_frozen: Callable[[tuple[str, ...
 
     def labels(params):
         return jax.tree_util.tree_map_with_path(
-            lambda path, _: "frozen" if is_frozen(tuple(getattr(k, "key", str(k)) for k in path))
-            else "train", params)
+            lambda path, _: "frozen" if is_frozen(_key_names(path)) else "train", params)
 
     return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
 
@@ -186,8 +191,7 @@ def stop_gradient_where(params, is_frozen: Callable[[tuple[str, ...]], bool]):
     inside a loss, the backward pass then stops there (XLA drops the frozen layers'
     weight gradients, and everything before them that only they needed)."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.lax.stop_gradient(x)
-        if is_frozen(tuple(getattr(k, "key", str(k)) for k in path)) else x, params)
+        lambda path, x: jax.lax.stop_gradient(x) if is_frozen(_key_names(path)) else x, params)
 
 
 def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh):

