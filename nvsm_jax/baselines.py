@@ -273,52 +273,23 @@ def _optimizer(config: ClassifierConfig):
     return tx if frozen is None else training.freeze(tx, frozen)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model: PoseClassifier, image_hw: tuple[int, int]):
-    x = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    return jax.jit(lambda key: model.init(key, x, train=False))
-
-
-@functools.lru_cache(maxsize=8)
-def _initial_variables(model: PoseClassifier, seed: int, image_hw: tuple[int, int]):
-    """Host copy of ``model.init(key(seed), zeros [1, H, W, 3])``, cached (compiling the
-    initialiser costs more than a tiny training run, so resumes and tests pay it once)."""
-    return jax.device_get(_jitted_init(model, image_hw)(jax.random.key(seed)))
-
-
 def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> training.TrainState:
-    """TrainState (params, Adam, batch_stats if any) replicated on ``mesh_axes``.
+    """TrainState (params, Adam, batch_stats if any) replicated on ``mesh_axes``, the
+    encoder from ``config.pretrained`` (``"imagenet"`` or none).
 
     image_hw: (H, W) of the training images (only the init trace uses it).
-    As :func:`nvsm_jax.training.create_replicated` (built directly replicated),
-    with the initialiser, the model and the optimiser cached on the config, so a
-    resumed run (or a test) reuses both the compiled init and the compiled step.
+    Through :func:`nvsm_jax.training.create_replicated`, compiled once per config
+    (seed aside) and image size, so resumed runs, seeds and tests reuse it.
     """
     model = build_classifier(config)
-    initial = _initial_variables(model, config.seed, tuple(image_hw))
-    state = _state_initializer(config, tuple(image_hw), mesh_axes)(
-        parallel.replicate(initial, mesh_axes))
+    init = training.state_initializer(model, _optimizer(config), (1, *image_hw, 3))
+    state = training.create_replicated(
+        init, jax.random.key(config.seed), mesh_axes,
+        cache_key=("classifier", config.replace(seed=0), tuple(image_hw)))
     encoder = weights.pretrained_encoder(model.encoder, config.pretrained)
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
     return state
-
-
-@functools.lru_cache(maxsize=8)
-def _state_initializer(config: ClassifierConfig, image_hw: tuple[int, int], mesh_axes):
-    model = build_classifier(config)
-    tx = _optimizer(config)
-
-    def init(variables):
-        params = variables["params"]
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                          model_state=model_state)
-
-    # The initial variables are an argument (placed replicated by the caller), not
-    # baked-in constants: every call then returns fresh buffers, which the donated
-    # train step may consume.
-    return jax.jit(init, out_shardings=parallel.replicated(mesh_axes))
 
 
 def classification_loss(logits: dict, bins, config: ClassifierConfig):
@@ -344,7 +315,6 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
     batch: ``{"image": [B, H, W, 3] uint8, "pose": [B, 4]}`` sharded over ``data``.
     Cached on ``(config, mesh)`` so repeated runs (resume, tests) compile once.
     """
-    model = build_classifier(config)
     schedule = _schedule(config)
     rep = parallel.replicated(mesh_axes)
     frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
@@ -353,13 +323,9 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
         del key  # the model is deterministic; kept for the shared step signature
         images = backbone.preprocess(batch["image"])
         bins = pose_to_bins(batch["pose"], config)
-        mutable = list(state.model_state.keys()) if state.model_state else False
 
-        def loss_fn(params):
-            if frozen is not None:          # no backward through the frozen stages
-                params = training.stop_gradient_where(params, frozen)
-            out = model.apply(state.variables(params), images, train=True, mutable=mutable)
-            logits, new_ms = out if mutable else (out, state.model_state)
+        def loss_fn(params):               # no backward through the frozen stages
+            logits, new_ms = state.apply_train(params, images, is_frozen=frozen)
             loss, m = classification_loss(logits, bins, config)
             return loss, (m, new_ms)
 
@@ -430,10 +396,12 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
         b = batches.batch(step)
         return {"image": b["image"], "pose": b["pose"]}
 
-    state = training.run_loop(
-        state, train_step, host_batch, mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress, desc="classifier")
+    state = training.fit(
+        state, train_step, host_batch, mesh_axes, start=start, end=end,
+        num_steps=config.num_steps, seed=config.seed, batch_size=config.batch_size,
+        log_every=config.log_every, writer=writer, ckpt=ckpt, progress=progress,
+        desc="classifier")
+    ckpt.close()
     return state
 
 

@@ -2,7 +2,7 @@
 
 A misspelt value used to surface only where it was first read: a wrong
 ``anchor_rule`` after the whole ``nemo_full`` row had trained, a wrong
-``estep.rule`` after NVSM's round 0. :func:`check_config` reads every
+E-step setting after NVSM's round 0. :func:`check_config` reads every
 enumerated field that the config has (NeMo's, and the few-shot experiment's
 when present) and raises one ``ValueError`` naming each bad key, its value and
 the allowed values. The trainers call it first.
@@ -10,15 +10,15 @@ the allowed values. The trainers call it first.
 
 from __future__ import annotations
 
+from nvsm_jax import pseudo_labels
 from nvsm_jax.data.fewshot import ANCHOR_RULES
 from nvsm_jax.data.format import OCCLUSION_LEVELS
 from nvsm_jax.data.shapes import CATEGORIES
 from nvsm_jax.models import backbone, weights
 
-__all__ = ["check_config", "METHODS", "SELECTION_RULES"]
+__all__ = ["check_config", "METHODS"]
 
 METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
-SELECTION_RULES = ("image_best", "view_top")
 NORMS = ("group", "batch", "frozen_batch")
 
 
@@ -67,7 +67,6 @@ def check_config(config) -> None:
     one_of("model.encoder_norm", NORMS, optional=True)
     one_of("model.stride", (4, 8, 16, 32))
     one_of("optim.schedule", ("cosine", "constant"))
-    one_of("estep.rule", SELECTION_RULES)
     each_of("methods", METHODS)
     each_of("eval_occlusions", OCCLUSION_LEVELS)
     generate = _get(config, "data.generate")
@@ -83,5 +82,12 @@ def check_config(config) -> None:
     frozen = _get(config, "model.frozen_stages")
     if frozen is not _MISSING and frozen is not None and int(frozen) < 0:
         errors.append(f"model.frozen_stages={frozen!r} (expected >= 0)")
+    estep = _get(config, "estep")
+    if estep is not _MISSING:
+        try:
+            pseudo_labels.Selection(*(estep[k] for k in ("threshold", "margin", "margin_angle",
+                                                        "max_new")))
+        except (ValueError, TypeError, KeyError) as err:
+            errors.append(f"estep: {err}")
     if errors:
         raise ValueError("invalid config: " + "; ".join(errors))

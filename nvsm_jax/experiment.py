@@ -44,7 +44,7 @@ def ensure_data(config, workdir) -> tuple[str, str]:
     """(train_root, test_root), generating the synthetic benchmark if needed (the
     generator's settings ``config.data.synthetic``, with the experiment's categories,
     counts, image size, seed and occlusion levels)."""
-    train_root, test_root = config.get("data_root") or "", config.get("test_root") or ""
+    train_root, test_root = config.data_root, config.test_root
     if train_root and test_root:
         for root in (train_root, test_root):
             if not os.path.isdir(root):
@@ -97,6 +97,16 @@ def _rows(method, category, annotations, results):
     return rows, {occ: np.asarray(r["errors"]) for occ, r in results.items()}
 
 
+def _cell_config(config, category, train_root, test_root):
+    """The config of ``category``'s cells, with the fields they really use (category,
+    data roots) filled in: each cell's ``config.json`` then rebuilds its run
+    (``python -m experiments.evaluate --workdir CELL``)."""
+    c = copy.deepcopy(config)
+    c.category = category
+    c.data_root, c.test_root = os.path.abspath(train_root), os.path.abspath(test_root)
+    return c
+
+
 def _nemo_config(config, num_labelled, steps):
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
@@ -114,20 +124,9 @@ def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
 
 
 def _run_cls(config, cell, labelled, test_sets):
-    c = baselines.ClassifierConfig(
-        backbone=config.model.backbone, norm=config.model.norm,
-        encoder_norm=config.model.get("encoder_norm"), depthwise=config.model.get("depthwise"),
-        pretrained=config.model.get("pretrained") or "",
-        frozen_stages=int(config.model.get("frozen_stages") or 0),
-        azimuth_bins=config.cls.azimuth_bins, elevation_bins=config.cls.elevation_bins,
-        theta_bins=config.cls.theta_bins, seed=config.seed, num_steps=config.cls.num_steps,
-        batch_size=config.batch_size, lr=config.optim.lr, weight_decay=config.optim.weight_decay,
-        flip_prob=config.augment.flip_prob, jitter=config.augment.jitter,
-        hue=config.augment.get("hue", 0.0), grayscale_prob=config.augment.get("grayscale_prob", 0.0),
-        log_every=config.log_every, checkpoint_every=max(1, min(config.checkpoint_every,
-                                                                 config.cls.num_steps)))
+    c = baselines.ClassifierConfig.from_config(config.cls)
     pretrained = None
-    if config.get("pretrain_workdir"):      # the encoder the NeMo rows start from, too
+    if config.pretrain_workdir:             # the encoder the NeMo rows start from, too
         pretrained = pretrain.load_pretrained_params(config.pretrain_workdir)
     state = baselines.train_classifier(c, labelled, cell, pretrained=pretrained)
     out = {}
@@ -177,14 +176,14 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
     self-supervised, on the category's training images (pixels only, no poses)
     in ``workdir/pretrain_<category>`` (resumable), and the NeMo and NVSM rows
     start from it."""
-    steps = int(config.get("pretrain_steps") or 0)
-    if steps <= 0 or config.get("pretrain_workdir"):   # none wanted, or given from outside
+    steps = int(config.pretrain_steps)
+    if steps <= 0 or config.pretrain_workdir:   # none wanted, or given from outside
         return config
 
     c = copy.deepcopy(config)
     c.pretrain_workdir = os.path.join(workdir, f"pretrain_{category}")
     pc = pretrain.pretrain_config("default").replace(
-        num_steps=steps, batch_size=int(config.get("pretrain_batch") or 32), seed=config.seed)
+        num_steps=steps, batch_size=int(config.pretrain_batch), seed=config.seed)
     if not os.path.exists(os.path.join(c.pretrain_workdir, pretrain.PARAMS_FILE)):
         t0 = time.time()
         log.info("=== self-supervised pre-training, %s, %d steps", category, steps)
@@ -204,8 +203,9 @@ def train_and_evaluate(config, workdir) -> str:
     for category in [c for c in config.categories.split(",") if c]:
         train_set = load_pose_set(train_root, category, "L0")
         mesh = load_model_mesh(train_root, category)
-        cfg = _with_pretrained_backbone(config, workdir, category, train_set)
-        test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.get("eval_limit"))
+        cfg = _cell_config(_with_pretrained_backbone(config, workdir, category, train_set),
+                           category, train_root, test_root)
+        test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.eval_limit)
                      for occ in config.eval_occlusions}
         cells = [("nemo_full", "all")] if "nemo_full" in config.methods else []
         cells += [(m, n) for n in config.annotations for m in config.methods if m != "nemo_full"]

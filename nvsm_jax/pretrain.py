@@ -315,53 +315,21 @@ def _schedule(config: PretrainConfig):
                                   final_lr_fraction=config.final_lr_fraction)
 
 
-@functools.lru_cache(maxsize=8)
-def _jitted_init(model: backbone.FeatureNet, image_hw: tuple[int, int]):
-    x = jnp.zeros((1, *image_hw, 3), jnp.float32)
-    return jax.jit(lambda key: model.init(key, x, train=False))
-
-
-@functools.lru_cache(maxsize=8)
-def _initial_variables(model: backbone.FeatureNet, seed: int, image_hw: tuple[int, int]):
-    """Host copy of ``model.init(key(seed), zeros [1, H, W, 3])``, cached (compiling the
-    initialiser costs more than a tiny training run, so resumes and tests pay it once)."""
-    return jax.device_get(_jitted_init(model, image_hw)(jax.random.key(seed)))
-
-
 def init_state(config: PretrainConfig, model: backbone.FeatureNet, image_hw,
                mesh_axes) -> training.TrainState:
-    """TrainState (FeatureNet params, Adam, batch_stats if any) replicated on ``mesh_axes``.
-
-    As :func:`nvsm_jax.training.create_replicated`, with the initialiser and the
-    optimiser cached on ``(config, model)`` so resumed runs reuse the compiled
-    init and step.
-    """
-    initial = _initial_variables(model, config.seed, tuple(image_hw))
-    return _state_initializer(config, model, tuple(image_hw), mesh_axes)(
-        parallel.replicate(initial, mesh_axes))
+    """TrainState (FeatureNet params, Adam, batch_stats if any) replicated on ``mesh_axes``,
+    through :func:`nvsm_jax.training.create_replicated` (compiled once per config,
+    seed aside, model and image size)."""
+    init = training.state_initializer(model, _optimizer(config), (1, *image_hw, 3))
+    return training.create_replicated(
+        init, jax.random.key(config.seed), mesh_axes,
+        cache_key=("pretrain", config.replace(seed=0), model, tuple(image_hw)))
 
 
 @functools.lru_cache(maxsize=16)
 def _optimizer(config: PretrainConfig):
     return training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
                                grad_clip=config.grad_clip)
-
-
-@functools.lru_cache(maxsize=8)
-def _state_initializer(config: PretrainConfig, model: backbone.FeatureNet,
-                       image_hw: tuple[int, int], mesh_axes):
-    tx = _optimizer(config)
-
-    def init(variables):
-        params = variables["params"]
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                          model_state=model_state)
-
-    # The initial variables are an argument (placed replicated by the caller), not
-    # baked-in constants: every call then returns fresh buffers, which the donated
-    # train step may consume.
-    return jax.jit(init, out_shardings=parallel.replicated(mesh_axes))
 
 
 @functools.lru_cache(maxsize=8)
@@ -381,11 +349,9 @@ def make_train_step(config: PretrainConfig, model: backbone.FeatureNet, mesh_axe
         views = jnp.stack([batch["view1"], batch["view2"]], axis=1)
         b = views.shape[0]
         x = backbone.preprocess(views.reshape(2 * b, *views.shape[2:]))
-        mutable = list(state.model_state.keys()) if state.model_state else False
 
         def loss_fn(params):
-            out = model.apply(state.variables(params), x, train=True, mutable=mutable)
-            fmap, new_ms = out if mutable else (out, state.model_state)
+            fmap, new_ms = state.apply_train(params, x)
             fmap = fmap.reshape(b, 2, *fmap.shape[1:])
             loss, m = pretrain_loss(fmap[:, 0], fmap[:, 1], batch, config)
             return loss, (m, new_ms)
@@ -445,11 +411,12 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
     if start < end:
         log.info("pretrain: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(unlabelled))
-    state = training.run_loop(
+    state = training.fit(
         state, train_step, lambda s: _host_batch(batches, model, config, s), mesh_axes,
         start=start, end=end, num_steps=config.num_steps, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
         progress=progress, desc="pretrain")
+    ckpt.close()
     result = Pretrained(jax.device_get(state.params), jax.device_get(state.model_state or {}))
     if int(state.step) >= config.num_steps and parallel.is_main_process():
         with open(os.path.join(workdir, PARAMS_FILE), "wb") as f:

@@ -14,19 +14,27 @@ records it and its measured effect):
 * **Scores.** Views are synthesised from each source's features and matched
   against the unlabelled pool (:mod:`nvsm_jax.synthesis`, :mod:`nvsm_jax.matching`)
   -> a ``[num_views, num_images]`` score table.
-* **Acceptance** (:func:`select`). Under the default rule each unlabelled image
-  takes its best view; under ``view_top`` each view claims its best images by
-  per-view z-score, which keeps views with a large silhouette from claiming
-  everything (at 64 px it was the better rule, at 128 px the worse one:
-  WORKSPACE.md). The view gives a candidate pose. It is accepted when (a) its
-  score passes ``threshold``, (b) it beats the best view whose pose lies more
-  than ``margin_angle`` away by at least ``margin`` (a consistency rule: the
-  match must prefer *this* pose over distant ones), and (c) it is within the
-  ``max_new`` best-scoring candidates of the round (at most ``bin_quota`` per
-  azimuth sector, if set). Optionally (d) the NeMo render-and-compare solver,
-  run over its initial pose grid with the current vertex memory, must agree
-  with the matched pose within ``agree_angle`` (:func:`agree_with_solver`). Each
-  pseudo-label records its source, score and round.
+* **Acceptance** (:func:`select`, settings in one :class:`Selection`). Each
+  unlabelled image takes its best view, which gives a candidate pose. It is
+  accepted when (a) its score passes ``threshold``, (b) it beats the best view
+  whose pose lies more than ``margin_angle`` away by at least ``margin`` (a
+  consistency rule: the match must prefer *this* pose over distant ones), and
+  (c) it is within the ``max_new`` best-scoring candidates of the round.
+  Optionally (d) the NeMo render-and-compare solver, run over its initial pose
+  grid with the current vertex memory, must agree with the matched pose within
+  ``agree_angle`` (:func:`agree_with_solver`). Each pseudo-label records its
+  source, score and round.
+
+  Rules measured, rejected and removed (the tree at commit 955f0d5 still has them;
+  WORKSPACE.md, "E-step selection" and the 128 px variants, has the figures):
+  per-view z-score claims (``view_top`` / ``per_view`` / ``z_threshold``; at
+  128 px top-10/30/60 precision 0.50 / 0.33 / 0.35 against 0.70 / 0.70 / 0.60
+  for the best view per image), an azimuth-sector quota (``bin_quota*``;
+  precision 0.50 / 0.56 and L0 28 / 31 after rounds 1 / 2), a per-pose-cell
+  cap (``view_cap``; up on stored tables, but in the full run 37 facing flips
+  among 180 pseudo-labels against 21, L0 35), re-selection from the anchors
+  every round (``reselect``; it re-selects its own mistakes and tracks the
+  cumulative run), and ``frontier_only`` (never measured).
 * **Coverage** (:func:`coverage`): the fraction of azimuth x elevation bins that
   hold at least one labelled or pseudo-labelled pose; expansion stops when it is
   full or when nothing new passes.
@@ -40,7 +48,7 @@ import numpy as np
 
 from nvsm_jax import geometry
 
-__all__ = ["PseudoLabels", "offset_grid", "propose_targets", "novel_views", "standardize_views",
+__all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views",
            "select", "agree_with_solver", "coverage"]
 
 
@@ -137,46 +145,39 @@ def propose_targets(source_poses, offsets, elevation_range=(-np.pi / 2, np.pi / 
     return t
 
 
-def standardize_views(scores, candidates):
-    """Per-view z-scores over the candidate images: [K, N] -> [K, N].
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """How :func:`select` accepts matches (the ``estep`` block's fields of the same name).
 
-    Removes a view's overall bias (a side view of a car, with its large
-    silhouette, scores well against every image) before views compete.
+    threshold: minimum score of the best view (-1 = off for mean cosines).
+    margin: its minimum lead over the best view whose pose lies more than
+      ``margin_angle`` (radians) away (-1 = off).
+    max_new: at most this many images per round, best first (None = all that pass).
     """
-    c = scores[:, candidates]
-    mean = c.mean(axis=1, keepdims=True) if c.size else 0.0
-    std = c.std(axis=1, keepdims=True) + 1e-6 if c.size else 1.0
-    return (scores - mean) / std
+
+    threshold: float = -1.0
+    margin: float = -1.0
+    margin_angle: float = float(np.pi / 6)
+    max_new: int | None = None
+
+    def __post_init__(self):
+        for name in ("threshold", "margin", "margin_angle"):
+            if not np.isfinite(getattr(self, name)):
+                raise ValueError(f"Selection.{name} must be finite, got {getattr(self, name)}")
+        if self.max_new is not None and self.max_new < 0:
+            raise ValueError(f"Selection.max_new must be >= 0 or None, got {self.max_new}")
 
 
-def select(scores, view_poses, view_source, view_source_is_labelled, *, threshold: float,
-           margin: float, margin_angle: float, max_new: int | None, round_index: int,
-           candidates=None, rule: str = "image_best", per_view: int = 1,
-           z_threshold: float | None = None, bin_quota: int | None = None,
-           quota_bins: int = 12, view_cap: int | None = None,
-           view_cell: tuple[float, float] = (np.radians(15.0), np.radians(10.0))) -> PseudoLabels:
-    """Accepts pseudo-labels from a score table.
+def select(scores, view_poses, view_source, view_source_is_labelled, selection: Selection, *,
+           round_index: int, candidates=None) -> PseudoLabels:
+    """Accepts pseudo-labels from a score table: each image its best view, then
+    ``selection``'s threshold, margin and per-round cap.
 
     scores: [K, N] score of view k against unlabelled image n.
     view_poses: [K, 4]; view_source: [K] int; view_source_is_labelled: [K] bool.
     candidates: [N] bool, images still unlabelled (default all).
-    rule: ``"image_best"`` - each image takes its best view; ``"view_top"`` -
-      each view claims its ``per_view`` best images by per-view z-score
-      (:func:`standardize_views`), an image claimed by several views takes the
-      one with the highest z-score, and candidates are ranked by it
-      (``z_threshold`` optionally bounds it from below).
-    bin_quota: at most this many images per azimuth sector (``quota_bins``
-      equal sectors of the matched pose's azimuth), taken best first. Raw scores
-      favour poses with large silhouettes (a car's sides): without a quota a
-      round's best matches pile up there and the pose space is never covered.
-    view_cap: at most this many images per matched-pose cell (``view_cell`` =
-      (azimuth, elevation) cell size in radians), taken best first: after a few
-      M-steps a handful of views near the densest pseudo-labels outscore the
-      right view for many images (hubs), and the cap keeps each view pose to its
-      best few claims. It raised late-round precision on stored score tables
-      but not in a full run (WORKSPACE.md), so the experiment leaves it off.
-    Returns the accepted images as :class:`PseudoLabels` (sorted by rank, best
-    first). ``max_new=None`` accepts every image that passes.
+    Returns the accepted images as :class:`PseudoLabels` (sorted by score, best
+    first).
     """
     scores = np.asarray(scores, np.float32)
     view_poses = np.asarray(view_poses, np.float32)
@@ -186,67 +187,24 @@ def select(scores, view_poses, view_source, view_source_is_labelled, *, threshol
     if candidates is None:
         candidates = np.ones(n, bool)
     candidates = np.asarray(candidates, bool)
-    if rule == "image_best":
-        best = np.argmax(scores, axis=0)                              # [N]
-        rank = scores[best, np.arange(n)]
-        claimed = np.ones(n, bool)
-    elif rule == "view_top":
-        z = standardize_views(scores, candidates)
-        z = np.where(candidates[None], z, -np.inf)
-        top = np.argsort(-z, axis=1, kind="stable")[:, :per_view]     # [K, per_view]
-        claims = np.full((k, n), -np.inf, np.float32)
-        rows = np.repeat(np.arange(k), top.shape[1])
-        claims[rows, top.ravel()] = z[rows, top.ravel()]
-        best = np.argmax(claims, axis=0)
-        rank = claims[best, np.arange(n)]
-        claimed = np.isfinite(rank)
-        if z_threshold is not None:
-            claimed &= rank >= z_threshold
-    else:
-        raise ValueError(f"unknown selection rule {rule!r} (use 'image_best' or 'view_top')")
+    best = np.argmax(scores, axis=0)                                  # [N]
     best_score = scores[best, np.arange(n)]
     # Geodesic distance of every view's pose to each image's best pose: [K, N]
     dist = geometry.pose_error(view_poses[:, None, :].astype(np.float64),
                                view_poses[best][None].astype(np.float64))
-    far = np.where(dist > margin_angle, scores, -np.inf)
+    far = np.where(dist > selection.margin_angle, scores, -np.inf)
     runner_up = far.max(axis=0)
-    ok = candidates & claimed & (best_score >= threshold) & (best_score - runner_up >= margin)
+    ok = (candidates & (best_score >= selection.threshold)
+          & (best_score - runner_up >= selection.margin))
     idx = np.flatnonzero(ok)
-    idx = idx[np.argsort(-rank[idx], kind="stable")]
-    if bin_quota is not None:
-        sector = geometry.azimuth_sector(view_poses[best[idx], 0], quota_bins)
-        idx = idx[_first_per_group(sector, int(bin_quota))]
-    if view_cap is not None:
-        idx = idx[_first_per_group(pose_cell(view_poses[best[idx]], *view_cell), int(view_cap))]
-    if max_new is not None:
-        idx = idx[:max_new]
+    idx = idx[np.argsort(-best_score[idx], kind="stable")]
+    if selection.max_new is not None:
+        idx = idx[:selection.max_new]
     view = best[idx]
     return PseudoLabels(index=idx.astype(np.int64), poses=view_poses[view],
                         score=best_score[idx], source=np.asarray(view_source)[view].astype(np.int64),
                         source_is_labelled=np.asarray(view_source_is_labelled)[view].astype(bool),
                         round=np.full(len(idx), round_index, np.int64))
-
-
-def pose_cell(poses, azimuth_step: float, elevation_step: float) -> np.ndarray:
-    """Cell of each pose on an azimuth x elevation grid centred on multiples of
-    the steps (azimuth wraps): poses [M, 4] -> [M] int."""
-    poses = np.asarray(poses, np.float64)
-    cols = int(round(2 * np.pi / azimuth_step))
-    a = np.round(np.mod(poses[:, 0], 2 * np.pi) / azimuth_step).astype(np.int64) % cols
-    e = np.round(poses[:, 1] / elevation_step).astype(np.int64)
-    return e * cols + a
-
-
-def _first_per_group(groups, quota: int) -> np.ndarray:
-    """Positions of the first ``quota`` members of each group, in input order."""
-    groups = np.asarray(groups)
-    seen: dict = {}
-    keep = []
-    for i, g in enumerate(groups.tolist()):
-        if seen.get(g, 0) < quota:
-            seen[g] = seen.get(g, 0) + 1
-            keep.append(i)
-    return np.asarray(keep, np.int64)
 
 
 def agree_with_solver(matched_poses, solver_poses, agree_angle: float) -> np.ndarray:

@@ -54,15 +54,15 @@ __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius"
 def build_model(config) -> backbone.FeatureNet:
     m = config.model
     return backbone.make_feature_net(m.backbone, stride=m.stride, feature_dim=m.feature_dim,
-                                     norm=m.get("norm"), encoder_norm=m.get("encoder_norm"),
-                                     depthwise=m.get("depthwise"))
+                                     norm=m.norm, encoder_norm=m.encoder_norm,
+                                     depthwise=m.depthwise)
 
 
 def labelled_images(config, pool):
     """The images NeMo trains on: all of ``pool``, or its ``config.num_labelled``
     few-shot anchors (the same split as every other method of the experiment)."""
 
-    if config.get("num_labelled"):
+    if config.num_labelled:
         return fewshot.split_from_config(pool, int(config.num_labelled), config).labelled
     return pool
 
@@ -89,9 +89,9 @@ def make_optimizer(config):
     schedule = training.make_schedule(o.lr, config.num_steps, warmup_steps=o.warmup_steps,
                                       final_lr_fraction=o.final_lr_fraction, kind=o.schedule)
     tx = training.make_adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                             grad_clip=o.get("grad_clip"), decoupled=o.get("decoupled", False))
+                             grad_clip=o.grad_clip, decoupled=o.decoupled)
     frozen = backbone.frozen_encoder_filter(config.model.backbone,
-                                            config.model.get("frozen_stages"))
+                                            config.model.frozen_stages)
     if frozen is not None:
         tx = training.freeze(tx, frozen)
     return tx, schedule
@@ -109,22 +109,21 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     """
     tx, _ = make_optimizer(config)
     lc = config.loss
-
-    def init(key):
-        k_model, k_mem = jax.random.split(key)
-        variables = model.init(k_model, jnp.zeros((1, *image_hw, 3), jnp.float32), train=False)
-        params = variables["params"]
-        model_state = {k: v for k, v in variables.items() if k != "params"}
-        memory = feat.init_memory(k_mem, num_verts, model.feature_dim, lc.clutter_size)
-        return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                          model_state=model_state, aux=memory)
-
-    state = training.create_replicated(init, jax.random.key(config.seed), mesh_axes)
-    encoder = (weights.pretrained_encoder(model.encoder, config.model.get("pretrained"))
+    init = training.state_initializer(
+        model, tx, (1, *image_hw, 3),
+        aux_fn=lambda k: feat.init_memory(k, num_verts, model.feature_dim, lc.clutter_size))
+    # the initialiser closes over the model, the optimiser (config.optim and the
+    # schedule's horizon, the frozen stages) and the memory's shape: its cache key
+    optim_key = json.dumps({"optim": config.optim.to_dict(), "num_steps": config.num_steps,
+                            "frozen": config.model.frozen_stages}, sort_keys=True)
+    state = training.create_replicated(
+        init, jax.random.key(config.seed), mesh_axes,
+        cache_key=("nemo", model, tuple(image_hw), num_verts, lc.clutter_size, optim_key))
+    encoder = (weights.pretrained_encoder(model.encoder, config.model.pretrained)
                if pretrained else None)
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
-    if pretrained and config.get("pretrain_workdir"):
+    if pretrained and config.pretrain_workdir:
         state = pretrain.apply_pretrained(state,
                                           pretrain.load_pretrained_params(config.pretrain_workdir))
     return state
@@ -138,21 +137,17 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
     lc = config.loss
     radius = neighbor_radius(config, image_hw[1])
     stride = config.model.stride
-    render_stride = config.get("render_stride") or stride
+    render_stride = config.render_stride or stride
     _, schedule = make_optimizer(config)
     frozen = backbone.frozen_encoder_filter(config.model.backbone,
-                                            config.model.get("frozen_stages"))
+                                            config.model.frozen_stages)
 
     def step(state: training.TrainState, batch, key):
         images = backbone.preprocess(batch["image"])
         memory: feat.MemoryBank = state.aux
-        mutable = list(state.model_state.keys()) if state.model_state else False
 
-        def loss_fn(params):
-            if frozen is not None:          # no backward through the frozen stages
-                params = training.stop_gradient_where(params, frozen)
-            out = model.apply(state.variables(params), images, train=True, mutable=mutable)
-            fmap, new_model_state = out if mutable else (out, state.model_state)
+        def loss_fn(params):               # no backward through the frozen stages
+            fmap, new_model_state = state.apply_train(params, images, is_frozen=frozen)
             vf = feat.vertex_features(fmap, verts, faces, normals, batch["pose"], batch["focal"],
                                       batch["principal"], stride=stride,
                                       render_stride=render_stride)
@@ -160,7 +155,7 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
             k_clutter, k_anchor = jax.random.split(key)
             clutter = feat.sample_clutter(k_clutter, fmap, vf.silhouette, lc.clutter_per_image)
             anchors = None
-            if lc.get("anchors_per_image"):
+            if lc.anchors_per_image:
                 anchors = losses.sample_anchors(k_anchor, vf.visible,
                                                 min(int(lc.anchors_per_image), verts.shape[0]))
             loss = losses.coke_loss(fv, vf.visible, vf.xy, memory.vertex, memory.clutter,
@@ -188,7 +183,7 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
 
 def _batch_iterator(config, train):
     return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
-                                  augment=pipeline.augment_from_config(config.get("augment")))
+                                  augment=pipeline.augment_from_config(config.augment))
 
 
 def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
@@ -212,7 +207,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
         train_set, model_mesh = load_train_set(config)
     else:
         train_set = labelled_images(config, train_set)
-    mesh_axes = parallel.make_mesh(num_devices or config.get("num_devices"))
+    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
     n_dev = mesh_axes.devices.size
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
@@ -220,7 +215,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     image_hw = train_set.image_size
     state = init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                                 max_to_keep=config.get("keep_checkpoints", 2))
+                                 max_to_keep=config.keep_checkpoints)
     state = ckpt.restore_or(state)
     start = int(state.step)
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
@@ -232,12 +227,13 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
         log.info("training steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
     keys = ("image", "pose", "focal", "principal")
-    state = training.run_loop(
+    state = training.fit(
         state, train_step, lambda s: {k: v for k, v in batches.batch(s).items() if k in keys},
         mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
         progress=progress)
-    if stop_after is None and config.get("eval_at_end") and config.get("test_root"):
+    ckpt.close()
+    if stop_after is None and config.eval_at_end and config.test_root:
         evaluate_workdir(workdir, config.test_root)
     return state
 
@@ -316,17 +312,29 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
 
 def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=None,
                      occlusions=None, method: str = "NeMo", out_dir=None,
-                     nemo=None, top_k: int | None = None) -> list[dict]:
+                     nemo=None, top_k: int | None = None, skip_bad: bool = False) -> list[dict]:
     """NeMo inference on every available level of ``data_root`` (default the config's
     ``test_root``); writes ``results.json`` / ``results.md``, ``predictions_<level>.npz``
     and ``error_distribution.png`` into ``out_dir`` (default the workdir) and returns
-    the rows. The CLI is ``python -m experiments.evaluate``."""
+    the rows. The CLI is ``python -m experiments.evaluate``.
 
+    A missing ``data_root`` raises FileNotFoundError; a level whose subset the root
+    lacks is left out, and ``results.json`` (``"missing"``) and ``results.md`` say
+    which and why; a bad test image or annotation raises DataError naming the file
+    (``skip_bad``: it is skipped with a warning and listed under ``"skipped"``).
+    With no level evaluated nothing is written (DataError). Outputs are written only
+    after every level ran; ``predictions_*.npz`` of levels not in this run are removed
+    so the folder never mixes runs."""
+
+    if data_root and not os.path.isdir(data_root):
+        raise FileNotFoundError(f"{data_root}: test root not found; nothing written")
     nemo = nemo or load_model(workdir)
     cfg = nemo.config
     data_root = data_root or cfg.test_root
     out_dir = out_dir or workdir
-    os.makedirs(out_dir, exist_ok=True)
+    if not data_root or not os.path.isdir(data_root):
+        raise FileNotFoundError(f"{data_root}: test root not found (pass --data, or set the "
+                                "config's test_root); nothing written")
     if solver == "config":
         scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
     elif solver == "reference":
@@ -341,13 +349,21 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         scfg = dataclasses.replace(scfg, top_k=top_k)
     annotations = cfg.get("num_labelled") or "all"
     limit = limit if limit is not None else cfg.get("eval_limit")
-    rows, errors, timing = [], {}, {}
-    for occ in (occlusions or cfg.get("eval_occlusions") or ("L0",)):
-        try:
-            test = loaders.load_pose_set(data_root, cfg.category, occ, limit=limit)
-        except (FileNotFoundError, OSError, ValueError) as err:
-            log.warning("skipping %s %s: %s", cfg.category, occ, err)
+    rows, errors, timing, missing, skipped, preds = [], {}, {}, {}, {}, {}
+    levels = list(occlusions or cfg.get("eval_occlusions") or ("L0",))
+    subsets = {occ: loaders.subset_name(cfg.category, occ) for occ in levels}  # bad names raise
+    for occ in levels:
+        sub = subsets[occ]
+        if not any(os.path.isdir(os.path.join(data_root, d, sub)) for d in ("lists", "annotations")):
+            missing[occ] = f"{data_root} has no {sub} subset (no lists/{sub} or annotations/{sub})"
+            log.warning("row %s %s missing: %s", cfg.category, occ, missing[occ])
             continue
+        test = loaders.load_pose_set(data_root, cfg.category, occ, limit=limit, skip_bad=skip_bad)
+        if skip_bad:
+            listed = loaders.list_names(data_root, cfg.category, occ)
+            listed = listed[:limit] if limit is not None else listed
+            kept = set(test.names)
+            skipped[occ] = [n for n in listed if n not in kept]
         t = time.perf_counter()
         res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
                             progress=True)
@@ -356,13 +372,33 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         errors[(method, cfg.category, annotations, occ)] = err
         rows.append(evaluation.make_row(method, cfg.category, annotations, occ, err))
         log.info("%s %s: %s", cfg.category, occ, rows[-1])
-        np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), names=np.asarray(test.names),
-                 pred=res.pose, gt=test.poses, score=res.score, init=res.init_pose, error=err)
+        preds[occ] = dict(names=np.asarray(test.names), pred=res.pose, gt=test.poses,
+                          score=res.score, init=res.init_pose, error=err)
+    if not rows:
+        raise loaders.DataError(f"{data_root}: no level of {cfg.category} to evaluate ("
+                                + "; ".join(f"{k}: {v}" for k, v in missing.items())
+                                + "); nothing written")
+    os.makedirs(out_dir, exist_ok=True)
+    written = {f"predictions_{occ}.npz" for occ in preds}
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("predictions_") and name.endswith(".npz") and name not in written:
+            log.warning("removing %s: its level is not in this evaluation",
+                        os.path.join(out_dir, name))
+            os.remove(os.path.join(out_dir, name))
+    for occ, arrays in preds.items():
+        np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), **arrays)
     rows += evaluation.mean_rows(rows, errors)
-    evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
-        "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": timing})
+    _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
+        "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": timing,
+        "missing": missing, "skipped": {k: v for k, v in skipped.items() if v}})
+    notes = [f"- row {occ} missing: {why}" for occ, why in missing.items()]
+    notes += [f"- {occ}: {len(v)} bad image(s) skipped: {', '.join(v[:10])}"
+              + (" ..." if len(v) > 10 else "") for occ, v in skipped.items() if v]
+    if notes:
+        with open(md_path, "a") as f:
+            f.write("\n" + "\n".join(notes) + "\n")
     evaluation.plot_error_distribution({k[3]: v for k, v in errors.items()},
                                        os.path.join(out_dir, "error_distribution.png"),
                                        title=f"{method} {cfg.category} ({annotations} labels)")
-    print(evaluation.rows_to_markdown(rows))
+    print(evaluation.rows_to_markdown(rows) + ("\n" + "\n".join(notes) if notes else ""))
     return rows

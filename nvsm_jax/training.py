@@ -4,9 +4,12 @@
   ``model_state`` (mutable collections such as ``batch_stats``) and ``aux`` (any
   pytree that moves with training, e.g. memory banks). One pytree: it is jitted,
   donated, sharded and checkpointed as a whole.
-* :func:`create_replicated`: ``jax.eval_shape`` then ``jit(init,
-  out_shardings=replicated)`` so parameters are never built on one device and
-  moved.
+* :func:`create_replicated` (with :func:`state_initializer`): the one init
+  path, ``jax.eval_shape`` then ``jit(init, out_shardings=replicated)`` so
+  parameters are never built on one device and moved; compiled once per model.
+* :func:`fit`: the one step loop (metrics, the multi-device CPU wait,
+  checkpoints, progress) every trainer runs; :func:`make_schedule`: the one
+  warm-up + cosine/constant learning-rate builder.
 * :func:`step_key`: ``fold_in(PRNGKey(seed), step)``; keys are never carried
   in state, so a resumed run draws the same numbers.
 * :class:`Checkpointer`: a thin wrapper over orbax ``CheckpointManager``
@@ -16,19 +19,15 @@
   workdir, written by process 0 only.
 * :func:`progress_bar`, :func:`save_config`, :class:`Throughput`.
 
-Example (a complete loop)::
+Example (a complete run)::
 
-    state = create_replicated(lambda k: TrainState.create(apply_fn=None, params=init(k),
-                                                          tx=optax.adam(1e-3)), key, mesh)
+    init = state_initializer(model, optax.adam(1e-3), (1, 64, 64, 3))
+    state = create_replicated(init, jax.random.key(seed), mesh, cache_key=(model, 64))
     ckpt = Checkpointer(workdir / "checkpoints", save_every=100)
     state = ckpt.restore_or(state)
-    metrics = MetricsWriter(workdir)
-    for step in progress_bar(range(int(state.step), num_steps), total=num_steps,
-                             initial=int(state.step)):
-        state, m = train_step(state, shard_batch(batch(step), mesh), step_key(seed, step))
-        wait_if_cpu_collectives((state, m), mesh)   # see nvsm_jax.parallel
-        metrics.write(step + 1, **m)
-        ckpt.maybe_save(step + 1, state, force=step + 1 == num_steps)
+    state = fit(state, train_step, batch_for_step, mesh, start=int(state.step),
+                end=num_steps, seed=seed, batch_size=32, log_every=50,
+                writer=MetricsWriter(workdir), ckpt=ckpt)
     ckpt.close()
 """
 
@@ -54,7 +53,7 @@ __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gra
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "read_json", "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
-           "run_loop"]
+           "fit", "state_initializer"]
 
 
 class TrainState(train_state.TrainState):
@@ -69,6 +68,17 @@ class TrainState(train_state.TrainState):
         if self.model_state:
             out.update(self.model_state)
         return out
+
+    def apply_train(self, params, inputs, *, is_frozen=None):
+        """``apply_fn(variables(params), inputs, train=True)`` with the mutable
+        collections updated -> ``(output, new model_state)``; with ``is_frozen``
+        (a path predicate), those leaves get ``stop_gradient`` first, so the
+        backward pass stops there (:func:`stop_gradient_where`). Call it inside a loss."""
+        if is_frozen is not None:
+            params = stop_gradient_where(params, is_frozen)
+        mutable = list(self.model_state.keys()) if self.model_state else False
+        out = self.apply_fn(self.variables(params), inputs, train=True, mutable=mutable)
+        return out if mutable else (out, self.model_state)
 
     def checkpoint_tree(self):
         """The array pytree that is saved (no apply_fn / tx)."""
@@ -194,16 +204,53 @@ def stop_gradient_where(params, is_frozen: Callable[[tuple[str, ...]], bool]):
         lambda path, x: jax.lax.stop_gradient(x) if is_frozen(_key_names(path)) else x, params)
 
 
-def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh):
-    """Builds ``init_fn(key)`` directly replicated on ``mesh``.
+_INITIALIZERS: dict = {}
+
+
+def create_replicated(init_fn: Callable[[jax.Array], Any], key, mesh, *, cache_key=None):
+    """Builds ``init_fn(key)`` directly replicated on ``mesh``: the one init path.
 
     ``jax.eval_shape`` first (no compute) to learn the structure, then
-    ``jit(init_fn, out_shardings=replicated)``. Non-array leaves of
-    the result (e.g. a TrainState's ``tx``) are static fields, untouched.
+    ``jit(init_fn, out_shardings=replicated)``. Non-array leaves of the result
+    (e.g. a TrainState's ``tx``) are static fields, untouched.
+
+    cache_key: a hashable naming everything ``init_fn`` closes over (model,
+      optimiser settings, input shape; not the seed, which is ``key``). The
+      compiled initialiser is then kept per ``(cache_key, mesh)``: compiling it
+      costs more than a tiny training run, so resumes, seeds and tests pay it
+      once. The key is an argument, never a baked-in constant, so every call
+      returns fresh buffers that a donated train step may consume.
     """
-    abstract = jax.eval_shape(init_fn, key)
-    shardings = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), abstract)
-    return jax.jit(init_fn, out_shardings=shardings)(key)
+    cached = None if cache_key is None else _INITIALIZERS.get((cache_key, mesh))
+    if cached is None:
+        abstract = jax.eval_shape(init_fn, key)
+        shardings = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), abstract)
+        cached = jax.jit(init_fn, out_shardings=shardings)
+        if cache_key is not None:
+            if len(_INITIALIZERS) >= 32:
+                _INITIALIZERS.pop(next(iter(_INITIALIZERS)))
+            _INITIALIZERS[(cache_key, mesh)] = cached
+    return cached(key)
+
+
+def state_initializer(model, tx: optax.GradientTransformation, sample_shape, *,
+                      aux_fn: Callable[[jax.Array], Any] | None = None):
+    """``init(key) -> TrainState`` of a Flax model: ``model.init`` on zeros of
+    ``sample_shape`` (e.g. ``(1, H, W, 3)``, called with ``train=False``), its
+    non-``params`` collections as ``model_state`` (``{}`` if none) and, with
+    ``aux_fn``, ``aux = aux_fn(k_aux)`` (e.g. a memory bank), where
+    ``k_model, k_aux = split(key)``; without it the model draws from ``key`` itself.
+    Pass the result to :func:`create_replicated`."""
+
+    def init(key):
+        k_model, k_aux = jax.random.split(key) if aux_fn is not None else (key, None)
+        variables = dict(model.init(k_model, jnp.zeros(sample_shape, jnp.float32), train=False))
+        params = variables.pop("params")
+        return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                 model_state=variables,
+                                 aux=None if aux_fn is None else aux_fn(k_aux))
+
+    return init
 
 
 def step_key(seed_or_key, step) -> jax.Array:
@@ -211,6 +258,35 @@ def step_key(seed_or_key, step) -> jax.Array:
     key = (jax.random.key(seed_or_key) if isinstance(seed_or_key, (int, np.integer))
            else seed_or_key)
     return jax.random.fold_in(key, step)
+
+
+class _DropClosedEventLoopNoise:
+    """``sys.unraisablehook`` wrapper: drops ``RuntimeError('Event loop is closed')``.
+
+    When orbax fails to read a damaged checkpoint, ``asyncio.run`` closes its loop
+    while tensorstore reads are still pending; each read that then completes calls
+    ``loop.call_soon_threadsafe`` on the closed loop and Python prints the
+    RuntimeError as "Exception ignored in ..." (hundreds of lines for a real model)
+    before and after the one error that matters, which :meth:`Checkpointer.restore`
+    raises. Everything else goes to the previous hook.
+    """
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, unraisable):
+        exc = getattr(unraisable, "exc_value", None)
+        if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+            return
+        self.previous(unraisable)
+
+
+def _drop_closed_event_loop_noise() -> None:
+    """Installs :class:`_DropClosedEventLoopNoise` once (idempotent)."""
+    import sys
+
+    if not isinstance(sys.unraisablehook, _DropClosedEventLoopNoise):
+        sys.unraisablehook = _DropClosedEventLoopNoise(sys.unraisablehook)
 
 
 class Checkpointer:
@@ -267,6 +343,7 @@ class Checkpointer:
         ref = self._tree(state)
         target = jax.tree_util.tree_map(
             lambda x: np.zeros(x.shape, x.dtype) if hasattr(x, "shape") else x, ref)
+        _drop_closed_event_loop_noise()       # a damaged file: only the error below
         try:
             tree = self.manager.restore(step, args=self._ocp.args.StandardRestore(target))
         except (ValueError, KeyError, OSError, FileNotFoundError) as err:
@@ -347,9 +424,10 @@ def quiet_checkpoint_logs() -> None:
 
 
 class DataclassConfig:
-    """``replace`` / ``to_dict`` / ``from_dict`` for the frozen-dataclass configs of
-    the trainers that are not ml_collections files (pre-training, the classifier).
-    ``from_dict`` drops keys the dataclass does not know (older or newer files)."""
+    """``replace`` / ``to_dict`` / ``from_dict`` / ``from_config`` for the frozen
+    dataclass configs (pre-training, the classifier, the E-step). ``from_dict``
+    drops keys the dataclass does not know (older or newer files); ``from_config``
+    builds one from its config block and refuses unknown keys."""
 
     def replace(self, **changes):
         return dataclasses.replace(self, **changes)
@@ -361,6 +439,20 @@ class DataclassConfig:
     def from_dict(cls, d):
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in dict(d).items() if k in names})
+
+    @classmethod
+    def from_config(cls, block):
+        """From its config block (an ml_collections ConfigDict or a mapping): every
+        field the block names (lists become tuples, so the result stays hashable);
+        fields it leaves out keep the dataclass default, the one default of each
+        option. A key the dataclass does not know is an error naming it."""
+        d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; "
+                             f"known: {', '.join(names)}")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 # Keys that may change between a run and its resumption: they choose what is
@@ -469,16 +561,24 @@ class Throughput:
         return rate
 
 
-def run_loop(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
-             num_steps: int, seed, batch_size: int, log_every: int, writer: "MetricsWriter",
-             ckpt: "Checkpointer", progress: bool = True, desc: str = "train"):
-    """The step loop every trainer shares: steps ``start .. end - 1`` of a ``num_steps`` run.
+def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
+        seed, batch_size: int, log_every: int, writer: "MetricsWriter",
+        ckpt: "Checkpointer | None" = None, num_steps: int | None = None,
+        progress: bool = True, desc: str = "train", extra: dict | None = None):
+    """The step loop every trainer shares: global steps ``start .. end - 1``.
 
     host_batch(step) -> dict of host arrays (sharded here over ``mesh``'s data axis);
     train_step(state, batch, key) -> (state, metrics), keyed by ``step_key(seed, step)``.
-    Writes metrics (plus images/s) every ``log_every`` steps and at ``end``; saves
-    checkpoints on ``ckpt``'s schedule and always at ``num_steps``; closes ``ckpt``.
+    On a multi-device CPU mesh at most one step is in flight
+    (:func:`nvsm_jax.parallel.wait_if_cpu_collectives`).
+    Writes metrics (plus images/s and the constant fields ``extra``, e.g. the NVSM
+    round) every ``log_every`` steps and at ``end``. With ``ckpt``, saves
+    checkpoints on its schedule and always at ``num_steps`` (the run's last step;
+    default ``end``); the caller closes it. ``num_steps`` is also the progress
+    bar's total.
     """
+    num_steps = end if num_steps is None else num_steps
+    extra = dict(extra or {})
     timer = Throughput()
     since = 0
     steps = range(start, end)
@@ -491,10 +591,10 @@ def run_loop(state, train_step, host_batch: Callable[[int], dict], mesh, *, star
         since += batch_size
         if (s + 1) % log_every == 0 or s + 1 == end:
             metrics = jax.device_get(metrics)
-            writer.write(s + 1, images_per_s=timer.tick(since), **metrics)
+            writer.write(s + 1, **extra, images_per_s=timer.tick(since), **metrics)
             since = 0
             if progress and hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        ckpt.maybe_save(s + 1, state, force=(s + 1 == num_steps))
-    ckpt.close()
+        if ckpt is not None:
+            ckpt.maybe_save(s + 1, state, force=(s + 1 == num_steps))
     return state

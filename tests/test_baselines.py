@@ -127,9 +127,9 @@ def test_pretrained_encoder_starts_the_run_and_heads_stay_fresh(tmp_path):
 
     data = _tiny_pose_set()
     cfg = _cfg()
-    other = jax.device_get(baselines._initial_variables(baselines.build_classifier(cfg), 1, (32, 32)))
-    fresh = jax.device_get(baselines._initial_variables(baselines.build_classifier(cfg), cfg.seed,
-                                                        (32, 32)))
+    model, x = baselines.build_classifier(cfg), np.zeros((1, 32, 32, 3), np.float32)
+    other = jax.device_get(model.init(jax.random.key(1), x, train=False))
+    fresh = jax.device_get(model.init(jax.random.key(cfg.seed), x, train=False))
     given = pretrain.Pretrained(other["params"], {k: v for k, v in other.items() if k != "params"})
     state = jax.device_get(baselines.train_classifier(cfg, data, tmp_path / "pre", num_devices=1,
                                                       progress=False, stop_after=0,

@@ -22,7 +22,8 @@ def test_shipped_nemo_configs_pass(arg):
 
 @pytest.mark.parametrize("key,value,message", [
     ("anchor_rule", "ring", "anchor_rule='ring'"),
-    ("estep.rule", "best", "estep.rule='best'"),
+    ("estep.max_new", -3, "max_new must be >= 0"),
+    ("estep.margin_angle", float("nan"), "margin_angle must be finite"),
     ("model.backbone", "resnet34", "model.backbone='resnet34'"),
     ("model.depthwise", "fast", "model.depthwise='fast'"),
     ("model.encoder_norm", "layer", "model.encoder_norm='layer'"),

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from nvsm_jax import parallel, training
+from nvsm_jax import parallel
 from nvsm_jax.models import backbone, efficientnet, weights
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "fixtures"))

@@ -1,6 +1,5 @@
 """NVSM matching scores against the poster's formula written as explicit loops."""
 
-import jax
 import numpy as np
 import pytest
 

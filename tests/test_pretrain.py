@@ -6,7 +6,6 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from nvsm_jax import pretrain
 from nvsm_jax.data import UnlabelledSet

@@ -107,30 +107,50 @@ def test_resume_after_kill_gives_the_same_result(tiny_data, reference, tmp_path)
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
 
 
-def test_reselect_replaces_the_set_from_the_anchors_and_grows_the_cap(tiny_data, tmp_path):
+def test_a_run_killed_inside_an_m_step_resumes_there(tiny_data, reference, tmp_path,
+                                                     monkeypatch):
+    """Killed after step 3 (inside round 1's M-step, a checkpoint every step): the
+    resumed run restores checkpoint 3, reuses round 1's stored E-step instead of
+    redoing it, and ends equal to the uninterrupted run."""
     c = _config()
-    c.estep.reselect = True
-    out = _run(tiny_data, tmp_path / "reselect", config=c)
-    pl, rounds = out["pseudo_labels"], out["rounds"]
-    cap = c.estep.max_new
-    assert [r["num_pseudo"] for r in rounds] == [0, cap, 2 * cap]      # threshold off
-    assert np.all(pl.source_is_labelled)                  # only the anchors synthesise
-    assert len(np.unique(pl.index)) == len(pl)
-    r1, r2 = rounds[1], rounds[2]
-    assert r2["num_pseudo"] == r1["num_pseudo"] + r2["num_new"] - r2["num_dropped"]
-    kept = np.isin(pl.index, np.load(tmp_path / "reselect" / "pseudo_labels" / "round_001.npz")["index"])
-    assert int((~kept).sum()) == r2["num_new"]
+    c.checkpoint_every = 1
+    part = _run(tiny_data, tmp_path / "killed", config=c, stop_after_steps=3)
+    assert [r["round"] for r in part["rounds"]] == [0]
+    assert (tmp_path / "killed" / "pseudo_labels" / "estep_001.npz").exists()
+    assert training.Checkpointer(tmp_path / "killed" / "checkpoints").latest_step() == 3
+    rounds_run = []
+    real = semi_supervised.e_step
+    monkeypatch.setattr(semi_supervised, "e_step",
+                        lambda *a, **kw: rounds_run.append(kw["round_index"]) or real(*a, **kw))
+    resumed = _run(tiny_data, tmp_path / "killed", config=c)
+    assert rounds_run == [2]
+    assert not (tmp_path / "killed" / "pseudo_labels" / "estep_001.npz").exists()
+    assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
+    np.testing.assert_array_equal(resumed["pseudo_labels"].index, reference["pseudo_labels"].index)
+    for a, b in zip(jax.tree_util.tree_leaves(reference["state"].params),
+                    jax.tree_util.tree_leaves(resumed["state"].params)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def _sources(maps, poses, focal, principal, ids, is_labelled):
+    return semi_supervised.Sources(np.asarray(maps), np.asarray(poses), np.asarray(focal),
+                                   np.asarray(principal), np.asarray(ids),
+                                   np.asarray(is_labelled, bool))
+
+
+def _estep(**changes):
+    return semi_supervised.EStepConfig.from_config(_config().estep).replace(**changes)
 
 
 def test_e_step_rejects_empty_sources(tiny_data):
     _, mesh, _ = tiny_data
     with pytest.raises(ValueError, match="no sources"):
-        semi_supervised.e_step(_config().estep, source_maps=np.zeros((0, 8, 8, 4)),
-                               source_poses=np.zeros((0, 4)), source_focal=np.zeros(0),
-                               source_principal=np.zeros((0, 2)), source_ids=np.zeros(0, int),
-                               source_is_labelled=np.zeros(0, bool),
-                               pool_maps=np.zeros((3, 8, 8, 4)), candidates=np.ones(3, bool),
-                               model_mesh=mesh, stride=4, round_index=1, mesh_axes=None)
+        semi_supervised.e_step(
+            _estep(), _sources(np.zeros((0, 8, 8, 4)), np.zeros((0, 4)), np.zeros(0),
+                               np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool)),
+            semi_supervised.Pool(np.zeros((3, 8, 8, 4)), np.ones(3), np.zeros((3, 2)),
+                                 np.ones(3, bool)),
+            model_mesh=mesh, stride=4, round_index=1, mesh_axes=None)
 
 
 
@@ -144,25 +164,24 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
     pool = np.concatenate([maps[1:], rng.normal(size=(3, 8, 8, 16)).astype(np.float32)])
-    kw = dict(source_maps=maps, source_poses=train_set.poses[:2], source_focal=train_set.focal[:2],
-              source_principal=train_set.principal[:2], source_ids=np.array([0, 100]),
-              source_is_labelled=np.array([True, False]), pool_maps=pool,
-              candidates=np.ones(4, bool), model_mesh=mesh, stride=4, round_index=2,
-              mesh_axes=parallel.make_mesh(1))
-    cfg = _config().estep
-    cfg.max_new = 4
+    sources = _sources(maps, train_set.poses[:2], train_set.focal[:2], train_set.principal[:2],
+                       [0, 100], [True, False])
+    pool_set = semi_supervised.Pool(pool, np.full(4, train_set.focal[0]),
+                                    np.repeat(train_set.principal[:1], 4, axis=0),
+                                    np.ones(4, bool))
+    kw = dict(model_mesh=mesh, stride=4, round_index=2, mesh_axes=parallel.make_mesh(1))
+    cfg = _estep(max_new=4)
 
     def pose_of_image_0(result):
         rows = np.flatnonzero(result.new.index == 0)
         assert len(rows) == 1
         return result.new.poses[rows[0]].astype(np.float64), result.new.source[rows[0]]
 
-    base = semi_supervised.e_step(cfg, **kw)
+    base = semi_supervised.e_step(cfg, sources, pool_set, **kw)
     pose, source = pose_of_image_0(base)
     own = train_set.poses[1].astype(np.float64)
     assert source == 100 and geometry.pose_error(pose, own) < 1e-4
-    cfg.novel_views_only = True
-    novel = semi_supervised.e_step(cfg, **kw)
+    novel = semi_supervised.e_step(cfg.replace(novel_views_only=True), sources, pool_set, **kw)
     assert novel.num_views == base.num_views - 1
     pose, _ = pose_of_image_0(novel)
     assert geometry.pose_error(pose, own) > np.radians(5)
@@ -186,9 +205,10 @@ def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
 
     maps = feature_fn(images)
     out = semi_supervised.mirrored_sources(
-        feature_fn, 2, images, maps, train_set.poses[rows], train_set.focal[rows],
-        train_set.principal[rows], np.array([4, 5, 6]), np.array([True, False, True]))
-    m_maps, m_poses, m_focal, m_principal, m_ids, m_lab = out
+        feature_fn, 2, images, _sources(maps, train_set.poses[rows], train_set.focal[rows],
+                                        train_set.principal[rows], [4, 5, 6], [True, False, True]))
+    m_maps, m_poses, m_focal, m_principal, m_ids, m_lab = (
+        out.maps, out.poses, out.focal, out.principal, out.ids, out.is_labelled)
     assert m_maps.shape == (6,) + maps.shape[1:]
     np.testing.assert_array_equal(m_maps[3:], feature_fn(images[:, :, ::-1]))
     np.testing.assert_array_equal(m_ids, [4, 5, 6, 4, 5, 6])

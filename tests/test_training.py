@@ -2,6 +2,7 @@
 
 import json
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -148,7 +149,7 @@ def test_quiet_checkpoint_logs_drops_only_orbax_info():
     assert handler.filter(record(ours, py_logging.INFO))
 
 
-def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devices):
+def test_fit_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devices):
     """Two overlapping CPU programs with collectives can deadlock XLA's shared thread
     pool, so on several CPU devices step s + 1 is dispatched only once step s is done."""
     mesh = parallel.make_mesh(8)
@@ -173,12 +174,66 @@ def test_run_loop_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devi
     # is about the outputs of the step before
     state = jax.block_until_ready(parallel.replicate(np.eye(512, dtype=np.float32), mesh))
     ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=1000)
-    training.run_loop(state, train_step, lambda s: {"x": rng.random((64, 512), np.float32)},
-                      mesh, start=0, end=6, num_steps=1000, seed=0, batch_size=64, log_every=1000,
-                      writer=training.MetricsWriter(tmp_path), ckpt=ckpt, progress=False)
+    training.fit(state, train_step, lambda s: {"x": rng.random((64, 512), np.float32)},
+                 mesh, start=0, end=6, num_steps=1000, seed=0, batch_size=64, log_every=1000,
+                 writer=training.MetricsWriter(tmp_path), ckpt=ckpt, progress=False)
+    ckpt.close()
     assert all(seen), seen
     x = parallel.replicate(np.ones(3, np.float32), parallel.make_mesh(1))
     assert parallel.wait_if_cpu_collectives(x, parallel.make_mesh(1)) is x
+
+
+def test_fit_logs_saves_and_keys_each_step_by_its_global_index(tmp_path):
+    """A resumed slice (steps 3..5 of a 5-step run) sees the keys and batches of those
+    global steps, logs every ``log_every`` steps and at its end with the ``extra``
+    fields, and forces the checkpoint of the run's last step."""
+    import optax
+
+    mesh = parallel.make_mesh(1)
+    init = lambda k: training.TrainState.create(apply_fn=None, params={"w": jnp.zeros(())},
+                                                tx=optax.sgd(1.0))
+    state = training.create_replicated(init, jax.random.key(0), mesh)
+    seen = []
+
+    def train_step(state, batch, key):
+        seen.append((int(batch["s"][0]), np.asarray(jax.random.key_data(key)).tolist()))
+        grads = {"w": -jnp.mean(batch["s"])}
+        return state.apply_gradients(grads=grads), {"loss": state.params["w"]}
+
+    ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=100)
+    writer = training.MetricsWriter(tmp_path)
+    out = training.fit(state, train_step, lambda s: {"s": np.full((2,), s, np.float32)}, mesh,
+                       start=3, end=5, num_steps=5, seed=7, batch_size=2, log_every=2,
+                       writer=writer, ckpt=ckpt, progress=False, extra={"round": 4})
+    ckpt.close()
+    assert [s for s, _ in seen] == [3, 4]
+    assert [k for _, k in seen] == [np.asarray(jax.random.key_data(training.step_key(7, s))).tolist()
+                                    for s in (3, 4)]
+    assert float(out.params["w"]) == 7.0                       # sgd on -mean(s): 0 + 3 + 4
+    rows = writer.read()
+    assert [(r["step"], r["round"]) for r in rows] == [(4, 4), (5, 4)]
+    assert training.Checkpointer(tmp_path / "ckpt").latest_step() == 5
+
+
+def test_create_replicated_compiles_once_per_cache_key():
+    import optax
+
+    mesh = parallel.make_mesh(1)
+    traces = []
+
+    def init(key):
+        traces.append(1)
+        return training.TrainState.create(apply_fn=None, params={"w": jax.random.normal(key, (3,))},
+                                          tx=optax.adam(1e-3))
+
+    a = training.create_replicated(init, jax.random.key(0), mesh, cache_key=("t", 3))
+    n = len(traces)
+    b = training.create_replicated(init, jax.random.key(1), mesh, cache_key=("t", 3))
+    assert len(traces) == n                                   # reused, not retraced
+    assert not np.allclose(np.asarray(a.params["w"]), np.asarray(b.params["w"]))  # seed honoured
+    expect = jax.random.normal(jax.random.key(1), (3,))
+    np.testing.assert_allclose(np.asarray(b.params["w"]), np.asarray(expect), rtol=1e-6)
+    assert b.params["w"].sharding.is_fully_replicated
 
 
 def test_save_config_refuses_a_changed_config_and_restart_moves_the_old_run(tmp_path):

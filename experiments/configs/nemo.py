@@ -26,7 +26,6 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.num_labelled = ml_collections.config_dict.placeholder(int)  # None = all labels
     c.anchor_rule = "azimuth_ring"      # which images are labelled (nvsm_jax/data/fewshot.py);
                                         #   "pose_coverage" = the rule of earlier tables
-    c.image_size = (128, 128)           # informative: the data's own size is used
     c.seed = 0
     c.restart = False                   # True: a workdir run with another config is moved
     #                                     aside (replaced-<time>/) and the run starts over
@@ -46,6 +45,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model.norm = "group"              # "group" | "batch" | "frozen_batch"
 
     c.render_stride = 2                 # visibility render at H / render_stride
+    c.pretrain_workdir = ""             # a nvsm_jax.pretrain workdir: start the backbone from it
 
     c.num_steps = 2000
     c.batch_size = 16

@@ -17,7 +17,9 @@ All NeMo/CoKe settings (model, loss, optimiser, solver) come from
 import ml_collections
 import numpy as np
 
-from experiments.configs import nemo, synthetic
+from nvsm_jax import baselines, semi_supervised
+
+from . import nemo, synthetic  # relative: works under both package names
 
 
 def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
@@ -54,46 +56,34 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.initial_steps = c.get_ref("fewshot_steps")
     c.steps_per_round = 400
     c.labelled_min_fraction = 0.1        # labelled rows repeated to >= 10% of each M-step set
-    c.pretrain_workdir = ""              # a pretrain.py workdir to start every NeMo/NVSM row from
     c.pretrain_steps = 0                 # > 0 (and no pretrain_workdir): self-supervised
     c.pretrain_batch = 32                #   pre-training on the pool first, shared by the rows
     c.eval_every_round = True
 
-    c.estep = ml_collections.ConfigDict()
-    c.estep.azimuth_step = float(np.radians(15.0))
-    c.estep.azimuth_steps = 2            # offsets -30..30 deg in azimuth
-    c.estep.elevation_step = float(np.radians(10.0))
-    c.estep.elevation_steps = 1          # and -10..10 deg in elevation
-    c.estep.min_elevation = float(np.radians(-20.0))
-    c.estep.max_elevation = float(np.radians(60.0))
-    c.estep.min_weight = 0.5             # synthesised pixel valid if >= half its face was seen
-    c.estep.rule = "image_best"          # "image_best" (each image its best view) | "view_top"
-    c.estep.per_view = 1                 # images each view may claim per round
-    c.estep.z_threshold = ml_collections.config_dict.placeholder(float)
-    c.estep.threshold = -1.0             # minimum matching score (mean cosine; -1 = off)
-    c.estep.margin = -1.0                # over the best view >= margin_angle away (-1 = off)
-    c.estep.margin_angle = float(np.pi / 6)
+    # the E-step: every field and its default in nvsm_jax.semi_supervised.EStepConfig
+    # (offsets of 15 deg x +-2 in azimuth and 10 deg x +-1 in elevation around each
+    # source; the 30 best-scoring images per round; no threshold or margin; mirrored
+    # sources; no solver agreement or refinement)
+    c.estep = ml_collections.ConfigDict(semi_supervised.EStepConfig().to_dict())
     c.estep.max_new = 30                 # per round: the best-scoring 30 are accepted
-    c.estep.bin_quota = ml_collections.config_dict.placeholder(int)  # per azimuth sector, round 1
-    c.estep.bin_quota_growth = 0         # quota added per later round
-    c.estep.quota_bins = 12              # azimuth sectors of 30 degrees
-    c.estep.view_cap = ml_collections.config_dict.placeholder(int)  # per matched-pose cell
-    #                                      (azimuth_step x elevation_step) and round
-    c.estep.frontier_only = False        # True: only last round's pseudo-labels expand
-    c.estep.reselect = False             # True: anchors only synthesise; each round the best
-    #                                      max_new * round images replace the set
-    c.estep.source_chunk = 8             # sources synthesised per call (memory bound)
-    c.estep.agree_angle = 0.0            # > 0: the NeMo grid search must agree within this angle
-    c.estep.refine_steps = 0             # > 0: refine accepted poses with the pose solver
-    c.estep.mirror_sources = True        # also synthesise from each source's mirror image
-    c.estep.novel_views_only = False     # True: pseudo-labelled sources skip their own pose
 
-    # ---- classification baseline (Res50-Gene row)
-    c.cls = ml_collections.ConfigDict()
+    # ---- classification baseline (Res50-Gene row): nvsm_jax.baselines.ClassifierConfig;
+    # its encoder, optimiser, batch, augmentation and seed are the NeMo rows' (references:
+    # --config.model.backbone=... changes both)
+    c.cls = ml_collections.ConfigDict(baselines.ClassifierConfig().to_dict())
     c.cls.num_steps = 600
     c.cls.azimuth_bins = 36
     c.cls.elevation_bins = 18
     c.cls.theta_bins = 36
+    for key in ("backbone", "norm", "encoder_norm", "depthwise", "pretrained", "frozen_stages"):
+        c.cls[key] = c.model.get_ref(key)
+    for key in ("lr", "weight_decay"):      # its own warm-up (100) and cosine floor
+        c.cls[key] = c.optim.get_ref(key)
+    for key in ("flip_prob", "jitter", "hue", "grayscale_prob"):
+        c.cls[key] = c.augment.get_ref(key)
+    for key in ("seed", "batch_size", "log_every", "keep_checkpoints"):
+        c.cls[key] = c.get_ref(key)
+    c.cls.checkpoint_every = c.cls.get_ref("num_steps")    # one checkpoint, at the end
 
     c.eval_limit = ml_collections.config_dict.placeholder(int)
 

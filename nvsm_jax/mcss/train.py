@@ -144,40 +144,24 @@ def _prep(images_u8, key=None, augment: float = 0.0):
     return preprocess(x * 255.0)
 
 
-_CACHE: dict = {}
-
-
 def _cfg_key(cfg) -> str:
     return cfg.to_json_best_effort(sort_keys=True) if hasattr(cfg, "to_json_best_effort") else repr(cfg)
 
 
 def init_state(cfg, mesh, image_size, seed: int):
-    """A replicated :class:`nvsm_jax.training.TrainState` for ``cfg.model``/``cfg.optim``.
-
-    Built directly replicated (``eval_shape`` then ``jit(init, out_shardings)``,
-    as :func:`nvsm_jax.training.create_replicated`); the jitted init is cached
-    per (config, image size, mesh) so runs that differ only in seed or data do
-    not recompile.
-    """
-    key = ("init", _cfg_key(cfg), tuple(image_size), mesh)
-    if key not in _CACHE:
-        model = make_model(cfg.model)
-        sched = training.make_schedule(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
-                                       final_lr_fraction=cfg.optim.final_lr_fraction)
-        tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
-
-        def init_fn(rng):
-            variables = dict(model.init(rng, jnp.zeros((1, *image_size, 3), jnp.float32),
-                                        train=False))
-            params = variables.pop("params")
-            return training.TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                              model_state=variables or None)
-
-        abstract = jax.eval_shape(init_fn, jax.random.key(0))
-        shard = jax.tree_util.tree_map(lambda _: parallel.replicated(mesh), abstract)
-        _CACHE[key] = (model, jax.jit(init_fn, out_shardings=shard))
-    model, fn = _CACHE[key]
-    return model, fn(jax.random.key(seed))
+    """``(model, state)``: the model of ``cfg.model`` and a replicated
+    :class:`nvsm_jax.training.TrainState` (optimiser of ``cfg.optim`` over ``cfg.steps``),
+    through :func:`nvsm_jax.training.create_replicated`: compiled once per
+    (config, image size, mesh), so runs that differ only in seed or data do not
+    recompile."""
+    model = make_model(cfg.model)
+    sched = training.make_schedule(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
+                                   final_lr_fraction=cfg.optim.final_lr_fraction)
+    tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
+    init = training.state_initializer(model, tx, (1, *image_size, 3))
+    state = training.create_replicated(init, jax.random.key(seed), mesh,
+                                       cache_key=("mcss", _cfg_key(cfg), tuple(image_size)))
+    return model, state
 
 
 def make_train_step(model, cfg, use_multiview: bool):
@@ -221,11 +205,15 @@ def make_train_step(model, cfg, use_multiview: bool):
     return jax.jit(step, donate_argnums=(0,))
 
 
+_STEPS: dict = {}
+
+
 def _cached_step(model, cfg, use_multiview: bool):
-    key = ("step", _cfg_key(cfg), use_multiview, id(model))
-    if key not in _CACHE:
-        _CACHE[key] = make_train_step(model, cfg, use_multiview)
-    return _CACHE[key]
+    """The jitted step, compiled once per (model, config, mode)."""
+    key = (model, _cfg_key(cfg), use_multiview)
+    if key not in _STEPS:
+        _STEPS[key] = make_train_step(model, cfg, use_multiview)
+    return _STEPS[key]
 
 
 def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int) -> dict:
@@ -241,7 +229,7 @@ def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int
 
 
 def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int = 0,
-          log=print) -> tuple[Any, Any]:
+          log=None) -> tuple[Any, Any]:
     """Trains (or resumes) one run in ``workdir``; returns ``(model, state)``.
 
     method: ``"mcss"`` (pose + multi-view loss) or ``"baseline"`` (pose only).
@@ -258,20 +246,18 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     writer = training.MetricsWriter(workdir)
     step_fn = _cached_step(model, cfg, use_mv)
     start = int(jax.device_get(state.step))
-    bar = training.progress_bar(range(start, cfg.steps), total=cfg.steps, initial=start,
-                                desc=os.path.basename(workdir), disable=not cfg.get("progress", False))
-    for step in bar:
-        batch = parallel.shard_batch(_batch_for_step(ts, cfg, step, use_mv, seed), mesh)
-        state, out = step_fn(state, batch, training.step_key(seed, step))
-        parallel.wait_if_cpu_collectives((state, out), mesh)
-        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.steps:
-            writer.write(step + 1, **out)
-            if log:
-                m = jax.device_get(out)
-                log(f"[{os.path.basename(workdir)}] step {step + 1}/{cfg.steps} " +
-                    " ".join(f"{k}={float(v):.4f}" for k, v in sorted(m.items())))
-        ckpt.maybe_save(step + 1, state, force=step + 1 == cfg.steps)
+    mv = cfg.multiview
+    batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)
+    state = training.fit(
+        state, step_fn, lambda s: _batch_for_step(ts, cfg, s, use_mv, seed), mesh,
+        start=start, end=cfg.steps, seed=seed, batch_size=batch_size, log_every=cfg.log_every,
+        writer=writer, ckpt=ckpt, progress=cfg.get("progress", False),
+        desc=os.path.basename(workdir))
     ckpt.close()
+    if log and start < cfg.steps:
+        last = writer.read()[-1]
+        log(f"[{os.path.basename(workdir)}] step {last['step']}/{cfg.steps} " +
+            " ".join(f"{k}={last[k]:.4f}" for k in ("loss", "loss_pose", "loss_mv") if k in last))
     return model, state
 
 
