@@ -6,14 +6,22 @@
     python -m experiments.evaluate --workdir runs/nemo_car --top_k 3 --out runs/nemo_car/top3
 
 Writes ``WORKDIR/results.json`` (``{"rows": [...]}``, accuracies in percent),
-``results.md``, ``errors.npz`` and ``error_distribution.png``.
+``results.md``, ``predictions_<level>.npz`` and ``error_distribution.png``.
+
+A missing ``--data`` folder, or one with none of the levels, exits 1 naming it and
+writes nothing; a level the root lacks is a row marked missing (with the reason)
+in ``results.md`` / ``results.json``. A bad test image or annotation exits 1
+naming the file; ``--skip_bad`` skips it instead and lists it in the results.
 """
 
 from __future__ import annotations
 
+import sys
+
 from absl import app, flags
 
-from nvsm_jax import train, training
+from nvsm_jax import parallel, train, training
+from nvsm_jax.data import DataError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A train_nemo workdir.", required=True)
@@ -26,14 +34,21 @@ flags.DEFINE_integer("top_k", None, "Refine the best k grid poses per image (def
 flags.DEFINE_list("occlusions", None, "Levels to evaluate (default config.eval_occlusions).")
 flags.DEFINE_string("method", "NeMo", "Method name in the rows.")
 flags.DEFINE_string("out", None, "Output directory (default: the workdir).")
+flags.DEFINE_bool("skip_bad", False, "Skip (and list in the results) test images whose file "
+                  "or annotation is bad, instead of stopping.")
 
 
 def main(argv):
     del argv
+    parallel.quiet_backend_probe_logs()
     training.quiet_checkpoint_logs()
-    train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
-                     occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
-                     top_k=FLAGS.top_k)
+    try:
+        train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver,
+                               limit=FLAGS.limit, occlusions=FLAGS.occlusions,
+                               method=FLAGS.method, out_dir=FLAGS.out, top_k=FLAGS.top_k,
+                               skip_bad=FLAGS.skip_bad)
+    except (DataError, FileNotFoundError) as err:
+        sys.exit(f"experiments.evaluate: {err}")
 
 
 if __name__ == "__main__":

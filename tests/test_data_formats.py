@@ -250,3 +250,228 @@ def test_prepare_kitti_levels_filters_and_projection(tmp_path):
     np.testing.assert_allclose(stored, expected, atol=1e-3 * ann_scale * 700)
     assert load_pose_set(out, "car", "L2").names == ("000001_02",)
     assert load_model_mesh(out, "car").verts.shape[0] > 100
+
+
+# --------------------------------------------------------------------------- bad input at the door
+
+def _set_field(path, key, value):
+    fields = _ann(path)
+    fields[key] = value
+    fmt.save_npz(path, **fields)
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("azimuth", np.float64(270.0), r"'azimuth' = 270 is outside \[-2 pi, 2 pi\].*degrees"),
+    ("elevation", np.float64(7.0), r"'elevation' = 7 is outside \[-pi/2, pi/2\]"),
+    ("azimuth", np.float64(1e6), r"'azimuth' = 1e\+06 is outside"),
+    ("theta", np.float64(-20.0), r"'theta' = -20 is outside"),
+    ("azimuth", np.str_("0.5"), r"'azimuth' must be a number, got <U3 value '0.5'"),
+    ("principal", np.array(["a", "b"]), r"'principal' must be 2 numbers"),
+])
+def test_annotation_values_out_of_range_or_not_numbers(tmp_path, key, value, message, caplog):
+    names = write_tiny_root(tmp_path, "car", 4, size=(16, 16))
+    ann = tmp_path / "annotations/car" / (names[1] + ".npz")
+    _set_field(ann, key, value)
+    with pytest.raises(DataError, match=message) as err:
+        load_pose_set(tmp_path, "car")
+    assert str(ann) in str(err.value)
+    ps = load_pose_set(tmp_path, "car", skip_bad=True)
+    assert ps.names == (names[0], names[2], names[3]) and "skipped 1" in caplog.text
+
+
+def test_angles_at_their_bounds_load(tmp_path):
+    names = write_tiny_root(tmp_path, "car", 3, size=(16, 16))
+    for name, (key, v) in zip(names, [("azimuth", 2 * np.pi), ("elevation", -np.pi / 2),
+                                      ("theta", -2 * np.pi)]):
+        _set_field(tmp_path / "annotations/car" / (name + ".npz"), key, np.float64(v))
+    ps = load_pose_set(tmp_path, "car")
+    np.testing.assert_allclose([ps.poses[0, 0], ps.poses[1, 1], ps.poses[2, 2]],
+                               [2 * np.pi, -np.pi / 2, -2 * np.pi], rtol=1e-6)
+
+
+@pytest.mark.parametrize("limit", [-1, 0, 1.5, True])
+def test_limit_must_be_positive(tmp_path, limit):
+    write_tiny_root(tmp_path, "car", 4, size=(16, 16))
+    with pytest.raises(ValueError, match="limit must be a positive number of images"):
+        load_pose_set(tmp_path, "car", limit=limit)
+    assert len(load_pose_set(tmp_path, "car", limit=10)) == 4
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", r"not UTF-8 text \(byte \d+"),
+    (b"car_0000\ncar\x00\x01junk\n", r"mesh01\.txt:2: list entry .* control characters"),
+])
+def test_binary_list_file_names_the_file(tmp_path, content, message):
+    write_tiny_root(tmp_path, "car", 3, size=(16, 16))
+    lst = tmp_path / "lists/car/mesh01.txt"
+    lst.write_bytes(content)
+    with pytest.raises(DataError, match=message) as err:
+        load_pose_set(tmp_path, "car")
+    assert str(lst) in str(err.value)
+
+
+@pytest.mark.parametrize("masks", [True, False])
+def test_wrong_size_first_image_is_blamed_not_the_mask_or_the_others(tmp_path, masks, caplog):
+    """The odd image out (here the first listed) is the bad entry, with or without masks;
+    the others, which agree on one size, load."""
+    names = write_tiny_root(tmp_path, "car", 4, size=(16, 16), masks=masks)
+    odd = tmp_path / "images/car" / (names[0] + ".png")
+    Image.fromarray(np.zeros((8, 10, 3), np.uint8)).save(odd)
+    with pytest.raises(DataError, match=r"image size \(8, 10\) differs from \(16, 16\)") as err:
+        load_pose_set(tmp_path, "car")
+    assert str(err.value).startswith(str(odd))
+    ps = load_pose_set(tmp_path, "car", skip_bad=True)
+    assert ps.names == tuple(names[1:]) and "skipped 1" in caplog.text
+
+
+def test_mask_of_wrong_size_names_annotation_and_image(tmp_path):
+    names = write_tiny_root(tmp_path, "car", 3, size=(16, 16))
+    ann = tmp_path / "annotations/car" / (names[0] + ".npz")
+    _set_field(ann, "occluder_mask", np.zeros((4, 4), bool))
+    with pytest.raises(DataError, match=r"'occluder_mask' has shape \(4, 4\)") as err:
+        load_pose_set(tmp_path, "car")
+    assert str(ann) in str(err.value) and names[0] + ".png" in str(err.value)
+
+
+# raw PASCAL3D+: bad viewpoints, crops far off the photo, image sets
+
+def _write_pascal_objects(raw, viewpoints, cat="car"):
+    """Rewrites the fixture's record with one car per viewpoint (overrides of the good one)."""
+    good = {"azimuth": 30.0, "elevation": 10.0, "theta": 5.0, "distance": 6.5, "focal": 1.0,
+            "px": 140.0, "py": 95.0, "viewport": 2000.0}
+    dtype = [("class", object), ("bbox", object), ("cad_index", object), ("truncated", object),
+             ("occluded", object), ("difficult", object), ("viewpoint", object)]
+    objs = np.zeros((len(viewpoints),), dtype=dtype)
+    for k, over in enumerate(viewpoints):
+        objs[k] = (cat, np.array([60.0, 40, 220, 150]), 1, 0, 0, 0, {**good, **over})
+    scipy.io.savemat(raw / "Annotations" / f"{cat}_imagenet" / "n0001.mat",
+                     {"record": {"filename": "n0001.JPEG", "objects": objs}})
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"viewport": 0.0}, r"object 1: viewpoint viewport = 0 must be positive"),
+    ({"viewport": -5.0}, r"object 1: viewpoint viewport = -5 must be positive"),
+    ({"px": 1e6}, r"object 1 \(px 1e\+06.*entirely off the 300 x 200 photo"),
+    ({"py": -1e6}, r"object 1 .*entirely off the 300 x 200 photo"),
+    ({"azimuth": 1e6}, r"object 1: viewpoint azimuth = 1e\+06 degrees is outside"),
+    ({"viewport": 1e8}, r"object 1 .*more than 64 times its area.*implausible"),
+])
+def test_prepare_pascal3d_bad_object_named_and_skipped(tmp_path, bad, message, caplog):
+    raw = tmp_path / "raw"
+    _write_pascal_raw(raw)
+    _write_pascal_objects(raw, [{}, bad, {"azimuth": 200.0}])
+    mat = str(raw / "Annotations/car_imagenet/n0001.mat")
+    with pytest.raises(DataError, match=message) as err:
+        pascal3d.prepare_pascal3d(raw, tmp_path / "strict", ["car"], crop_hw=(64, 80),
+                                  target_focal=600.0, skip_bad=False)
+    assert str(err.value).startswith(mat)
+    counts = pascal3d.prepare_pascal3d(raw, tmp_path / "out", ["car"], crop_hw=(64, 80),
+                                       target_focal=600.0)
+    assert counts == {"train/car/mesh01": 2}
+    assert (tmp_path / "out/train/lists/car/mesh01.txt").read_text().split() == \
+        ["n0001_00", "n0001_02"]
+    assert f"skipping {mat}: object 1" in caplog.text
+    ps = load_pose_set(tmp_path / "out/train", "car")
+    np.testing.assert_allclose(ps.poses[:, 0], np.deg2rad([30.0, 200.0]), atol=1e-6)
+
+
+def test_prepare_pascal3d_warns_on_empty_image_set(tmp_path, caplog):
+    raw = tmp_path / "raw"
+    _write_pascal_raw(raw)
+    os.makedirs(raw / "Image_sets")
+    (raw / "Image_sets/car_imagenet_train.txt").write_text("\n")
+    (raw / "Image_sets/car_imagenet_val.txt").write_text("n0002\n")
+    counts = pascal3d.prepare_pascal3d(raw, tmp_path / "out", ["car"], crop_hw=(64, 80),
+                                       target_focal=600.0)
+    assert counts == {}
+    assert f"{raw / 'Image_sets/car_imagenet_train.txt'}: the image set list is empty" in caplog.text
+    assert "1 records are in neither Image_sets list" in caplog.text
+    assert "no crops written for car" in caplog.text
+
+
+def _crop_by_padding_the_whole_photo(image, principal, scale, out_hw):
+    """The reference: zero-pad the whole photo, then resize the window (as before)."""
+    H, W = out_hw
+    o = scale * np.asarray(principal, np.float64) - np.array([W / 2.0, H / 2.0])
+    x0, y0 = o / scale
+    x1, y1 = (o + np.array([W, H])) / scale
+    h, w = image.shape[:2]
+    pad = int(np.ceil(max(0.0, -x0, -y0, x1 - w, y1 - h))) + 2
+    src = Image.fromarray(np.pad(image, ((pad, pad), (pad, pad), (0, 0))))
+    resample = Image.BILINEAR if scale >= 1 else Image.BOX
+    return np.asarray(src.resize((W, H), resample, box=(x0 + pad, y0 + pad, x1 + pad, y1 + pad)))
+
+
+def test_scale_and_crop_cuts_only_the_window(tmp_path):
+    from nvsm_jax.data import crop
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)
+    for p, s in [((60, 45), 1.0), ((-20, 30), 0.7), ((125, 95), 2.5), ((10, 5), 0.13),
+                 ((119, 1), 3.0)]:
+        got, off = crop.scale_and_crop(img, p, s, (40, 56))
+        want = _crop_by_padding_the_whole_photo(img, p, s, (40, 56))
+        assert got.shape == (40, 56, 3)
+        np.testing.assert_allclose(off, s * np.asarray(p, float) - [28, 20])
+        # PIL takes the window as float32: the shifted origin rounds differently (<= 1 level)
+        assert np.abs(got.astype(int) - want).max() <= 1
+    # content: the crop centre is the photo at the principal point (scale 1, no resampling)
+    got, _ = crop.scale_and_crop(img, (60.0, 45.0), 1.0, (40, 56))
+    np.testing.assert_array_equal(got, img[25:65, 32:88])
+    for p, s, message in [((60, 45), 0.0, "positive finite"), ((60, 45), np.nan, "positive"),
+                          ((np.inf, 45), 1.0, "finite"), ((1e6, 45), 0.39, "entirely off"),
+                          ((60, -1e6), 1.0, "entirely off"), ((60, 45), 1e-4, "implausible")]:
+        with pytest.raises(ValueError, match=message):
+            crop.scale_and_crop(img, p, s, (40, 56))
+
+
+# KITTI: bad labels and calibrations name file:line
+
+def _kitti_root(tmp_path, lines, calib=None):
+    root = tmp_path / "kitti"
+    for d in ("label_2", "calib", "image_2"):
+        os.makedirs(root / d, exist_ok=True)
+    (root / "label_2/000001.txt").write_text("\n".join(lines) + "\n")
+    (root / "calib/000001.txt").write_text(
+        "P0: " + " ".join(["0"] * 12) + "\n" +
+        (calib or "P2: " + " ".join(f"{v:.6f}" for v in P2.ravel())) + "\n")
+    Image.fromarray(np.full((375, 1242, 3), 128, np.uint8)).save(root / "image_2/000001.png")
+    return root
+
+
+_T2 = np.linalg.solve(P2[:, :3], P2[:, 3])
+_ON_AXIS = np.array([0.0, 0.75, 10.0]) - _T2
+
+
+@pytest.mark.parametrize("bad,message", [
+    (_kitti_line(0.4, [0.0, 0.75, np.nan]), r"000001\.txt:2: non-finite field\(s\).*z = nan"),
+    (_kitti_line(0.4, _ON_AXIS, box=(np.nan, 100, 700, 300)),
+     r"000001\.txt:2: non-finite field\(s\) x1 = nan"),
+    (_kitti_line(0.4, [0.0, 0.75, -10.0]), r"000001\.txt:2: the box centre is behind camera 2"),
+    (_kitti_line(0.4, _ON_AXIS, box=(700, 100, 400, 300)), r"000001\.txt:2: 2D box .* inverted"),
+    (_kitti_line(0.4, _ON_AXIS, dims=(1.5, -1.6, 3.9)), r"000001\.txt:2: 3D box dimensions"),
+    ("Car 0.00 0 0.1 400 100 700 300 1.5 1.6 3.9 0 0.75 abc 0.4", r"000001\.txt:2: could not"),
+])
+def test_prepare_kitti_bad_label_line_named_and_skipped(tmp_path, bad, message, caplog):
+    root = _kitti_root(tmp_path, [_kitti_line(0.4, _ON_AXIS), bad])
+    with pytest.raises(DataError, match=message):
+        kitti.prepare_kitti(root, tmp_path / "strict", crop_hw=(48, 80), target_focal=300.0,
+                            skip_bad=False)
+    counts = kitti.prepare_kitti(root, tmp_path / "out", crop_hw=(48, 80), target_focal=300.0)
+    assert counts == {"car": 1}
+    assert load_pose_set(tmp_path / "out/train", "car").names == ("000001_00",)
+    assert f"skipping {root / 'label_2/000001.txt'}:2" in caplog.text
+
+
+@pytest.mark.parametrize("calib,message", [
+    ("P2: 700 0 abc 45 0 700 180 -0.3 0 0 1 0.005", r"000001\.txt:2: P2 must be 12 numbers"),
+    ("P2: " + " ".join(["0"] * 12), r"000001\.txt:2: P2's left 3x3 block .* not a camera"),
+    ("P2: 700 0 600 45 0 700 180", r"000001\.txt:2: P2 needs 12 numbers, got 7"),
+    ("P2: 700 0 600 nan 0 700 180 -0.3 0 0 1 0.005", r"000001\.txt:2: P2 holds non-finite"),
+])
+def test_prepare_kitti_bad_calibration_named(tmp_path, calib, message, caplog):
+    root = _kitti_root(tmp_path, [_kitti_line(0.4, _ON_AXIS)], calib=calib)
+    with pytest.raises(DataError, match=message) as err:
+        kitti.prepare_kitti(root, tmp_path / "strict", crop_hw=(48, 80), skip_bad=False)
+    assert str(root / "calib/000001.txt") in str(err.value)
+    assert kitti.prepare_kitti(root, tmp_path / "out", crop_hw=(48, 80)) == {}
+    assert f"skipping {root / 'calib/000001.txt'}:2" in caplog.text

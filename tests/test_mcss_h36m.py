@@ -7,6 +7,7 @@ import pytest
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
+from nvsm_jax.data import DataError
 from nvsm_jax.mcss import h36m
 from nvsm_jax.mcss import train as mtrain
 from nvsm_jax.mcss.skeleton import H36M_32_TO_17
@@ -87,3 +88,77 @@ def test_supervision_split_hides_unlabelled_poses(tmp_path):
             assert views.all() or not views.any()
     with pytest.raises(ValueError):
         mtrain.supervision_mask(data, "S9")
+
+
+def _truncate(path):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+
+
+def _rewrite_poses(base, **changes):
+    with np.load(os.path.join(base, "poses.npz")) as z:
+        poses = {k: z[k] for k in z.files}
+    poses.update(changes)
+    for k in [k for k, v in poses.items() if v is None]:
+        del poses[k]
+    np.savez(os.path.join(base, "poses.npz"), **poses)
+
+
+def _nan_joint(base):
+    with np.load(os.path.join(base, "poses.npz")) as z:
+        world = z["joints_world"].copy()
+    world[2, 13, 1] = np.nan          # mocap joint 13 = joint 8 of the 17 kept
+    _rewrite_poses(base, joints_world=world)
+
+
+@pytest.mark.parametrize("damage,culprit,message", [
+    (lambda b: _truncate(os.path.join(b, "cam1", "000001.png")), "cam1/000001.png",
+     r"cannot decode image"),
+    (lambda b: _truncate(os.path.join(b, "poses.npz")), "poses.npz", r"cannot read"),
+    (lambda b: _truncate(os.path.join(b, "cameras.npz")), "cameras.npz", r"cannot read"),
+    (lambda b: _rewrite_poses(b, joints_world=None, other=np.zeros(3)), "poses.npz",
+     r"no 'joints_world' \(keys: \['other'\]\)"),
+    (lambda b: [os.remove(os.path.join(b, "cam1", f)) for f in os.listdir(os.path.join(b, "cam1"))],
+     "cam1", r"camera folder holds no \.png/\.jpg frames"),
+    (_nan_joint, "poses.npz", r"'joints_world' holds 1 non-finite joint\(s\), first at frame 2, "
+                              r"joint 8"),
+    (lambda b: _rewrite_poses(b, joints_world=np.zeros((3, 32, 2))), "poses.npz",
+     r"'joints_world' must be a number array of shape \[\.\.\., 17 or 32, 3\], got float64 "
+     r"\(3, 32, 2\)"),
+    (lambda b: np.savez(os.path.join(b, "cameras.npz"), R=np.eye(3)[None], t=np.zeros((1, 3))),
+     "cameras.npz", r"for the 2 cam\* folders"),
+])
+def test_bad_sequence_files_are_named(tmp_path, damage, culprit, message):
+    _write_h36m_fixture(str(tmp_path), "S9", "Walking", n_views=2, n_frames=3)
+    base = os.path.join(str(tmp_path), "S9", "Walking")
+    damage(base)
+    with pytest.raises(DataError, match=message) as err:
+        h36m.load_dataset(str(tmp_path), ["S9"])
+    assert str(err.value).startswith(os.path.join(base, culprit))
+
+
+def test_nan_in_dropped_mocap_joint_is_harmless_and_joints_cam_checked(tmp_path):
+    _, world, _ = _write_h36m_fixture(str(tmp_path), "S9", "Walking", with_joints_cam=True)
+    base = os.path.join(str(tmp_path), "S9", "Walking")
+    w = world.copy()
+    w[0, 4] = np.nan                   # mocap joint 4 is not among the 17
+    _rewrite_poses(base, joints_world=w)
+    assert len(h36m.load_dataset(str(tmp_path), ["S9"])) == 6
+    with np.load(os.path.join(base, "poses.npz")) as z:
+        cam = z["joints_cam"].copy()
+    cam[1, 2, 0, 2] = np.inf
+    _rewrite_poses(base, joints_cam=cam)
+    with pytest.raises(DataError, match=r"'joints_cam' holds 1 non-finite joint\(s\), "
+                                             r"first at view 1, frame 2, joint 0"):
+        h36m.load_dataset(str(tmp_path), ["S9"])
+
+
+def test_cameras_of_different_lengths_are_cut_with_a_warning(tmp_path, caplog):
+    img, _, cam = _write_h36m_fixture(str(tmp_path), "S9", "Walking", n_frames=3,
+                                      extra_frames_cam1=2)
+    data = h36m.load_dataset(str(tmp_path), ["S9"])
+    assert list(data.seq_frames) == [3]
+    np.testing.assert_array_equal(data.images[data.index(0, 1, 2)], img[1, 2])
+    base = os.path.join(str(tmp_path), "S9", "Walking")
+    assert f"{base}: cameras hold cam0 3, cam1 5 frames and joints_world 3; all cut to the " \
+           "first 3" in caplog.text

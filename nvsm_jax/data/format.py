@@ -100,13 +100,31 @@ def write_list(path: str | os.PathLike, names) -> None:
 
 
 def read_list(path: str | os.PathLike) -> list[str]:
-    """Names in a NeMo list file; extensions (if any) are stripped."""
+    """Names in a NeMo list file; extensions (if any) are stripped.
+
+    A file that is not UTF-8 text (e.g. an image or archive saved under a list's
+    name), or whose names hold control characters, raises DataError naming it
+    (and the line).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as err:
+        raise DataError(f"{path}: cannot read list file ({type(err).__name__}: {err})") from err
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: list file is not UTF-8 text (byte {err.start}: "
+                        f"{raw[err.start:err.start + 1]!r}); expected one image name a line"
+                        ) from err
     names = []
-    with open(path) as f:
-        for line in f:
-            name = line.strip()
-            if not name:
-                continue
-            base, ext = os.path.splitext(name)
-            names.append(base if ext in IMAGE_EXTENSIONS or ext == ".npz" else name)
+    for n, line in enumerate(text.split("\n")):
+        name = line.strip()
+        if not name:
+            continue
+        if any(ord(c) < 32 or ord(c) == 127 for c in name):
+            raise DataError(f"{path}:{n + 1}: list entry {name[:40]!r} holds control characters;"
+                            " expected one image name a line (is this a binary file?)")
+        base, ext = os.path.splitext(name)
+        names.append(base if ext in IMAGE_EXTENSIONS or ext == ".npz" else name)
     return names

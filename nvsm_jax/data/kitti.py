@@ -65,39 +65,83 @@ log = logging.getLogger(__name__)
 
 
 class KittiObject(dict):
-    """type, truncated, occluded, alpha, bbox [4], dims (h, w, l), location [3], rotation_y."""
+    """type, truncated, occluded, alpha, bbox [4], dims (h, w, l), location [3], rotation_y,
+    and where it was read: ``source`` (``path:line``)."""
 
 
-def read_label(path) -> list[KittiObject]:
+def _check_object(o, where):
+    """Raises DataError naming ``where`` (``path:line``) for values that make no crop."""
+    x1, y1, x2, y2 = o["bbox"]
+    if not (x2 > x1 and y2 > y1):
+        raise DataError(f"{where}: 2D box [{x1:g}, {y1:g}, {x2:g}, {y2:g}] is empty or inverted")
+    if not np.all(o["dims"] > 0):
+        raise DataError(f"{where}: 3D box dimensions (h, w, l) {tuple(o['dims'])} must be positive")
+
+
+def read_label(path, *, skip_bad: bool = False) -> list[KittiObject]:
+    """The objects of a ``label_2`` file. A line with missing, non-numeric or
+    non-finite fields raises DataError naming ``path:line`` and the value (with
+    ``skip_bad``: a warning, and the line is skipped)."""
     objs = []
-    with open(path) as f:
-        for n, line in enumerate(f):
-            parts = line.split()
-            if not parts:
-                continue
+    try:
+        with open(path) as f:
+            lines = f.read().split("\n")
+    except (OSError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: cannot read label file ({type(err).__name__}: {err})") from err
+    for n, line in enumerate(lines):
+        parts = line.split()
+        if not parts:
+            continue
+        where = f"{path}:{n + 1}"
+        try:
             if len(parts) < 15:
-                raise DataError(f"{path}:{n + 1}: expected 15 fields, got {len(parts)}")
+                raise DataError(f"{where}: expected 15 fields, got {len(parts)}")
             try:
                 v = [float(x) for x in parts[1:15]]
             except ValueError as err:
-                raise DataError(f"{path}:{n + 1}: {err}") from err
-            objs.append(KittiObject(type=parts[0], truncated=v[0], occluded=int(v[1]), alpha=v[2],
-                                    bbox=np.array(v[3:7]), dims=np.array(v[7:10]),
-                                    location=np.array(v[10:13]), rotation_y=v[13]))
+                raise DataError(f"{where}: {err}") from err
+            if not np.all(np.isfinite(v)):
+                names = ("truncated", "occluded", "alpha", "x1", "y1", "x2", "y2", "h", "w", "l",
+                         "x", "y", "z", "rotation_y")
+                bad = [f"{k} = {x}" for k, x in zip(names, v) if not np.isfinite(x)]
+                raise DataError(f"{where}: non-finite field(s) {', '.join(bad)}")
+            if v[1] != int(v[1]):
+                raise DataError(f"{where}: occluded must be an integer, got {parts[2]}")
+        except DataError as err:
+            if not skip_bad:
+                raise
+            log.warning("skipping %s", err)
+            continue
+        objs.append(KittiObject(type=parts[0], truncated=v[0], occluded=int(v[1]), alpha=v[2],
+                                bbox=np.array(v[3:7]), dims=np.array(v[7:10]),
+                                location=np.array(v[10:13]), rotation_y=v[13], source=where))
     return objs
 
 
 def read_calib(path) -> np.ndarray:
-    """P2 [3, 4] from a KITTI calib file."""
+    """P2 [3, 4] from a KITTI calib file; DataError naming ``path:line`` for a P2 that
+    is not 12 finite numbers or whose left 3x3 block is not an invertible camera."""
     if not os.path.isfile(path):
         raise DataError(f"{path}: calibration file not found")
     with open(path) as f:
-        for line in f:
+        for n, line in enumerate(f):
             if line.startswith("P2:"):
-                vals = np.array([float(x) for x in line.split()[1:13]])
+                where = f"{path}:{n + 1}"
+                try:
+                    vals = np.array([float(x) for x in line.split()[1:13]])
+                except ValueError as err:
+                    raise DataError(f"{where}: P2 must be 12 numbers ({err})") from err
                 if vals.size != 12:
-                    raise DataError(f"{path}: P2 needs 12 numbers")
-                return vals.reshape(3, 4)
+                    raise DataError(f"{where}: P2 needs 12 numbers, got {vals.size}")
+                if not np.all(np.isfinite(vals)):
+                    raise DataError(f"{where}: P2 holds non-finite numbers {vals.tolist()}")
+                P2 = vals.reshape(3, 4)
+                K = P2[:, :3]
+                if not (K[0, 0] > 0 and K[1, 1] > 0 and K[2, 2] > 0) or \
+                        abs(np.linalg.det(K)) < 1e-9 * max(1.0, abs(K[0, 0] * K[1, 1])):
+                    raise DataError(f"{where}: P2's left 3x3 block {K.tolist()} is not a camera "
+                                    "matrix (focal lengths and P2[2,2] must be positive)")
+                return P2
     raise DataError(f"{path}: no P2 line")
 
 
@@ -150,9 +194,18 @@ def prepare_kitti(root, out, *, crop_hw=(256, 672), target_focal=3000.0, min_box
     for lab in labels:
         fid = os.path.splitext(os.path.basename(lab))[0]
         try:
-            objs = read_label(lab)
+            objs = read_label(lab, skip_bad=skip_bad)
             keep = []
             for k, o in enumerate(objs):
+                if o["type"] != "Car":
+                    continue
+                try:
+                    _check_object(o, o["source"])
+                except DataError as err:
+                    if not skip_bad:
+                        raise
+                    log.warning("skipping %s", err)
+                    continue
                 x1, y1, x2, y2 = o["bbox"]
                 if o["type"] != "Car" or o["truncated"] >= max_truncation or \
                         o["occluded"] not in (0, 1, 2) or min(x2 - x1, y2 - y1) <= min_box_side:
@@ -163,13 +216,26 @@ def prepare_kitti(root, out, *, crop_hw=(256, 672), target_focal=3000.0, min_box
             P2 = read_calib(os.path.join(root, "calib", fid + ".txt"))
             image = load_image(os.path.join(root, "image_2", fid + ".png"))
             for k, o in keep:
-                pose = kitti_pose(o, P2, unit_m)
-                c = object_center(o, P2) - _cam2_offset(P2)
-                uvw = P2 @ np.append(c, 1.0)
-                p_screen = uvw[:2] / uvw[2] + 0.5
-                f_px = float(P2[0, 0])
-                s = nemo_scale(pose[3], f_px, target_focal)
-                crop, off = scale_and_crop(image, p_screen, s, crop_hw)
+                try:
+                    c2 = object_center(o, P2)
+                    if not c2[2] > 0:
+                        raise DataError(f"{o['source']}: the box centre is behind camera 2 "
+                                        f"(depth {c2[2]:g} m, location {o['location'].tolist()})")
+                    pose = kitti_pose(o, P2, unit_m)
+                    c = c2 - _cam2_offset(P2)
+                    uvw = P2 @ np.append(c, 1.0)
+                    p_screen = uvw[:2] / uvw[2] + 0.5
+                    f_px = float(P2[0, 0])
+                    s = nemo_scale(pose[3], f_px, target_focal)
+                    try:
+                        crop, off = scale_and_crop(image, p_screen, s, crop_hw)
+                    except ValueError as err:
+                        raise DataError(f"{o['source']}: {err}") from err
+                except DataError as err:
+                    if not skip_bad:
+                        raise
+                    log.warning("skipping %s", err)
+                    continue
                 x1, y1, x2, y2 = o["bbox"]
                 box = np.array([x1, y1, x2 + 1, y2 + 1]) * s - np.concatenate([off, off])
                 sub = subset_name("car", int(o["occluded"]))

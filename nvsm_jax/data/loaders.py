@@ -109,17 +109,42 @@ def load_image(path) -> np.ndarray:
         raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
 
 
+# Angles are radians. A stored value beyond these bounds is not a pose in radians
+# (most often degrees written by mistake: azimuth 270, elevation 7 rad), so it is refused.
+ANGLE_LIMITS = {"azimuth": 2 * np.pi, "elevation": np.pi / 2, "theta": 2 * np.pi}
+_ANGLE_SLACK = 1e-4
+
+
 def _scalar(ann, key, path):
-    v = np.asarray(ann[key], np.float64).reshape(-1)
+    raw = np.asarray(ann[key])
+    if raw.dtype.kind not in "biuf":
+        shown = raw.reshape(-1)[0] if raw.size else raw
+        raise DataError(f"{path}: annotation {key!r} must be a number, got {raw.dtype} "
+                        f"value {str(shown)!r}")
+    v = raw.astype(np.float64).reshape(-1)
     if v.size != 1:
-        raise DataError(f"{path}: annotation {key!r} must be a scalar, got shape {ann[key].shape}")
+        raise DataError(f"{path}: annotation {key!r} must be a scalar, got shape {raw.shape}")
     if not np.isfinite(v[0]):
         raise DataError(f"{path}: annotation {key!r} is not finite ({v[0]})")
     return float(v[0])
 
 
+def _check_angle(key, value, path):
+    bound = ANGLE_LIMITS[key]
+    if abs(value) > bound + _ANGLE_SLACK:
+        lo = "-pi/2" if key == "elevation" else "-2 pi"
+        hi = "pi/2" if key == "elevation" else "2 pi"
+        raise DataError(f"{path}: annotation {key!r} = {value:g} is outside [{lo}, {hi}]; "
+                        "angles are radians (was it stored in degrees?)")
+
+
 def load_annotation(path) -> dict:
     """Reads and checks one annotation ``.npz``; raises DataError naming the file.
+
+    Every required field must be a finite number (a string or an array raises);
+    azimuth and theta must lie in [-2 pi, 2 pi] and elevation in [-pi/2, pi/2]
+    (radians: values beyond are refused as degrees stored by mistake); distance
+    and focal * viewport must be positive.
 
     Returns dict with ``pose`` [4], ``focal`` (pixels), ``principal`` [2] and the
     raw arrays (``raw``).
@@ -136,7 +161,12 @@ def load_annotation(path) -> dict:
         raise DataError(f"{path}: annotation is missing keys {missing}")
     a, e, t, d, f, vp = (_scalar(ann, k, path) for k in
                          ("azimuth", "elevation", "theta", "distance", "focal", "viewport"))
-    principal = np.asarray(ann["principal"], np.float64).reshape(-1)
+    for key, value in (("azimuth", a), ("elevation", e), ("theta", t)):
+        _check_angle(key, value, path)
+    raw_p = np.asarray(ann["principal"])
+    if raw_p.dtype.kind not in "biuf":
+        raise DataError(f"{path}: annotation 'principal' must be 2 numbers, got {raw_p.dtype}")
+    principal = raw_p.astype(np.float64).reshape(-1)
     if principal.size != 2 or not np.all(np.isfinite(principal)):
         raise DataError(f"{path}: annotation 'principal' must be 2 finite numbers, got {principal}")
     if d <= 0 or f * vp <= 0:
@@ -145,12 +175,13 @@ def load_annotation(path) -> dict:
             "principal": principal.astype(np.float32), "raw": ann}
 
 
-def _mask(ann, key, shape, path):
+def _mask(ann, key, shape, path, img_path):
     if key not in ann:
         return None
     m = np.asarray(ann[key])
     if m.shape != shape:
-        raise DataError(f"{path}: {key!r} has shape {m.shape}, image is {shape}")
+        raise DataError(f"{path}: {key!r} has shape {m.shape}, but the image {img_path} "
+                        f"is {shape}")
     return m.astype(bool)
 
 
@@ -159,37 +190,57 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
     """Loads ``{root}/{images,annotations,lists}/{category}{occ}`` into a PoseSet.
 
     root: a train or a test root. occlusion: 'L0'..'L3' (or 0..3, or the
-      ``FGLk_BGLk`` suffix). limit: the first ``limit`` names of the list.
-    skip_bad: bad entries (missing/corrupt image, annotation missing keys or
-      non-finite, size mismatch) raise a DataError naming the file by default;
-      with ``skip_bad=True`` they are logged and skipped, and the count is
-      logged at the end.
+      ``FGLk_BGLk`` suffix). limit: the first ``limit`` names of the list (a
+      positive integer; None = all).
+    skip_bad: bad entries (missing/corrupt image, annotation missing keys,
+      non-numeric, non-finite or out of range, image or mask of another size)
+      raise a DataError naming the file by default; with ``skip_bad=True`` they
+      are logged and skipped, and the count is logged at the end.
+    The images of one subset share one size: the most common one (ties: the
+    first listed); an image of another size is the bad entry, named as such.
     Masks are returned only when every loaded annotation has them.
     """
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
+                              or limit < 1):
+        raise ValueError(f"limit must be a positive number of images or None, got {limit!r}")
     sub = subset_name(category, occlusion)
     names = list_names(root, category, occlusion)
     if limit is not None:
         names = names[:limit]
-    kept, images, poses, focal, principal, obj, occ = [], [], [], [], [], [], []
-    size, size_file, skipped = None, None, 0
+    skipped = 0
+
+    def bad(err):
+        nonlocal skipped
+        if not skip_bad:
+            raise err
+        skipped += 1
+        log.warning("skipping %s", err)
+
+    entries = []                                   # (name, ann, ann_path, img, img_path)
     for name in names:
         try:
             ann_path = os.path.join(root, "annotations", sub, name + ".npz")
             ann = load_annotation(ann_path)
             img_path = _find_image(root, sub, name)
             img = load_image(img_path)
-            if size is None:
-                size, size_file = img.shape[:2], img_path
-            elif img.shape[:2] != size:
-                raise DataError(f"{img_path}: image size {img.shape[:2]} differs from "
-                                f"{size} of {size_file}; images of one root must share one size")
-            om = _mask(ann["raw"], "object_mask", img.shape[:2], ann_path)
-            cm = _mask(ann["raw"], "occluder_mask", img.shape[:2], ann_path)
         except DataError as err:
-            if not skip_bad:
-                raise
-            skipped += 1
-            log.warning("skipping %s", err)
+            bad(err)
+            continue
+        entries.append((name, ann, ann_path, img, img_path))
+    sizes = [e[3].shape[:2] for e in entries]
+    common = max(sizes, key=lambda sz: (sizes.count(sz), -sizes.index(sz))) if sizes else None
+    kept, images, poses, focal, principal, obj, occ = [], [], [], [], [], [], []
+    for name, ann, ann_path, img, img_path in entries:
+        try:
+            if img.shape[:2] != common:
+                first = next(e[4] for e in entries if e[3].shape[:2] == common)
+                raise DataError(f"{img_path}: image size {img.shape[:2]} differs from {common} "
+                                f"of {sizes.count(common)} other images (e.g. {first}); images "
+                                "of one root must share one size")
+            om = _mask(ann["raw"], "object_mask", img.shape[:2], ann_path, img_path)
+            cm = _mask(ann["raw"], "occluder_mask", img.shape[:2], ann_path, img_path)
+        except DataError as err:
+            bad(err)
             continue
         kept.append(name)
         images.append(img)

@@ -102,14 +102,46 @@ def _image_sets(root, category):
     for split, name in (("train", "train"), ("test", "val")):
         p = os.path.join(root, "Image_sets", f"{category}_imagenet_{name}.txt")
         if os.path.isfile(p):
-            out[split] = {l.strip() for l in open(p) if l.strip()}
+            with open(p) as f:
+                out[split] = {line.strip() for line in f if line.strip()}
+            if not out[split]:
+                log.warning("%s: the image set list is empty: no %s ids; records listed in "
+                            "no set are skipped", p, split)
     return out
+
+
+class _BadObject(DataError):
+    """One object of a record is unusable (the record's other objects still are)."""
+
+
+# Raw PASCAL3D+ angles are degrees; beyond these bounds a value is not an angle.
+_DEGREE_LIMITS = {"azimuth": 360.0, "elevation": 90.0, "theta": 360.0}
+
+
+def _check_viewpoint(o, mat, k):
+    """Raises _BadObject naming the file, the object and the value of a nonsense field."""
+    for key, bound in _DEGREE_LIMITS.items():
+        if abs(o[key]) > bound + 1e-6:
+            raise _BadObject(f"{mat}: object {k}: viewpoint {key} = {o[key]:g} degrees is "
+                             f"outside [-{bound:g}, {bound:g}]")
+    for key in ("distance", "focal", "viewport"):
+        if o[key] <= 0:
+            raise _BadObject(f"{mat}: object {k}: viewpoint {key} = {o[key]:g} must be positive")
 
 
 def prepare_pascal3d(root, out, categories, *, crop_hw=(256, 672), target_focal=3000.0,
                      keep_truncated=False, keep_occluded=False, keep_difficult=False,
                      skip_bad=True, jpeg_quality=95) -> dict:
-    """Converts raw PASCAL3D+ categories into ``out/train`` (and ``out/test``) roots."""
+    """Converts raw PASCAL3D+ categories into ``out/train`` (and ``out/test``) roots.
+
+    Objects without a viewpoint are skipped with a warning. A bad record (an
+    unreadable ``.mat`` or photo) or object (an angle beyond its range in
+    degrees, distance, focal or viewport <= 0, a principal point that puts the
+    crop off the photo, an implausible scale) raises a DataError naming the
+    ``.mat`` file, the object and the value; with ``skip_bad`` (the default) it
+    is skipped with that message as a warning. An empty ``Image_sets`` list and
+    records in no list are warned about.
+    """
     from PIL import Image
     counts = {}
     for cat in categories:
@@ -118,10 +150,12 @@ def prepare_pascal3d(root, out, categories, *, crop_hw=(256, 672), target_focal=
             raise DataError(f"{ann_dir}: annotation folder not found")
         sets = _image_sets(root, cat)
         lists = {}                                  # (split, cad) -> names
+        unlisted = 0
         for mat in sorted(glob.glob(os.path.join(ann_dir, "*.mat"))):
             stem = os.path.splitext(os.path.basename(mat))[0]
             split = "test" if "test" in sets and stem in sets["test"] else "train"
             if sets and stem not in sets.get("train", ()) and split != "test":
+                unlisted += 1
                 continue
             try:
                 filename, objs = read_record(mat)
@@ -136,15 +170,27 @@ def prepare_pascal3d(root, out, categories, *, crop_hw=(256, 672), target_focal=
                         continue
                     vals = [o.get(x, np.nan) for x in ("azimuth", "elevation", "theta", "distance",
                                                       "focal", "px", "py", "viewport")]
-                    if not np.all(np.isfinite(vals)) or o["distance"] <= 0 or o["focal"] <= 0:
+                    if not np.all(np.isfinite(vals)):
                         log.warning("%s: object %d has no usable viewpoint, skipped", mat, k)
                         continue
-                    if image is None:
-                        image = load_image(img_path)
-                    f_px = o["focal"] * o["viewport"]
-                    s = nemo_scale(o["distance"], f_px, target_focal)
-                    p_screen = np.array([o["px"] - 0.5, o["py"] - 0.5])
-                    crop, off = scale_and_crop(image, p_screen, s, crop_hw)
+                    try:
+                        _check_viewpoint(o, mat, k)
+                        if image is None:
+                            image = load_image(img_path)
+                        f_px = o["focal"] * o["viewport"]
+                        s = nemo_scale(o["distance"], f_px, target_focal)
+                        p_screen = np.array([o["px"] - 0.5, o["py"] - 0.5])
+                        try:
+                            crop, off = scale_and_crop(image, p_screen, s, crop_hw)
+                        except ValueError as err:
+                            raise _BadObject(f"{mat}: object {k} (px {o['px']:g}, py "
+                                             f"{o['py']:g}, viewport {o['viewport']:g}, distance "
+                                             f"{o['distance']:g}) in {img_path}: {err}") from err
+                    except _BadObject as err:
+                        if not skip_bad:
+                            raise
+                        log.warning("skipping %s", err)
+                        continue
                     x1, y1, x2, y2 = o["bbox"]
                     box = np.array([x1 - 1, y1 - 1, x2, y2]) * s - np.concatenate([off, off])
                     name = f"{stem}_{k:02d}"
@@ -167,6 +213,11 @@ def prepare_pascal3d(root, out, categories, *, crop_hw=(256, 672), target_focal=
                 if not skip_bad:
                     raise
                 log.warning("skipping %s", err)
+        if unlisted:
+            log.warning("%s: %d records are in neither Image_sets list (%s), skipped", ann_dir,
+                        unlisted, ", ".join(f"{k}: {len(v)} ids" for k, v in sorted(sets.items())))
+        if not lists:
+            log.warning("%s: no crops written for %s", ann_dir, cat)
         for (split, cad), names in sorted(lists.items()):
             write_list(os.path.join(out, split, "lists", cat, f"mesh{cad:02d}.txt"), names)
             counts[f"{split}/{cat}/mesh{cad:02d}"] = len(names)

@@ -13,8 +13,15 @@ Layout (per subject / action / camera frames + 3D joints)::
 
 32-joint inputs are reduced with ``H36M_32_TO_17``. Sub-actions such as
 ``"Walking 1"`` are just action folders. The ``k`` of ``cam<k>`` only orders
-the views; all cameras of a sequence must hold the same number of frames
-(synchronised); longer ones are cut to the shortest.
+the views; the cameras of a sequence are synchronised from frame 0. Human3.6M's
+videos differ by a frame or two per camera, so (the one repair) every camera and
+the joints are cut to the shortest of them, with a warning naming the folders
+and their counts.
+
+Bad input raises :class:`nvsm_jax.data.DataError` naming the file: an
+unreadable or truncated image or ``.npz``, a ``poses.npz`` without
+``joints_world``, joints of the wrong shape or with NaN/inf (the frame and
+joint are named), an empty camera folder, fewer camera poses than cameras.
 
 Returns a :class:`MultiViewData`: every frame of every view flattened, with
 the index ``offset + view * T + t`` per sequence.
@@ -24,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import logging
 import os
 import re
 from typing import Sequence
@@ -31,9 +39,12 @@ from typing import Sequence
 import numpy as np
 
 from nvsm_jax import geometry as geo
+from nvsm_jax.data.format import DataError
 from nvsm_jax.mcss.skeleton import H36M_32_TO_17
 
 __all__ = ["MultiViewData", "load_dataset", "load_sequence", "to_17_joints"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -94,40 +105,99 @@ def _cam_dirs(seq_dir):
 def _read_image(path, image_size):
     from PIL import Image
 
-    with Image.open(path) as im:
-        im = im.convert("RGB")
-        if image_size is not None and im.size != (image_size[1], image_size[0]):
-            im = im.resize((image_size[1], image_size[0]), Image.BILINEAR)
-        return np.asarray(im, np.uint8)
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            if image_size is not None and im.size != (image_size[1], image_size[0]):
+                im = im.resize((image_size[1], image_size[0]), Image.BILINEAR)
+            return np.asarray(im, np.uint8)
+    except Exception as err:   # PIL raises several types on truncated or corrupt files
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+
+def _read_npz(path) -> dict:
+    if not os.path.isfile(path):
+        raise DataError(f"{path}: not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    except Exception as err:   # zipfile / numpy format errors on truncated files
+        raise DataError(f"{path}: cannot read ({type(err).__name__}: {err})") from err
+
+
+def _joints(arr, path, key, lead: int, width: int) -> np.ndarray:
+    """``arr`` as float32 [*lead dims, 17, width] with finite values; DataError naming
+    ``path``, ``key`` and the first bad frame/joint otherwise."""
+    a = np.asarray(arr)
+    if a.dtype.kind not in "biuf" or a.ndim != lead + 2 or a.shape[-2] not in (17, 32) \
+            or a.shape[-1] != width:
+        raise DataError(f"{path}: {key!r} must be a number array of shape "
+                        f"[{', '.join(['...'] * lead)}, 17 or 32, {width}], got {a.dtype} "
+                        f"{a.shape}")
+    a = to_17_joints(a.astype(np.float32))
+    bad = ~np.isfinite(a).all(-1)
+    if bad.any():
+        idx = tuple(int(i) for i in np.argwhere(bad)[0])
+        where = ", ".join(f"{n} {i}" for n, i in zip(["view", "frame", "joint"][-len(idx):], idx))
+        raise DataError(f"{path}: {key!r} holds {int(bad.sum())} non-finite joint(s), first at "
+                        f"{where} (of the 17 kept): {a[idx].tolist()}")
+    return a
 
 
 def load_sequence(seq_dir: str, image_size=None, load_images: bool = True) -> dict:
     """Reads one sequence folder -> dict(images [V, T, H, W, 3], joints_cam [V, T, 17, 3],
-    joints_2d [V, T, 17, 2] or None, joints_world [T, 17, 3])."""
+    joints_2d [V, T, 17, 2] or None, joints_world [T, 17, 3]). Bad input raises DataError
+    naming the file (module doc); cameras of different lengths are cut, with a warning."""
     cams = _cam_dirs(seq_dir)
     if not cams:
         raise FileNotFoundError(f"no cam* folders in {seq_dir}")
     files = [sorted(glob.glob(os.path.join(c, "*.png")) + glob.glob(os.path.join(c, "*.jpg")))
              for c in cams]
-    with np.load(os.path.join(seq_dir, "poses.npz")) as z:
-        poses = {k: z[k] for k in z.files}
-    world = to_17_joints(poses["joints_world"].astype(np.float32))
-    t_len = min(min(len(f) for f in files), world.shape[0])
+    empty = [c for c, f in zip(cams, files) if not f]
+    if empty:
+        raise DataError(f"{empty[0]}: camera folder holds no .png/.jpg frames"
+                        + (f" (nor do {len(empty) - 1} more)" if len(empty) > 1 else ""))
+    poses_path = os.path.join(seq_dir, "poses.npz")
+    poses = _read_npz(poses_path)
+    if "joints_world" not in poses:
+        raise DataError(f"{poses_path}: no 'joints_world' (keys: {sorted(poses)})")
+    world = _joints(poses["joints_world"], poses_path, "joints_world", 1, 3)
     v_len = len(cams)
+    counts = [len(f) for f in files]
+    t_len = min(min(counts), world.shape[0])
+    if len(set(counts)) > 1 or world.shape[0] != t_len:
+        log.warning("%s: cameras hold %s frames and joints_world %d; all cut to the first %d",
+                    seq_dir, ", ".join(f"{os.path.basename(c)} {n}" for c, n in
+                                       zip(cams, counts)), world.shape[0], t_len)
+
+    def per_view(key, width):
+        a = _joints(poses[key], poses_path, key, 2, width)
+        if a.shape[0] < v_len or a.shape[1] < t_len:
+            raise DataError(f"{poses_path}: {key!r} covers {a.shape[0]} views x {a.shape[1]} "
+                            f"frames, the sequence has {v_len} cameras x {t_len} frames")
+        return a[:v_len, :t_len]
+
     if "joints_cam" in poses:
-        jc = to_17_joints(poses["joints_cam"].astype(np.float32))[:v_len, :t_len]
+        jc = per_view("joints_cam", 3)
     else:
-        with np.load(os.path.join(seq_dir, "cameras.npz")) as z:
-            cam = {k: z[k] for k in z.files}
-        if "R" in cam:
-            r, t = cam["R"].astype(np.float64), cam["t"].astype(np.float64)
-        else:
-            r, t = geo.world_to_camera(cam["pose"].astype(np.float64))
+        cam_path = os.path.join(seq_dir, "cameras.npz")
+        cam = _read_npz(cam_path)
+        try:
+            if "R" in cam:
+                r, t = cam["R"].astype(np.float64), cam["t"].astype(np.float64)
+            else:
+                r, t = geo.world_to_camera(cam["pose"].astype(np.float64))
+        except (KeyError, ValueError, TypeError) as err:
+            raise DataError(f"{cam_path}: needs 'R' and 't' or 'pose' ({type(err).__name__}: "
+                            f"{err}; keys: {sorted(cam)})") from err
+        r, t = np.asarray(r), np.asarray(t)
+        if r.shape[1:] != (3, 3) or t.shape[1:] != (3,) or len(r) < v_len or len(t) < v_len \
+                or not (np.isfinite(r).all() and np.isfinite(t).all()):
+            raise DataError(f"{cam_path}: cameras must be finite R [V, 3, 3], t [V, 3] for the "
+                            f"{v_len} cam* folders, got R {r.shape}, t {t.shape}")
         jc = geo.transform_points(world[None, :t_len].astype(np.float64), r[:v_len, None],
                                   t[:v_len, None]).astype(np.float32)
-    j2d = None
-    if "joints_2d" in poses:
-        j2d = to_17_joints(poses["joints_2d"].astype(np.float32))[:v_len, :t_len]
+    j2d = per_view("joints_2d", 2) if "joints_2d" in poses else None
     images = None
     if load_images:
         images = np.stack([np.stack([_read_image(p, image_size) for p in f[:t_len]])
