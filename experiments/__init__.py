@@ -1,0 +1,63 @@
+"""The project's binaries (thin absl/argparse front ends) and their configs.
+
+In the repository this package is ``experiments`` (``python -m experiments.nvsm_fewshot``
+from the repository root); ``pip install`` installs it as ``nvsm_jax_experiments``,
+with the console scripts below, so it never claims the generic name. Binaries and
+configs import each other relatively and work under both names. The library
+(``nvsm_jax``, ``rasterizer``) never imports this package.
+
+| console script | module |
+|---|---|
+| ``nvsm-fewshot`` | ``nvsm_fewshot`` (default ``--config=nvsm:demo``) |
+| ``nvsm-train-nemo`` | ``train_nemo`` (default ``--config=nemo``) |
+| ``nvsm-evaluate`` | ``evaluate`` |
+| ``nvsm-mcss`` | ``mcss`` (default ``--config=mcss:demo``) |
+| ``nvsm-make-synthetic`` | ``make_synthetic`` (default ``--config=synthetic``) |
+| ``nvsm-show-data`` | ``show_data`` |
+| ``nvsm-prepare-pascal3d``, ``nvsm-prepare-kitti`` | ``prepare_pascal3d``, ``prepare_kitti`` |
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# The console scripts' functions are named ``<module>_cli``: a package attribute named
+# like a submodule would shadow ``from experiments import nvsm_fewshot``.
+
+
+def _run_absl(module: str) -> None:
+    """``app.run(main)`` of an absl binary of this package (a console script).
+
+    ``--help`` shows the binary's docstring and flags, as ``python -m`` does: absl
+    describes the flags and the ``__doc__`` of the main module (``sys.argv[0]``), here
+    the console script's wrapper.
+    """
+    from absl import app, flags
+
+    from nvsm_jax import parallel
+
+    mod = importlib.import_module(f"{__name__}.{module}")
+    for flag in flags.FLAGS.get_key_flags_for_module(mod.__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    main_module = sys.modules.get("__main__")
+    if main_module is not None and not main_module.__doc__:
+        main_module.__doc__ = mod.__doc__
+    parallel.quiet_backend_probe_logs()
+    app.run(mod.main)
+
+
+def nvsm_fewshot_cli() -> None:
+    _run_absl("nvsm_fewshot")
+
+
+def train_nemo_cli() -> None:
+    _run_absl("train_nemo")
+
+
+def evaluate_cli() -> None:
+    _run_absl("evaluate")
+
+
+def mcss_cli() -> None:
+    _run_absl("mcss")

@@ -1,22 +1,24 @@
 """MCSS experiment binary (the experiment itself: :mod:`nvsm_jax.mcss.experiment`).
 
-    python -m experiments.mcss --config experiments/configs/mcss.py:demo --workdir runs/mcss_demo
+    python -m experiments.mcss --config=mcss:demo --workdir runs/mcss_demo
+    nvsm-mcss --config=mcss:tiny --workdir /tmp/mcss_tiny     # installed, from any folder
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from nvsm_jax import parallel, training
 from nvsm_jax.mcss.experiment import train_and_evaluate
 
+from .configs import DEFINE_config
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "experiments/configs/mcss.py:demo")
-flags.DEFINE_string("workdir", None, "output directory")
-flags.mark_flags_as_required(["config", "workdir"])
+DEFINE_config("config", "mcss:demo")
+flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 
 def main(argv):
     del argv
+    parallel.quiet_backend_probe_logs()
     logging.set_verbosity(logging.INFO)
     training.quiet_checkpoint_logs()         # orbax logs every save at INFO
     parallel.initialize()

@@ -1,6 +1,7 @@
 """The NVSM few-shot experiment (see experiments/configs/nvsm.py for the commands).
 
-    python -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:demo --workdir runs/nvsm_demo
+    python -m experiments.nvsm_fewshot --config=nvsm:demo --workdir runs/nvsm_demo
+    nvsm-fewshot --config=nvsm:tiny --workdir /tmp/nvsm_tiny      # installed, from any folder
 
 Rows, trained and evaluated on the same splits: ``cls_baseline`` (pose-bin
 classifier on the labelled images), ``nemo`` (NeMo on the labelled images),
@@ -16,11 +17,11 @@ import os
 import time
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+
+from .configs import DEFINE_config
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/nvsm.py:demo",
-                                "ml_collections config file (path[:arg]).")
+DEFINE_config("config", "nvsm:demo")
 flags.DEFINE_string("workdir", None, "Everything the run writes goes here.", required=True)
 
 
@@ -29,6 +30,7 @@ def main(argv):
     from nvsm_jax import parallel, training
     from nvsm_jax.experiment import train_and_evaluate
 
+    parallel.quiet_backend_probe_logs()
     parallel.initialize()
     logging.set_verbosity(logging.INFO)
     training.quiet_checkpoint_logs()

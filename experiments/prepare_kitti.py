@@ -1,6 +1,7 @@
 """KITTI 3D object (training split layout) -> NeMo-format car crops (see nvsm_jax/data/kitti.py).
 
     python -m experiments.prepare_kitti --root KITTI/object/training --out data/kitti
+    nvsm-prepare-kitti --root KITTI/object/training --out data/kitti     # installed
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 import logging
 
+from nvsm_jax import parallel
 from nvsm_jax.data.kitti import prepare_kitti
 
 
@@ -25,6 +27,7 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    parallel.quiet_backend_probe_logs()
     h, w = (int(x) for x in a.crop.split(","))
     counts = prepare_kitti(a.root, a.out, crop_hw=(h, w), target_focal=a.focal_px,
                            min_box_side=a.min_box_side, max_truncation=a.max_truncation,

@@ -1,6 +1,7 @@
 """Raw PASCAL3D+ release 1.1 -> NeMo format (see nvsm_jax/data/pascal3d.py).
 
     python -m experiments.prepare_pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d --categories car,aeroplane
+    nvsm-prepare-pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d     # installed
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import argparse
 import json
 import logging
 
+from nvsm_jax import parallel
 from nvsm_jax.data.pascal3d import prepare_pascal3d
 from nvsm_jax.data.shapes import CATEGORIES
 
@@ -26,6 +28,7 @@ def main(argv=None):
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
+    parallel.quiet_backend_probe_logs()
     h, w = (int(x) for x in a.crop.split(","))
     counts = prepare_pascal3d(a.root, a.out, [c for c in a.categories.split(",") if c],
                               crop_hw=(h, w), target_focal=a.focal_px,

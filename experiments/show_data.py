@@ -1,6 +1,7 @@
 """Contact sheet of a NeMo-format root with the model cuboid drawn at the annotated pose.
 
     python -m experiments.show_data --root data/synthetic/test --out sheet.png
+    nvsm-show-data --root data/synthetic/test --out sheet.png     # installed
 
 One row per subset ({cat}{occ}); each tile shows an image with the cuboid's 12
 edges projected with geometry.project_pascal from the stored annotation fields
@@ -16,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nvsm_jax import geometry
+from nvsm_jax import geometry, parallel
 from nvsm_jax.data.format import OCCLUSION_LEVELS, subset_name
 from nvsm_jax.data.loaders import list_names, load_annotation, load_image, load_model_mesh, _find_image
 
@@ -100,6 +101,7 @@ def main(argv=None):
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--categories", default=None)
     a = p.parse_args(argv)
+    parallel.quiet_backend_probe_logs()
     cats = a.categories.split(",") if a.categories else None
     print(contact_sheet(a.root, a.out, per_row=a.per_row, tile=a.tile, categories=cats))
 

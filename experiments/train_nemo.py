@@ -1,20 +1,21 @@
 """Trains NeMo on one category (see experiments/configs/nemo.py for the commands).
 
-    python -m experiments.train_nemo --config experiments/configs/nemo.py:default --workdir runs/nemo_car
-    python -m experiments.train_nemo --config experiments/configs/nemo.py --workdir runs/nemo7 \\
-        --config.num_labelled=7
+    python -m experiments.train_nemo --config=nemo:default --workdir runs/nemo_car
+    python -m experiments.train_nemo --config=nemo --workdir runs/nemo7 --config.num_labelled=7
+    nvsm-train-nemo --config=nemo:tiny --config.data_root=syn/train --config.test_root=syn/test \\
+        --workdir /tmp/nemo_tiny      # installed, from any folder (data: nvsm-make-synthetic)
 
 A rerun with the same workdir resumes from the last checkpoint.
 """
 
 from absl import app, flags, logging
-from ml_collections import config_flags
 
 from nvsm_jax import parallel
 
+from .configs import DEFINE_config
+
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", "experiments/configs/nemo.py",
-                                "ml_collections config file (path[:arg]).")
+DEFINE_config("config", "nemo")
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics and results go here.", required=True)
 flags.DEFINE_bool("evaluate", False, "Evaluate on config.test_root after training.")
 
@@ -23,6 +24,7 @@ def main(argv):
     del argv
     from nvsm_jax import train, training
 
+    parallel.quiet_backend_probe_logs()
     parallel.initialize()
     logging.set_verbosity(logging.INFO)
     training.quiet_checkpoint_logs()

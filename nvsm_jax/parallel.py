@@ -9,6 +9,7 @@ each process then feeds its own slice of the global batch.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -18,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA", "initialize", "make_mesh", "data_sharding", "replicated",
            "shard_batch", "replicate", "pad_to_multiple", "is_main_process",
-           "wait_if_cpu_collectives"]
+           "wait_if_cpu_collectives", "quiet_backend_probe_logs"]
 
 DATA = "data"
 
@@ -36,6 +37,30 @@ def initialize() -> None:
         except (RuntimeError, ValueError) as err:  # already initialised, or one host
             if "already" not in str(err) and os.environ.get("JAX_COORDINATOR_ADDRESS"):
                 raise
+
+
+class _BackendProbeFilter(logging.Filter):
+    """Drops jax's INFO record of an optional backend that failed to load."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.levelno == logging.INFO
+                    and str(record.msg).startswith("Unable to initialize backend"))
+
+
+def quiet_backend_probe_logs() -> None:
+    """Hides the "Unable to initialize backend 'tpu': ... libtpu.so" line of CPU/GPU runs.
+
+    At start-up jax probes every registered backend and logs, at INFO, each optional one
+    that is not there (the TPU plugin on every CPU or GPU machine); the binaries log at
+    INFO, so every run printed it. This drops exactly those INFO records of
+    ``jax._src.xla_bridge``. Nothing real is hidden: a backend that was asked for
+    (``JAX_PLATFORMS=tpu``) and fails raises, jax's "a TPU/GPU may be present but ..."
+    hints are WARNINGs and stay, and ``jax.devices("tpu")`` still raises with the reason.
+    Idempotent.
+    """
+    logger = logging.getLogger("jax._src.xla_bridge")
+    if not any(isinstance(f, _BackendProbeFilter) for f in logger.filters):
+        logger.addFilter(_BackendProbeFilter())
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
