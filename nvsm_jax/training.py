@@ -371,13 +371,27 @@ class Checkpointer:
 
 
 class MetricsWriter:
-    """Appends ``{"step": s, **metrics}`` JSON lines to ``workdir/filename`` (process 0)."""
+    """Appends ``{"step": s, **metrics}`` JSON lines to ``workdir/filename`` (process 0),
+    and the scalar metrics as TensorBoard summaries under
+    ``workdir/tensorboard/<filename stem>/`` (``tensorboard --logdir WORKDIR``).
+    The event file is flushed after every write, so a killed run keeps its curves."""
 
-    def __init__(self, workdir, filename: str = "metrics.jsonl"):
+    def __init__(self, workdir, filename: str = "metrics.jsonl", tensorboard: bool = True):
         self.path = os.path.join(os.fspath(workdir), filename)
         self.enabled = parallel.is_main_process()
+        self._tb_dir = os.path.join(os.fspath(workdir), "tensorboard",
+                                    os.path.splitext(os.path.basename(filename))[0])
+        self._tb = None
+        self._use_tb = tensorboard
         if self.enabled:
             os.makedirs(os.path.dirname(self.path), exist_ok=True)
+
+    def _summary_writer(self):
+        if self._tb is None and self._use_tb:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(self._tb_dir, flush_secs=10 ** 6)
+        return self._tb
 
     def write(self, step: int, **metrics) -> None:
         if not self.enabled:
@@ -388,6 +402,18 @@ class MetricsWriter:
             row[k] = v.item() if v.size == 1 else v.tolist()
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
+        tb = self._summary_writer()
+        if tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool) \
+                        and np.isfinite(v):
+                    tb.add_scalar(k, v, int(step))
+            tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
 
     def read(self) -> list[dict]:
         if not os.path.exists(self.path):

@@ -213,6 +213,24 @@ def test_fit_logs_saves_and_keys_each_step_by_its_global_index(tmp_path):
     rows = writer.read()
     assert [(r["step"], r["round"]) for r in rows] == [(4, 4), (5, 4)]
     assert training.Checkpointer(tmp_path / "ckpt").latest_step() == 5
+    # the same scalars as TensorBoard summaries (read with the event-file framing:
+    # u64 length, u32 crc, Event proto, u32 crc)
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    writer.close()
+    (path,) = glob.glob(str(tmp_path / "tensorboard" / "metrics" / "events.out.tfevents.*"))
+    data, seen_tb = open(path, "rb").read(), {}
+    while data:
+        (n,) = struct.unpack("<Q", data[:8])
+        event = event_pb2.Event.FromString(data[12:12 + n])
+        data = data[12 + n + 4:]
+        for v in event.summary.value:
+            seen_tb[(v.tag, event.step)] = v.simple_value
+    assert seen_tb[("loss", 4)] == pytest.approx(rows[0]["loss"])
+    assert seen_tb[("round", 5)] == 4.0
 
 
 def test_create_replicated_compiles_once_per_cache_key():
