@@ -196,6 +196,8 @@ def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md).
     Every enumerated option is checked first (:func:`nvsm_jax.config_checks.check_config`)."""
     config_checks.check_config(config)
+    if "nvsm" in config.methods:                # the E-step's settings, before any row trains
+        semi_supervised.EStepConfig.from_config(config.estep)
     workdir = os.fspath(workdir)
     training.save_config(config, workdir)      # refuses a changed config on a rerun
     train_root, test_root = ensure_data(config, workdir)

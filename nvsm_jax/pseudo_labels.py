@@ -48,7 +48,7 @@ import numpy as np
 
 from nvsm_jax import geometry
 
-__all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views",
+__all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views", "table_report",
            "select", "agree_with_solver", "coverage"]
 
 
@@ -115,34 +115,45 @@ def offset_grid(azimuth_step: float, azimuth_steps: int, elevation_step: float,
     return off[order].astype(np.float32)
 
 
-def novel_views(offsets, source_is_labelled) -> np.ndarray:
+def novel_views(offsets, source_is_labelled, distance_scales=(1.0,)) -> np.ndarray:
     """Which views to keep when pseudo-labelled sources may not propose their own pose.
 
-    offsets: [K, 4] (:func:`offset_grid`); source_is_labelled: [S] bool ->
-    [S * K] bool in the row order of :func:`propose_targets` (source-major):
-    False for the zero offset of every source that is not labelled.
+    offsets: [K, 4] (:func:`offset_grid`); source_is_labelled: [S] bool;
+    distance_scales: [D] (:func:`propose_targets`) -> [S * D * K] bool in the row
+    order of :func:`propose_targets`: False for the zero offset at scale 1 of every
+    source that is not labelled.
     """
     offsets = np.asarray(offsets)
     labelled = np.asarray(source_is_labelled, bool).reshape(-1)
+    scales = np.asarray(distance_scales, np.float64).reshape(-1)
     zero = np.all(offsets == 0, axis=-1)                                  # [K]
-    return ~(zero[None, :] & ~labelled[:, None]).reshape(-1)
+    own = (scales == 1.0)[:, None] & zero[None, :]                        # [D, K]
+    return ~(own.reshape(-1)[None, :] & ~labelled[:, None]).reshape(-1)
 
 
-def propose_targets(source_poses, offsets, elevation_range=(-np.pi / 2, np.pi / 2)) -> np.ndarray:
+def propose_targets(source_poses, offsets, elevation_range=(-np.pi / 2, np.pi / 2),
+                    distance_scales=(1.0,)) -> np.ndarray:
     """Target poses around every source.
 
-    source_poses: [S, 4]; offsets: [K, 4] -> [S, K, 4] with azimuth wrapped to
-    [0, 2 pi) and elevation clipped to ``elevation_range``.
+    source_poses: [S, 4]; offsets: [K, 4]; distance_scales: [D] factors on the
+    source's distance (the object's scale in the image is unknown up to them) ->
+    [S, D * K, 4] (scale-major: the K offsets at scale 0, then at scale 1, ...),
+    azimuth wrapped to [0, 2 pi) and elevation clipped to ``elevation_range``.
     """
     source_poses = np.asarray(source_poses, np.float32)
     if source_poses.ndim != 2 or source_poses.shape[-1] != 4:
         raise ValueError(f"source_poses must be [S, 4], got {source_poses.shape}")
     if not np.all(np.isfinite(source_poses)):
         raise ValueError("source_poses contain NaN or Inf")
-    t = source_poses[:, None, :] + np.asarray(offsets, np.float32)[None]
+    scales = np.asarray(distance_scales, np.float32).reshape(-1)
+    if scales.size == 0 or not np.all(np.isfinite(scales) & (scales > 0)):
+        raise ValueError(f"distance_scales must be positive, got {scales.tolist()}")
+    t = source_poses[:, None, :] + np.asarray(offsets, np.float32)[None]   # [S, K, 4]
     t[..., 0] = np.mod(t[..., 0], 2 * np.pi)
     t[..., 1] = np.clip(t[..., 1], *elevation_range)
-    return t
+    t = np.repeat(t[:, None], len(scales), axis=1)                        # [S, D, K, 4]
+    t[..., 3] *= scales[None, :, None]
+    return t.reshape(len(source_poses), -1, 4)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,3 +249,48 @@ def coverage(poses, azimuth_bins: int = 12, elevation_edges=DEFAULT_ELEVATION_ED
     hit = np.zeros((azimuth_bins, n_el), bool)
     hit[a_bin[keep], e_bin[keep]] = True
     return float(hit.mean())
+
+
+def table_report(scores, view_poses, true_poses, ks=(30, 60, 100), sectors: int = 12,
+                 correct_angle: float = float(np.pi / 6)) -> dict:
+    """How good one E-step's score table is, against the hidden poses (reporting only).
+
+    scores: [K, N]; view_poses: [K, 4]; true_poses: [N, 4] the pool's hidden poses.
+    Each image's best view is right when its pose lies within ``correct_angle``.
+    Returns ``precision@k`` (the k best-scoring images, the default acceptance
+    order), ``right_view_exists`` (fraction of images some view gets right),
+    ``best_view_right`` (fraction whose best view is right), ``by_sector`` (that
+    fraction per ``sectors`` azimuth sectors of the true pose, and the counts),
+    ``gap`` (mean score of the best right view minus the chosen wrong view's, over
+    images whose best view is wrong but that have a right view: how far the right
+    answer is from winning) and ``precision_by_distance_error`` (top max(ks)
+    precision by the chosen view's |d / d_true - 1|: < 5 %, 5-10 %, >= 10 %).
+    """
+    scores = np.asarray(scores, np.float64)
+    view_poses = np.asarray(view_poses, np.float64)
+    true_poses = np.asarray(true_poses, np.float64)
+    k, n = scores.shape
+    err = geometry.pose_error(view_poses[:, None, :], true_poses[None, :, :])   # [K, N]
+    best = np.argmax(scores, axis=0)
+    best_score = scores[best, np.arange(n)]
+    right = err[best, np.arange(n)] < correct_angle
+    order = np.argsort(-best_score, kind="stable")
+    out = {f"precision@{kk}": float(np.mean(right[order[:kk]])) for kk in ks if kk <= n}
+    has_right = (err < correct_angle).any(axis=0)
+    out["right_view_exists"] = float(np.mean(has_right))
+    out["best_view_right"] = float(np.mean(right))
+    sector = geometry.azimuth_sector(true_poses[:, 0], sectors)
+    out["by_sector"] = [float(np.mean(right[sector == i])) if np.any(sector == i) else None
+                        for i in range(sectors)]
+    out["sector_counts"] = [int(np.sum(sector == i)) for i in range(sectors)]
+    right_score = np.where(err < correct_angle, scores, -np.inf).max(axis=0)
+    lost = ~right & has_right
+    out["gap"] = float(np.mean(right_score[lost] - best_score[lost])) if lost.any() else 0.0
+    top = order[:max(ks)]
+    rel = np.abs(view_poses[best[top], 3] / true_poses[top, 3] - 1.0)
+    bins = [(0.0, 0.05), (0.05, 0.10), (0.10, np.inf)]
+    out["precision_by_distance_error"] = [
+        {"range": [lo, None if hi == np.inf else hi], "count": int(np.sum((rel >= lo) & (rel < hi))),
+         "precision": float(np.mean(right[top][(rel >= lo) & (rel < hi)]))
+         if np.any((rel >= lo) & (rel < hi)) else None} for lo, hi in bins]
+    return out

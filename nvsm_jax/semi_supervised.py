@@ -97,7 +97,9 @@ class Sources:
     maps: [S, h, w, D] feature maps; poses: [S, 4]; focal: [S] and principal:
     [S, 2] the input image's intrinsics; ids: [S] int, recorded as the
     pseudo-labels' ``source`` (an index into the labelled set or the pool, as
-    ``is_labelled`` [S] bool says).
+    ``is_labelled`` [S] bool says). masks: [S, H, W] bool object masks of the
+    input images (all True where none is known, e.g. pseudo-labelled rows), or
+    None for a dataset without masks.
     """
 
     maps: np.ndarray
@@ -106,19 +108,24 @@ class Sources:
     principal: np.ndarray
     ids: np.ndarray
     is_labelled: np.ndarray
+    masks: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.poses)
 
     def take(self, rows) -> "Sources":
         """The rows ``rows`` (indices or a bool mask) as new Sources."""
-        return Sources(*(np.asarray(getattr(self, f.name))[rows]
+        return Sources(*(None if getattr(self, f.name) is None
+                         else np.asarray(getattr(self, f.name))[rows]
                          for f in dataclasses.fields(self)))
 
     @staticmethod
     def concat(*parts: "Sources") -> "Sources":
-        return Sources(*(np.concatenate([getattr(p, f.name) for p in parts])
-                         for f in dataclasses.fields(Sources)))
+        cols = []
+        for f in dataclasses.fields(Sources):
+            vals = [getattr(p, f.name) for p in parts]
+            cols.append(None if any(v is None for v in vals) else np.concatenate(vals))
+        return Sources(*cols)
 
 
 class Pool(NamedTuple):
@@ -157,6 +164,14 @@ class EStepConfig(training.DataclassConfig):
     NeMo grid search must agree) and ``refine_steps`` (> 0: refine accepted poses).
     Sources: ``mirror_sources`` adds their mirror images; ``novel_views_only``
     drops a pseudo-labelled source's own pose.
+    Which source vertices carry features into the synthesised views (issue 9):
+    visibility from a render at ``H / source_render_stride`` (None: at the
+    feature map's stride); ``min_view_cos`` drops grazing vertices (|n . v|
+    below it); ``source_object="mask"`` keeps a labelled source's vertex only
+    inside its object mask; ``pseudo_object="memory"`` keeps a pseudo-labelled
+    source's vertex only where its feature is closer to the vertex's memory than
+    to the clutter prototype. ``distance_scales``: the proposals' distances are
+    the source's times each factor (the object's scale varies between images).
     """
 
     azimuth_step: float = float(np.radians(15.0))
@@ -175,6 +190,21 @@ class EStepConfig(training.DataclassConfig):
     refine_steps: int = 0
     mirror_sources: bool = True
     novel_views_only: bool = False
+    source_render_stride: int | None = 2     # the training render's stride (issue 9)
+    min_view_cos: float = 0.0
+    source_object: str = "mask"
+    pseudo_object: str = "none"
+    distance_scales: tuple = (1.0,)
+
+    def __post_init__(self):
+        if self.source_object not in ("none", "mask"):
+            raise ValueError(f"estep.source_object={self.source_object!r} "
+                             "(expected 'none' or 'mask')")
+        if self.pseudo_object not in ("none", "memory"):
+            raise ValueError(f"estep.pseudo_object={self.pseudo_object!r} "
+                             "(expected 'none' or 'memory')")
+        if not 0.0 <= self.min_view_cos < 1.0:
+            raise ValueError(f"estep.min_view_cos={self.min_view_cos} (expected in [0, 1))")
 
     @property
     def selection(self) -> pseudo_labels.Selection:
@@ -198,26 +228,101 @@ def _solver_grid_poses(maps, memory, clutter, verts, faces, focal, principal, gr
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
 
+def source_vertex_mask(vf: feat.VertexFeatures, normals_cos, object_masks, is_labelled, *,
+                       min_view_cos: float = 0.0, memory=None, clutter=None):
+    """Which vertices of each source carry features into its synthesised views.
+
+    vf: the sources' :class:`nvsm_jax.features.VertexFeatures` ([S, V] visible,
+    [S, V, 2] xy in input pixels, [S, V, D] features); normals_cos: [S, V]
+    |n . v|; object_masks: [S, H, W] bool or None (labelled rows only are
+    checked); is_labelled: [S] bool; memory: [V, D] and clutter: [D] unit
+    vectors, or None (then pseudo-labelled rows are not checked).
+    Returns [S, V] bool: visible, not grazing, inside the object.
+    """
+    valid = vf.visible
+    if min_view_cos > 0:
+        valid = valid & (normals_cos >= min_view_cos)
+    labelled = jnp.asarray(is_labelled, bool)[:, None]
+    if object_masks is not None:
+        m = jnp.asarray(object_masks, bool)
+        h, w = m.shape[1:3]
+        x = jnp.clip(jnp.floor(vf.xy[..., 0]).astype(jnp.int32), 0, w - 1)
+        y = jnp.clip(jnp.floor(vf.xy[..., 1]).astype(jnp.int32), 0, h - 1)
+        inside = jax.vmap(lambda mk, yy, xx: mk[yy, xx])(m, y, x)          # [S, V]
+        valid = valid & (inside | ~labelled)
+    if memory is not None:
+        fv = feat.l2_normalize(vf.features)
+        own = jnp.sum(fv * jnp.asarray(memory)[None], axis=-1)              # [S, V]
+        background = fv @ jnp.asarray(clutter)                              # [S, V]
+        valid = valid & ((own > background) | labelled)
+    return valid
+
+
 def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int, map_hw,
-                 verts, faces, normals, stride: int, mesh_axes) -> np.ndarray:
+                 verts, faces, normals, stride: int, mesh_axes,
+                 solver: "SolverInputs | None" = None) -> np.ndarray:
     """Scores of every synthesised view against the pool: targets [S, K, 4] -> [S*K, N]."""
     k = targets.shape[1]
     scores = []
     chunk = max(1, int(cfg.source_chunk))
+    use_masks = cfg.source_object == "mask" and sources.masks is not None
+    use_memory = cfg.pseudo_object == "memory" and solver is not None
     for s0 in range(0, len(sources), chunk):
         idx, m = parallel.pad_to_multiple(np.arange(s0, min(s0 + chunk, len(sources))), chunk)
         src = sources.take(idx)
         focal, principal = jnp.asarray(src.focal), jnp.asarray(src.principal)
         vf = feat.vertex_features(jnp.asarray(src.maps), verts, faces, normals,
-                                  jnp.asarray(src.poses), focal, principal, stride=stride)
+                                  jnp.asarray(src.poses), focal, principal, stride=stride,
+                                  render_stride=cfg.source_render_stride or stride)
+        valid = source_vertex_mask(
+            vf, feat.view_weights(verts, normals, jnp.asarray(src.poses)),
+            src.masks if use_masks else None, src.is_labelled, min_view_cos=cfg.min_view_cos,
+            memory=solver.vertex_memory if use_memory else None,
+            clutter=solver.clutter if use_memory else None)
         syn, mask = synthesis.synthesize_many(
-            vf.features, vf.visible, verts, faces, jnp.asarray(targets[idx]), focal / stride,
+            vf.features, valid, verts, faces, jnp.asarray(targets[idx]), focal / stride,
             principal / stride, map_hw, min_weight=cfg.min_weight)
         syn = syn[:m].reshape(m * k, *map_hw, -1)
         mask = mask[:m].reshape(m * k, *map_hw)
         scores.append(matching.match_scores_sharded(syn, mask, pool_shard, mesh_axes,
                                                     normalized=True)[:, :n])
     return np.concatenate(scores)
+
+
+class ScoreTable(NamedTuple):
+    """One E-step's views against the pool. scores: [K, N]; view_poses: [K, 4];
+    view_source: [K] source ids; view_labelled: [K] bool."""
+
+    scores: np.ndarray
+    view_poses: np.ndarray
+    view_source: np.ndarray
+    view_labelled: np.ndarray
+
+
+def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes.Mesh,
+                stride: int, mesh_axes, solver: SolverInputs | None = None) -> ScoreTable:
+    """The E-step's score table: proposals around every source, their synthesised
+    views, each view's score against every pool image (``cfg.novel_views_only``
+    drops pseudo-labelled sources' own poses)."""
+    map_hw = tuple(pool.maps.shape[1:3])
+    verts = jnp.asarray(model_mesh.verts, jnp.float32)
+    faces = jnp.asarray(model_mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
+    offsets = pseudo_labels.offset_grid(cfg.azimuth_step, cfg.azimuth_steps, cfg.elevation_step,
+                                        cfg.elevation_steps)
+    targets = pseudo_labels.propose_targets(sources.poses, offsets,
+                                            (cfg.min_elevation, cfg.max_elevation),
+                                            cfg.distance_scales)              # [S, K, 4]
+    k = targets.shape[1]
+    pool_shard = matching.normalize_images(_padded_pool(pool.maps, mesh_axes))  # once per round
+    scores = _score_table(cfg, sources, targets, pool_shard, len(pool.maps), map_hw, verts,
+                          faces, normals, stride, mesh_axes, solver)          # [S*K, N]
+    table = ScoreTable(scores, targets.reshape(-1, 4), np.repeat(np.asarray(sources.ids), k),
+                       np.repeat(np.asarray(sources.is_labelled, bool), k))
+    if cfg.novel_views_only:
+        keep = pseudo_labels.novel_views(offsets, sources.is_labelled, cfg.distance_scales)
+        table = ScoreTable(*(a[keep] for a in table))
+    return table
 
 
 def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes.Mesh,
@@ -237,25 +342,11 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     candidates = np.asarray(pool.candidates, bool)
     if not np.any(candidates):
         return RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
-    map_hw = tuple(pool.maps.shape[1:3])
+    scores, view_poses, view_source, view_labelled = score_views(
+        cfg, sources, pool, model_mesh=model_mesh, stride=stride, mesh_axes=mesh_axes,
+        solver=solver)
     verts = jnp.asarray(model_mesh.verts, jnp.float32)
     faces = jnp.asarray(model_mesh.faces, jnp.int32)
-    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
-    offsets = pseudo_labels.offset_grid(cfg.azimuth_step, cfg.azimuth_steps, cfg.elevation_step,
-                                        cfg.elevation_steps)
-    targets = pseudo_labels.propose_targets(sources.poses, offsets,
-                                            (cfg.min_elevation, cfg.max_elevation))  # [S, K, 4]
-    k = targets.shape[1]
-    pool_shard = matching.normalize_images(_padded_pool(pool.maps, mesh_axes))  # once per round
-    scores = _score_table(cfg, sources, targets, pool_shard, len(pool.maps), map_hw, verts,
-                          faces, normals, stride, mesh_axes)                  # [S*K, N]
-    view_poses = targets.reshape(-1, 4)
-    view_source = np.repeat(np.asarray(sources.ids), k)
-    view_labelled = np.repeat(np.asarray(sources.is_labelled, bool), k)
-    if cfg.novel_views_only:
-        keep = pseudo_labels.novel_views(offsets, sources.is_labelled)
-        scores, view_poses, view_source, view_labelled = (
-            a[keep] for a in (scores, view_poses, view_source, view_labelled))
     agree = float(cfg.agree_angle) if solver is not None else 0.0
     selection = cfg.selection
     if agree > 0:           # the cap applies after the solver check
@@ -295,8 +386,9 @@ def mirrored_sources(feature_fn, batch_size, images, sources: Sources) -> Source
     flipped = np.ascontiguousarray(images[:, :, ::-1])
     f_poses, f_principal = pipeline.flip_pose(sources.poses, sources.principal, width)
     f_maps = extract_features(feature_fn, flipped, batch_size)
+    f_masks = None if sources.masks is None else np.ascontiguousarray(sources.masks[:, :, ::-1])
     mirrored = dataclasses.replace(sources, maps=f_maps, poses=f_poses,
-                                   principal=f_principal)
+                                   principal=f_principal, masks=f_masks)
     return Sources.concat(sources, mirrored)
 
 
@@ -362,7 +454,7 @@ def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: i
         progress=progress, desc=f"round {round_index} M-step", extra={"round": round_index})
 
 
-def _round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
+def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
                    pl: pseudo_labels.PseudoLabels) -> Sources:
     """The E-step's sources: the anchors, then the pseudo-labelled images ``pl``,
     then (``estep.mirror_sources``) their mirror images."""
@@ -373,7 +465,10 @@ def _round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
         focal=np.concatenate([labelled.focal, unlabelled.focal[pl.index]]),
         principal=np.concatenate([labelled.principal, unlabelled.principal[pl.index]]),
         ids=np.concatenate([np.arange(len(labelled)), pl.index]),
-        is_labelled=np.concatenate([np.ones(len(labelled), bool), np.zeros(len(pl), bool)]))
+        is_labelled=np.concatenate([np.ones(len(labelled), bool), np.zeros(len(pl), bool)]),
+        masks=None if labelled.object_mask is None else np.concatenate(
+            [labelled.object_mask.astype(bool),
+             np.ones((len(pl), *labelled.object_mask.shape[1:]), bool)]))
     if config.estep.mirror_sources:
         images = np.concatenate([labelled.images, unlabelled.images[pl.index]])
         return mirrored_sources(fn, config.eval_batch_size, images, sources)
@@ -498,7 +593,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                 pool_maps = extract_features(fn, unlabelled.images, config.eval_batch_size)
                 candidates = np.ones(len(unlabelled), bool)
                 candidates[pl.index] = False
-                result = e_step(estep_cfg, _round_sources(config, fn, labelled, unlabelled,
+                result = e_step(estep_cfg, round_sources(config, fn, labelled, unlabelled,
                                                           pool_maps, pl),
                                 Pool(pool_maps, unlabelled.focal, unlabelled.principal,
                                      candidates),

@@ -115,3 +115,37 @@ def test_selection_rejects_bad_values():
         pl.Selection(threshold=float("nan"))
     with pytest.raises(ValueError, match="max_new"):
         pl.Selection(max_new=-1)
+
+
+def test_distance_scales_multiply_the_source_distance_and_keep_the_own_pose_rule():
+    off = pl.offset_grid(np.radians(15), 1, np.radians(10), 0)          # 3 offsets
+    src = np.array([[0.5, 0.1, 0.0, 5.0], [1.0, 0.2, 0.1, 4.0]], np.float32)
+    t = pl.propose_targets(src, off, distance_scales=(0.9, 1.0, 1.1))
+    assert t.shape == (2, 9, 4)
+    np.testing.assert_allclose(t[1, :, 3], [3.6] * 3 + [4.0] * 3 + [4.4] * 3, rtol=1e-6)
+    np.testing.assert_allclose(t[0, 3:6, :3], pl.propose_targets(src, off)[0, :, :3])
+    keep = pl.novel_views(off, [True, False], (0.9, 1.0, 1.1))
+    assert keep.shape == (18,)
+    assert np.flatnonzero(~keep).tolist() == [9 + 3]                  # source 1, scale 1, zero
+    with pytest.raises(ValueError, match="distance_scales"):
+        pl.propose_targets(src, off, distance_scales=(0.0,))
+
+
+def test_table_report_against_a_hand_built_table():
+    # views at azimuth 0, 90, 180 deg; images truly at 0, 90, 180, 270 deg
+    views = geometry.make_pose(np.radians([0.0, 90.0, 180.0]), 0.1, 0.0, 5.0, xnp=np)
+    truth = geometry.make_pose(np.radians([0.0, 90.0, 180.0, 270.0]), 0.1, 0.0,
+                               np.array([5.0, 5.0, 4.0, 5.0]), xnp=np)
+    scores = np.array([[0.9, 0.1, 0.6, 0.2],       # image 0 right (0.9)
+                       [0.2, 0.8, 0.1, 0.7],       # image 1 right (0.8); image 3 wrong (0.7)
+                       [0.1, 0.3, 0.5, 0.1]])      # image 2: best view 0 (0.6) wrong, right 0.5
+    rep = pl.table_report(scores, views, truth, ks=(1, 2, 4))
+    assert rep["precision@1"] == 1.0 and rep["precision@2"] == 1.0
+    assert rep["precision@4"] == 0.5
+    assert rep["best_view_right"] == 0.5 and rep["right_view_exists"] == 0.75
+    assert rep["gap"] == pytest.approx(0.5 - 0.6)             # only image 2 counts
+    assert rep["by_sector"][0] == 1.0 and rep["by_sector"][6] == 0.0 and rep["by_sector"][9] == 0.0
+    assert rep["by_sector"][1] is None
+    d = rep["precision_by_distance_error"]
+    assert [b["count"] for b in d] == [3, 0, 1]                # image 2: 5 vs 4 -> 25 %
+    assert d[2]["precision"] == 0.0

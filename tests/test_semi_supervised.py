@@ -226,3 +226,44 @@ def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
 
 def _camera(pose, focal, principal):
     return (np.asarray(pose, np.float64), np.float64(focal), np.asarray(principal, np.float64))
+
+
+def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data):
+    """Against independent numpy readings: the mask at each vertex's pixel, |n . v|
+    from the camera centre, and the memory-vs-clutter comparison."""
+    from nvsm_jax import features as feat
+    from nvsm_jax import geometry, meshes
+
+    train_set, model_mesh, _ = tiny_data
+    rows = np.arange(3)
+    verts = np.asarray(model_mesh.verts, np.float32)
+    normals = meshes.vertex_normals(model_mesh.verts, model_mesh.faces)
+    poses = train_set.poses[rows]
+    vf = feat.vertex_features(np.zeros((3, 8, 8, 4), np.float32), verts, model_mesh.faces,
+                              normals, poses, train_set.focal[rows], train_set.principal[rows],
+                              stride=4, render_stride=1)
+    masks = np.zeros((3, 32, 32), bool)
+    masks[:, :, :16] = True                                   # the left half is "object"
+    cos = feat.view_weights(verts, normals, poses)
+    out = np.asarray(semi_supervised.source_vertex_mask(
+        vf, cos, masks, np.array([True, True, False]), min_view_cos=0.3))
+    xy = np.asarray(vf.xy)
+    centre = np.asarray(geometry.camera_center(poses[:, 0], poses[:, 1], poses[:, 3]))
+    view = centre[:, None, :] - verts[None]
+    view /= np.linalg.norm(view, axis=-1, keepdims=True)
+    want_cos = np.abs(np.sum(view * normals[None], -1))
+    left = np.floor(xy[..., 0]) < 16
+    want = np.asarray(vf.visible) & (want_cos >= 0.3) & (left | np.array([0, 0, 1], bool)[:, None])
+    np.testing.assert_array_equal(out, want)
+    assert out[:2].sum() < np.asarray(vf.visible)[:2].sum()   # the mask did drop some
+    # pseudo-labelled rows: a vertex survives where its feature is nearer its memory row
+    d = 4
+    memory = np.eye(d, dtype=np.float32)[np.arange(len(verts)) % 2]     # rows e0 / e1
+    clutter = np.eye(d, dtype=np.float32)[2]
+    feats = np.where((np.arange(len(verts)) % 3 == 0)[None, :, None], clutter, memory[None])
+    vf2 = vf._replace(features=np.broadcast_to(feats, (3, len(verts), d)).astype(np.float32))
+    out2 = np.asarray(semi_supervised.source_vertex_mask(
+        vf2, cos, None, np.array([True, False, False]), memory=memory, clutter=clutter))
+    background = np.arange(len(verts)) % 3 == 0
+    np.testing.assert_array_equal(out2[0], np.asarray(vf.visible)[0])
+    np.testing.assert_array_equal(out2[1:], np.asarray(vf.visible)[1:] & ~background[None])

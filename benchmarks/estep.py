@@ -1,0 +1,126 @@
+"""How good is one E-step? Round-1 score tables of a stored model, per E-step setting.
+
+Loads a NeMo workdir trained on the few-shot anchors (the model an NVSM run has
+after round 0, e.g. ``python -m experiments.train_nemo --config nemo
+--config.num_labelled=7 --config.num_steps=600 --workdir runs/r0_lite_7``), builds
+the same split NVSM uses, extracts the pool's feature maps once, and for every
+variant (an override of the ``estep`` block) computes the round-1 table (the
+anchors and their mirror images x the whole pool) and
+:func:`nvsm_jax.pseudo_labels.table_report`: top-k precision, best-view accuracy
+per 30-degree azimuth sector, the score gap between the right view and the chosen
+wrong one, precision by the chosen view's distance error. Hidden poses are read
+for the report only.
+
+    python -m benchmarks.estep --workdir runs/r0_lite_7 --json runs/bench/estep.json \\
+        --variants "base:;stride2:source_render_stride=2;..."
+
+A variant is ``name:key=value,key=value`` (values parsed as Python literals).
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import time
+
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common import print_table, write_json
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", None, "NeMo workdir of the round-0 model", required=True)
+flags.DEFINE_string("data", "", "training root (default: the workdir config's data_root)")
+flags.DEFINE_string("variants", "base:", "semicolon-separated name:key=value,... overrides")
+flags.DEFINE_string("json", "", "write the results here")
+flags.DEFINE_integer("num_labelled", 0, "anchors (default: the workdir config's num_labelled)")
+
+DEFAULT_VARIANTS = "base:"
+
+
+def parse_variants(text: str) -> list[tuple[str, dict]]:
+    """``"a:x=1,y=(0.9,1.0);b:"`` -> ``[("a", {"x": 1, "y": (0.9, 1.0)}), ("b", {})]``."""
+    out = []
+    for item in [t for t in text.split(";") if t.strip()]:
+        name, _, body = item.partition(":")
+        changes = {}
+        depth, cur, parts = 0, "", []
+        for ch in body:                      # split on commas outside brackets
+            if ch in "([":
+                depth += 1
+            elif ch in ")]":
+                depth -= 1
+            if ch == "," and depth == 0:
+                parts.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        parts.append(cur)
+        for part in [p for p in parts if p.strip()]:
+            key, _, value = part.partition("=")
+            changes[key.strip()] = ast.literal_eval(value.strip())
+        out.append((name.strip(), changes))
+    return out
+
+
+def main(argv):
+    del argv
+    import ml_collections
+
+    from nvsm_jax import features as feat
+    from nvsm_jax import parallel, pose_solver, pseudo_labels, semi_supervised, train
+    from nvsm_jax.data import fewshot, loaders
+    from experiments.configs import nvsm as nvsm_config
+
+    with open(f"{FLAGS.workdir}/config.json") as f:
+        config = ml_collections.ConfigDict(json.load(f))
+    root = FLAGS.data or config.data_root
+    n_lab = FLAGS.num_labelled or int(config.num_labelled)
+    train_set = loaders.load_pose_set(root, config.category, "L0")
+    mesh = loaders.load_model_mesh(root, config.category)
+    nemo = train.load_model(FLAGS.workdir, config, mesh)
+    split = fewshot.split_from_config(train_set, n_lab, config)
+    labelled, unlabelled = split.labelled, split.unlabelled
+    hidden = fewshot.hidden_poses(train_set, unlabelled.names)
+    fn = train.feature_fn(nemo)
+    t0 = time.time()
+    pool_maps = semi_supervised.extract_features(fn, unlabelled.images, 16)
+    extract_s = time.time() - t0
+    base = nvsm_config.get_config("demo").estep            # the experiment's estep block
+    mesh_axes = parallel.make_mesh()
+    solver = semi_supervised.SolverInputs(
+        nemo.memory.vertex, feat.clutter_prototype(nemo.memory.clutter),
+        pose_solver.SolverConfig.from_dict(config.solver.to_dict()))
+    results, rows = {}, []
+    for name, changes in parse_variants(FLAGS.variants):
+        cfg = dataclasses.replace(semi_supervised.EStepConfig.from_config(base),
+                                  max_new=30, **changes)
+        run_cfg = ml_collections.ConfigDict({"eval_batch_size": 16, "estep": cfg.to_dict()})
+        sources = semi_supervised.round_sources(run_cfg, fn, labelled, unlabelled, pool_maps,
+                                                pseudo_labels.PseudoLabels.empty())
+        pool = semi_supervised.Pool(pool_maps, unlabelled.focal, unlabelled.principal,
+                                    np.ones(len(unlabelled), bool))
+        t0 = time.time()
+        table = semi_supervised.score_views(cfg, sources, pool, model_mesh=mesh,
+                                            stride=config.model.stride, mesh_axes=mesh_axes,
+                                            solver=solver)
+        seconds = time.time() - t0
+        rep = pseudo_labels.table_report(table.scores, table.view_poses, hidden)
+        rep.update(num_views=int(table.scores.shape[0]), seconds=seconds, changes=changes)
+        results[name] = rep
+        rows.append({"variant": name, "views": rep["num_views"],
+                     "P@30": rep["precision@30"], "P@60": rep["precision@60"],
+                     "P@100": rep["precision@100"], "best_right": rep["best_view_right"],
+                     "gap": rep["gap"],
+                     "right % by sector 0..330": " ".join(
+                         "-" if v is None else f"{100 * v:.0f}" for v in rep["by_sector"]),
+                     "seconds": seconds})
+        print_table(rows[-1:], header=len(rows) == 1)
+    if FLAGS.json:
+        write_json(FLAGS.json, [{"workdir": FLAGS.workdir, "pool": len(unlabelled),
+                                 "anchors": n_lab, "extract_seconds": extract_s,
+                                 "variant": name, **rep} for name, rep in results.items()])
+
+if __name__ == "__main__":
+    app.run(main)
