@@ -18,6 +18,10 @@ Modes (one record per row; ``frames_per_s = poses / median seconds per call``):
 * ``score``: NeMo's render-and-compare loss of every pose from a folded score
   table (``interpolate_score``), as in the 144-pose initial grid search.
 * ``fwd_cull``: ``fwd`` with ``cull_backfaces=True`` (exact for this closed mesh).
+* ``score_grad``: ``value_and_grad`` of the summed ``score`` loss w.r.t. the screen
+  verts: the rasteriser's share of one NeMo refinement step (forward + backward).
+  :func:`score_fwd_bwd_frames_per_s` is the same measurement on a caller's scene
+  (``benchmarks.pose_solver`` uses it for ``solver_efficiency``).
 
 Each row runs in a fresh subprocess, so ``peak_rss_mb`` is that row's process
 peak. The first record is the machine's float32 matmul rate
@@ -65,7 +69,8 @@ def full_rows():
              _row(128, 2000, 64, 16, "grad"),
              _row(64, 500, 16, 16, "soft", repeats=3), _row(128, 2000, 16, 16, "soft", repeats=3),
              dict(_row(128, 2000, 144, 16, "fwd"), grid="nemo"),
-             dict(_row(128, 2000, 144, 128, "score"), grid="nemo")]
+             dict(_row(128, 2000, 144, 128, "score"), grid="nemo"),
+             _row(16, 2000, 8, 128, "score_grad", repeats=20)]
     return rows
 
 
@@ -94,6 +99,55 @@ def scene(row):
     return sv.astype(np.float32), faces, attrs.astype(np.float32), poses
 
 
+def nemo_score_loss(sv, faces, table, s_clutter, hw):
+    """NeMo's loss of every pose from a folded table (one rasteriser call).
+
+    sv: [P, V, 3] screen verts; faces: [F, 3]; table: [V, H*W] or [P, V, H*W];
+    s_clutter: [H*W] or [P, H*W] -> [P].
+    """
+    import jax.numpy as jnp
+    import rasterizer as R
+    frags = R.rasterize(sv, faces, hw)
+    s_obj = R.interpolate_score(frags, faces, table).reshape(sv.shape[0], -1)
+    s_clutter = jnp.broadcast_to(s_clutter, s_obj.shape)
+    best = jnp.maximum(s_obj, s_clutter)
+    return 1.0 - (jnp.mean(best, -1) - jnp.mean(s_clutter, -1))
+
+
+def _score_fwd_bwd(sv, faces, table, s_clutter, hw, repeats=20):
+    """Times ``value_and_grad`` of the summed NeMo loss w.r.t. ``sv`` (one jitted call)."""
+    import jax
+    import jax.numpy as jnp
+    fn = jax.jit(jax.value_and_grad(
+        lambda sv: jnp.sum(nemo_score_loss(sv, faces, table, s_clutter, tuple(hw)))))
+    load = common.machine_load()
+    stats = common.time_fn_stats(fn, sv, warmup=3, repeats=repeats)
+    return dict(frames_per_s=sv.shape[0] / stats["median_s"], compile_s=stats["compile_s"],
+                ms_per_call=stats["median_s"] * 1e3, cpu_ms_per_call=stats["cpu_s"] * 1e3,
+                load1=load)
+
+
+def score_fwd_bwd_frames_per_s(sv, faces, table, s_clutter, hw, repeats=20) -> dict:
+    """Rasteriser forward + backward throughput on a caller's scene.
+
+    sv: [P, V, 3] screen verts (P frames in one call); faces: [F, 3]; table:
+    [V, H*W] or [P, V, H*W] folded scores; s_clutter: [H*W] or [P, H*W]; hw: (H, W).
+    Returns ``frames_per_s`` (P / median seconds of one ``value_and_grad`` call
+    of the summed NeMo loss), ``ms_per_call``, ``cpu_ms_per_call``, ``compile_s``,
+    ``load1``.
+    """
+    import jax.numpy as jnp
+    return _score_fwd_bwd(jnp.asarray(sv, jnp.float32), jnp.asarray(faces, jnp.int32),
+                          jnp.asarray(table), jnp.asarray(s_clutter), tuple(hw), repeats)
+
+
+def _record(row, hw, faces_np, sv_np):
+    return dict(name="rasterizer", image=list(hw), faces=int(faces_np.shape[0]),
+                poses=int(sv_np.shape[0]), channels=row["channels"], mode=row["mode"],
+                peak_rss_mb=common.peak_rss_mb(), device=common.device_description(),
+                coverage=None, grid=row.get("grid"))
+
+
 def measure_row(row):
     """Times one row in this process; returns its record."""
     import jax
@@ -118,7 +172,7 @@ def measure_row(row):
         fn = jax.jit(jax.value_and_grad(lambda sv: jnp.mean(features(sv) ** 2)))
     elif mode == "soft":
         fn = jax.jit(lambda sv: R.soft_rasterize(sv, faces, hw, attrs, top_k=8))
-    elif mode == "score":
+    elif mode in ("score", "score_grad"):
         # NeMo: unit vertex features [V, C] and an observed feature map [H, W, C];
         # the score table is one matmul per image, the loss one value per pose.
         rng = np.random.default_rng(1)
@@ -126,13 +180,15 @@ def measure_row(row):
         fmap /= np.linalg.norm(fmap, axis=-1, keepdims=True)
         clutter = rng.normal(size=(hw[0] * hw[1],)).astype(np.float32) * 0.1
         mem = attrs / jnp.linalg.norm(attrs, axis=-1, keepdims=True)
+        table = mem @ jnp.asarray(fmap).reshape(-1, fmap.shape[-1]).T     # [V, HW]
+        if mode == "score_grad":
+            rec = _score_fwd_bwd(sv, faces, table, jnp.asarray(clutter), hw,
+                                 repeats=row["repeats"])
+            return dict(_record(row, hw, faces_np, sv_np), **rec)
 
         def nemo_loss(sv, fmap, clutter):
             table = mem @ fmap.reshape(-1, fmap.shape[-1]).T                # [V, HW]
-            frags = R.rasterize(sv, faces, hw)
-            s_obj = R.interpolate_score(frags, faces, table).reshape(sv.shape[0], -1)
-            best = jnp.maximum(s_obj, clutter)
-            return 1.0 - (jnp.mean(best, -1) - jnp.mean(clutter))
+            return nemo_score_loss(sv, faces, table, clutter, hw)
 
         fn = jax.jit(nemo_loss)
         args = (sv, jnp.asarray(fmap), jnp.asarray(clutter))

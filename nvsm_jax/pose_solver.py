@@ -14,10 +14,19 @@ table ``S = M @ F^T: [V, h*w]`` computed once per image (one matmul). Each
 pose then gathers 3 values per pixel: its cost does not depend on ``D``.
 
 Search: every pose of the initial grid (:func:`nvsm_jax.geometry.nemo_pose_grid`,
-144 poses) is scored for a batch of images in one jitted call; the best
-``top_k`` start Adam refinement of (azimuth, elevation, theta, distance) inside
-``lax.scan``, vmapped over images x hypotheses. The hypothesis with the lowest
-final loss wins; its ``1 - L`` is returned as a confidence.
+144 poses) is scored for a batch of images in one jitted call (rendered once
+for the batch when all images share one camera); the best ``top_k`` start Adam
+refinement of (azimuth, elevation, theta, distance) inside ``lax.scan``. The
+hypothesis with the lowest final loss wins; its ``1 - L`` is returned as a
+confidence.
+
+Speed (issue 12, WORKSPACE "Pose solver speed"): all B images x K hypotheses
+of a step are one flat rasteriser call (:func:`batch_objective`) and one Adam
+state ``[B, K, 4]`` (Adam is elementwise, so this is B x K independent
+optimisers). ``vmap`` over images, as before, turned the rasteriser's flat
+scatters and its pass ``while_loop`` into batched ones plus layout copies and
+cost ~10x; now a refinement step costs about one differentiable render per
+hypothesis (``solver_efficiency`` in ``benchmarks.pose_solver``).
 
 All intrinsics passed here are for the **feature map** (focal / stride,
 principal / stride); :func:`solve` takes input-image intrinsics and a stride.
@@ -38,7 +47,8 @@ from nvsm_jax import geometry, parallel
 from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
-           "pose_objective", "grid_losses", "refine", "SolveResult", "solve", "solve_batched"]
+           "pose_objective", "batch_objective", "grid_losses", "refine", "SolveResult", "solve",
+           "solve_batched"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +60,10 @@ class SolverConfig:
     the lr is multiplied by ``decay_factor`` every ``decay_every`` steps.
     render_stride: render at ``feature_stride`` (None) - the score table's
     resolution. refine_distance: whether the distance is optimised too.
+    cull_backfaces: skip faces turned away from the camera in every render;
+    exact for closed meshes seen from outside (the NeMo cuboid), off by default
+    (an open mesh would lose its inside faces). Speed gain at 16 x 16 within
+    noise (WORKSPACE).
     """
 
     num_azimuth: int = 12
@@ -64,6 +78,7 @@ class SolverConfig:
     decay_every: int = 100
     decay_factor: float = 0.2
     refine_distance: bool = True
+    cull_backfaces: bool = False
 
     def grid(self) -> np.ndarray:
         return geometry.nemo_pose_grid(self.num_azimuth, self.elevations, self.thetas,
@@ -106,13 +121,37 @@ def fold_scores(fragments, faces, table):
     return interpolate_score(fragments, faces, table)
 
 
-def pose_objective(pose, verts, faces, focal, principal, table, s_clutter, hw):
-    """NeMo's loss L(pose) for one image. pose: [..., 4] -> [...]."""
+def pose_objective(pose, verts, faces, focal, principal, table, s_clutter, hw, *,
+                   cull_backfaces: bool = False):
+    """NeMo's loss L(pose) for one image. pose: [..., 4] -> [...].
+
+    focal: []; principal: [2]; table: [V, h*w]; s_clutter: [h*w]; hw: (h, w).
+    All poses are rasterised in one flat call (the rasteriser's fast path).
+    """
     screen = geometry.project_to_screen(verts, pose, focal, principal)
-    frags = rasterize(screen, faces, image_size=tuple(hw))
+    frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
     s_obj = fold_scores(frags, faces, table).reshape(pose.shape[:-1] + (-1,))
     best = jnp.maximum(s_obj, s_clutter)
     return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_clutter))
+
+
+def batch_objective(poses, verts, faces, focal, principal, tables, s_clutter, hw, *,
+                    cull_backfaces: bool = False):
+    """NeMo's loss for every image x hypothesis, rendered in one rasteriser call.
+
+    poses: [B, K, 4]; verts: [V, 3]; faces: [F, 3]; focal: [B]; principal: [B, 2]
+    (feature-map intrinsics); tables: [B, V, h*w] (:func:`score_table` per image);
+    s_clutter: [B, h*w]; hw: (h, w) -> [B, K]. Equals :func:`pose_objective` of
+    each image on its own K poses, but the B x K frames form one flat batch
+    (no ``vmap`` over images: its batched scatters and batched ``while_loop``
+    are what made the per-image form slow, see WORKSPACE "Pose solver speed").
+    """
+    nb, nk = poses.shape[:2]
+    screen = geometry.project_to_screen(verts, poses, focal[:, None], principal[:, None])
+    frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
+    s_obj = fold_scores(frags, faces, tables[:, None]).reshape(nb, nk, -1)   # [B, K, h*w]
+    best = jnp.maximum(s_obj, s_clutter[:, None])
+    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_clutter, axis=-1)[:, None])
 
 
 def _prepare(feature_map, vertex_memory, clutter):
@@ -120,22 +159,68 @@ def _prepare(feature_map, vertex_memory, clutter):
     return table, clutter_scores(feature_map, clutter)
 
 
-@functools.partial(jax.jit, static_argnames=("hw",))
-def _grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid, hw):
-    def one(fm, f, c):
+def _prepare_batch(feature_maps, vertex_memory, clutter):
+    """feature_maps: [B, h, w, D] -> (tables [B, V, h*w], clutter scores [B, h*w])."""
+    return jax.vmap(lambda fm: _prepare(fm, vertex_memory, clutter))(feature_maps)
+
+
+@functools.partial(jax.jit, static_argnames=("hw", "cull_backfaces"))
+def _grid_losses_shared(feature_maps, vertex_memory, clutter, verts, faces, focal, principal,
+                        grid, hw, cull_backfaces=False):
+    """All images share one camera (focal [], principal [2]): the G grid poses are
+    rendered once and every image's table is folded against the same fragments."""
+    tables, s_cl = _prepare_batch(feature_maps, vertex_memory, clutter)
+    screen = geometry.project_to_screen(verts, grid, focal, principal)       # [G, V, 3]
+    frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
+    nb, ng = feature_maps.shape[0], grid.shape[0]
+    s_obj = fold_scores(frags, faces, tables[:, None]).reshape(nb, ng, -1)  # [B, G, h*w]
+    best = jnp.maximum(s_obj, s_cl[:, None])
+    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_cl, axis=-1)[:, None])
+
+
+@functools.partial(jax.jit, static_argnames=("hw", "cull_backfaces"))
+def _grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid, hw,
+                 cull_backfaces=False):
+    """Per-image cameras: one flat G-pose render per image, images in ``lax.map``
+    (bounded memory; ``vmap`` would batch the rasteriser's scatters)."""
+    def one(args):
+        fm, f, c = args
         table, s_cl = _prepare(fm, vertex_memory, clutter)
-        return pose_objective(grid, verts, faces, f, c, table, s_cl, hw)
-    return jax.vmap(one)(feature_maps, focal, principal)
+        return pose_objective(grid, verts, faces, f, c, table, s_cl, hw,
+                              cull_backfaces=cull_backfaces)
+    return jax.lax.map(one, (feature_maps, focal, principal))
 
 
-def grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid):
+def _shared_camera(focal, principal):
+    """(focal [], principal [2]) if every image has the same (concrete) intrinsics, else None."""
+    try:
+        f, p = np.asarray(focal), np.asarray(principal)
+    except (jax.errors.ConcretizationTypeError, jax.errors.TracerArrayConversionError):
+        return None
+    if f.size and np.all(f == f.reshape(-1)[0]) and np.all(p == p.reshape(-1, 2)[:1]):
+        return (jnp.asarray(f.reshape(-1)[0], jnp.float32),
+                jnp.asarray(p.reshape(-1, 2)[0], jnp.float32))
+    return None
+
+
+def grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid, *,
+                cull_backfaces: bool = False):
     """Losses of every grid pose. feature_maps: [B, h, w, D]; focal: [B];
-    principal: [B, 2] (feature-map intrinsics); grid: [G, 4] -> [B, G]."""
+    principal: [B, 2] (feature-map intrinsics); grid: [G, 4] -> [B, G].
+
+    When all images share one camera (the usual case: crops rescaled to one
+    focal length and centred) the grid is rendered once for the whole batch.
+    """
     hw = tuple(feature_maps.shape[1:3])
-    return _grid_losses(feature_maps, jnp.asarray(vertex_memory), jnp.asarray(clutter),
-                        jnp.asarray(verts, jnp.float32), jnp.asarray(faces, jnp.int32),
-                        jnp.asarray(focal, jnp.float32), jnp.asarray(principal, jnp.float32),
-                        jnp.asarray(grid, jnp.float32), hw)
+    args = (feature_maps, jnp.asarray(vertex_memory), jnp.asarray(clutter),
+            jnp.asarray(verts, jnp.float32), jnp.asarray(faces, jnp.int32))
+    shared = _shared_camera(focal, principal)
+    if shared is not None:
+        return _grid_losses_shared(*args, *shared, jnp.asarray(grid, jnp.float32), hw,
+                                   bool(cull_backfaces))
+    return _grid_losses(*args, jnp.asarray(focal, jnp.float32),
+                        jnp.asarray(principal, jnp.float32), jnp.asarray(grid, jnp.float32), hw,
+                        bool(cull_backfaces))
 
 
 def _optimizer(cfg: SolverConfig):
@@ -148,32 +233,34 @@ def _optimizer(cfg: SolverConfig):
 def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init, hw, cfg):
     tx = _optimizer(cfg)
     mask = jnp.array([1.0, 1.0, 1.0, 1.0 if cfg.refine_distance else 0.0])
+    tables, s_cl = _prepare_batch(feature_maps, vertex_memory, clutter)
 
-    def one_image(fm, f, c, poses):                                    # poses: [K, 4]
-        table, s_cl = _prepare(fm, vertex_memory, clutter)
+    def losses_fn(p):                                                  # [B, K, 4] -> [B, K]
+        return batch_objective(p, verts, faces, focal, principal, tables, s_cl, hw,
+                               cull_backfaces=cfg.cull_backfaces)
 
-        def loss_fn(p):
-            return pose_objective(p, verts, faces, f, c, table, s_cl, hw)
+    def total(p):
+        losses = losses_fn(p)
+        return jnp.sum(losses), losses
 
-        def one_hyp(p0):
-            def body(carry, _):
-                p, opt = carry
-                loss, g = jax.value_and_grad(loss_fn)(p)
-                g = jnp.where(jnp.isfinite(g), g, 0.0) * mask
-                upd, opt = tx.update(g, opt, p)
-                return (optax.apply_updates(p, upd), opt), loss
-            (p, _), trace = jax.lax.scan(body, (p0, tx.init(p0)), None, length=cfg.steps)
-            return p, loss_fn(p), trace
+    # Adam is elementwise, so one optimiser over [B, K, 4] is B x K independent ones;
+    # each loss depends on its own pose only, so grad(sum) is every pose's gradient.
+    def body(carry, _):
+        p, opt = carry
+        (_, loss), g = jax.value_and_grad(total, has_aux=True)(p)
+        g = jnp.where(jnp.isfinite(g), g, 0.0) * mask
+        upd, opt = tx.update(g, opt, p)
+        return (optax.apply_updates(p, upd), opt), loss
 
-        return jax.vmap(one_hyp)(poses)
-
-    return jax.vmap(one_image)(feature_maps, focal, principal, init)
+    (p, _), trace = jax.lax.scan(body, (init, tx.init(init)), None, length=cfg.steps)
+    return p, losses_fn(p), jnp.moveaxis(trace, 0, -1)
 
 
 def refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init,
            cfg: SolverConfig = REFERENCE):
     """Adam refinement of ``init: [B, K, 4]`` -> (poses [B, K, 4], losses [B, K],
-    loss traces [B, K, steps]). Intrinsics are the feature map's."""
+    loss traces [B, K, steps]). Intrinsics are the feature map's: focal [B],
+    principal [B, 2]. All B x K hypotheses step together in one program."""
     hw = tuple(feature_maps.shape[1:3])
     return _refine(feature_maps, jnp.asarray(vertex_memory), jnp.asarray(clutter),
                    jnp.asarray(verts, jnp.float32), jnp.asarray(faces, jnp.int32),
@@ -202,7 +289,8 @@ def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, 
     focal = jnp.asarray(focal, jnp.float32) / stride
     principal = jnp.asarray(principal, jnp.float32) / stride
     grid = cfg.grid()
-    losses = grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid)
+    losses = grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid,
+                         cull_backfaces=cfg.cull_backfaces)
     k = min(cfg.top_k, grid.shape[0])
     _, idx = jax.lax.top_k(-losses, k)
     init = jnp.asarray(grid)[idx]                                      # [B, K, 4]
