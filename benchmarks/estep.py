@@ -35,6 +35,12 @@ flags.DEFINE_string("data", "", "training root (default: the workdir config's da
 flags.DEFINE_string("variants", "base:", "semicolon-separated name:key=value,... overrides")
 flags.DEFINE_string("json", "", "write the results here")
 flags.DEFINE_integer("num_labelled", 0, "anchors (default: the workdir config's num_labelled)")
+flags.DEFINE_integer("solver_steps", -1, "also the model's own render-and-compare prediction "
+                     "per pool image: -1 off, 0 grid search only, > 0 Adam steps after it; "
+                     "the report then gives the agreement rule's precision")
+flags.DEFINE_bool("holdout", False, "also the E-step on its own anchors, each held out "
+                  "(semi_supervised.holdout_check), and the pool precision above its scores")
+flags.DEFINE_float("agree_deg", 30.0, "match and solver agree within this angle (degrees)")
 
 DEFAULT_VARIANTS = "base:"
 
@@ -62,6 +68,46 @@ def parse_variants(text: str) -> list[tuple[str, dict]]:
             changes[key.strip()] = ast.literal_eval(value.strip())
         out.append((name.strip(), changes))
     return out
+
+
+def holdout_report(hc, scores, view_poses, hidden, quantiles=(0.25, 0.5)) -> dict:
+    """The held-out anchors' accuracy and, for score thresholds at ``quantiles`` of
+    the right held-out anchors' best scores, how many pool images pass and their
+    precision (hidden poses: reporting only)."""
+    from nvsm_jax import geometry
+    best = np.argmax(scores, axis=0)
+    best_score = scores[best, np.arange(scores.shape[1])]
+    right = geometry.pose_error(np.asarray(view_poses, np.float64)[best],
+                                np.asarray(hidden, np.float64)) < np.pi / 6
+    out = {"holdout_accuracy": hc.accuracy, "holdout_n": int(len(hc.right)),
+           "holdout_right": hc.right.tolist(), "holdout_scores": hc.best_score.tolist()}
+    for q in quantiles:
+        tag = f"q{int(round(100 * q))}"
+        if hc.right.any():
+            thr = float(np.quantile(hc.best_score[hc.right], q))
+            ok = best_score >= thr
+            out[f"threshold@{tag}"] = thr
+            out[f"pass@{tag}"] = int(ok.sum())
+            out[f"P_pass@{tag}"] = float(np.mean(right[ok])) if ok.any() else None
+        else:
+            out[f"threshold@{tag}"], out[f"pass@{tag}"], out[f"P_pass@{tag}"] = None, 0, None
+    return out
+
+
+def solve_maps(maps, vertex_memory, clutter, mesh, focal, principal, stride, cfg,
+               batch: int = 16) -> np.ndarray:
+    """The model's render-and-compare pose of every map. maps: [N, h, w, D];
+    focal: [N], principal: [N, 2] of the input images -> [N, 4]."""
+    from nvsm_jax import parallel, pose_solver
+    out = []
+    for s0 in range(0, len(maps), batch):
+        (chunk, fo, pr), m = parallel.pad_to_multiple(
+            (np.asarray(maps[s0:s0 + batch]), np.asarray(focal[s0:s0 + batch], np.float32),
+             np.asarray(principal[s0:s0 + batch], np.float32)), batch)
+        res = pose_solver.solve(chunk, vertex_memory, clutter, mesh.verts, mesh.faces, fo, pr,
+                                stride=stride, cfg=cfg)
+        out.append(res.pose[:m])
+    return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
 
 def main(argv):
@@ -92,6 +138,14 @@ def main(argv):
     solver = semi_supervised.SolverInputs(
         nemo.memory.vertex, feat.clutter_prototype(nemo.memory.clutter),
         pose_solver.SolverConfig.from_dict(config.solver.to_dict()))
+    solver_poses, solver_s = None, 0.0
+    if FLAGS.solver_steps >= 0:
+        scfg = dataclasses.replace(solver.config, steps=FLAGS.solver_steps)
+        t0 = time.time()
+        solver_poses = solve_maps(pool_maps, solver.vertex_memory, solver.clutter, mesh,
+                                  unlabelled.focal, unlabelled.principal, config.model.stride,
+                                  scfg)
+        solver_s = time.time() - t0
     results, rows = {}, []
     for name, changes in parse_variants(FLAGS.variants):
         cfg = dataclasses.replace(semi_supervised.EStepConfig.from_config(base),
@@ -106,20 +160,37 @@ def main(argv):
                                             stride=config.model.stride, mesh_axes=mesh_axes,
                                             solver=solver)
         seconds = time.time() - t0
-        rep = pseudo_labels.table_report(table.scores, table.view_poses, hidden)
+        rep = pseudo_labels.table_report(table.scores, table.view_poses, hidden,
+                                         solver_poses=solver_poses,
+                                         agree_angle=float(np.radians(FLAGS.agree_deg)))
         rep.update(num_views=int(table.scores.shape[0]), seconds=seconds, changes=changes)
+        if FLAGS.holdout:
+            hc = semi_supervised.holdout_check(cfg, sources, model_mesh=mesh,
+                                               stride=config.model.stride, mesh_axes=mesh_axes,
+                                               solver=solver)
+            rep.update(holdout_report(hc, table.scores, table.view_poses, hidden))
         results[name] = rep
-        rows.append({"variant": name, "views": rep["num_views"],
-                     "P@30": rep["precision@30"], "P@60": rep["precision@60"],
-                     "P@100": rep["precision@100"], "best_right": rep["best_view_right"],
-                     "gap": rep["gap"],
-                     "right % by sector 0..330": " ".join(
-                         "-" if v is None else f"{100 * v:.0f}" for v in rep["by_sector"]),
-                     "seconds": seconds})
+        row = {"variant": name, "views": rep["num_views"],
+               "P@30": rep["precision@30"], "P@60": rep["precision@60"],
+               "P@100": rep["precision@100"], "best_right": rep["best_view_right"],
+               "gap": rep["gap"]}
+        if FLAGS.holdout:
+            row.update({k: rep[k] for k in ("holdout_accuracy", "holdout_n", "pass@q25",
+                                             "P_pass@q25", "pass@q50", "P_pass@q50")})
+        if solver_poses is not None:
+            row.update({"solver_right": rep["solver_right"], "agree@30": rep["agree@30"],
+                        "agree@100": rep["agree@100"], "P_agree@30": rep["precision_agree@30"],
+                        "P_agree@60": rep["precision_agree@60"],
+                        "P_disagree@100": rep["precision_disagreeing_top"]})
+        row.update({"right % by sector 0..330": " ".join(
+                        "-" if v is None else f"{100 * v:.0f}" for v in rep["by_sector"]),
+                    "seconds": seconds})
+        rows.append(row)
         print_table(rows[-1:], header=len(rows) == 1)
     if FLAGS.json:
         write_json(FLAGS.json, [{"workdir": FLAGS.workdir, "pool": len(unlabelled),
                                  "anchors": n_lab, "extract_seconds": extract_s,
+                                 "solver_steps": FLAGS.solver_steps, "solver_seconds": solver_s,
                                  "variant": name, **rep} for name, rep in results.items()])
 
 if __name__ == "__main__":

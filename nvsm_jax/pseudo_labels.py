@@ -252,7 +252,8 @@ def coverage(poses, azimuth_bins: int = 12, elevation_edges=DEFAULT_ELEVATION_ED
 
 
 def table_report(scores, view_poses, true_poses, ks=(30, 60, 100), sectors: int = 12,
-                 correct_angle: float = float(np.pi / 6)) -> dict:
+                 correct_angle: float = float(np.pi / 6), solver_poses=None,
+                 agree_angle: float = float(np.pi / 6)) -> dict:
     """How good one E-step's score table is, against the hidden poses (reporting only).
 
     scores: [K, N]; view_poses: [K, 4]; true_poses: [N, 4] the pool's hidden poses.
@@ -265,6 +266,13 @@ def table_report(scores, view_poses, true_poses, ks=(30, 60, 100), sectors: int 
     images whose best view is wrong but that have a right view: how far the right
     answer is from winning) and ``precision_by_distance_error`` (top max(ks)
     precision by the chosen view's |d / d_true - 1|: < 5 %, 5-10 %, >= 10 %).
+
+    solver_poses: [N, 4], the current model's own render-and-compare prediction
+    per pool image (optional). Adds ``solver_right`` (its accuracy on the pool),
+    ``agree@k`` (fraction of the k best-scoring images whose match lies within
+    ``agree_angle`` of the solver), ``precision_agree@k`` (precision of the k
+    best-scoring *agreeing* images: the agreement rule's acceptance) and, over the
+    top max(ks), the precision of the agreeing and of the disagreeing matches.
     """
     scores = np.asarray(scores, np.float64)
     view_poses = np.asarray(view_poses, np.float64)
@@ -293,4 +301,20 @@ def table_report(scores, view_poses, true_poses, ks=(30, 60, 100), sectors: int 
         {"range": [lo, None if hi == np.inf else hi], "count": int(np.sum((rel >= lo) & (rel < hi))),
          "precision": float(np.mean(right[top][(rel >= lo) & (rel < hi)]))
          if np.any((rel >= lo) & (rel < hi)) else None} for lo, hi in bins]
+    if solver_poses is not None:
+        solver_poses = np.asarray(solver_poses, np.float64)
+        out["solver_right"] = float(np.mean(geometry.pose_error(solver_poses, true_poses)
+                                            < correct_angle))
+        agree = geometry.pose_error(view_poses[best], solver_poses) <= agree_angle   # [N]
+        agreeing = order[agree[order]]
+        for kk in ks:
+            if kk <= n:
+                out[f"agree@{kk}"] = float(np.mean(agree[order[:kk]]))
+                out[f"precision_agree@{kk}"] = (float(np.mean(right[agreeing[:kk]]))
+                                                if len(agreeing) else None)
+        out["num_agree"] = int(agree.sum())
+        out["precision_agreeing_top"] = (float(np.mean(right[top][agree[top]]))
+                                         if agree[top].any() else None)
+        out["precision_disagreeing_top"] = (float(np.mean(right[top][~agree[top]]))
+                                            if (~agree[top]).any() else None)
     return out

@@ -149,3 +149,14 @@ def test_table_report_against_a_hand_built_table():
     d = rep["precision_by_distance_error"]
     assert [b["count"] for b in d] == [3, 0, 1]                # image 2: 5 vs 4 -> 25 %
     assert d[2]["precision"] == 0.0
+    # The solver: right on images 0 and 2, agrees with the (right) match of image 0
+    # and the (wrong) match of image 3, disagrees with the others.
+    solver = geometry.make_pose(np.radians([5.0, 200.0, 180.0, 95.0]), 0.1, 0.0, 5.0, xnp=np)
+    rep = pl.table_report(scores, views, truth, ks=(1, 2, 4), solver_poses=solver,
+                          agree_angle=np.radians(30.0))
+    assert rep["solver_right"] == 0.5
+    # score order: image 0 (0.9), 1 (0.8), 3 (0.7), 2 (0.6); agreeing: 0, 3
+    assert rep["agree@1"] == 1.0 and rep["agree@2"] == 0.5 and rep["agree@4"] == 0.5
+    assert rep["precision_agree@1"] == 1.0 and rep["precision_agree@2"] == 0.5
+    assert rep["num_agree"] == 2
+    assert rep["precision_agreeing_top"] == 0.5 and rep["precision_disagreeing_top"] == 0.5

@@ -267,3 +267,46 @@ def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data
     background = np.arange(len(verts)) % 3 == 0
     np.testing.assert_array_equal(out2[0], np.asarray(vf.visible)[0])
     np.testing.assert_array_equal(out2[1:], np.asarray(vf.visible)[1:] & ~background[None])
+
+
+def _look_alike_anchors(train_set, second_azimuth_offset):
+    """Three anchors; anchor 1's feature map is anchor 0's, its pose anchor 0's turned
+    by ``second_azimuth_offset`` about the vertical axis; anchor 2 is unrelated."""
+    from nvsm_jax import geometry
+    rng = np.random.default_rng(1)
+    maps = rng.normal(size=(3, 8, 8, 16)).astype(np.float32)
+    maps[1] = maps[0]
+    poses = np.array(train_set.poses[:3], np.float32)
+    poses[1] = poses[0]
+    poses[1, 0] = np.mod(poses[0, 0] + second_azimuth_offset, 2 * np.pi)
+    poses[2, 0] = np.mod(poses[0, 0] + np.pi / 2, 2 * np.pi)
+    src = _sources(maps, poses, train_set.focal[:3], train_set.principal[:3], [0, 1, 2],
+                   [True, True, True])
+    return src, poses, geometry
+
+
+def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(tiny_data):
+    """Anchor 0 held out: its best view must come from its look-alike anchor 1
+    (its own views are excluded), at anchor 1's pose. Right when anchor 1's pose is
+    15 deg from anchor 0's, wrong when it is 180 deg away: the label decides."""
+    from nvsm_jax import parallel
+    train_set, mesh, _ = tiny_data
+    kw = dict(model_mesh=mesh, stride=4, mesh_axes=parallel.make_mesh(1))
+    cfg = _estep(mirror_sources=False)
+    offsets = 2 * cfg.azimuth_steps + 1
+    views_per_source = offsets * (2 * cfg.elevation_steps + 1)
+    for turn, right in [(np.radians(15.0), True), (np.pi, False)]:
+        src, poses, geometry = _look_alike_anchors(train_set, turn)
+        hc = semi_supervised.holdout_check(cfg, src, **kw)
+        assert hc.right.shape == (3,)
+        np.testing.assert_array_equal(hc.views, 2 * views_per_source)   # the other two
+        assert bool(hc.right[0]) is right
+        # the oracle: anchor 0's best view is anchor 1's own pose (the identical map)
+        table = semi_supervised.score_views(
+            cfg, src.take([1, 2]), semi_supervised.Pool(src.maps[:1], src.focal[:1],
+                                                        src.principal[:1], np.ones(1, bool)),
+            **kw)
+        best = table.view_poses[np.argmax(table.scores[:, 0])]
+        assert geometry.pose_error(best.astype(np.float64), poses[1].astype(np.float64)) < 1e-4
+        assert hc.best_score[0] == pytest.approx(table.scores[:, 0].max(), abs=1e-6)
+
