@@ -29,8 +29,8 @@ import time
 
 import numpy as np
 
-from nvsm_jax import (baselines, config_checks, evaluation, figures, pose_solver, pretrain,
-                      semi_supervised, train, training)
+from nvsm_jax import (baselines, config_checks, evaluation, figures, parallel, pose_solver,
+                      pretrain, semi_supervised, train, training)
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 
 log = logging.getLogger(__name__)
@@ -65,8 +65,10 @@ def ensure_data(config, workdir) -> tuple[str, str]:
     sc.seed = config.data.seed
     sc.test_levels = tuple(config.eval_occlusions)
     t0 = time.time()
-    synthetic.generate(out, synthetic.SynthConfig.from_mapping(sc), log=log.info)
-    log.info("generated the synthetic benchmark in %.0f s", time.time() - t0)
+    if parallel.is_main_process():      # one writer; the others wait, then read it
+        synthetic.generate(out, synthetic.SynthConfig.from_mapping(sc), log=log.info)
+        log.info("generated the synthetic benchmark in %.0f s", time.time() - t0)
+    parallel.sync("synthetic benchmark generated")
     return train_root, test_root
 
 
@@ -83,12 +85,15 @@ def _load_rows(cell):
 
 
 def _save_rows(cell, rows, errors):
-    os.makedirs(cell, exist_ok=True)
-    np.savez(os.path.join(cell, "errors.npz"), **errors)
-    tmp = os.path.join(cell, "rows.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(rows, f, indent=1)
-    os.replace(tmp, os.path.join(cell, "rows.json"))
+    """Process 0 writes the cell's record (every process computed the same)."""
+    if parallel.is_main_process():
+        os.makedirs(cell, exist_ok=True)
+        np.savez(os.path.join(cell, "errors.npz"), **errors)
+        tmp = os.path.join(cell, "rows.json.tmp")
+        with open(tmp, "w") as f:
+            json.dump(rows, f, indent=1)
+        os.replace(tmp, os.path.join(cell, "rows.json"))
+    parallel.sync(f"cell {cell} recorded")
 
 
 def _rows(method, category, annotations, results):
@@ -166,7 +171,8 @@ def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
     c.num_labelled = num_labelled
     out = semi_supervised.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,
                                    test_sets=test_sets)
-    _nvsm_figures(cell, out, test_sets, mesh, c)
+    if parallel.is_main_process():
+        _nvsm_figures(cell, out, test_sets, mesh, c)
     return out["test"]
 
 
@@ -246,10 +252,11 @@ def train_and_evaluate(config, workdir) -> str:
                 log.warning("%s: stored errors do not match the %s test set; no azimuth table",
                             cell, occ)
     all_rows += evaluation.mean_rows(all_rows, all_errors)
-    evaluation.write_results(workdir, all_rows, extra={"by_azimuth": by_azimuth})
     report = format_report(all_rows, config, workdir, by_azimuth)
-    with open(os.path.join(workdir, "report.md"), "w") as f:
-        f.write(report)
+    if parallel.is_main_process():
+        evaluation.write_results(workdir, all_rows, extra={"by_azimuth": by_azimuth})
+        with open(os.path.join(workdir, "report.md"), "w") as f:
+            f.write(report)
     return report
 
 

@@ -25,7 +25,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nvsm_jax import parallel
@@ -93,7 +92,9 @@ def match_scores_sharded(syn_feats, syn_mask, image_feats, mesh: Mesh | None = N
     """:func:`match_scores` with the image axis sharded over ``data``.
 
     Host or device arrays in; a [K, N] numpy array out. N is padded to a
-    multiple of the device count and cut back.
+    multiple of the device count and cut back. ``image_feats`` may be a global
+    array sharded over several processes' devices (each process computed its own
+    rows); every process then gets the whole table.
     """
     mesh = mesh or parallel.make_mesh()
     n = image_feats.shape[0]
@@ -110,7 +111,7 @@ def match_scores_sharded(syn_feats, syn_mask, image_feats, mesh: Mesh | None = N
     views = jax.device_put((syn_feats, syn_mask), NamedSharding(mesh, P()))
     per_device = -(-images.shape[0] // n_dev)
     fn = _sharded_fn(mesh, min(chunk, per_device), bool(normalized))
-    return np.asarray(fn(*views, images))[:, :n]
+    return parallel.host_array(fn(*views, images))[:, :n]    # from every process
 
 
 @functools.lru_cache(maxsize=16)

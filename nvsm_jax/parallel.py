@@ -3,8 +3,12 @@
 Every batch lives on a ``Mesh`` with a single ``data`` axis: the leading
 (batch) dimension is sharded over it, everything else (params, optimiser state,
 memory banks) is replicated. Jitted functions take and return such arrays and
-XLA inserts the collectives. Multi-host runs call :func:`initialize` first;
-each process then feeds its own slice of the global batch.
+XLA inserts the collectives. Multi-process runs (a TPU pod, several GPU
+hosts, or ``python -m experiments.launch`` on one machine) call
+:func:`initialize` first; each process then reads and feeds only its own rows
+of each global batch (:func:`process_rows`, ``shard_batch(...,
+process_local=True)``), and :func:`host_array` brings a sharded result back to
+every process.
 """
 
 from __future__ import annotations
@@ -19,24 +23,72 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = ["DATA", "initialize", "make_mesh", "data_sharding", "replicated",
            "shard_batch", "replicate", "pad_to_multiple", "is_main_process",
-           "wait_if_cpu_collectives", "quiet_backend_probe_logs"]
+           "wait_if_cpu_collectives", "quiet_backend_probe_logs", "process_rows",
+           "local_rows", "host_array", "sync", "ENV_COORDINATOR", "ENV_NUM_PROCESSES",
+           "ENV_PROCESS_ID"]
 
 DATA = "data"
 
 
-def initialize() -> None:
-    """``jax.distributed.initialize()`` on multi-host runs; a no-op on one host.
+# The variables :func:`initialize` reads (``experiments.launch`` sets them per process).
+ENV_COORDINATOR = "JAX_COORDINATOR_ADDRESS"   # host:port of process 0's coordinator
+ENV_NUM_PROCESSES = "JAX_NUM_PROCESSES"       # processes in the run
+ENV_PROCESS_ID = "JAX_PROCESS_ID"             # this process, 0 .. JAX_NUM_PROCESSES - 1
+ENV_LOCAL_DEVICE_IDS = "JAX_LOCAL_DEVICE_IDS"  # optional: "0,1" (read by jax itself)
+_CLUSTER_MARKERS = ("SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES", "OMPI_COMM_WORLD_SIZE")
 
-    A pod or multi-process run is recognised by the coordinator variables JAX
-    reads itself (TPU pods, SLURM, or ``JAX_COORDINATOR_ADDRESS``).
+
+def _distributed_started() -> bool:
+    try:
+        return bool(jax.distributed.is_initialized())
+    except AttributeError:       # older jax
+        from jax._src import distributed
+        return distributed.global_state.client is not None
+
+
+def initialize() -> None:
+    """Starts ``jax.distributed`` on a multi-process run; a no-op on one process.
+
+    Call it first, before anything touches a device (it must run before jax
+    creates its backends). It reads, in this order:
+
+    * ``JAX_COORDINATOR_ADDRESS`` (``host:port`` of process 0), ``JAX_NUM_PROCESSES``
+      and ``JAX_PROCESS_ID``: an explicit multi-process run (``experiments.launch``
+      sets all three, and so can any cluster script; ``JAX_LOCAL_DEVICE_IDS`` optionally
+      names this process's devices);
+    * otherwise the cluster's own variables (``SLURM_JOB_ID``, a TPU pod's
+      ``TPU_WORKER_HOSTNAMES``, Open MPI's ``OMPI_COMM_WORLD_SIZE``): jax detects the
+      coordinator, process count and index itself;
+    * none of them: one process, nothing to do.
+
+    On CPU the processes exchange collectives through gloo
+    (``jax_cpu_collectives_implementation``). Idempotent.
     """
-    markers = ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")
-    if any(os.environ.get(k) for k in markers) and jax.process_count() == 1:
+    if _distributed_started():
+        return
+    address = os.environ.get(ENV_COORDINATOR)
+    num = os.environ.get(ENV_NUM_PROCESSES)
+    pid = os.environ.get(ENV_PROCESS_ID)
+    if address and (num is None) != (pid is None):
+        raise ValueError(f"{ENV_NUM_PROCESSES} and {ENV_PROCESS_ID} go together (got "
+                         f"{ENV_NUM_PROCESSES}={num!r}, {ENV_PROCESS_ID}={pid!r})")
+    explicit = bool(address) and num is not None
+    if explicit and int(num) == 1:
+        return
+    if not explicit and not any(os.environ.get(k) for k in _CLUSTER_MARKERS):
+        return
+    if "cpu" in os.environ.get("JAX_PLATFORMS", "cpu").split(","):
+        # CPU processes reach each other through gloo (jax's default since 0.4.3x;
+        # set explicitly so an older default or a user config cannot leave them without)
         try:
-            jax.distributed.initialize()
-        except (RuntimeError, ValueError) as err:  # already initialised, or one host
-            if "already" not in str(err) and os.environ.get("JAX_COORDINATOR_ADDRESS"):
-                raise
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        except AttributeError:
+            jax.config.update("jax_cpu_enable_gloo_collectives", True)
+    if explicit:
+        jax.distributed.initialize(coordinator_address=address, num_processes=int(num),
+                                   process_id=int(pid))
+    else:
+        jax.distributed.initialize()
 
 
 class _BackendProbeFilter(logging.Filter):
@@ -64,11 +116,26 @@ def quiet_backend_probe_logs() -> None:
 
 
 def make_mesh(num_devices: int | None = None) -> Mesh:
-    """A 1-D mesh over the first ``num_devices`` devices (all by default)."""
+    """A 1-D mesh over the first ``num_devices`` devices (all by default).
+
+    On several processes the global device list is process-major (process 0's
+    devices, then process 1's, ...), so each process's rows of a ``data``-sharded
+    array are one contiguous block (:func:`process_rows`). A mesh smaller than one
+    process's devices (e.g. ``make_mesh(1)`` for inference) takes this process's
+    own devices: it then runs on each process alone, with no collectives.
+    """
     devices = jax.devices()
     n = len(devices) if num_devices is None else num_devices
     if not 1 <= n <= len(devices):
         raise ValueError(f"num_devices={num_devices} but {len(devices)} devices are available")
+    if jax.process_count() > 1:
+        local = jax.local_devices()
+        if n <= len(local):
+            return Mesh(np.asarray(local[:n]), (DATA,))
+        if n != len(devices):
+            raise ValueError(f"num_devices={n}: a mesh over several processes takes all "
+                             f"{len(devices)} devices, or at most one process's {len(local)}")
+        devices = sorted(devices, key=lambda d: (d.process_index, d.id))
     return Mesh(np.asarray(devices[:n]), (DATA,))
 
 
@@ -121,27 +188,94 @@ def pad_to_multiple(batch: Any, multiple: int) -> tuple[Any, int]:
     return jax.tree_util.tree_map(_pad, batch), n
 
 
-def shard_batch(batch: Any, mesh: Mesh) -> Any:
+def _is_local(mesh: Mesh) -> bool:
+    """Whether every device of ``mesh`` belongs to this process."""
+    if jax.process_count() == 1:
+        return True
+    me = jax.process_index()
+    return all(d.process_index == me for d in mesh.devices.flat)
+
+
+def process_rows(n: int, mesh: Mesh) -> slice:
+    """The rows ``[start, stop)`` of a ``data``-sharded leading axis of length ``n``
+    that this process's devices hold (all of them on one process). ``n`` must split
+    evenly over the mesh's devices."""
+    n_dev = mesh.devices.size
+    if n % n_dev:
+        raise ValueError(f"{n} rows do not split over {n_dev} devices; pad them with "
+                         "pad_to_multiple")
+    if _is_local(mesh):
+        return slice(0, n)
+    index = data_sharding(mesh).addressable_devices_indices_map((n,))
+    starts = sorted(sl[0].start or 0 for sl in index.values())
+    per = n // n_dev
+    start, stop = starts[0], starts[-1] + per
+    if len(set(starts)) * per != stop - start:
+        raise ValueError("this process's devices hold no contiguous block of the data axis; "
+                         "build the mesh with parallel.make_mesh")
+    return slice(start, stop)
+
+
+def local_rows(n: int, mesh: Mesh) -> tuple[slice, int]:
+    """This process's share of ``n`` real rows once padded to the devices.
+
+    Returns ``(rows, n_padded)``: ``rows`` the real rows (a slice of ``0 .. n``,
+    possibly empty) this process computes, ``n_padded`` the padded global length
+    (:func:`process_rows` of it, cut at ``n``, is ``rows``)."""
+    n_pad = -(-int(n) // mesh.devices.size) * mesh.devices.size
+    block = process_rows(n_pad, mesh)
+    return slice(min(block.start, n), min(block.stop, n)), n_pad
+
+
+def shard_batch(batch: Any, mesh: Mesh, *, process_local: bool = False) -> Any:
     """Places host numpy arrays as global arrays sharded over ``data``.
 
-    On one process this is ``device_put`` with the data sharding; on several,
-    each process passes its local rows and the global array is assembled with
-    ``make_array_from_process_local_data``. Leading sizes must divide evenly
-    by the number of devices (see :func:`pad_to_multiple`).
+    By default every leaf holds the whole global batch (the same on every process):
+    one process ``device_put``s it; on several, each process keeps its rows
+    (:func:`process_rows`). With ``process_local=True`` the leaves hold only this
+    process's rows (each process read just those) and the global array is
+    assembled with ``make_array_from_process_local_data``. Leading sizes must
+    divide evenly by the number of devices (see :func:`pad_to_multiple`).
     """
     sharding = data_sharding(mesh)
     n_dev = mesh.devices.size
+    n_proc = 1 if _is_local(mesh) else len({d.process_index for d in mesh.devices.flat})
 
     def put(x):
         x = np.asarray(x)
-        if jax.process_count() == 1:
+        if n_proc == 1:
             if x.shape[0] % n_dev:
-                raise ValueError(f"batch of {x.shape[0]} rows does not split over {n_dev} devices; "
-                                 "pad it with pad_to_multiple")
+                raise ValueError(f"batch of {x.shape[0]} rows does not split over {n_dev} "
+                                 "devices; pad it with pad_to_multiple")
             return jax.device_put(x, sharding)
-        return jax.make_array_from_process_local_data(sharding, x)
+        if process_local:
+            return jax.make_array_from_process_local_data(
+                sharding, x, (x.shape[0] * n_proc,) + x.shape[1:])
+        rows = process_rows(x.shape[0], mesh)
+        return jax.make_array_from_process_local_data(sharding, x[rows], x.shape)
 
     return jax.tree_util.tree_map(put, batch)
+
+
+def host_array(x) -> np.ndarray:
+    """A (possibly multi-process) jax array as the whole numpy array, on every process.
+
+    Fully addressable or fully replicated arrays are read directly; a sharded global
+    array is gathered from all processes (every process must call this together)."""
+    if not isinstance(x, jax.Array) or x.is_fully_addressable or x.is_fully_replicated:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def sync(name: str) -> None:
+    """A barrier of all processes (a no-op on one), e.g. before process 0 writes a
+    file that the others read next."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:

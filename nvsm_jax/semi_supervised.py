@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -60,6 +61,7 @@ from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundResult", "extract_features", "e_step", "holdout_check", "HoldoutCheck",
+           "pool_features",
            "mirrored_sources", "training_set",
            "run_nvsm", "load_progress"]
 
@@ -84,11 +86,39 @@ def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def _padded_pool(pool_feats: np.ndarray, mesh_axes):
-    """The pool's feature maps padded to a multiple of the devices, sharded once."""
-    n_dev = mesh_axes.devices.size
-    padded, _ = parallel.pad_to_multiple(pool_feats, n_dev)
-    return parallel.shard_batch(padded, mesh_axes)
+def pool_features(feature_fn, images, batch_size: int, mesh_axes) -> tuple[np.ndarray, slice]:
+    """This process's share of the pool's feature maps: ``(maps, rows)``.
+
+    images: uint8 [N, H, W, 3] (an array or a lazily read
+    :class:`nvsm_jax.data.loaders.ImageFiles`: only ``images[rows]`` is read).
+    rows: the pool rows this process computes (:func:`nvsm_jax.parallel.local_rows`;
+    all of them on one process); maps: float32 [rows, h, w, D]. ``Pool(maps, ...,
+    rows=rows)`` then matches them as one array sharded over every process's devices.
+    """
+    rows, _ = parallel.local_rows(len(images), mesh_axes)
+    if rows.stop > rows.start:
+        return extract_features(feature_fn, images[rows], batch_size), rows
+    shape = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1, *images.shape[1:]), np.uint8))
+    return np.zeros((0, *shape.shape[1:]), np.float32), rows
+
+
+def _padded_pool(pool: "Pool", mesh_axes):
+    """The pool's feature maps padded to a multiple of the devices, sharded once:
+    from all rows (``pool.rows`` None), or assembled from every process's own rows."""
+    if pool.rows is None:
+        padded, _ = parallel.pad_to_multiple(pool.maps, mesh_axes.devices.size)
+        return parallel.shard_batch(padded, mesh_axes)
+    rows, n_pad = parallel.local_rows(len(pool.candidates), mesh_axes)
+    if (rows.start, rows.stop) != (pool.rows.start, pool.rows.stop) or \
+            len(pool.maps) != rows.stop - rows.start:
+        raise ValueError(f"Pool.rows {pool.rows} with {len(pool.maps)} maps, but this process "
+                         f"holds rows {rows} of the {len(pool.candidates)}-image pool")
+    block = parallel.process_rows(n_pad, mesh_axes)
+    pad = (block.stop - block.start) - len(pool.maps)     # padded rows are scored, then cut
+    local = np.asarray(pool.maps, np.float32)
+    if pad:
+        local = np.concatenate([local, np.zeros((pad, *local.shape[1:]), np.float32)])
+    return parallel.shard_batch(local, mesh_axes, process_local=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +164,29 @@ class Pool(NamedTuple):
 
     maps: [N, h, w, D] feature maps; focal: [N] and principal: [N, 2] each
     image's own intrinsics (input image; real crops differ); candidates: [N] bool,
-    the images still without a pseudo-label.
+    the images still without a pseudo-label. rows: None when ``maps`` holds all N
+    rows; on a multi-process run the slice of rows this process computed
+    (:func:`pool_features`), ``maps`` then being [rows, h, w, D].
     """
 
     maps: np.ndarray
     focal: np.ndarray
     principal: np.ndarray
     candidates: np.ndarray
+    rows: slice | None = None
+
+    def maps_at(self, index, mesh_axes=None) -> np.ndarray:
+        """The feature maps of pool rows ``index`` [M] -> [M, h, w, D], on every process
+        (gathered from the processes that hold them; all must call this together)."""
+        index = np.asarray(index, np.int64)
+        if self.rows is None:
+            return np.asarray(self.maps)[index]
+        if self.rows.start == 0 and self.rows.stop == len(self.candidates):
+            return np.asarray(self.maps)[index]
+        pool = _padded_pool(self, mesh_axes)
+        picked = _take_rows(pool, parallel.replicate(index, mesh_axes),
+                            parallel.replicated(mesh_axes))
+        return parallel.host_array(picked)
 
 
 class SolverInputs(NamedTuple):
@@ -211,6 +257,11 @@ class EStepConfig(training.DataclassConfig):
     def selection(self) -> pseudo_labels.Selection:
         return pseudo_labels.Selection(self.threshold, self.margin, self.margin_angle,
                                        self.max_new)
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _take_rows(x, index, out_sharding):
+    return jax.lax.with_sharding_constraint(jnp.take(x, index, axis=0), out_sharding)
 
 
 def _solver_grid_poses(maps, memory, clutter, verts, faces, focal, principal, grid,
@@ -315,8 +366,8 @@ def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: m
                                             (cfg.min_elevation, cfg.max_elevation),
                                             cfg.distance_scales)              # [S, K, 4]
     k = targets.shape[1]
-    pool_shard = matching.normalize_images(_padded_pool(pool.maps, mesh_axes))  # once per round
-    scores = _score_table(cfg, sources, targets, pool_shard, len(pool.maps), map_hw, verts,
+    pool_shard = matching.normalize_images(_padded_pool(pool, mesh_axes))  # once per round
+    scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates), map_hw, verts,
                           faces, normals, stride, mesh_axes, solver)          # [S*K, N]
     table = ScoreTable(scores, targets.reshape(-1, 4), np.repeat(np.asarray(sources.ids), k),
                        np.repeat(np.asarray(sources.is_labelled, bool), k))
@@ -410,7 +461,8 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     focal = np.asarray(pool.focal, np.float32) / stride               # the feature map's camera
     principal = np.asarray(pool.principal, np.float32) / stride
     if len(new) and agree > 0:
-        grid_best = _solver_grid_poses(pool.maps[new.index], solver.vertex_memory, solver.clutter,
+        grid_best = _solver_grid_poses(pool.maps_at(new.index, mesh_axes),
+                                       solver.vertex_memory, solver.clutter,
                                        verts, faces, focal[new.index], principal[new.index],
                                        solver.config.grid())
         new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))
@@ -418,7 +470,8 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
             new = new.take(slice(0, int(cfg.max_new)))
     if len(new) and cfg.refine_steps > 0 and solver is not None:
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
-        poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps[new.index]), solver.vertex_memory,
+        poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
+                                         solver.vertex_memory,
                                          solver.clutter, verts, faces, focal[new.index],
                                          principal[new.index], jnp.asarray(new.poses)[:, None],
                                          solver_cfg)
@@ -500,21 +553,26 @@ def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: i
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
                                      augment=augment)
     keys = ("image", "pose", "focal", "principal")
-    return training.fit(
+    return training.fit(          # each process reads only its rows of every batch
         state, train_step,
-        lambda s: {k: v for k, v in batches.batch(s - round_start).items() if k in keys},
+        lambda s, rows: {k: v for k, v in batches.batch(s - round_start, rows).items()
+                         if k in keys},
         mesh_axes, start=begin, end=end, num_steps=round_end, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress, desc=f"round {round_index} M-step", extra={"round": round_index})
+        progress=progress, desc=f"round {round_index} M-step", extra={"round": round_index},
+        process_local=True)
 
 
 def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
-                   pl: pseudo_labels.PseudoLabels) -> Sources:
+                   pl: pseudo_labels.PseudoLabels, mesh_axes=None) -> Sources:
     """The E-step's sources: the anchors, then the pseudo-labelled images ``pl``,
-    then (``estep.mirror_sources``) their mirror images."""
+    then (``estep.mirror_sources``) their mirror images. pool_maps: all pool
+    maps [N, h, w, D], or a :class:`Pool` (its rows may be spread over processes)."""
+    pl_maps = (pool_maps.maps_at(pl.index, mesh_axes) if isinstance(pool_maps, Pool)
+               else pool_maps[pl.index])
     sources = Sources(
         maps=np.concatenate([extract_features(fn, labelled.images, config.eval_batch_size),
-                             pool_maps[pl.index]]),
+                             pl_maps]),
         poses=np.concatenate([labelled.poses, pl.poses]),
         focal=np.concatenate([labelled.focal, unlabelled.focal[pl.index]]),
         principal=np.concatenate([labelled.principal, unlabelled.principal[pl.index]]),
@@ -585,7 +643,8 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     training.save_config(config, workdir)
     estep_cfg = EStepConfig.from_config(config.estep)
     if train_set is None:
-        train_set = loaders.load_pose_set(config.data_root, config.category, "L0")
+        train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
+                                          lazy_images=jax.process_count() > 1)  # own rows only
         model_mesh = loaders.load_model_mesh(config.data_root, config.category)
     if test_sets is None:
         test_sets = {}
@@ -644,20 +703,24 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             else:
                 nemo = train.nemo_model(config, model, state, model_mesh)
                 fn = train.feature_fn(nemo)
-                pool_maps = extract_features(fn, unlabelled.images, config.eval_batch_size)
+                # each process: the feature maps of its own rows of the pool
+                pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
+                                                mesh_axes)
                 candidates = np.ones(len(unlabelled), bool)
                 candidates[pl.index] = False
+                pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
                 result = e_step(estep_cfg, round_sources(config, fn, labelled, unlabelled,
-                                                          pool_maps, pl),
-                                Pool(pool_maps, unlabelled.focal, unlabelled.principal,
-                                     candidates),
+                                                          pool, pl, mesh_axes),
+                                pool,
                                 model_mesh=model_mesh, stride=stride, round_index=r,
                                 mesh_axes=mesh_axes,
                                 solver=SolverInputs(state.aux.vertex,
                                                     feat.clutter_prototype(state.aux.clutter),
                                                     solver_cfg))
-                del pool_maps
-                _stage_estep(workdir, r, result)
+                del pool_maps, pool
+                if parallel.is_main_process():      # the same result on every process
+                    _stage_estep(workdir, r, result)
+                parallel.sync(f"nvsm round {r} E-step stored")
             pl = pl.extend(result.new)
             if len(result.new) == 0:
                 log.info("round %d: nothing new passes; stopping", r)
@@ -693,10 +756,12 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                           if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
         ckpt.maybe_save(step, state, force=True)
         ckpt.wait()
-        np.savez(_round_path(workdir, r), **pl.to_dict())
-        _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
-        if os.path.exists(_staged_path(workdir, r)):
-            os.remove(_staged_path(workdir, r))
+        if parallel.is_main_process():   # run state: one writer, read back by every process
+            np.savez(_round_path(workdir, r), **pl.to_dict())
+            _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
+            if os.path.exists(_staged_path(workdir, r)):
+                os.remove(_staged_path(workdir, r))
+        parallel.sync(f"nvsm round {r} recorded")
         round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
         rounds.append({**entry})
         finished_this_call += 1

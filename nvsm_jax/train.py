@@ -70,7 +70,9 @@ def labelled_images(config, pool):
 def load_train_set(config):
     """(PoseSet of the labelled training images, Mesh) from ``config.data_root``."""
 
-    train = loaders.load_pose_set(config.data_root, config.category, "L0")
+    # several processes: each reads an image only when one of its batch rows needs it
+    train = loaders.load_pose_set(config.data_root, config.category, "L0",
+                                  lazy_images=jax.process_count() > 1)
     mesh = loaders.load_model_mesh(config.data_root, config.category)
     return labelled_images(config, train), mesh
 
@@ -129,8 +131,30 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     return state
 
 
+_TRAIN_STEPS: dict = {}
+
+
 def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
-    """The jitted, donated step ``(state, batch, key) -> (state, metrics)``."""
+    """The jitted, donated step ``(state, batch, key) -> (state, metrics)``.
+
+    Kept per (config, model, mesh geometry, image size, state layout, device mesh):
+    a resumed run, or a second run of the same config in one process (tests, the
+    few-shot experiment's cells), reuses the compiled step instead of compiling it again.
+    """
+    key = (training._config_text(config), model, np.asarray(mesh.verts).tobytes(),
+           np.asarray(mesh.faces).tobytes(), tuple(image_hw),
+           tuple(jax.tree_util.keystr(k) for k, _ in
+                 jax.tree_util.tree_flatten_with_path(state_sharding)[0]), mesh_axes)
+    cached = _TRAIN_STEPS.get(key)
+    if cached is None:
+        if len(_TRAIN_STEPS) >= 16:
+            _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
+        cached = _TRAIN_STEPS[key] = _make_train_step(config, model, mesh, image_hw,
+                                                      state_sharding, mesh_axes)
+    return cached
+
+
+def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
     verts = jnp.asarray(mesh.verts, jnp.float32)
     faces = jnp.asarray(mesh.faces, jnp.int32)
     normals = jnp.asarray(meshes.vertex_normals(mesh.verts, mesh.faces))
@@ -227,13 +251,15 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
         log.info("training steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
     keys = ("image", "pose", "focal", "principal")
-    state = training.fit(
-        state, train_step, lambda s: {k: v for k, v in batches.batch(s).items() if k in keys},
+    state = training.fit(        # each process reads only its rows of every batch
+        state, train_step,
+        lambda s, rows: {k: v for k, v in batches.batch(s, rows).items() if k in keys},
         mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress)
+        progress=progress, process_local=True)
     ckpt.close()
-    if stop_after is None and config.eval_at_end and config.test_root:
+    if (stop_after is None and config.eval_at_end and config.test_root
+            and parallel.is_main_process()):     # one process evaluates and writes results
         evaluate_workdir(workdir, config.test_root)
     return state
 

@@ -246,9 +246,12 @@ def state_initializer(model, tx: optax.GradientTransformation, sample_shape, *,
         k_model, k_aux = jax.random.split(key) if aux_fn is not None else (key, None)
         variables = dict(model.init(k_model, jnp.zeros(sample_shape, jnp.float32), train=False))
         params = variables.pop("params")
-        return TrainState.create(apply_fn=model.apply, params=params, tx=tx,
-                                 model_state=variables,
-                                 aux=None if aux_fn is None else aux_fn(k_aux))
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx,
+                                  model_state=variables,
+                                  aux=None if aux_fn is None else aux_fn(k_aux))
+        # a strong int32 step, as a restored checkpoint has: a resumed run then reuses
+        # the compiled train step instead of compiling it again for a weak-typed step
+        return state.replace(step=jnp.zeros((), jnp.int32))
 
     return init
 
@@ -560,6 +563,7 @@ def save_config(config, workdir, filename: str = "config.json", *,
         with open(tmp, "w") as f:
             f.write(text)
         os.replace(tmp, path)
+    parallel.sync("save_config")    # no process goes on before process 0 checked the record
     return path
 
 
@@ -590,10 +594,15 @@ class Throughput:
 def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
         seed, batch_size: int, log_every: int, writer: "MetricsWriter",
         ckpt: "Checkpointer | None" = None, num_steps: int | None = None,
-        progress: bool = True, desc: str = "train", extra: dict | None = None):
+        progress: bool = True, desc: str = "train", extra: dict | None = None,
+        process_local: bool = False):
     """The step loop every trainer shares: global steps ``start .. end - 1``.
 
-    host_batch(step) -> dict of host arrays (sharded here over ``mesh``'s data axis);
+    host_batch(step) -> dict of host arrays, the whole global batch (sharded here
+    over ``mesh``'s data axis; on several processes each keeps its rows). With
+    ``process_local``, ``host_batch(step, rows)`` returns only the rows ``rows`` (a
+    slice of ``0 .. batch_size``, :func:`nvsm_jax.parallel.process_rows`) that this
+    process feeds, so it reads only its share (one process: all rows);
     train_step(state, batch, key) -> (state, metrics), keyed by ``step_key(seed, step)``.
     On a multi-device CPU mesh at most one step is in flight
     (:func:`nvsm_jax.parallel.wait_if_cpu_collectives`).
@@ -610,8 +619,12 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
     steps = range(start, end)
     if progress:
         steps = progress_bar(steps, total=num_steps, initial=start, desc=desc)
+    rows = parallel.process_rows(batch_size, mesh) if process_local else None
     for s in steps:
-        batch = parallel.shard_batch(host_batch(s), mesh)
+        if process_local:
+            batch = parallel.shard_batch(host_batch(s, rows), mesh, process_local=True)
+        else:
+            batch = parallel.shard_batch(host_batch(s), mesh)
         state, metrics = train_step(state, batch, step_key(seed, s))
         parallel.wait_if_cpu_collectives((state, metrics), mesh)
         since += batch_size

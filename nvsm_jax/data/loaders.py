@@ -19,7 +19,7 @@ from nvsm_jax.data.format import (IMAGE_EXTENSIONS, REQUIRED_KEYS, DataError, re
                                   subset_name)
 
 __all__ = ["PoseSet", "load_pose_set", "load_model_mesh", "load_annotation", "load_image",
-           "list_names", "subset_names"]
+           "list_names", "subset_names", "ImageFiles"]
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,79 @@ class PoseSet:
         return PoseSet(self.category, tuple(self.names[i] for i in idx), self.images[idx],
                        self.poses[idx], self.focal[idx], self.principal[idx],
                        pick(self.object_mask), pick(self.occluder_mask))
+
+
+class ImageFiles:
+    """Images read from their files when indexed: an ``[N, H, W, 3]`` uint8 array-like.
+
+    ``load_pose_set(..., lazy_images=True)`` gives a PoseSet whose ``images`` is one,
+    so a process of a multi-process run reads only the images it uses: its rows of
+    each batch (``BatchIterator.batch(step, rows)``) and its share of the E-step's
+    pool (``semi_supervised.pool_features``). Indexing the first axis with a slice or
+    an index array gives another ImageFiles (nothing read yet: ``PoseSet.subset``,
+    few-shot splits); an integer, ``np.asarray`` or ``np.concatenate`` read the files.
+    Nothing is cached. ``reads`` (shared by every ImageFiles indexed from one) counts
+    the reads per file; ``read_paths`` are the files read so far.
+    """
+
+    def __init__(self, paths, image_hw, reads: dict | None = None):
+        self.paths = tuple(paths)
+        self.shape = (len(self.paths), int(image_hw[0]), int(image_hw[1]), 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 4
+        self.reads = {} if reads is None else reads
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def read_paths(self) -> set:
+        return set(self.reads)
+
+    def _read(self, path) -> np.ndarray:
+        img = load_image(path)
+        if img.shape != self.shape[1:]:
+            raise DataError(f"{path}: image size {img.shape[:2]} differs from the "
+                            f"{self.shape[1:3]} of its set")
+        self.reads[path] = self.reads.get(path, 0) + 1
+        return img
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            first = self[key[0]]
+            rest = (slice(None),) + key[1:] if not isinstance(key[0], (int, np.integer)) \
+                else key[1:]
+            return np.asarray(first)[rest]
+        if isinstance(key, (int, np.integer)):
+            return self._read(self.paths[key])
+        idx = np.arange(len(self.paths))[key]
+        return ImageFiles([self.paths[i] for i in np.atleast_1d(idx)], self.shape[1:3],
+                          self.reads)
+
+    def __array__(self, dtype=None, copy=None):
+        if not self.paths:
+            out = np.zeros(self.shape, np.uint8)
+        else:
+            out = np.stack([self._read(p) for p in self.paths])
+        return out if dtype is None else out.astype(dtype)
+
+    def astype(self, dtype, **kw):
+        return np.asarray(self).astype(dtype, **kw)
+
+    def __repr__(self) -> str:
+        return f"ImageFiles({len(self)} files, {self.shape[1]}x{self.shape[2]})"
+
+
+def _image_size(path) -> tuple[int, int]:
+    """(H, W) from the file's header (nothing decoded)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            return im.size[1], im.size[0]
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: image not found") from err
+    except Exception as err:  # noqa: BLE001 - PIL raises several types
+        raise DataError(f"{path}: cannot read image ({type(err).__name__}: {err})") from err
 
 
 def list_names(root, category: str, occlusion="L0") -> list[str]:
@@ -186,7 +259,7 @@ def _mask(ann, key, shape, path, img_path):
 
 
 def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = None,
-                  skip_bad: bool = False) -> PoseSet:
+                  skip_bad: bool = False, lazy_images: bool = False) -> PoseSet:
     """Loads ``{root}/{images,annotations,lists}/{category}{occ}`` into a PoseSet.
 
     root: a train or a test root. occlusion: 'L0'..'L3' (or 0..3, or the
@@ -199,6 +272,9 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
     The images of one subset share one size: the most common one (ties: the
     first listed); an image of another size is the bad entry, named as such.
     Masks are returned only when every loaded annotation has them.
+    lazy_images: ``images`` is an :class:`ImageFiles` (read when used; sizes checked
+      from the file headers now, contents when read): a process of a multi-process
+      run then holds only the images it uses. Annotations are read now, as always.
     """
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
                               or limit < 1):
@@ -222,7 +298,8 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
             ann_path = os.path.join(root, "annotations", sub, name + ".npz")
             ann = load_annotation(ann_path)
             img_path = _find_image(root, sub, name)
-            img = load_image(img_path)
+            img = (np.empty(_image_size(img_path) + (0,), np.uint8) if lazy_images
+                   else load_image(img_path))
         except DataError as err:
             bad(err)
             continue
@@ -243,7 +320,7 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
             bad(err)
             continue
         kept.append(name)
-        images.append(img)
+        images.append(img_path if lazy_images else img)
         poses.append(ann["pose"])
         focal.append(ann["focal"])
         principal.append(ann["principal"])
@@ -256,7 +333,8 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
         raise DataError(f"{os.path.join(root, 'lists', sub)}: no usable images "
                         f"({len(names)} listed, {skipped} skipped)")
     stack = lambda ms: None if any(m is None for m in ms) else np.stack(ms)  # noqa: E731
-    return PoseSet(category=category, names=tuple(kept), images=np.stack(images),
+    return PoseSet(category=category, names=tuple(kept),
+                   images=ImageFiles(images, common) if lazy_images else np.stack(images),
                    poses=np.stack(poses).astype(np.float32),
                    focal=np.asarray(focal, np.float32),
                    principal=np.stack(principal).astype(np.float32),

@@ -90,18 +90,26 @@ def flip_batch(batch: dict, which: np.ndarray) -> dict:
     return out
 
 
+def _draw_rows(rows, n: int):
+    """``(which, total)``: the rows of a batch of ``total`` that ``images`` holds."""
+    return (slice(0, n), n) if rows is None else rows
+
+
 def color_jitter(images: np.ndarray, rng: np.random.Generator, brightness: float = 0.2,
-                 contrast: float = 0.2, saturation: float = 0.2) -> np.ndarray:
-    """Per-image random brightness/contrast/saturation on uint8 ``[B, H, W, 3]``."""
-    b = len(images)
+                 contrast: float = 0.2, saturation: float = 0.2, *, rows=None) -> np.ndarray:
+    """Per-image random brightness/contrast/saturation on uint8 ``[B, H, W, 3]``.
+
+    rows: ``(slice, total)`` when ``images`` are those rows of a batch of ``total``
+    (one process's share): the draws are made for ``total`` and sliced."""
+    which, b = _draw_rows(rows, len(images))
     x = images.astype(np.float32)
     gray = x.mean(-1, keepdims=True)
-    s = rng.uniform(1 - saturation, 1 + saturation, (b, 1, 1, 1)).astype(np.float32)
+    s = rng.uniform(1 - saturation, 1 + saturation, (b, 1, 1, 1)).astype(np.float32)[which]
     x = gray + (x - gray) * s
     mean = x.mean((1, 2, 3), keepdims=True)
-    c = rng.uniform(1 - contrast, 1 + contrast, (b, 1, 1, 1)).astype(np.float32)
+    c = rng.uniform(1 - contrast, 1 + contrast, (b, 1, 1, 1)).astype(np.float32)[which]
     x = mean + (x - mean) * c
-    x = x * rng.uniform(1 - brightness, 1 + brightness, (b, 1, 1, 1)).astype(np.float32)
+    x = x * rng.uniform(1 - brightness, 1 + brightness, (b, 1, 1, 1)).astype(np.float32)[which]
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
@@ -120,17 +128,17 @@ def hue_rotation(angle) -> np.ndarray:
 
 
 def recolor(images: np.ndarray, rng: np.random.Generator, hue: float = 0.0,
-            grayscale_prob: float = 0.0) -> np.ndarray:
+            grayscale_prob: float = 0.0, *, rows=None) -> np.ndarray:
     """Per-image random hue rotation and greyscale on uint8 ``[B, H, W, 3]``.
 
     hue: rotation angles are drawn from ``U(-hue * pi, hue * pi)`` (1 = any hue);
     grayscale_prob: probability of replacing an image by its grey level.
     The random draws happen even when an effect is off, so switching one
-    effect does not change the other's draws.
+    effect does not change the other's draws. rows: as in :func:`color_jitter`.
     """
-    b = len(images)
-    angle = rng.uniform(-np.pi, np.pi, b) * hue
-    gray = rng.random(b) < grayscale_prob
+    which, b = _draw_rows(rows, len(images))
+    angle = (rng.uniform(-np.pi, np.pi, b) * hue)[which]
+    gray = (rng.random(b) < grayscale_prob)[which]
     if hue == 0 and not gray.any():
         return images
     m = hue_rotation(angle)
@@ -211,28 +219,36 @@ class BatchIterator:
             out[sel] = self._perm(int(e))[pos[sel] % n]
         return out
 
-    def batch(self, step: int) -> dict:
+    def batch(self, step: int, rows: slice | None = None) -> dict:
+        """The batch of ``step``; with ``rows`` (a slice of ``0 .. batch_size``) only
+        those rows of it, e.g. one process's share of a global batch: only their
+        images are read and augmented, and they equal the same rows of the whole
+        batch (every random draw is made for the whole batch)."""
         idx = self.indices(step)
+        b = len(idx)
+        rows = slice(0, b) if rows is None else rows
+        local = idx[rows]
         d = self.data
-        out = {"image": d.images[idx], "focal": d.focal[idx].astype(np.float32),
-               "principal": d.principal[idx].astype(np.float32),
-               "index": idx.astype(np.int32)}
+        out = {"image": np.asarray(d.images[local]), "focal": d.focal[local].astype(np.float32),
+               "principal": d.principal[local].astype(np.float32),
+               "index": local.astype(np.int32)}
         if isinstance(d, PoseSet):
-            out["pose"] = d.poses[idx].astype(np.float32)
+            out["pose"] = d.poses[local].astype(np.float32)
             if self.include_masks:
-                out["object_mask"] = d.object_mask[idx]
+                out["object_mask"] = d.object_mask[local]
                 if d.occluder_mask is not None:
-                    out["occluder_mask"] = d.occluder_mask[idx]
-        flipped = np.zeros(len(idx), bool)
+                    out["occluder_mask"] = d.occluder_mask[local]
+        flipped = np.zeros(len(local), bool)
         if self.augment is not None:
             rng = np.random.default_rng([self.seed, 1, step])
-            flipped = rng.random(len(idx)) < self.augment.flip_prob
+            flipped = (rng.random(b) < self.augment.flip_prob)[rows]
             if self.augment.jitter > 0:
                 j = self.augment.jitter
-                out["image"] = color_jitter(out["image"], rng, j, j, j)
+                out["image"] = color_jitter(out["image"], rng, j, j, j, rows=(rows, b))
             if self.augment.hue > 0 or self.augment.grayscale_prob > 0:
                 out["image"] = recolor(out["image"], np.random.default_rng([self.seed, 2, step]),
-                                       self.augment.hue, self.augment.grayscale_prob)
+                                       self.augment.hue, self.augment.grayscale_prob,
+                                       rows=(rows, b))
         out = flip_batch(out, flipped)
         if self.image_dtype == "float32":
             out["image"] = normalize_images(out["image"])
