@@ -93,3 +93,32 @@ def test_pose_loss_mask():
     tgt = jnp.ones((3, 17, 3)).at[2].set(100.0)
     loss = losses.pose_loss(pred, tgt, mask=jnp.asarray([1.0, 1.0, 0.0]), kind="l1")
     assert float(loss) == pytest.approx(1.0)
+
+
+def test_pose_consistency_is_rotation_invariant_and_matches_pdist():
+    from scipy.spatial.distance import pdist
+    from scipy.spatial.transform import Rotation
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(size=(2, 17, 3))               # two instants of one sequence
+    R = Rotation.random(3, random_state=1).as_matrix()
+    # rows: (t0, v0) (t0, v1) (t1, v0) (t1, v1) (t1, v2); v1 and v2 rotated + moved
+    poses = np.stack([base[0], base[0] @ R[0].T + 0.3, base[1], base[1] @ R[1].T - 0.2,
+                      base[1] @ R[2].T])
+    seq = jnp.zeros(5, jnp.int32)
+    time = jnp.array([0, 0, 1, 1, 1])
+    view = jnp.array([0, 1, 0, 1, 2])
+    loss = losses.pose_consistency_loss(jnp.asarray(poses, jnp.float32), seq, time, view)
+    assert float(loss) == pytest.approx(0.0, abs=1e-5)
+    # Perturb one view: the loss is the mean over the 8 ordered positive pairs of the
+    # mean |distance difference| over the 17 * 16 ordered joint pairs.
+    noisy = poses.copy()
+    noisy[3] += rng.normal(size=(17, 3)) * 0.1
+    d = [pdist(p) for p in noisy]
+    pairs = [(0, 1), (2, 3), (2, 4), (3, 4)]
+    want = 2 * sum(np.abs(d[a] - d[b]).mean() for a, b in pairs) / 8
+    got = losses.pose_consistency_loss(jnp.asarray(noisy, jnp.float32), seq, time, view)
+    assert float(got) == pytest.approx(want, rel=1e-4)
+    g = jax.grad(lambda p: losses.pose_consistency_loss(p, seq, time, view))(
+        jnp.asarray(noisy, jnp.float32))
+    assert np.isfinite(np.asarray(g)).all()

@@ -79,3 +79,116 @@ def test_predict_features_embedding_is_the_normalised_pooled_features():
     assert head.shape[1] == cfg.model.embed_dim and feats.shape[1] == pooled.shape[1]
     with pytest.raises(ValueError, match="embedding"):
         mtrain.predict(model, state, images, mesh, embedding="pose")
+
+
+def _tiny_cfg(**model):
+    cfg = mcss_config.get_config("tiny").train
+    cfg.model.update(model)
+    return cfg
+
+
+def test_imagenet_encoder_gets_the_packaged_weights_and_the_lite_input():
+    """encoder=efficientnet_lite0, pretrained=imagenet: the encoder holds the converted
+    ImageNet variables, and the MCSS input pipeline (uint8 -> ImageNet-normalised) feeds
+    it exactly what EfficientNet-Lite expects, (rgb - 127) / 128."""
+    from nvsm_jax.models import efficientnet, weights
+
+    cfg = _tiny_cfg(encoder="efficientnet_lite0", pretrained="imagenet", norm="frozen_batch",
+                    frozen_stages=9, tap=16, pool="flatten", reduce_dim=8)
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    want = weights.load_imagenet("efficientnet_lite0")
+    got = jax.device_get(state.params["encoder"])
+    for path, leaf in jax.tree_util.tree_flatten_with_path(want["params"])[0]:
+        sub = got
+        for k in path:
+            sub = sub[k.key]
+        np.testing.assert_array_equal(np.asarray(sub), leaf)
+    assert mtrain.uses_feature_cache(cfg) and mtrain.tap_stage(cfg.model) == 5
+    images = np.random.default_rng(0).integers(0, 256, size=(3, 32, 32, 3), dtype=np.uint8)
+    maps = mtrain.encode(model, state, images, mesh)
+    ref = efficientnet.EfficientNetLite("efficientnet_lite0", norm="frozen_batch")
+    out = jax.jit(lambda v, x: ref.apply(v, x, train=False))(
+        {"params": want["params"], "batch_stats": want["batch_stats"]},
+        weights.normalize_lite(images))
+    np.testing.assert_allclose(maps, np.asarray(out[2]), atol=2e-4, rtol=1e-3)
+    assert maps.shape == (3, 2, 2, 112)
+
+
+def test_feature_cache_step_equals_the_image_step_and_frozen_stages_stay():
+    """A frozen encoder (ResNet, stages 0-4) + no augmentation: the step on cached maps
+    gives the loss and update of the step on images; frozen weights do not move; the
+    unfrozen ones do."""
+    cfg = _tiny_cfg(frozen_stages=5, tap=8, adapter_layers=1, pool="flatten", reduce_dim=8)
+    cfg.augment = 0.0
+    ts = _fake_train_set()
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    assert mtrain.uses_feature_cache(cfg)
+    maps = mtrain.encode(model, state, ts.images, mesh)
+    assert mtrain.encode(model, state, ts.images, mesh) is maps       # computed once
+    step = mtrain.make_train_step(model, cfg, use_multiview=True)
+    # past the warm-up (the learning rate is 0 at the optimiser's first step)
+    b0 = mtrain._batch_for_step(ts, cfg, 0, True, 0, maps)
+    state, _ = step(state, parallel.shard_batch(b0, mesh), training.step_key(0, 0))
+    copy = lambda s: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), s)
+    before = jax.device_get(state.params)
+    outs, params = {}, {}
+    for name, feats in (("images", None), ("maps", maps)):
+        b = mtrain._batch_for_step(ts, cfg, 3, True, 0, feats)
+        assert (f"sup_{name if feats is None else 'feats'}" in b)
+        new, out = step(copy(state), parallel.shard_batch(b, mesh), training.step_key(0, 3))
+        outs[name] = jax.device_get(out)
+        params[name] = jax.device_get(new.params)
+    for k in outs["images"]:
+        assert float(outs["maps"][k]) == pytest.approx(float(outs["images"][k]), rel=1e-4,
+                                                        abs=1e-6), k
+    for p in (params["images"], params["maps"]):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(p["encoder"])[0]:
+            ref = before["encoder"]
+            for k in path:
+                ref = ref[k.key]
+            np.testing.assert_array_equal(leaf, ref)
+        assert np.abs(p["adapter_0"]["kernel"] - before["adapter_0"]["kernel"]).max() > 0
+    np.testing.assert_allclose(params["maps"]["reg_out"]["kernel"],
+                               params["images"]["reg_out"]["kernel"], atol=1e-6)
+    # Prediction from the maps equals prediction from the images.
+    e1, p1 = mtrain.predict(model, state, ts.images[:7], mesh)
+    e2, p2 = mtrain.predict(model, state, maps[:7], mesh, from_features=True)
+    np.testing.assert_allclose(e1, e2, atol=1e-5)
+    np.testing.assert_allclose(p1, p2, atol=1e-3)
+    with pytest.raises(ValueError, match="frozen_stages > 4"):
+        c2 = _tiny_cfg(frozen_stages=4)
+        c2.cache_features = "on"
+        mtrain.uses_feature_cache(c2)
+    assert not mtrain.uses_feature_cache(_tiny_cfg(frozen_stages=4))
+
+
+def test_partly_frozen_encoder_keeps_its_first_stages():
+    cfg = _tiny_cfg(frozen_stages=2)
+    ts = _fake_train_set()
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    before = jax.device_get(state.params["encoder"])
+    step = mtrain.make_train_step(model, cfg, use_multiview=False)
+    b = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, False, 0), mesh)
+    state, _ = step(state, b, training.step_key(0, 0))
+    state, _ = step(state, b, training.step_key(0, 1))
+    after = jax.device_get(state.params["encoder"])
+    moved = {top: max(float(np.abs(np.asarray(a) - np.asarray(b_)).max()) for a, b_ in
+                      zip(jax.tree_util.tree_leaves(after[top]),
+                          jax.tree_util.tree_leaves(before[top])))
+             for top in after}
+    for top, d in moved.items():
+        if top.startswith("layer1") or not top.startswith("layer"):
+            assert d == 0.0, top          # stem and stage 1: frozen
+        else:
+            assert d > 0.0, top
+
+
+def test_mean_pose_prediction_is_the_labelled_mean():
+    ts = _fake_train_set()
+    pred = mtrain.mean_pose_prediction(ts, 5)
+    want = np.mean(ts.labelled_pose.astype(np.float64), axis=0) * 1000.0
+    assert pred.shape == (5, 17, 3)
+    np.testing.assert_allclose(pred, np.broadcast_to(want, (5, 17, 3)), rtol=1e-5, atol=1e-3)

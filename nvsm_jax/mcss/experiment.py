@@ -22,10 +22,10 @@ import numpy as np
 
 from nvsm_jax import parallel, training
 from nvsm_jax.mcss import data as mdata
-from nvsm_jax.mcss import h36m, retrieval
+from nvsm_jax.mcss import h36m, mpi_inf_3dhp, retrieval
 from nvsm_jax.mcss import train as mtrain
 
-__all__ = ["train_and_evaluate", "report_markdown"]
+__all__ = ["train_and_evaluate", "report_markdown", "load_data"]
 
 _log = logging.getLogger(__name__)
 
@@ -34,8 +34,36 @@ def _slug(level: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", level)
 
 
+def _retrieval(emb, test, cfg) -> dict:
+    return retrieval.retrieval_scores(emb, test.pose3d, test.view, query_view=cfg.eval.query_view,
+                                      ks=tuple(cfg.eval.ks), threshold=cfg.eval.hit_threshold)
+
+
+def load_data(config, root: str):
+    """``(train, test)`` :class:`nvsm_jax.mcss.h36m.MultiViewData` of ``config.data``:
+    ``format="h36m"`` (the Human3.6M-like layout, also the synthetic benchmark's) or
+    ``"3dhp"`` (MPI-INF-3DHP, :mod:`nvsm_jax.mcss.mpi_inf_3dhp`, settings in
+    ``config.data.mpi``)."""
+    size = tuple(config.data.image_size)
+    if config.data.get("format", "h36m") == "3dhp":
+        m = config.data.mpi
+        kw = dict(sequences=tuple(m.sequences), cameras=tuple(m.cameras), image_size=size,
+                  frame_step=int(m.frame_step), max_frames=int(m.max_frames or 0) or None,
+                  joints=m.joints, crop_scale=float(m.crop_scale))
+        return (mpi_inf_3dhp.load_dataset(root, tuple(m.train_subjects), **kw),
+                mpi_inf_3dhp.load_dataset(root, tuple(m.test_subjects), **kw))
+    actions = tuple(config.data.actions or ()) or None    # () or "": every action folder
+    return (h36m.load_dataset(root, config.data.train_subjects, actions, size),
+            h36m.load_dataset(root, config.data.test_subjects, actions, size))
+
+
 def _eval_model(model, state, test, mesh, cfg, with_pose: bool = True, embedding: str = "head"):
-    emb, pose = mtrain.predict(model, state, test.images, mesh, embedding=embedding)
+    if mtrain.uses_feature_cache(cfg.train):    # a frozen encoder: its maps, computed once
+        maps = mtrain.encode(model, state, test.images, mesh)
+        emb, pose = mtrain.predict(model, state, maps, mesh, embedding=embedding,
+                                   from_features=True)
+    else:
+        emb, pose = mtrain.predict(model, state, test.images, mesh, embedding=embedding)
     row = mtrain.evaluate_poses(pose, test.pose3d) if with_pose else {}
     ret = retrieval.retrieval_scores(emb, test.pose3d, test.view, query_view=cfg.eval.query_view,
                                      ks=tuple(cfg.eval.ks), threshold=cfg.eval.hit_threshold)
@@ -55,16 +83,20 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     mesh = parallel.make_mesh(config.num_devices or None)
     root = config.data.root or os.path.join(workdir, "data")
-    if config.data.generate:
+    fmt = config.data.get("format", "h36m")
+    if fmt not in ("h36m", "3dhp"):
+        raise ValueError(f"data.format must be 'h36m' or '3dhp', got {fmt!r}")
+    if fmt == "3dhp" and not config.data.root:
+        raise ValueError("data.format='3dhp' reads an existing MPI-INF-3DHP tree: set data.root")
+    if config.data.generate and fmt == "h36m":
         mdata.generate_dataset(root, subjects=tuple(config.data.train_subjects) +
                                tuple(config.data.test_subjects), actions=config.data.actions,
                                num_frames=config.data.num_frames, num_views=config.data.num_views,
                                image_size=tuple(config.data.image_size), seed=config.seed,
                                noise_std=config.data.noise_std, log=log)
-    t_data = time.time() - t0
     size = tuple(config.data.image_size)
-    train_data = h36m.load_dataset(root, config.data.train_subjects, config.data.actions, size)
-    test = h36m.load_dataset(root, config.data.test_subjects, config.data.actions, size)
+    train_data, test = load_data(config, root)
+    t_data = time.time() - t0
     log(f"[mcss] data ready in {t_data:.0f}s: train {len(train_data)} frames, test {len(test)}")
 
     rows, figure_src = [], None
@@ -72,6 +104,18 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
         mask = mtrain.supervision_mask(train_data, level, config.seed)
         ts = mtrain.make_train_set(train_data, mask)
         n_inst = int(mask.sum())
+        # The constant predictor: the mean pose of this level's labelled frames. Its
+        # embedding is constant, so its retrieval is chance (ties broken at random).
+        mean_pose = mtrain.mean_pose_prediction(ts, len(test))
+        row = mtrain.evaluate_poses(mean_pose, test.pose3d)
+        rng = np.random.default_rng([config.seed, 77])
+        ret = _retrieval(rng.normal(size=(len(test), 8)), test, config)
+        row.update(method="mean pose", embedding="none", supervision=level,
+                   labelled_frames=n_inst, labelled_fraction=n_inst / len(train_data),
+                   retrieval=ret["pa_mpjpe"], hit=ret["hit"], seconds=0.0)
+        rows.append(row)
+        log(f"[mcss] mean pose {level:10s} MPJPE {row['mpjpe']:.1f} N-MPJPE {row['n_mpjpe']:.1f} "
+            f"PA-MPJPE {row['pa_mpjpe']:.1f} ret@1 {ret['pa_mpjpe'][str(config.eval.ks[0])]:.1f}")
         for method in config.methods:
             t1 = time.time()
             run_dir = os.path.join(workdir, "runs", f"{method}_{_slug(level)}")
@@ -98,10 +142,7 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
     row, ret = _eval_model(model, state, test, mesh, config)
     if config.eval.random_embedding == "gaussian":
         emb = np.random.default_rng(config.seed).normal(size=(len(test), 64))
-        ret = retrieval.retrieval_scores(emb, test.pose3d, test.view,
-                                         query_view=config.eval.query_view,
-                                         ks=tuple(config.eval.ks),
-                                         threshold=config.eval.hit_threshold)
+        ret = _retrieval(emb, test, config)
     row.update(method="random", supervision="none", retrieval=ret["pa_mpjpe"], hit=ret["hit"])
     rows.append(row)
 
@@ -124,15 +165,28 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
     return results
 
 
+def _test_subjects(config):
+    if config.data.get("format", "h36m") == "3dhp":
+        return tuple(config.data.mpi.test_subjects)
+    return tuple(config.data.test_subjects)
+
+
 def report_markdown(results: dict, config) -> str:
     ks = [str(k) for k in config.eval.ks]
-    lines = ["# MCSS on the synthetic multi-view benchmark", "",
+    name = ("MPI-INF-3DHP" if config.data.get("format", "h36m") == "3dhp"
+            else "the synthetic multi-view benchmark" if config.data.generate
+            else "the Human3.6M layout")
+    lines = [f"# MCSS on {name}", "",
              f"Train frames {results['train_frames']}, test frames {results['test_frames']} "
-             f"(subjects {', '.join(config.data.test_subjects)}), {results['devices']} device(s), "
+             f"(subjects {', '.join(_test_subjects(config))}), {results['devices']} device(s), "
              f"total {results['total_seconds']:.0f}s (data {results['data_seconds']:.0f}s).", "",
              "## 3D pose (mm, test subjects)", "",
              "| method | supervision | labelled frames | MPJPE | N-MPJPE | PA-MPJPE |",
              "|---|---|---|---|---|---|"]
+    lines.insert(len(lines) - 2, "`mean pose` predicts the mean pose of the level's labelled "
+                 "frames for every image (its retrieval is chance: a constant embedding); "
+                 "`random` is the untrained network.")
+    lines.insert(len(lines) - 2, "")
     for r in results["rows"]:
         lines.append(f"| {r['method']} | {r['supervision']} | {r.get('labelled_frames', 0)} | "
                      f"{r['mpjpe']:.1f} | {r['n_mpjpe']:.1f} | {r['pa_mpjpe']:.1f} |")

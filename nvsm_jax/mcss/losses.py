@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["pairwise_distance", "positive_mask", "negative_mask", "mine_hard_negatives",
-           "triplet_loss", "contrastive_loss", "multiview_loss", "pose_loss"]
+           "triplet_loss", "contrastive_loss", "multiview_loss", "pose_loss",
+           "bone_distance_matrix", "pose_consistency_loss"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -141,3 +142,27 @@ def pose_loss(pred, target, mask=None, kind: str = "mpjpe"):
         return jnp.mean(err)
     mask = mask.astype(err.dtype)
     return jnp.sum(err * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def bone_distance_matrix(pose):
+    """[..., J, 3] -> [..., J, J] distances between all joints: unchanged by any rotation
+    or translation of the pose, so two cameras' views of one instant share it."""
+    d = pose[..., :, None, :] - pose[..., None, :, :]
+    d2 = jnp.sum(d * d, axis=-1)
+    safe = jnp.where(d2 > 1e-12, d2, 1.0)
+    return jnp.where(d2 > 1e-12, jnp.sqrt(safe), 0.0)
+
+
+def pose_consistency_loss(pose, seq, time, view):
+    """Multi-view consistency of the *predicted* poses, without calibration: the mean
+    over positive pairs (same sequence and time, another view) of the mean absolute
+    difference of their joint-distance matrices (metres; 0 when there are no pairs).
+
+    pose: [B, J, 3] camera-frame poses; the camera rotation between the views is
+    unknown, so only rotation-invariant quantities are compared.
+    """
+    m = positive_mask(seq, time, view).astype(pose.dtype)
+    dm = bone_distance_matrix(pose)                                     # [B, J, J]
+    j = pose.shape[-2]
+    diff = jnp.abs(dm[:, None] - dm[None, :]).sum(axis=(-1, -2)) / (j * (j - 1))   # [B, B]
+    return jnp.sum(m * diff) / jnp.maximum(jnp.sum(m), 1.0)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 from typing import Any
 
@@ -31,11 +32,13 @@ from nvsm_jax import parallel, training
 from nvsm_jax.mcss import losses, metrics
 from nvsm_jax.mcss.h36m import MultiViewData
 from nvsm_jax.mcss.model import make_model
-from nvsm_jax.models.backbone import preprocess
+from nvsm_jax.models import efficientnet, weights
+from nvsm_jax.models.backbone import encoder_stage, preprocess
 
 __all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
            "sample_supervised_batch", "make_train_step", "init_state", "train", "predict",
-           "evaluate_poses"]
+           "encode", "uses_feature_cache", "tap_stage", "frozen_filter", "evaluate_poses",
+           "mean_pose_prediction"]
 
 
 @dataclasses.dataclass
@@ -158,10 +161,57 @@ def init_state(cfg, mesh, image_size, seed: int):
     sched = training.make_schedule(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
                                    final_lr_fraction=cfg.optim.final_lr_fraction)
     tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
+    frozen = frozen_filter(cfg.model)
+    if frozen is not None:
+        tx = training.freeze(tx, frozen)
     init = training.state_initializer(model, tx, (1, *image_size, 3))
     state = training.create_replicated(init, jax.random.key(seed), mesh,
                                        cache_key=("mcss", _cfg_key(cfg), tuple(image_size)))
+    encoder = weights.pretrained_encoder(model.encoder_kind, cfg.model.get("pretrained", ""))
+    if encoder is not None:
+        state = training.replace_weights(state, *encoder, subtree="encoder")
     return model, state
+
+
+def tap_stage(model_cfg) -> int:
+    """The last encoder stage (:func:`nvsm_jax.models.backbone.encoder_stage` numbering)
+    that the tap ``model_cfg.tap`` reads."""
+    tap = int(model_cfg.get("tap", 32))
+    if model_cfg.get("encoder", "resnet") in efficientnet.VARIANTS:
+        return efficientnet.TAP_STAGES.get(tap, 8)
+    return {4: 1, 8: 2, 16: 3, 32: 4}[tap]
+
+
+def uses_feature_cache(cfg) -> bool:
+    """Whether training reads encoder maps computed once (``cfg.cache_features``:
+    ``"auto"`` = whenever every encoder stage up to the tap is frozen and the encoder
+    has no trainable batch statistics; ``"on"`` demands that; ``"off"`` never). The maps of
+    a frozen encoder are the same at every step, so the result is the same, less
+    the colour augmentation (which acts on images: it is off with the cache)."""
+    mode = cfg.get("cache_features", "auto")
+    frozen = int(cfg.model.get("frozen_stages", 0) or 0) > tap_stage(cfg.model) \
+        and cfg.model.get("norm", "group") != "batch"
+    if mode == "auto":
+        return frozen
+    if mode == "on":
+        if not frozen:
+            raise ValueError(f"cache_features='on' needs the encoder frozen up to the tap: "
+                             f"frozen_stages > {tap_stage(cfg.model)} (got "
+                             f"{cfg.model.get('frozen_stages', 0)}) and norm != 'batch'")
+        return True
+    if mode == "off":
+        return False
+    raise ValueError(f"cache_features must be 'auto', 'on' or 'off', got {mode!r}")
+
+
+def frozen_filter(model_cfg):
+    """``is_frozen(path)`` for the encoder stages ``0 .. frozen_stages - 1``
+    (:func:`nvsm_jax.models.backbone.encoder_stage`), or None when nothing is frozen."""
+    k = int(model_cfg.get("frozen_stages", 0) or 0)
+    if k <= 0:
+        return None
+    kind = model_cfg.get("encoder", "resnet")
+    return lambda path: path[0] == "encoder" and encoder_stage(path[1:], kind) < k
 
 
 def make_train_step(model, cfg, use_multiview: bool):
@@ -169,19 +219,28 @@ def make_train_step(model, cfg, use_multiview: bool):
 
     batch: ``sup_images [B2, H, W, 3] uint8``, ``sup_pose [B2, 17, 3]`` and, if
     ``use_multiview``, ``mv_images [B1, ...]``, ``mv_seq``, ``mv_time``, ``mv_view`` [B1].
+    With ``sup_feats`` / ``mv_feats`` (encoder maps, :func:`encode`) in place of the
+    images, the network runs from the tap on (a frozen encoder; no augmentation).
     """
     mv = cfg.multiview
     w_mv = float(mv.weight) if use_multiview else 0.0
+    frozen = frozen_filter(cfg.model)
 
     def loss_fn(params, state, batch, key):
         k1, k2 = jax.random.split(key)
-        sup_x = _prep(batch["sup_images"], k1, cfg.augment)
+        cached = "sup_feats" in batch       # encoder maps computed once (uses_feature_cache)
+        if cached:
+            sup_x = batch["sup_feats"]
+        else:
+            sup_x = _prep(batch["sup_images"], k1, cfg.augment)
         if use_multiview:
-            mv_x = _prep(batch["mv_images"], k2, cfg.augment)
+            mv_x = batch["mv_feats"] if cached else _prep(batch["mv_images"], k2, cfg.augment)
             x = jnp.concatenate([sup_x, mv_x], axis=0)
         else:
             x = sup_x
-        emb, pose = model.apply(state.variables(params), x, train=True)
+        if frozen is not None:      # the backward pass stops at the frozen stages
+            params = training.stop_gradient_where(params, frozen)
+        emb, pose = model.apply(state.variables(params), x, train=True, from_features=cached)
         n_sup = sup_x.shape[0]
         l_pose = losses.pose_loss(pose[:n_sup], batch["sup_pose"], kind=cfg.pose_loss)
         out = {"loss_pose": l_pose}
@@ -193,6 +252,12 @@ def make_train_step(model, cfg, use_multiview: bool):
                 squared=mv.squared, cross_sequence=mv.cross_sequence)
             total = total + w_mv * l_mv
             out["loss_mv"] = l_mv
+            w_pc = float(mv.get("pose_consistency", 0.0))
+            if w_pc > 0:        # the regressor's own multi-view term (DESIGN.md)
+                l_pc = losses.pose_consistency_loss(pose[n_sup:], batch["mv_seq"],
+                                                    batch["mv_time"], batch["mv_view"])
+                total = total + w_pc * l_pc
+                out["loss_pose_mv"] = l_pc
             out.update({f"mv_{k}": v for k, v in aux.items()})
         out["loss"] = total
         return total, out
@@ -216,16 +281,70 @@ def _cached_step(model, cfg, use_multiview: bool):
     return _STEPS[key]
 
 
-def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int) -> dict:
+def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int,
+                    feats: np.ndarray | None = None) -> dict:
+    """The host batch of ``step``: images, or with ``feats`` (the encoder maps of
+    ``ts.images``) those maps, of the same frames."""
     rng = np.random.default_rng([seed, step])
+    src, name = (ts.images, "images") if feats is None else (feats, "feats")
     sup = sample_supervised_batch(rng, ts, cfg.sup_batch)
-    batch = {"sup_images": ts.images[sup["idx"]], "sup_pose": sup["pose"]}
+    batch = {f"sup_{name}": src[sup["idx"]], "sup_pose": sup["pose"]}
     if use_multiview:
         mvb = sample_multiview_batch(rng, ts, cfg.multiview.num_seqs, cfg.multiview.num_times,
                                      cfg.multiview.num_views)
-        batch.update(mv_images=ts.images[mvb["idx"]], mv_seq=mvb["seq"], mv_time=mvb["time"],
+        batch.update({f"mv_{name}": src[mvb["idx"]]}, mv_seq=mvb["seq"], mv_time=mvb["time"],
                      mv_view=mvb["view"])
     return batch
+
+
+@functools.lru_cache(maxsize=None)
+def _encode_fn(model):
+    return jax.jit(lambda variables, x: model.apply(variables, _prep(x), train=False,
+                                                    method=model.features))
+
+
+_FEATURES: dict = {}
+
+
+def _fingerprint(tree) -> str:
+    h = hashlib.sha1()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(jax.device_get(leaf))
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256) -> np.ndarray:
+    """The encoder maps at the tap (:meth:`MCSSNet.features`), float32
+    ``[N, H / tap, W / tap, C]``, for uint8 images ``[N, H, W, 3]``. Kept per
+    (encoder weights, model, images) for the process's lifetime (a frozen encoder
+    gives every run of an experiment the same maps: computed once)."""
+    mesh = mesh or parallel.make_mesh()
+    variables = state.variables()
+    enc = {"params": variables["params"].get("encoder", {}),
+           **{k: v.get("encoder", {}) for k, v in variables.items() if k != "params"}}
+    key = (_fingerprint(enc), model.encoder_kind, model.tap, model.norm, model.depthwise,
+           tuple(model.stage_sizes), tuple(model.widths), model.stem_width, id(images),
+           images.shape)
+    hit = _FEATURES.get(key)
+    if hit is not None and hit[0] is images:
+        return hit[1]
+    fn = _encode_fn(model)
+    n_dev = mesh.devices.size
+    batch_size = max(n_dev, batch_size - batch_size % n_dev)
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        padded, n = parallel.pad_to_multiple(chunk, batch_size if len(images) > batch_size
+                                             else n_dev)
+        out.append(np.asarray(fn(variables, parallel.shard_batch(padded, mesh)))[:n])
+    feats = np.concatenate(out).astype(np.float32)
+    if len(_FEATURES) >= 4:
+        _FEATURES.pop(next(iter(_FEATURES)))
+    _FEATURES[key] = (images, feats)
+    return feats
 
 
 def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int = 0,
@@ -246,10 +365,12 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     writer = training.MetricsWriter(workdir)
     step_fn = _cached_step(model, cfg, use_mv)
     start = int(jax.device_get(state.step))
+    feats = encode(model, state, ts.images, mesh) if uses_feature_cache(cfg) and \
+        start < cfg.steps else None
     mv = cfg.multiview
     batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)
     state = training.fit(
-        state, step_fn, lambda s: _batch_for_step(ts, cfg, s, use_mv, seed), mesh,
+        state, step_fn, lambda s: _batch_for_step(ts, cfg, s, use_mv, seed, feats), mesh,
         start=start, end=cfg.steps, seed=seed, batch_size=batch_size, log_every=cfg.log_every,
         writer=writer, ckpt=ckpt, progress=cfg.get("progress", False),
         desc=os.path.basename(workdir))
@@ -262,19 +383,24 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
 
 
 @functools.lru_cache(maxsize=None)
-def _predict_fn(model, embedding: str = "head"):
+def _predict_fn(model, embedding: str = "head", from_features: bool = False):
     def fn(variables, x):
-        emb, pose = model.apply(variables, _prep(x), train=False)
+        x = x if from_features else _prep(x)
+        if from_features:
+            emb, pooled = model.apply(variables, x, method=model.embed_features)
+        else:
+            emb, pooled = model.apply(variables, x, train=False, method=model.embed)
+        pose = model.apply(variables, emb, pooled, method=model.regress)
         if embedding == "features":
-            _, pooled = model.apply(variables, _prep(x), train=False, method=model.embed)
             emb = pooled / jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
         return emb, pose
     return jax.jit(fn)
 
 
 def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
-            embedding: str = "head"):
-    """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3].
+            embedding: str = "head", from_features: bool = False):
+    """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3] (or, with
+    ``from_features``, their encoder maps from :func:`encode`).
 
     embedding: ``"head"`` (the unit embedding the multi-view loss trains) or
     ``"features"`` (the unit-normalised pooled encoder features the regressor
@@ -284,7 +410,7 @@ def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
         raise ValueError(f"embedding must be 'head' or 'features', got {embedding!r}")
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.devices.size
-    fn = _predict_fn(model, embedding)
+    fn = _predict_fn(model, embedding, bool(from_features))
     variables = state.variables()
     embs, poses = [], []
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
@@ -303,3 +429,9 @@ def evaluate_poses(pred_mm: np.ndarray, gt_mm: np.ndarray) -> dict:
     return {"mpjpe": float(jnp.mean(metrics.mpjpe(pred, gt))),
             "n_mpjpe": float(jnp.mean(metrics.n_mpjpe(pred, gt))),
             "pa_mpjpe": float(jnp.mean(metrics.pa_mpjpe(pred, gt)))}
+
+
+def mean_pose_prediction(ts: TrainSet, n: int) -> np.ndarray:
+    """The constant predictor: the mean labelled training pose (mm), ``[n, 17, 3]``."""
+    mean = ts.labelled_pose.mean(axis=0) * 1000.0
+    return np.broadcast_to(mean, (n, *mean.shape)).astype(np.float32)
