@@ -93,20 +93,9 @@ def _estep(data_root, mesh_axes):
             "own_rows": own}
 
 
-def _fake_mcss_set(n_seq=3, n_views=3, n_frames=12, size=(32, 32), seed=0):
-    from nvsm_jax.mcss import train as mtrain
-
-    rng = np.random.default_rng(seed)
-    n = n_seq * n_views * n_frames
-    seq_id = np.repeat(np.arange(n_seq), n_views * n_frames).astype(np.int32)
-    view = np.tile(np.repeat(np.arange(n_views), n_frames), n_seq).astype(np.int32)
-    frame = np.tile(np.arange(n_frames), n_seq * n_views).astype(np.int32)
-    lab = np.flatnonzero(seq_id == 0)
-    return mtrain.TrainSet(
-        images=rng.integers(0, 256, size=(n, *size, 3), dtype=np.uint8), seq_id=seq_id,
-        view=view, frame=frame, seq_views=np.full(n_seq, n_views),
-        seq_frames=np.full(n_seq, n_frames), seq_offset=np.arange(n_seq) * n_views * n_frames,
-        labelled_idx=lab, labelled_pose=rng.normal(size=(len(lab), 17, 3)).astype(np.float32) * 0.3)
+def _fake_mcss_set(**kw):
+    from nvsm_jax.mcss.testing import fake_train_set
+    return fake_train_set(**kw)
 
 
 def _mcss(mesh_axes):

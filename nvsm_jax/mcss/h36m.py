@@ -42,7 +42,7 @@ from nvsm_jax import geometry as geo
 from nvsm_jax.data.format import DataError
 from nvsm_jax.mcss.skeleton import H36M_32_TO_17
 
-__all__ = ["MultiViewData", "load_dataset", "load_sequence", "to_17_joints"]
+__all__ = ["MultiViewData", "assemble", "load_dataset", "load_sequence", "to_17_joints"]
 
 log = logging.getLogger(__name__)
 
@@ -205,12 +205,39 @@ def load_sequence(seq_dir: str, image_size=None, load_images: bool = True) -> di
     return {"images": images, "joints_cam": jc, "joints_2d": j2d, "joints_world": world[:t_len]}
 
 
+def assemble(parts) -> MultiViewData:
+    """One flat :class:`MultiViewData` from ``[(subject, action, sequence), ...]``;
+    a sequence is :func:`load_sequence`'s dict (``images [V, T, H, W, 3]``,
+    ``joints_cam [V, T, 17, 3]``, ``joints_2d [V, T, 17, 2]`` or None)."""
+    if not parts:
+        raise ValueError("assemble: no sequences")
+    imgs, jcs, j2ds, seq_ids, views, frames, nv, nt, off = [], [], [], [], [], [], [], [], []
+    offset = 0
+    for k, (_, _, seq) in enumerate(parts):
+        v, t = seq["images"].shape[:2]
+        nv.append(v)
+        nt.append(t)
+        off.append(offset)
+        offset += v * t
+        imgs.append(seq["images"].reshape(v * t, *seq["images"].shape[2:]))
+        jcs.append(seq["joints_cam"].reshape(v * t, 17, 3))
+        j2ds.append(None if seq["joints_2d"] is None else seq["joints_2d"].reshape(v * t, 17, 2))
+        seq_ids.append(np.full(v * t, k, np.int32))
+        views.append(np.repeat(np.arange(v, dtype=np.int32), t))
+        frames.append(np.tile(np.arange(t, dtype=np.int32), v))
+    j2d = None if any(x is None for x in j2ds) else np.concatenate(j2ds)
+    return MultiViewData(images=np.concatenate(imgs), seq_id=np.concatenate(seq_ids),
+                         view=np.concatenate(views), frame=np.concatenate(frames),
+                         joints_cam=np.concatenate(jcs), joints_2d=j2d,
+                         subjects=[p[0] for p in parts], actions=[p[1] for p in parts],
+                         seq_views=np.asarray(nv), seq_frames=np.asarray(nt),
+                         seq_offset=np.asarray(off))
+
+
 def load_dataset(root: str, subjects: Sequence[str], actions: Sequence[str] | None = None,
                  image_size=None) -> MultiViewData:
     """Loads every ``ROOT/<subject>/<action>`` sequence of the given subjects."""
-    imgs, jcs, j2ds, seq_ids, views, frames = [], [], [], [], [], []
-    subj_list, act_list, nv, nt, off = [], [], [], [], []
-    offset = 0
+    parts = []
     for s in subjects:
         sdir = os.path.join(root, s)
         if not os.path.isdir(sdir):
@@ -218,26 +245,7 @@ def load_dataset(root: str, subjects: Sequence[str], actions: Sequence[str] | No
         acts = actions if actions is not None else sorted(
             a for a in os.listdir(sdir) if os.path.isfile(os.path.join(sdir, a, "poses.npz")))
         for a in acts:
-            seq = load_sequence(os.path.join(sdir, a), image_size)
-            v, t = seq["images"].shape[:2]
-            k = len(subj_list)
-            subj_list.append(s)
-            act_list.append(a)
-            nv.append(v)
-            nt.append(t)
-            off.append(offset)
-            offset += v * t
-            imgs.append(seq["images"].reshape(v * t, *seq["images"].shape[2:]))
-            jcs.append(seq["joints_cam"].reshape(v * t, 17, 3))
-            j2ds.append(None if seq["joints_2d"] is None else seq["joints_2d"].reshape(v * t, 17, 2))
-            seq_ids.append(np.full(v * t, k, np.int32))
-            views.append(np.repeat(np.arange(v, dtype=np.int32), t))
-            frames.append(np.tile(np.arange(t, dtype=np.int32), v))
-    if not subj_list:
+            parts.append((s, a, load_sequence(os.path.join(sdir, a), image_size)))
+    if not parts:
         raise FileNotFoundError(f"no sequences for {list(subjects)} under {root}")
-    j2d = None if any(x is None for x in j2ds) else np.concatenate(j2ds)
-    return MultiViewData(images=np.concatenate(imgs), seq_id=np.concatenate(seq_ids),
-                         view=np.concatenate(views), frame=np.concatenate(frames),
-                         joints_cam=np.concatenate(jcs), joints_2d=j2d, subjects=subj_list,
-                         actions=act_list, seq_views=np.asarray(nv), seq_frames=np.asarray(nt),
-                         seq_offset=np.asarray(off))
+    return assemble(parts)

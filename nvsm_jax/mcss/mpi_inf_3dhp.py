@@ -40,6 +40,7 @@ from typing import Sequence
 import numpy as np
 
 from nvsm_jax.data.format import DataError
+from nvsm_jax.mcss import h36m
 from nvsm_jax.mcss.h36m import MultiViewData
 
 __all__ = ["MPI_28_TO_17", "CEILING_CAMERAS", "load_sequence", "load_dataset", "frame_path",
@@ -198,23 +199,4 @@ def load_dataset(root: str, subjects: Sequence[str], sequences: Sequence[str] = 
             parts.append((s, q, seq))
     if not parts:
         raise FileNotFoundError(f"no sequences for {list(subjects)} under {root}")
-    imgs, jcs, j2ds, seq_ids, views, frames, nv, nt, off = [], [], [], [], [], [], [], [], []
-    offset = 0
-    for k, (_, _, seq) in enumerate(parts):
-        v, t = seq["images"].shape[:2]
-        nv.append(v)
-        nt.append(t)
-        off.append(offset)
-        offset += v * t
-        imgs.append(seq["images"].reshape(v * t, *seq["images"].shape[2:]))
-        jcs.append(seq["joints_cam"].reshape(v * t, 17, 3))
-        j2ds.append(seq["joints_2d"].reshape(v * t, 17, 2))
-        seq_ids.append(np.full(v * t, k, np.int32))
-        views.append(np.repeat(np.arange(v, dtype=np.int32), t))
-        frames.append(np.tile(np.arange(t, dtype=np.int32), v))
-    return MultiViewData(images=np.concatenate(imgs), seq_id=np.concatenate(seq_ids),
-                         view=np.concatenate(views), frame=np.concatenate(frames),
-                         joints_cam=np.concatenate(jcs), joints_2d=np.concatenate(j2ds),
-                         subjects=[p[0] for p in parts], actions=[p[1] for p in parts],
-                         seq_views=np.asarray(nv), seq_frames=np.asarray(nt),
-                         seq_offset=np.asarray(off))
+    return h36m.assemble(parts)
