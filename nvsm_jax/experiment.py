@@ -277,7 +277,9 @@ def _seed_table(rows, annotations, occlusion="L0"):
             vals = [get[(m, a)][metric] if (m, a) in get else np.nan for a in keys]
             if m == "nemo_full":
                 vals = vals * len(ann)
-            cells += [f"{v:.1f}" for v in vals] + [f"{np.nanmean(vals):.1f}" if vals else "-"]
+            known = [v for v in vals if np.isfinite(v)]
+            cells += ([f"{v:.1f}" if np.isfinite(v) else "-" for v in vals]
+                      + [f"{np.mean(known):.1f}" if known else "-"])
         if any((m, a) in get for a in keys):
             lines.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

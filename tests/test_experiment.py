@@ -101,3 +101,13 @@ def test_every_method_and_level_is_reported(tmp_path):
     _check_rows(c, str(tmp_path), report)
     saved = json.load(open(os.path.join(str(tmp_path), "nemo_full_car_all", "config.json")))
     assert saved["pretrain_workdir"] == os.path.join(str(tmp_path), "pretrain_car")
+
+
+def test_seed_table_marks_missing_cells_and_averages_the_known_ones():
+    rows = [{"method": "nemo", "category": "Mean", "annotations": 7, "occlusion": "L0",
+             "acc_pi_6": 40.0, "acc_pi_18": 10.0, "med_err_deg": 30.0}]
+    table = experiment._seed_table(rows, (7, 20))
+    line = next(x for x in table.splitlines() if x.startswith("| nemo |"))
+    cells = [c.strip() for c in line.strip("|").split("|")][1:]
+    # per metric: 7, 20, mean -> the missing 20-annotation cell is "-", the mean is 7's
+    assert cells == ["40.0", "-", "40.0", "10.0", "-", "10.0", "30.0", "-", "30.0"]
