@@ -63,7 +63,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     import os
 
     from experiments.configs import nemo as nemo_config
-    from nvsm_jax import meshes, parallel, semi_supervised
+    from nvsm_jax import meshes, parallel
     from nvsm_jax import train as nemo_train
     from nvsm_jax.data.testing import write_tiny_root
 
