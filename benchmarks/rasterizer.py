@@ -105,13 +105,11 @@ def nemo_score_loss(sv, faces, table, s_clutter, hw):
     sv: [P, V, 3] screen verts; faces: [F, 3]; table: [V, H*W] or [P, V, H*W];
     s_clutter: [H*W] or [P, H*W] -> [P].
     """
-    import jax.numpy as jnp
     import rasterizer as R
+    from nvsm_jax.pose_solver import nemo_loss
     frags = R.rasterize(sv, faces, hw)
     s_obj = R.interpolate_score(frags, faces, table).reshape(sv.shape[0], -1)
-    s_clutter = jnp.broadcast_to(s_clutter, s_obj.shape)
-    best = jnp.maximum(s_obj, s_clutter)
-    return 1.0 - (jnp.mean(best, -1) - jnp.mean(s_clutter, -1))
+    return nemo_loss(s_obj, s_clutter)
 
 
 def _score_fwd_bwd(sv, faces, table, s_clutter, hw, repeats=20):

@@ -47,7 +47,7 @@ from nvsm_jax import geometry, parallel
 from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
-           "pose_objective", "batch_objective", "grid_losses", "refine", "SolveResult", "solve",
+           "nemo_loss", "pose_objective", "batch_objective", "grid_losses", "refine", "SolveResult", "solve",
            "solve_batched"]
 
 
@@ -121,6 +121,16 @@ def fold_scores(fragments, faces, table):
     return interpolate_score(fragments, faces, table)
 
 
+def nemo_loss(s_obj, s_clutter):
+    """NeMo's loss from folded object scores and clutter scores.
+
+    s_obj: [..., h*w] per pose; s_clutter: [..., h*w] broadcastable against it
+    (one image's clutter scores) -> [...]: 1 - (mean max(object, clutter) - mean clutter).
+    """
+    best = jnp.maximum(s_obj, s_clutter)
+    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_clutter, axis=-1))
+
+
 def pose_objective(pose, verts, faces, focal, principal, table, s_clutter, hw, *,
                    cull_backfaces: bool = False):
     """NeMo's loss L(pose) for one image. pose: [..., 4] -> [...].
@@ -131,8 +141,7 @@ def pose_objective(pose, verts, faces, focal, principal, table, s_clutter, hw, *
     screen = geometry.project_to_screen(verts, pose, focal, principal)
     frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
     s_obj = fold_scores(frags, faces, table).reshape(pose.shape[:-1] + (-1,))
-    best = jnp.maximum(s_obj, s_clutter)
-    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_clutter))
+    return nemo_loss(s_obj, s_clutter)
 
 
 def batch_objective(poses, verts, faces, focal, principal, tables, s_clutter, hw, *,
@@ -150,8 +159,7 @@ def batch_objective(poses, verts, faces, focal, principal, tables, s_clutter, hw
     screen = geometry.project_to_screen(verts, poses, focal[:, None], principal[:, None])
     frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
     s_obj = fold_scores(frags, faces, tables[:, None]).reshape(nb, nk, -1)   # [B, K, h*w]
-    best = jnp.maximum(s_obj, s_clutter[:, None])
-    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_clutter, axis=-1)[:, None])
+    return nemo_loss(s_obj, s_clutter[:, None])
 
 
 def _prepare(feature_map, vertex_memory, clutter):
@@ -174,8 +182,7 @@ def _grid_losses_shared(feature_maps, vertex_memory, clutter, verts, faces, foca
     frags = rasterize(screen, faces, image_size=tuple(hw), cull_backfaces=cull_backfaces)
     nb, ng = feature_maps.shape[0], grid.shape[0]
     s_obj = fold_scores(frags, faces, tables[:, None]).reshape(nb, ng, -1)  # [B, G, h*w]
-    best = jnp.maximum(s_obj, s_cl[:, None])
-    return 1.0 - (jnp.mean(best, axis=-1) - jnp.mean(s_cl, axis=-1)[:, None])
+    return nemo_loss(s_obj, s_cl[:, None])
 
 
 @functools.partial(jax.jit, static_argnames=("hw", "cull_backfaces"))
