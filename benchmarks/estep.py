@@ -94,22 +94,6 @@ def holdout_report(hc, scores, view_poses, hidden, quantiles=(0.25, 0.5)) -> dic
     return out
 
 
-def solve_maps(maps, vertex_memory, clutter, mesh, focal, principal, stride, cfg,
-               batch: int = 16) -> np.ndarray:
-    """The model's render-and-compare pose of every map. maps: [N, h, w, D];
-    focal: [N], principal: [N, 2] of the input images -> [N, 4]."""
-    from nvsm_jax import parallel, pose_solver
-    out = []
-    for s0 in range(0, len(maps), batch):
-        (chunk, fo, pr), m = parallel.pad_to_multiple(
-            (np.asarray(maps[s0:s0 + batch]), np.asarray(focal[s0:s0 + batch], np.float32),
-             np.asarray(principal[s0:s0 + batch], np.float32)), batch)
-        res = pose_solver.solve(chunk, vertex_memory, clutter, mesh.verts, mesh.faces, fo, pr,
-                                stride=stride, cfg=cfg)
-        out.append(res.pose[:m])
-    return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
-
-
 def main(argv):
     del argv
     import ml_collections
@@ -142,9 +126,10 @@ def main(argv):
     if FLAGS.solver_steps >= 0:
         scfg = dataclasses.replace(solver.config, steps=FLAGS.solver_steps)
         t0 = time.time()
-        solver_poses = solve_maps(pool_maps, solver.vertex_memory, solver.clutter, mesh,
-                                  unlabelled.focal, unlabelled.principal, config.model.stride,
-                                  scfg)
+        solver_poses = pose_solver.solve_batched(       # maps in, so the "backbone" is identity
+            lambda maps: maps, pool_maps, solver.vertex_memory, solver.clutter, mesh.verts,
+            mesh.faces, unlabelled.focal, unlabelled.principal, stride=config.model.stride,
+            cfg=scfg).pose
         solver_s = time.time() - t0
     results, rows = {}, []
     for name, changes in parse_variants(FLAGS.variants):
