@@ -22,8 +22,11 @@ records it and its measured effect):
   (c) it is within the ``max_new`` best-scoring candidates of the round.
   Optionally (d) the NeMo render-and-compare solver, run over its initial pose
   grid with the current vertex memory, must agree with the matched pose within
-  ``agree_angle`` (:func:`agree_with_solver`). Each pseudo-label records its
-  source, score and round.
+  ``agree_angle`` (:func:`agree_with_solver`); or (e) the safeguard: the
+  current model's full render-and-compare runs on the round's candidates and
+  the round keeps the longest score-ranked prefix that agrees with it at a
+  given rate, none when no prefix does (:func:`agreement_cut`; the E-step's
+  ``agreement_rate``). Each pseudo-label records its source, score and round.
 
   Rules measured, rejected and removed (the tree at commit 955f0d5 still has them;
   WORKSPACE.md, "E-step selection" and the 128 px variants, has the figures):
@@ -49,7 +52,7 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views", "table_report",
-           "select", "agree_with_solver", "coverage"]
+           "select", "agree_with_solver", "agreement_cut", "coverage"]
 
 
 @dataclasses.dataclass
@@ -226,6 +229,26 @@ def agree_with_solver(matched_poses, solver_poses, agree_angle: float) -> np.nda
     if matched.shape != solved.shape:
         raise ValueError(f"agree_with_solver: {matched.shape} matched vs {solved.shape} solver poses")
     return geometry.pose_error(matched, solved) <= agree_angle
+
+
+def agreement_cut(agrees, min_rate: float, min_count: int = 5) -> int:
+    """How many of a score-ranked list to accept: the longest prefix whose agreement
+    rate is at least ``min_rate``, 0 when no prefix of at least ``min_count`` entries
+    (or the whole list, if shorter) reaches it.
+
+    agrees: [M] bool, best-scoring first (e.g. :func:`agree_with_solver` of the
+    round's candidates). A label-free stopping rule: when the model's own
+    render-and-compare disagrees with too many of the E-step's best matches, the
+    round accepts nothing.
+    """
+    agrees = np.asarray(agrees, bool).reshape(-1)
+    m = len(agrees)
+    if m == 0:
+        return 0
+    k = np.arange(1, m + 1)
+    rate = np.cumsum(agrees) / k
+    ok = (rate >= min_rate - 1e-9) & (k >= min(int(min_count), m))
+    return int(k[ok].max()) if np.any(ok) else 0
 
 
 DEFAULT_ELEVATION_EDGES = tuple(np.radians([-10.0, 5.0, 20.0, 40.0]))

@@ -73,6 +73,8 @@ class RoundResult:
     new: pseudo_labels.PseudoLabels
     num_views: int
     seconds: float
+    agreement: float | None = None    # the safeguard's agreement rate over the images it
+    #                                   checked (None: the safeguard is off)
 
 
 def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
@@ -209,6 +211,13 @@ class EStepConfig(training.DataclassConfig):
     Acceptance: ``threshold`` / ``margin`` / ``margin_angle`` / ``max_new``
     (:class:`nvsm_jax.pseudo_labels.Selection`), then ``agree_angle`` (> 0: the
     NeMo grid search must agree) and ``refine_steps`` (> 0: refine accepted poses).
+    The label-free safeguard (issue 9): ``agreement_rate`` > 0 runs the current
+    model's own render-and-compare (the ``solver`` config) on the ``max_new``
+    best-scoring candidates and accepts the longest score-ranked prefix in which
+    at least that fraction of matches lies within ``agreement_angle`` of the
+    solver's pose (prefixes shorter than ``agreement_min_count`` do not count);
+    none -> the round accepts nothing and the run stops
+    (:func:`nvsm_jax.pseudo_labels.agreement_cut`).
     Sources: ``mirror_sources`` adds their mirror images; ``novel_views_only``
     drops a pseudo-labelled source's own pose.
     Which source vertices carry features into the synthesised views (issue 9):
@@ -235,6 +244,9 @@ class EStepConfig(training.DataclassConfig):
     source_chunk: int = 8
     agree_angle: float = 0.0
     refine_steps: int = 0
+    agreement_rate: float = 0.0
+    agreement_angle: float = float(np.pi / 6)
+    agreement_min_count: int = 5
     mirror_sources: bool = True
     novel_views_only: bool = False
     source_render_stride: int | None = 2     # the training render's stride (issue 9)
@@ -252,6 +264,14 @@ class EStepConfig(training.DataclassConfig):
                              "(expected 'none' or 'memory')")
         if not 0.0 <= self.min_view_cos < 1.0:
             raise ValueError(f"estep.min_view_cos={self.min_view_cos} (expected in [0, 1))")
+        if not 0.0 <= self.agreement_rate <= 1.0:
+            raise ValueError(f"estep.agreement_rate={self.agreement_rate} (expected in [0, 1])")
+        if self.agreement_rate > 0 and not self.max_new:
+            raise ValueError("estep.agreement_rate > 0 needs estep.max_new (how many "
+                             f"candidates the solver checks), got max_new={self.max_new}")
+        if self.agreement_min_count < 1:
+            raise ValueError(f"estep.agreement_min_count={self.agreement_min_count} "
+                             "(expected >= 1)")
 
     @property
     def selection(self) -> pseudo_labels.Selection:
@@ -264,19 +284,19 @@ def _take_rows(x, index, out_sharding):
     return jax.lax.with_sharding_constraint(jnp.take(x, index, axis=0), out_sharding)
 
 
-def _solver_grid_poses(maps, memory, clutter, verts, faces, focal, principal, grid,
-                       batch: int = 32) -> np.ndarray:
-    """The NeMo grid search's best pose per map. maps: [M, h, w, D]; focal: [M] and
-    principal: [M, 2] on the feature map; grid: [G, 4] -> [M, 4]. Chunks are padded
-    to ``batch`` so every call has one shape."""
+def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, stride: int,
+                  batch: int) -> np.ndarray:
+    """The current model's render-and-compare pose (``solver.config``: grid, then Adam;
+    ``steps=0``: the grid search's best pose) of each map. maps: [M, h, w, D] at ``stride``; focal [M], principal [M, 2] of the
+    input images -> [M, 4]. Chunks are padded to ``batch`` (one compilation)."""
     out = []
     for s0 in range(0, len(maps), batch):
-        chunk, m = parallel.pad_to_multiple(np.asarray(maps[s0:s0 + batch]), batch)
-        fo, _ = parallel.pad_to_multiple(np.asarray(focal[s0:s0 + batch], np.float32), batch)
-        pr, _ = parallel.pad_to_multiple(np.asarray(principal[s0:s0 + batch], np.float32), batch)
-        losses = pose_solver.grid_losses(jnp.asarray(chunk), memory, clutter, verts, faces,
-                                         jnp.asarray(fo), jnp.asarray(pr), grid)
-        out.append(np.asarray(grid)[np.argmin(np.asarray(losses)[:m], axis=1)])
+        (chunk, fo, pr), m = parallel.pad_to_multiple(
+            (np.asarray(maps[s0:s0 + batch]), np.asarray(focal[s0:s0 + batch], np.float32),
+             np.asarray(principal[s0:s0 + batch], np.float32)), batch)
+        res = pose_solver.solve(jnp.asarray(chunk), solver.vertex_memory, solver.clutter, verts,
+                                faces, fo, pr, stride=stride, cfg=solver.config)
+        out.append(np.asarray(res.pose)[:m])
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
 
@@ -439,7 +459,8 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     (feature maps at ``stride``, intrinsics of the input images). ``solver``
     enables the solver-agreement rule (``cfg.agree_angle > 0``: keep a match only
     if the NeMo grid search's best pose lies within that angle) and refinement of
-    accepted poses (``cfg.refine_steps > 0``), each with the pool image's own camera.
+    accepted poses (``cfg.refine_steps > 0``), each with the pool image's own camera,
+    and the safeguard (``cfg.agreement_rate > 0``, see :class:`EStepConfig`).
     """
     start = time.time()
     if len(sources) == 0:
@@ -453,6 +474,9 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     verts = jnp.asarray(model_mesh.verts, jnp.float32)
     faces = jnp.asarray(model_mesh.faces, jnp.int32)
     agree = float(cfg.agree_angle) if solver is not None else 0.0
+    gate = float(cfg.agreement_rate) if solver is not None else 0.0
+    if cfg.agreement_rate > 0 and solver is None:
+        raise ValueError("e_step: estep.agreement_rate > 0 needs the solver inputs")
     selection = cfg.selection
     if agree > 0:           # the cap applies after the solver check
         selection = dataclasses.replace(selection, max_new=None)
@@ -461,13 +485,21 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     focal = np.asarray(pool.focal, np.float32) / stride               # the feature map's camera
     principal = np.asarray(pool.principal, np.float32) / stride
     if len(new) and agree > 0:
-        grid_best = _solver_grid_poses(pool.maps_at(new.index, mesh_axes),
-                                       solver.vertex_memory, solver.clutter,
-                                       verts, faces, focal[new.index], principal[new.index],
-                                       solver.config.grid())
+        grid_only = solver._replace(config=dataclasses.replace(solver.config, steps=0, top_k=1))
+        grid_best = _solver_poses(pool.maps_at(new.index, mesh_axes), grid_only, verts, faces,
+                                  pool.focal[new.index], pool.principal[new.index], stride, 32)
         new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))
         if cfg.max_new is not None:
             new = new.take(slice(0, int(cfg.max_new)))
+    agreement = None
+    if len(new) and gate > 0:
+        solved = _solver_poses(pool.maps_at(new.index, mesh_axes), solver, verts, faces,
+                               pool.focal[new.index], pool.principal[new.index], stride,
+                               int(cfg.max_new))
+        agrees = pseudo_labels.agree_with_solver(new.poses, solved, cfg.agreement_angle)
+        agreement = float(np.mean(agrees))
+        new = new.take(slice(0, pseudo_labels.agreement_cut(agrees, gate,
+                                                            cfg.agreement_min_count)))
     if len(new) and cfg.refine_steps > 0 and solver is not None:
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
         poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
@@ -476,7 +508,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
                                          principal[new.index], jnp.asarray(new.poses)[:, None],
                                          solver_cfg)
         new.poses = np.asarray(poses[:, 0], np.float32)
-    return RoundResult(new, int(scores.shape[0]), time.time() - start)
+    return RoundResult(new, int(scores.shape[0]), time.time() - start, agreement)
 
 
 def mirrored_sources(feature_fn, batch_size, images, sources: Sources) -> Sources:
@@ -595,7 +627,8 @@ def _stage_estep(workdir, r, result: RoundResult) -> None:
     """Stores round ``r``'s E-step before its M-step, so a run killed in the M-step
     resumes it from its last checkpoint instead of repeating the E-step."""
     tmp = _staged_path(workdir, r) + ".tmp.npz"
-    np.savez(tmp, **result.new.to_dict(), num_views=result.num_views, seconds=result.seconds)
+    np.savez(tmp, **result.new.to_dict(), num_views=result.num_views, seconds=result.seconds,
+             agreement=np.nan if result.agreement is None else result.agreement)
     os.replace(tmp, _staged_path(workdir, r))
 
 
@@ -605,8 +638,9 @@ def _load_staged_estep(workdir, r) -> RoundResult | None:
         return None
     try:
         d = dict(np.load(path))
+        agreement = float(d["agreement"]) if "agreement" in d else float("nan")
         return RoundResult(pseudo_labels.PseudoLabels.from_dict(d), int(d["num_views"]),
-                           float(d["seconds"]))
+                           float(d["seconds"]), None if np.isnan(agreement) else agreement)
     except Exception as err:  # noqa: BLE001 - any damage means: redo the E-step
         raise ValueError(f"{path}: damaged stored E-step ({err}); delete it to redo the "
                          f"E-step of round {r}") from err
@@ -748,6 +782,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                  "precision_new": float(np.mean(new_err < np.pi / 6)) if len(new_err) else None,
                  "coverage": pseudo_labels.coverage(np.concatenate([labelled.poses, pl.poses])),
                  "num_views": result.num_views, "estep_seconds": result.seconds,
+                 "agreement": result.agreement,
                  "round_seconds": time.time() - t0}
         if config.eval_every_round and "L0" in test_sets:
             res = train.evaluate_nemo(train.nemo_model(config, model, state, model_mesh),
@@ -788,6 +823,8 @@ def _round_summary(entry: dict) -> str:
     text = (f"+{entry['num_new']} -> {entry['num_pseudo']} pseudo-labels, precision "
             f"{f(entry['precision'], '.2f')} (new {f(entry['precision_new'], '.2f')}), "
             f"coverage {entry['coverage']:.2f}")
+    if entry.get("agreement") is not None:
+        text += f", solver agreement {entry['agreement']:.2f}"
     if "test_acc_pi_6" in entry:
         text += (f", L0 {100 * entry['test_acc_pi_6']:.1f} / {100 * entry['test_acc_pi_18']:.1f}"
                  f" / {entry['test_med_err_deg']:.1f} deg")

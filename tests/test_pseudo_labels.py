@@ -103,6 +103,23 @@ def test_agree_with_solver_uses_the_geodesic_angle_and_take_keeps_rows_aligned()
     assert len(labels.take(slice(0, 2))) == 2
 
 
+def test_agreement_cut_takes_the_longest_prefix_at_the_rate():
+    T, F = True, False
+    # prefix rates: 1, 1, 2/3, 3/4, 3/5, 4/6 -> at 0.7 the longest is 4 (3 of 4 agree)
+    assert pl.agreement_cut([T, T, F, T, F, T], 0.7, min_count=1) == 4
+    assert pl.agreement_cut([T, T, F, T, F, T], 0.6, min_count=1) == 6
+    assert pl.agreement_cut([T, T, F, T, F, T], 1.0, min_count=1) == 2
+    # prefixes shorter than min_count do not count: 2 agreeing then disagreement
+    assert pl.agreement_cut([T, T, F, F, F, F], 0.5, min_count=5) == 0
+    assert pl.agreement_cut([T, T, F, F, F, F], 0.5, min_count=4) == 4
+    # a list shorter than min_count is judged whole
+    assert pl.agreement_cut([T, T, F], 0.6, min_count=5) == 3
+    assert pl.agreement_cut([F, F, F, F, F, F], 0.1) == 0
+    assert pl.agreement_cut([], 0.5) == 0
+    # a late run of agreement lifts a bad start back over the rate
+    assert pl.agreement_cut([F, F, T, T, T, T, T, T], 0.7, min_count=1) == 8
+
+
 def test_novel_views_drop_only_the_own_pose_of_pseudo_labelled_sources():
     off = pl.offset_grid(np.radians(15), 1, np.radians(10), 0)          # 0, -15, +15 deg
     keep = pl.novel_views(off, [True, False, False])

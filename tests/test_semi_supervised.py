@@ -25,6 +25,7 @@ def _config():
     c.num_labelled = 7
     c.eval_every_round = False
     c.estep.agree_angle = 0.0    # the solver-agreement path runs in tests/test_experiment.py
+    c.estep.agreement_rate = 0.0  # the safeguard: test_safeguard_... below, test_experiment.py
     return c
 
 
@@ -310,3 +311,48 @@ def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(t
         assert geometry.pose_error(best.astype(np.float64), poses[1].astype(np.float64)) < 1e-4
         assert hc.best_score[0] == pytest.approx(table.scores[:, 0].max(), abs=1e-6)
 
+
+
+def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_data):
+    """Pool images are copies of one anchor's map, so they match near the anchor's
+    pose. The solver is a one-pose grid (azimuth 0) without refinement, so that is its
+    pose for every image: with the anchor at azimuth 0 every match agrees and the
+    safeguard keeps the plain E-step's result; with the anchor at 180 deg none does
+    and the round accepts nothing."""
+    from nvsm_jax import geometry, parallel, pose_solver
+    train_set, mesh, _ = tiny_data
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
+    pool = np.repeat(maps[:1], 6, axis=0) + 0.05 * rng.normal(size=(6, 8, 8, 16))
+    pool_set = semi_supervised.Pool(pool.astype(np.float32), np.full(6, train_set.focal[0]),
+                                    np.repeat(train_set.principal[:1], 6, axis=0),
+                                    np.ones(6, bool))
+    kw = dict(model_mesh=mesh, stride=4, round_index=1, mesh_axes=parallel.make_mesh(1))
+    cfg = _estep(max_new=4, mirror_sources=False, agreement_angle=float(np.radians(40.0)),
+                 agreement_min_count=2)
+    elevation = np.radians(20.0)
+    solver_cfg = pose_solver.SolverConfig(num_azimuth=1, elevations=(float(elevation),),
+                                          thetas=(0.0,), steps=0)
+    memory = rng.normal(size=(len(mesh.verts), 16)).astype(np.float32)
+    solver = semi_supervised.SolverInputs(memory, memory.mean(0), solver_cfg)
+    for azimuth, kept in [(0.0, 4), (np.pi, 0)]:
+        poses = np.array(train_set.poses[:2], np.float32)
+        poses[0, :3] = (azimuth, elevation, 0.0)
+        poses[1, :3] = (np.mod(azimuth + np.pi / 2, 2 * np.pi), elevation, 0.0)
+        sources = _sources(maps, poses, train_set.focal[:2], train_set.principal[:2], [0, 1],
+                           [True, True])
+        plain = semi_supervised.e_step(cfg, sources, pool_set, **kw)
+        assert len(plain.new) == 4 and plain.agreement is None
+        # the oracle of "agrees": each plain match against the solver's one grid pose
+        err = geometry.pose_error(plain.new.poses.astype(np.float64),
+                                  solver_cfg.grid()[:1].astype(np.float64))
+        assert np.all(err < np.radians(40.0)) if kept else np.all(err > np.radians(40.0))
+        gated = semi_supervised.e_step(cfg.replace(agreement_rate=0.75), sources, pool_set,
+                                       solver=solver, **kw)
+        assert len(gated.new) == kept
+        np.testing.assert_array_equal(gated.new.index, plain.new.index[:kept])
+        assert gated.agreement == pytest.approx(1.0 if kept else 0.0)
+    with pytest.raises(ValueError, match="needs the solver"):
+        semi_supervised.e_step(cfg.replace(agreement_rate=0.5), sources, pool_set, **kw)
+    with pytest.raises(ValueError, match="agreement_rate"):
+        _estep(agreement_rate=1.5)
