@@ -12,7 +12,10 @@ composes the library; it computes nothing itself:
 3. evaluation on every occlusion level, ``results.json`` (rows as
    :mod:`nvsm_jax.evaluation`), ``report.md`` (the seed's table layouts, and
    L0 accuracy per ground-truth azimuth sector, which shows where the few-shot
-   rows fail) and pictures.
+   rows fail) and pictures;
+4. with ``config.results_dir``: each finished cell's small record in that
+   (tracked) folder, aggregated over seeds and sessions by :mod:`nvsm_jax.results`
+   (``python -m experiments.report``).
 
 Each finished cell (method, category, annotations) writes ``rows.json`` in its
 own directory and is skipped when the experiment is rerun; unfinished cells
@@ -30,7 +33,7 @@ import time
 import numpy as np
 
 from nvsm_jax import (baselines, config_checks, evaluation, figures, parallel, pose_solver,
-                      pretrain, semi_supervised, train, training)
+                      pretrain, results, semi_supervised, train, training)
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 
 log = logging.getLogger(__name__)
@@ -238,6 +241,12 @@ def train_and_evaluate(config, workdir) -> str:
                 _save_rows(cell, rows, errors)
             else:
                 errors = dict(np.load(os.path.join(cell, "errors.npz")))
+            if config.get("results_dir") and parallel.is_main_process():
+                rounds = (training.MetricsWriter(cell, "rounds.jsonl").read()
+                          if method == "nvsm" else None)
+                results.record_cell(config.results_dir, method=method, category=category,
+                                    annotations=n, seed=int(cfg.seed), rows=rows,
+                                    errors=errors, config=cfg, rounds=rounds)
             all_rows += rows
             for r in rows:
                 all_errors[(r["method"], r["category"], r["annotations"], r["occlusion"])] = \
@@ -320,6 +329,16 @@ def format_report(rows, config, workdir, by_azimuth=None) -> str:
              "## Occlusion levels (ACC@pi/6 in %, MedErr in degrees)", "",
              _occlusion_table(rows, list(config.eval_occlusions)), "",
              "## Every row", "", evaluation.rows_to_markdown(rows), ""]
+    nvsm_cells = []
+    for name in sorted(os.listdir(workdir)):
+        log_path = os.path.join(workdir, name, "rounds.jsonl")
+        if name.startswith("nvsm_") and os.path.exists(log_path):
+            _, category, ann = name.split("_", 2)
+            nvsm_cells.append({"category": category, "annotations": ann, "seed": config.seed,
+                               "rounds": training.MetricsWriter(os.path.join(workdir, name),
+                                                                "rounds.jsonl").read()})
+    if nvsm_cells:
+        parts += ["## NVSM pseudo-labels per round", ""] + results.rounds_table(nvsm_cells) + [""]
     if by_azimuth:
         parts += ["## ACC@pi/6 (%) by ground-truth azimuth", "",
                   "30-degree sectors centred on the azimuth shown (0 = front view, 180 = back).", ""]

@@ -489,7 +489,7 @@ class DataclassConfig:
 RESUME_FREE_KEYS = ("eval_limit", "eval_batch_size", "eval_occlusions", "eval_at_end",
                     "eval_every_round", "log_every", "num_devices", "checkpoint_every",
                     "keep_checkpoints", "test_root", "methods", "annotations", "categories",
-                    "restart")
+                    "restart", "results_dir")
 
 
 class ConfigMismatchError(ValueError):

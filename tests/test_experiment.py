@@ -26,7 +26,8 @@ def _tiny(**overrides):
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("fewshot_quick"))
-    c = _tiny(methods=("nemo", "nvsm"), eval_occlusions=("L0",), eval_every_round=False)
+    c = _tiny(methods=("nemo", "nvsm"), eval_occlusions=("L0",), eval_every_round=False,
+              results_dir=os.path.join(workdir, "tracked"))
     return c, workdir, experiment.train_and_evaluate(c, workdir)
 
 
@@ -66,6 +67,26 @@ def _check_rows(c, workdir, report):
 
 def test_nemo_and_nvsm_rows_are_reported(quick_run):
     _check_rows(*quick_run)
+
+
+def test_each_finished_cell_is_recorded_in_the_results_folder(quick_run):
+    from nvsm_jax import results
+    c, workdir, experiment_report = quick_run
+    assert "NVSM pseudo-labels per round" in experiment_report    # the workdir's own report
+    cells = {(x["method"], x["seed"]): x for x in results.load_cells(c.results_dir)}
+    assert set(cells) == {("nemo", c.seed), ("nvsm", c.seed)}
+    rows = json.load(open(os.path.join(workdir, "results.json")))["rows"]
+    for method in ("nemo", "nvsm"):
+        rec = cells[(method, c.seed)]
+        assert rec["rows"] == [r for r in rows if r["method"] == method and r["category"] == "car"]
+        err = np.load(os.path.join(workdir, f"{method}_car_7", "errors.npz"))["L0"]
+        np.testing.assert_allclose(rec["errors_deg"]["L0"], np.degrees(err), atol=6e-3)
+        assert rec["config"]["category"] == "car" and rec["config"]["seed"] == c.seed
+    rounds = cells[("nvsm", c.seed)]["rounds"]
+    assert [r["round"] for r in rounds] == list(range(c.num_rounds + 1))
+    assert all(r["agreement"] is not None for r in rounds[1:] if r["num_new"])
+    report = results.format_report(list(cells.values()))
+    assert "NVSM - NeMo" in report and "pseudo-labels per round" in report
 
 
 def test_rows_start_from_the_pretrained_backbone_and_rerun_resumes(quick_run):

@@ -66,6 +66,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # sources; no solver agreement or refinement)
     c.estep = ml_collections.ConfigDict(semi_supervised.EStepConfig().to_dict())
     c.estep.max_new = 30                 # per round: the best-scoring 30 are accepted
+    # the label-free safeguard (issue 9): > 0 = the model's own render-and-compare on the
+    # round's max_new best candidates; the longest score-ranked prefix agreeing with it
+    # (within agreement_angle) at this rate is accepted, none -> the run stops
+    c.estep.agreement_rate = 0.0
 
     # ---- classification baseline (Res50-Gene row): nvsm_jax.baselines.ClassifierConfig;
     # its encoder, optimiser, batch, augmentation and seed are the NeMo rows' (references:
@@ -86,6 +90,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.cls.checkpoint_every = c.cls.get_ref("num_steps")    # one checkpoint, at the end
 
     c.eval_limit = ml_collections.config_dict.placeholder(int)
+    # a tracked folder (e.g. results/nvsm_car128) for each finished cell's small record;
+    # python -m experiments.report --results DIR aggregates whatever cells are there
+    c.results_dir = ""
 
     if arg == "demo":
         c.data.num_train = 400
@@ -123,6 +130,8 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
         c.estep.margin = -1.0
         c.estep.max_new = 4
         c.estep.agree_angle = float(np.pi)  # the solver check runs but never rejects
+        c.estep.agreement_rate = 1.0         # the safeguard runs and, at pi, accepts all
+        c.estep.agreement_angle = float(np.pi)
         c.estep.azimuth_steps = 1
         c.estep.elevation_steps = 0
         c.estep.source_chunk = 4
