@@ -53,8 +53,11 @@ def test_mean_pose_rows_in_the_report():
     rows = [dict(method="mean pose", supervision="S1", labelled_frames=10, mpjpe=206.0,
                  n_mpjpe=200.0, pa_mpjpe=183.3, **ret),
             dict(method="mcss", supervision="S1", labelled_frames=10, mpjpe=150.0,
-                 n_mpjpe=140.0, pa_mpjpe=100.0, **ret)]
+                 n_mpjpe=140.0, pa_mpjpe=100.0, **ret,
+                 bootstrap=[dict(round=1, test_mpjpe_before=170.0, pseudo_labels=90,
+                                 pseudo_mpjpe=80.0, single_view_mpjpe=100.0)])]
     text = exp.report_markdown({"rows": rows, "train_frames": 1, "test_frames": 1, "devices": 1,
                                 "total_seconds": 1.0, "data_seconds": 0.0}, cfg)
     assert "| mean pose | S1 | 10 | 206.0 | 200.0 | 183.3 |" in text
     assert "| mean pose | S1 | 150.0 | 140.0 | 0.05 | 0.20 |" in text
+    assert "| S1 | 1 | 170.0 | 150.0 | 90 | 80.0 | 100.0 |" in text

@@ -179,3 +179,27 @@ def test_mean_pose_prediction_is_the_labelled_mean():
     want = np.mean(ts.labelled_pose.astype(np.float64), axis=0) * 1000.0
     assert pred.shape == (5, 17, 3)
     np.testing.assert_allclose(pred, np.broadcast_to(want, (5, 17, 3)), rtol=1e-5, atol=1e-3)
+
+
+def test_bootstrap_labels_every_frame_with_one_pose_per_instant():
+    """Labelled frames keep their labels; each unlabelled instant's pseudo-labels in
+    the different views are one pose turned (the same joint-distance matrix), and
+    they are the views' fused predictions (fusion.pseudo_labels)."""
+    from nvsm_jax.mcss import fusion
+    cfg = mcss_config.get_config("tiny").train
+    mesh = parallel.make_mesh(1)
+    ts = _fake_train_set()
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    boot = mtrain.bootstrap_train_set(model, state, ts, cfg, mesh)
+    np.testing.assert_array_equal(boot.labelled_idx, np.arange(len(ts.images)))
+    np.testing.assert_allclose(boot.labelled_pose[ts.labelled_idx], ts.labelled_pose)
+    _, pred = mtrain.predict(model, state, ts.images, mesh)
+    want = fusion.pseudo_labels(pred / 1000.0, ts.seq_offset, ts.seq_views, ts.seq_frames,
+                                ts.labelled_idx, ts.labelled_pose)
+    np.testing.assert_allclose(boot.labelled_pose, want, atol=1e-6)
+    seq1 = np.flatnonzero(ts.seq_id == 1).reshape(3, 12)          # [views, frames]
+    d = np.linalg.norm(boot.labelled_pose[seq1][..., :, None, :]
+                       - boot.labelled_pose[seq1][..., None, :, :], axis=-1)
+    np.testing.assert_allclose(d[1], d[0], atol=1e-5)
+    np.testing.assert_allclose(d[2], d[0], atol=1e-5)
+    assert not np.allclose(boot.labelled_pose[seq1[0]], pred[seq1[0]] / 1000.0, atol=1e-6)
