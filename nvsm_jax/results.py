@@ -36,8 +36,8 @@ __all__ = ["cell_name", "record_cell", "load_cells", "aggregate", "paired_differ
 # config keys that may differ between cells averaged together: the seed, where the
 # data and runs live, and run control (training.RESUME_FREE_KEYS)
 SETTINGS_FREE_KEYS = training.RESUME_FREE_KEYS + (
-    "seed", "category", "num_labelled", "data_root", "test_root", "pretrain_workdir",
-    "results_dir", "compilation_cache")
+    "seed", "cls.seed", "category", "num_labelled", "data_root", "test_root",
+    "pretrain_workdir", "results_dir", "compilation_cache")
 METRICS = ("acc_pi_6", "acc_pi_18", "med_err_deg")
 _METHOD_ORDER = ("cls_baseline", "nemo", "nvsm", "nemo_full")
 

@@ -15,6 +15,7 @@ def _record(root, method, seed, errors_deg, category="car", config=None, rounds=
     return results.record_cell(root, method=method, category=category, annotations=7,
                                seed=seed, rows=rows, errors=err,
                                config=config or {"fewshot_steps": 200, "seed": seed,
+                                                 "cls": {"seed": seed, "num_steps": 200},
                                                  "data_root": f"/runs/s{seed}"},
                                rounds=rounds)
 
