@@ -66,7 +66,7 @@ def record_cell(results_dir, *, method: str, category: str, annotations, seed: i
             "agreement", "test_acc_pi_6")
     record = {
         "method": method, "category": category, "annotations": annotations, "seed": int(seed),
-        "rows": [{k: v for k, v in r.items()} for r in rows],
+        "rows": [dict(r) for r in rows],
         "errors_deg": {occ: np.round(np.degrees(np.asarray(e, np.float64)), 2).tolist()
                        for occ, e in errors.items()},
         "rounds": None if rounds is None else [{k: r.get(k) for k in keep if k in r}

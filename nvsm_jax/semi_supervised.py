@@ -287,8 +287,9 @@ def _take_rows(x, index, out_sharding):
 def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, stride: int,
                   batch: int) -> np.ndarray:
     """The current model's render-and-compare pose (``solver.config``: grid, then Adam;
-    ``steps=0``: the grid search's best pose) of each map. maps: [M, h, w, D] at ``stride``; focal [M], principal [M, 2] of the
-    input images -> [M, 4]. Chunks are padded to ``batch`` (one compilation)."""
+    ``steps=0``: the grid search's best pose) of each map. maps: [M, h, w, D] at
+    ``stride``; focal [M], principal [M, 2] of the input images -> [M, 4]. Chunks
+    are padded to ``batch`` (one compilation)."""
     out = []
     for s0 in range(0, len(maps), batch):
         (chunk, fo, pr), m = parallel.pad_to_multiple(

@@ -190,10 +190,11 @@ def test_bootstrap_labels_every_frame_with_one_pose_per_instant():
     mesh = parallel.make_mesh(1)
     ts = _fake_train_set()
     model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
-    boot = mtrain.bootstrap_train_set(model, state, ts, cfg, mesh)
+    boot, single = mtrain.bootstrap_train_set(model, state, ts, cfg, mesh)
     np.testing.assert_array_equal(boot.labelled_idx, np.arange(len(ts.images)))
     np.testing.assert_allclose(boot.labelled_pose[ts.labelled_idx], ts.labelled_pose)
     _, pred = mtrain.predict(model, state, ts.images, mesh)
+    np.testing.assert_allclose(single, pred, atol=1e-6)
     want = fusion.pseudo_labels(pred / 1000.0, ts.seq_offset, ts.seq_views, ts.seq_frames,
                                 ts.labelled_idx, ts.labelled_pose)
     np.testing.assert_allclose(boot.labelled_pose, want, atol=1e-6)

@@ -58,12 +58,8 @@ def load_data(config, root: str):
 
 
 def _eval_model(model, state, test, mesh, cfg, with_pose: bool = True, embedding: str = "head"):
-    if mtrain.uses_feature_cache(cfg.train):    # a frozen encoder: its maps, computed once
-        maps = mtrain.encode(model, state, test.images, mesh)
-        emb, pose = mtrain.predict(model, state, maps, mesh, embedding=embedding,
-                                   from_features=True)
-    else:
-        emb, pose = mtrain.predict(model, state, test.images, mesh, embedding=embedding)
+    emb, pose = mtrain.predict_frames(model, state, test.images, cfg.train, mesh,
+                                      embedding=embedding)
     row = mtrain.evaluate_poses(pose, test.pose3d) if with_pose else {}
     ret = retrieval.retrieval_scores(emb, test.pose3d, test.view, query_view=cfg.eval.query_view,
                                      ks=tuple(cfg.eval.ks), threshold=cfg.eval.hit_threshold)
@@ -125,12 +121,9 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
             rounds = int(config.train.multiview_pseudo.get("rounds", 0)) if method == "mcss" else 0
             for r in range(1, rounds + 1):      # multi-view bootstrapping (fusion.py)
                 before, _ = _eval_model(model, state, test, mesh, config, embedding="head")
-                boot = mtrain.bootstrap_train_set(model, state, ts, config.train, mesh)
+                boot, single = mtrain.bootstrap_train_set(model, state, ts, config.train, mesh)
                 unl = np.setdiff1d(boot.labelled_idx, ts.labelled_idx)
                 hidden = train_data.pose3d[unl]                     # hidden: report only
-                _, single = mtrain.predict(model, state, mtrain.encode(
-                    model, state, ts.images, mesh) if mtrain.uses_feature_cache(config.train)
-                    else ts.images, mesh, from_features=mtrain.uses_feature_cache(config.train))
                 err = mtrain.evaluate_poses(boot.labelled_pose[unl] * 1000.0, hidden)["mpjpe"]
                 err1 = mtrain.evaluate_poses(single[unl], hidden)["mpjpe"]
                 extra.setdefault("bootstrap", []).append(

@@ -24,23 +24,23 @@ from __future__ import annotations
 
 import numpy as np
 
+from nvsm_jax.mcss import metrics
+
 __all__ = ["kabsch", "view_rotations", "fuse", "sequence_pseudo_labels", "pseudo_labels"]
 
 
-def kabsch(a, b, weights=None) -> np.ndarray:
-    """The rotation ``R`` [3, 3] (det +1) minimising ``sum_i w_i |R a_i - b_i|^2``.
+def kabsch(a, b) -> np.ndarray:
+    """The rotation ``R`` [3, 3] (det +1) minimising ``sum_i |R a_i - b_i|^2``
+    (:func:`nvsm_jax.mcss.metrics.optimal_rotation`, as a matrix acting on columns).
 
-    a, b: [N, 3] paired points (already centred: root-relative joints); weights [N].
+    a, b: [N, 3] paired points (already centred: root-relative joints).
     """
     a = np.asarray(a, np.float64).reshape(-1, 3)
     b = np.asarray(b, np.float64).reshape(-1, 3)
     if a.shape != b.shape:
         raise ValueError(f"kabsch: {a.shape} vs {b.shape} points")
-    w = np.ones(len(a)) if weights is None else np.asarray(weights, np.float64).reshape(-1)
-    h = (a * w[:, None]).T @ b                        # [3, 3] = sum_i w_i a_i b_i^T
-    u, _, vt = np.linalg.svd(h)
-    d = np.sign(np.linalg.det(vt.T @ u.T)) or 1.0
-    return vt.T @ np.diag([1.0, 1.0, d]) @ u.T
+    rot, _ = metrics.optimal_rotation(a, b)            # a @ rot ~ b, so R = rot^T
+    return rot.T
 
 
 def view_rotations(poses, mask=None) -> np.ndarray:

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["root_centre", "mpjpe", "n_mpjpe", "procrustes_align", "pa_mpjpe"]
+__all__ = ["root_centre", "mpjpe", "n_mpjpe", "optimal_rotation", "procrustes_align", "pa_mpjpe"]
 
 
 def _xnp(*arrays):
@@ -46,6 +46,22 @@ def n_mpjpe(pred, gt):
     return mpjpe(s[..., None, None] * pred, gt, root_centred=False)
 
 
+def optimal_rotation(p, g):
+    """The rotation minimising ``|p @ rot - g|^2`` (reflections excluded; Kabsch) for
+    centred point sets p, g: [..., N, 3] -> (rot [..., 3, 3] applied as ``p @ rot``,
+    the trace of the fixed singular values [...], which Umeyama's scale needs)."""
+    xnp = _xnp(p, g)
+    cov = xnp.einsum("...ji,...jk->...ik", p, g)          # [..., 3, 3] = P^T G
+    u, s, vt = xnp.linalg.svd(cov)
+    # Rotation R = U diag(1, 1, d) V^T applied as p @ R, d fixing reflections.
+    d = xnp.sign(xnp.linalg.det(xnp.einsum("...ij,...jk->...ik", u, vt)))
+    d = xnp.where(d == 0, 1.0, d)
+    ones = xnp.ones_like(d)
+    fix = xnp.stack([ones, ones, d], axis=-1)
+    rot = xnp.einsum("...ij,...j,...jk->...ik", u, fix, vt)
+    return rot, xnp.sum(s * fix, axis=-1)
+
+
 def procrustes_align(pred, gt):
     """Similarity transform of ``pred`` onto ``gt`` (Umeyama, reflections excluded).
 
@@ -55,15 +71,8 @@ def procrustes_align(pred, gt):
     mu_p = xnp.mean(pred, axis=-2, keepdims=True)
     mu_g = xnp.mean(gt, axis=-2, keepdims=True)
     p, g = pred - mu_p, gt - mu_g
-    cov = xnp.einsum("...ji,...jk->...ik", p, g)          # [..., 3, 3] = P^T G
-    u, s, vt = xnp.linalg.svd(cov)
-    # Rotation R = U diag(1, 1, d) V^T applied as p @ R, d fixing reflections.
-    d = xnp.sign(xnp.linalg.det(xnp.einsum("...ij,...jk->...ik", u, vt)))
-    d = xnp.where(d == 0, 1.0, d)
-    ones = xnp.ones_like(d)
-    fix = xnp.stack([ones, ones, d], axis=-1)
-    rot = xnp.einsum("...ij,...j,...jk->...ik", u, fix, vt)
-    scale = xnp.sum(s * fix, axis=-1) / xnp.maximum(xnp.sum(p * p, axis=(-2, -1)), 1e-12)
+    rot, trace = optimal_rotation(p, g)
+    scale = trace / xnp.maximum(xnp.sum(p * p, axis=(-2, -1)), 1e-12)
     return scale[..., None, None] * xnp.einsum("...ij,...jk->...ik", p, rot) + mu_g
 
 

@@ -38,7 +38,7 @@ from nvsm_jax.models.backbone import encoder_stage, preprocess
 __all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
            "sample_supervised_batch", "make_train_step", "init_state", "train", "predict",
            "encode", "uses_feature_cache", "tap_stage", "frozen_filter", "evaluate_poses",
-           "mean_pose_prediction", "bootstrap_train_set"]
+           "mean_pose_prediction", "predict_frames", "bootstrap_train_set"]
 
 
 @dataclasses.dataclass
@@ -431,21 +431,31 @@ def evaluate_poses(pred_mm: np.ndarray, gt_mm: np.ndarray) -> dict:
             "pa_mpjpe": float(jnp.mean(metrics.pa_mpjpe(pred, gt)))}
 
 
-def bootstrap_train_set(model, state, ts: TrainSet, cfg, mesh=None) -> TrainSet:
-    """The training set with every frame labelled: the true labels where there are
-    any, elsewhere the multi-view pseudo-label of the model's predictions
+def predict_frames(model, state, images: np.ndarray, cfg, mesh=None, embedding: str = "head"):
+    """:func:`predict` through the encoder maps computed once when ``cfg`` (the
+    ``train`` block) freezes the encoder up to the tap (:func:`uses_feature_cache`),
+    else from the images: (emb [N, D], pose [N, 17, 3] mm)."""
+    if uses_feature_cache(cfg):
+        return predict(model, state, encode(model, state, images, mesh), mesh,
+                       embedding=embedding, from_features=True)
+    return predict(model, state, images, mesh, embedding=embedding)
+
+
+def bootstrap_train_set(model, state, ts: TrainSet, cfg, mesh=None
+                        ) -> tuple[TrainSet, np.ndarray]:
+    """The training set with every frame labelled, and the single-view predictions it
+    came from ([N, 17, 3] mm): the true labels where there are any, elsewhere the
+    multi-view pseudo-label of the model's predictions
     (:func:`nvsm_jax.mcss.fusion.pseudo_labels`: the views of each instant fused in
     one camera frame, the rotations between cameras from the labelled instants or
     the predictions; ``cfg.multiview_pseudo.fuse``: "median" or "mean" over views).
     Reads only images, synchronisation and the labelled poses."""
-    feats = encode(model, state, ts.images, mesh) if uses_feature_cache(cfg) else None
-    _, pred = predict(model, state, ts.images if feats is None else feats, mesh,
-                      from_features=feats is not None)
+    _, pred = predict_frames(model, state, ts.images, cfg, mesh)
     pose = fusion.pseudo_labels(pred / 1000.0, ts.seq_offset, ts.seq_views, ts.seq_frames,
                                 ts.labelled_idx, ts.labelled_pose,
                                 how=cfg.multiview_pseudo.get("fuse", "median"))
     return dataclasses.replace(ts, labelled_idx=np.arange(len(ts.images)),
-                               labelled_pose=pose.astype(np.float32))
+                               labelled_pose=pose.astype(np.float32)), pred
 
 
 def mean_pose_prediction(ts: TrainSet, n: int) -> np.ndarray:
