@@ -11,7 +11,7 @@ DEMO_DIR ?= runs/demo
 # takes ~40% less time.
 TEST_XLA_FLAGS := --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow mutants bench clean
 
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 
 test-slow: $(STAMP)
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -m slow tests
+
+# One-line breaks of the learners, losses, geometry and checks (tests/mutations/): every one
+# must make its tests fail. Not part of `make test` (about 20-40 minutes).
+mutants: $(STAMP)
+	$(PY) -m tests.mutants --json runs/mutants.json
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.rasterizer --json runs/bench/rasterizer.json

@@ -142,16 +142,19 @@ def write_json(path: str, records: Sequence[dict]) -> None:
 
 
 def run_row_subprocess(module: str, row: dict, env: dict | None = None,
-                       python: str | None = None, timeout: float | None = None) -> list[dict]:
+                       python: str | None = None, timeout: float | None = None,
+                       cwd: str | None = None) -> list[dict]:
     """Runs ``python -m module --row JSON`` in a fresh process and returns its records.
 
     The child prints one JSON list on its last stdout line. A fresh process
     per row makes :func:`peak_rss_mb` a per-row figure and keeps compilation
-    caches from leaking between rows.
+    caches from leaking between rows. ``cwd`` (default: this repository's root)
+    is where ``module`` and the packages it imports are found first: another
+    commit's tree times that commit (``benchmarks.train --baseline``).
     """
     cmd = [python or sys.executable, "-m", module, "--row", json.dumps(row)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cwd = cwd or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=cwd)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

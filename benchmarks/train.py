@@ -1,95 +1,248 @@
-"""NeMo training throughput (images/s of the jitted train step, data excluded).
+"""NeMo training throughput: the jitted train step against its own forward pass.
 
     python -m benchmarks.train --json runs/bench/train.json
-    python -m benchmarks.train --backbones small,efficientnet_lite0 --image 128 --batch 16 \
-        --depthwise shift,conv --anchors 128
+    python -m benchmarks.train --baseline HEAD~1 --json runs/bench/train_vs_prev.json
+    python -m benchmarks.train --backbones small,efficientnet_lite0 --image 128 \\
+        --depthwise shift,conv --anchors 128,0
 
-Backbones are ``model.backbone`` presets; the EfficientNet-Lite rows are timed
-with each ``--depthwise`` form (XLA:CPU's grouped convolution against the shifted
-multiply-adds, ``nvsm_jax.models.efficientnet``); ``scratch`` rows of a Lite
-backbone are the same network (the weights do not change the speed).
+One record per (backbone, depthwise form, image size, anchors, frozen stages), each
+timed in a fresh process (``--row``):
 
-Random images/poses and NeMo's cuboid; records matmul GFLOP/s first.
+* ``images_per_s`` / ``s_per_step``: the whole train step (forward, backward, Adam,
+  memory updates; data excluded), median of ``--steps`` timed steps;
+* ``forward_images_per_s``: the step's forward alone (``train.make_loss_fn``: encoder,
+  decoder, rasterisation and vertex sampling, CoKe loss), and ``backward_overhead`` =
+  step time / forward time (a backward normally costs about 2x its forward, so about
+  3 is the ideal);
+* ``gflops`` of the step (XLA's cost analysis of the compiled step) and
+  ``gflop_per_s`` as ``fraction_of_matmul``: the achieved rate over this run's
+  float32 matmul rate (``matmul_gflops``, first record): how far the step is from
+  what these cores can do;
+* ``cpu_s_per_step``: process CPU time per step, steadier than wall time on a
+  shared machine.
+
+``--baseline REF`` exports commit REF (``git archive``) into a scratch folder, puts
+this benchmark there and times every row with REF's library too, alternating
+REF and this tree row by row for ``--rounds`` rounds; the ``_baseline`` records
+and a ``speedup`` (this tree's images/s over REF's, medians over rounds) make the
+before/after comparison one run on one machine.
+
+Random images/poses and NeMo's cuboid mesh; ``model.pretrained=""`` (the weights do
+not change the speed).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
-import jax
-import numpy as np
+from benchmarks.common import (machine_load, matmul_gflops, peak_rss_mb, print_table,
+                               run_row_subprocess, write_json)
 
-from benchmarks.pose_solver import matmul_gflops, peak_rss_mb, print_table, write_json
-from experiments.configs import nemo as nemo_config
-from nvsm_jax import meshes, parallel
-from nvsm_jax import train as nemo_train
-from nvsm_jax.models import backbone
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--backbones", default="small,efficientnet_lite0")
-    ap.add_argument("--depthwise", default="shift,conv",
-                    help="EfficientNet depthwise forms to time (ResNet rows ignore it)")
-    ap.add_argument("--image", type=int, default=128)
-    ap.add_argument("--batch", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--anchors", default="128,0", help="anchors_per_image values (0 = all)")
-    ap.add_argument("--frozen_stages", default="0",
-                    help="model.frozen_stages values to time (the frozen stages need no backward)")
-    args = ap.parse_args()
-    records = [{"name": "matmul_gflops", "value": matmul_gflops()}]
-    mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
-    hw = (args.image, args.image)
+def _cost_flops(compiled) -> float | None:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):
+        cost = cost[0] if cost else None
+    return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def time_row(row: dict) -> dict:
+    """Times one configuration in this process (the child side of ``--row``)."""
+    import resource
+
+    import jax
+    import numpy as np
+
+    from experiments.configs import nemo as nemo_config
+    from nvsm_jax import meshes, parallel
+    from nvsm_jax import train as nemo_train
+    from nvsm_jax.models import backbone
+
+    model_mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
+    size, b = row["image"], row["batch"]
+    hw = (size, size)
     rng = np.random.default_rng(0)
-    b = args.batch
     batch = {"image": rng.integers(0, 255, (b, *hw, 3), dtype=np.uint8),
              "pose": np.stack([rng.uniform(0, 6.28, b), rng.uniform(-0.2, 0.6, b),
                                rng.uniform(-0.2, 0.2, b), np.full(b, 5.0)], 1).astype(np.float32),
-             "focal": np.full(b, 3.5 * args.image, np.float32),
-             "principal": np.full((b, 2), args.image / 2, np.float32)}
-    axes = parallel.make_mesh(1)
+             "focal": np.full(b, 3.5 * size, np.float32),
+             "principal": np.full((b, 2), size / 2, np.float32)}
+    cfg = nemo_config.get_config("default")
+    cfg.model.backbone = row["backbone"]
+    cfg.model.pretrained = ""
+    cfg.model.frozen_stages = row["frozen_stages"]
+    if "encoder" in backbone.PRESETS[row["backbone"]]:
+        cfg.model.depthwise = row["depthwise"]
+    cfg.batch_size = b
+    cfg.loss.anchors_per_image = row["anchors_per_image"] or None
+    devices = parallel.make_mesh(1)
+    model = nemo_train.build_model(cfg)
+    state = nemo_train.init_state(cfg, model, len(model_mesh.verts), hw, devices)
+    sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    step = nemo_train.make_train_step(cfg, model, model_mesh, hw, sharding, devices)
+    sb = parallel.shard_batch(batch, devices)
+    key = jax.random.key(0)
+
+    forward, forward_compile_s = None, None
+    if hasattr(nemo_train, "make_loss_fn"):          # a baseline commit may predate it
+        loss_fn = nemo_train.make_loss_fn(cfg, model, model_mesh, hw)
+        forward = jax.jit(lambda params, state, batch, key: loss_fn(params, state, batch, key)[0])
+        t = time.perf_counter()
+        jax.block_until_ready(forward(state.params, state, sb, key))
+        forward_compile_s = time.perf_counter() - t
+    flops = _cost_flops(step.lower(state, sb, key).compile())
+
+    def timed(fn, n):
+        wall, cpu = [], []
+        for i in range(n):
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            t0 = time.perf_counter()
+            fn(i)
+            wall.append(time.perf_counter() - t0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+        return statistics.median(wall), statistics.median(cpu)
+
+    holder = {"state": state}
+
+    def run_step(i):
+        holder["state"], m = step(holder["state"], sb, jax.random.key(i))
+        jax.block_until_ready(m)
+
+    t = time.perf_counter()
+    run_step(0)
+    compile_s = time.perf_counter() - t
+    run_step(1)                                         # warm-up
+    step_s, step_cpu = timed(run_step, row["steps"])
+    fwd_s = fwd_cpu = None
+    if forward is not None:
+        params, st = holder["state"].params, holder["state"]
+        fwd_s, fwd_cpu = timed(lambda i: jax.block_until_ready(forward(params, st, sb, key)),
+                               row["steps"])
+    rec = {"name": "nemo_train_step", **row, "images_per_s": b / step_s,
+           "forward_images_per_s": None if fwd_s is None else b / fwd_s,
+           "backward_overhead": None if fwd_s is None else step_s / fwd_s,
+           "s_per_step": step_s, "cpu_s_per_step": step_cpu, "forward_s": fwd_s,
+           "forward_cpu_s": fwd_cpu, "gflops": None if flops is None else flops / 1e9,
+           "gflop_per_s": None if flops is None else flops / step_s / 1e9,
+           "compile_s": compile_s, "forward_compile_s": forward_compile_s,
+           "peak_rss_mb": peak_rss_mb(), "load": machine_load()}
+    return rec
+
+
+def export_tree(ref: str, dest: str) -> str:
+    """Commit ``ref``'s files in ``dest``, with this tree's ``benchmarks/`` on top."""
+    archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", dest], input=archive, check=True)
+    shutil.rmtree(os.path.join(dest, "benchmarks"), ignore_errors=True)
+    shutil.copytree(os.path.join(ROOT, "benchmarks"), os.path.join(dest, "benchmarks"),
+                    ignore=shutil.ignore_patterns("__pycache__", ".peers"))
+    return subprocess.run(["git", "rev-parse", "--short", ref], cwd=ROOT, capture_output=True,
+                          text=True, check=True).stdout.strip()
+
+
+def _median_record(recs: list[dict]) -> dict:
+    out = dict(recs[0])
+    for k, v in recs[0].items():
+        if isinstance(v, float) and k not in ("peak_rss_mb",):
+            vals = [r[k] for r in recs if r.get(k) is not None]
+            out[k] = statistics.median(vals) if vals else None
+    out["peak_rss_mb"] = max(r["peak_rss_mb"] for r in recs)
+    out["rounds"] = len(recs)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--backbones", default="efficientnet_lite0")
+    ap.add_argument("--depthwise", default="shift",
+                    help="EfficientNet depthwise forms to time (ResNet rows ignore it)")
+    ap.add_argument("--image", default="64,128", help="image sizes (square)")
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=5, help="timed steps per row")
+    ap.add_argument("--anchors", default="128", help="anchors_per_image values (0 = all)")
+    ap.add_argument("--frozen_stages", default="0",
+                    help="model.frozen_stages values to time (the frozen stages need no backward)")
+    ap.add_argument("--baseline", default=None,
+                    help="a git commit to time beside this tree, row by row")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="times each row is run (alternating with --baseline); medians reported")
+    ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.row:                                    # the child: one row, JSON on stdout
+        print(json.dumps([time_row(json.loads(args.row))]))
+        return
+
+    from nvsm_jax.models import backbone
     rows = []
     for name in args.backbones.split(","):
         lite = "encoder" in backbone.PRESETS[name]
         for form in (args.depthwise.split(",") if lite else ["-"]):
-            for anchors in (int(a) for a in args.anchors.split(",")):
-                for frozen in (int(k) for k in args.frozen_stages.split(",")):
-                    rows.append((name, form, anchors, frozen))
-    for preset, form, anchors, frozen in rows:
-        cfg = nemo_config.get_config("default")
-        cfg.model.backbone = preset
-        cfg.model.pretrained = ""
-        cfg.model.frozen_stages = frozen
-        if form != "-":
-            cfg.model.depthwise = form
-        cfg.batch_size = b
-        cfg.loss.anchors_per_image = anchors or None
-        model = nemo_train.build_model(cfg)
-        state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, axes)
-        sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-        step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, axes)
-        sb = parallel.shard_batch(batch, axes)
-        t = time.perf_counter()
-        state, m = step(state, sb, jax.random.key(0))
-        jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t
-        t = time.perf_counter()
-        for i in range(args.steps):
-            state, m = step(state, sb, jax.random.key(i))
-        jax.block_until_ready(m)
-        dt = (time.perf_counter() - t) / args.steps
-        records.append({"name": "nemo_train_step", "backbone": preset, "depthwise": form,
-                        "frozen_stages": frozen, "image": args.image,
-                        "batch": b, "anchors_per_image": anchors or "all",
-                        "images_per_s": b / dt, "s_per_step": dt, "compile_s": compile_s,
-                        "peak_rss_mb": peak_rss_mb()})
-    print_table(records)
+            for size in (int(s) for s in args.image.split(",")):
+                for anchors in (int(a) for a in args.anchors.split(",")):
+                    for frozen in (int(k) for k in args.frozen_stages.split(",")):
+                        rows.append({"backbone": name, "depthwise": form, "image": size,
+                                     "batch": args.batch, "anchors_per_image": anchors,
+                                     "frozen_stages": frozen, "steps": args.steps})
+    records = [{"name": "matmul_gflops", "value": matmul_gflops(), "load": machine_load()}]
+    trees = [("", None, "this tree")]
+    scratch = None
+    if args.baseline:
+        scratch = tempfile.mkdtemp(prefix="nvsm_bench_baseline_")
+        sha = export_tree(args.baseline, scratch)
+        trees.append(("_baseline", scratch, f"{args.baseline} ({sha})"))
+    try:
+        results: dict = {}
+        for rnd in range(args.rounds):
+            for row in rows:
+                order = trees if rnd % 2 == 0 else trees[::-1]
+                for suffix, cwd, label in order:
+                    rec = run_row_subprocess("benchmarks.train", row, cwd=cwd)[0]
+                    rec["name"] += suffix
+                    rec["code"] = label
+                    results.setdefault((suffix, json.dumps(row, sort_keys=True)), []).append(rec)
+                    print(f"round {rnd + 1}: {label:>16s} {row['backbone']} {row['depthwise']} "
+                          f"{row['image']}px: {rec['images_per_s']:.1f} images/s "
+                          f"(cpu {rec['cpu_s_per_step']:.2f} s/step), forward "
+                          f"{rec['forward_images_per_s'] or float('nan'):.1f} images/s",
+                          flush=True)
+        for row in rows:
+            key = json.dumps(row, sort_keys=True)
+            cur = _median_record(results[("", key)])
+            records.append(cur)
+            if args.baseline:
+                base = _median_record(results[("_baseline", key)])
+                cur["speedup"] = cur["images_per_s"] / base["images_per_s"]
+                records.append(base)
+        records.append({"name": "matmul_gflops_end", "value": matmul_gflops(),
+                        "load": machine_load()})
+        peak = max(records[0]["value"], records[-1]["value"])
+        for r in records:
+            if r.get("gflop_per_s") is not None:
+                r["fraction_of_matmul"] = r["gflop_per_s"] / peak
+    finally:
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
+    print_table([r for r in records if r["name"].startswith("nemo")],
+                ["name", "backbone", "depthwise", "image", "images_per_s",
+                 "forward_images_per_s", "backward_overhead", "cpu_s_per_step", "gflops",
+                 "fraction_of_matmul", "speedup", "compile_s", "peak_rss_mb", "load"])
+    print(f"matmul {records[0]['value']:.0f} / {records[-1]['value']:.0f} GFLOP/s (start/end)")
     if args.json:
         write_json(args.json, records)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -46,7 +46,8 @@ from nvsm_jax.models import backbone, weights
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
-           "make_optimizer", "init_state", "make_train_step", "train_and_evaluate", "NemoModel",
+           "make_optimizer", "init_state", "make_loss_fn", "make_train_step", "train_and_evaluate",
+           "NemoModel",
            "load_model", "feature_fn", "predict", "evaluate_workdir", "nemo_model",
            "evaluate_nemo"]
 
@@ -154,7 +155,13 @@ def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, 
     return cached
 
 
-def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
+def make_loss_fn(config, model, mesh: meshes.Mesh, image_hw):
+    """The train step's forward: ``loss_fn(params, state, batch, key) -> (total, aux)``.
+
+    ``aux`` = ``(CokeLoss, normalised vertex features, VertexFeatures, sampled
+    clutter, new model state)``; :func:`make_train_step` differentiates it, and
+    ``benchmarks.train`` times it alone (the step's forward pass).
+    """
     verts = jnp.asarray(mesh.verts, jnp.float32)
     faces = jnp.asarray(mesh.faces, jnp.int32)
     normals = jnp.asarray(meshes.vertex_normals(mesh.verts, mesh.faces))
@@ -162,34 +169,42 @@ def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding,
     radius = neighbor_radius(config, image_hw[1])
     stride = config.model.stride
     render_stride = config.render_stride or stride
-    _, schedule = make_optimizer(config)
     frozen = backbone.frozen_encoder_filter(config.model.backbone,
                                             config.model.frozen_stages)
 
-    def step(state: training.TrainState, batch, key):
+    def loss_fn(params, state: training.TrainState, batch, key):
         images = backbone.preprocess(batch["image"])
         memory: feat.MemoryBank = state.aux
+        # no backward through the frozen stages
+        fmap, new_model_state = state.apply_train(params, images, is_frozen=frozen)
+        vf = feat.vertex_features(fmap, verts, faces, normals, batch["pose"], batch["focal"],
+                                  batch["principal"], stride=stride,
+                                  render_stride=render_stride)
+        fv = feat.l2_normalize(vf.features)
+        k_clutter, k_anchor = jax.random.split(key)
+        clutter = feat.sample_clutter(k_clutter, fmap, vf.silhouette, lc.clutter_per_image)
+        anchors = None
+        if lc.anchors_per_image:
+            anchors = losses.sample_anchors(k_anchor, vf.visible,
+                                            min(int(lc.anchors_per_image), verts.shape[0]))
+        loss = losses.coke_loss(fv, vf.visible, vf.xy, memory.vertex, memory.clutter,
+                                clutter, anchors=anchors, temperature=lc.temperature,
+                                neighbor_radius=radius, clutter_weight=lc.clutter_weight,
+                                reg_weight=lc.reg_weight)
+        return loss.total, (loss, fv, vf, clutter, new_model_state)
 
-        def loss_fn(params):               # no backward through the frozen stages
-            fmap, new_model_state = state.apply_train(params, images, is_frozen=frozen)
-            vf = feat.vertex_features(fmap, verts, faces, normals, batch["pose"], batch["focal"],
-                                      batch["principal"], stride=stride,
-                                      render_stride=render_stride)
-            fv = feat.l2_normalize(vf.features)
-            k_clutter, k_anchor = jax.random.split(key)
-            clutter = feat.sample_clutter(k_clutter, fmap, vf.silhouette, lc.clutter_per_image)
-            anchors = None
-            if lc.anchors_per_image:
-                anchors = losses.sample_anchors(k_anchor, vf.visible,
-                                                min(int(lc.anchors_per_image), verts.shape[0]))
-            loss = losses.coke_loss(fv, vf.visible, vf.xy, memory.vertex, memory.clutter,
-                                    clutter, anchors=anchors, temperature=lc.temperature,
-                                    neighbor_radius=radius, clutter_weight=lc.clutter_weight,
-                                    reg_weight=lc.reg_weight)
-            return loss.total, (loss, fv, vf, clutter, new_model_state)
+    return loss_fn
 
+
+def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
+    lc = config.loss
+    _, schedule = make_optimizer(config)
+    loss_fn = make_loss_fn(config, model, mesh, image_hw)
+
+    def step(state: training.TrainState, batch, key):
+        memory: feat.MemoryBank = state.aux
         (_, (loss, fv, vf, clutter, new_ms)), grads = jax.value_and_grad(
-            loss_fn, has_aux=True)(state.params)
+            loss_fn, has_aux=True)(state.params, state, batch, key)
         state = state.apply_gradients(grads=grads)
         vertex = feat.update_vertex_memory(memory.vertex, jax.lax.stop_gradient(fv),
                                            vf.weights, lc.momentum)

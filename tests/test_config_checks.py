@@ -47,6 +47,40 @@ def test_each_bad_option_is_named(key, value, message):
         config_checks.check_config(c)
 
 
+def test_every_bad_key_is_listed_in_one_error():
+    """Three bad values give ONE ValueError naming all three (so a user fixes them in
+    one go), in the order checked, joined by '; '."""
+    c = nvsm_config.get_config("tiny")
+    c.anchor_rule = "ring"
+    c.model.stride = 2
+    c.eval_occlusions = ("L0", "L5")
+    with pytest.raises(ValueError) as info:
+        config_checks.check_config(c)
+    msg = str(info.value)
+    assert msg.startswith("invalid config: anchor_rule='ring' (expected one of ")
+    assert msg.count("; ") == 2
+    assert msg.index("anchor_rule='ring'") < msg.index("model.stride=2") < msg.index("['L5']")
+
+
+def test_boundary_and_optional_values_pass():
+    """Values at the edge of the allowed sets are accepted: frozen_stages 0 (the
+    smallest allowed), every allowed stride, None / '' for the optional fields and
+    a comma list of known categories."""
+    c = nvsm_config.get_config("tiny")
+    with c.model.ignore_type():
+        c.model.frozen_stages = 0
+        c.model.depthwise = None
+        c.model.norm = ""
+        c.model.pretrained = None
+    c.categories = "car,bus"
+    for stride in (4, 8, 16, 32):
+        c.model.stride = stride
+        config_checks.check_config(c)
+    c.model.frozen_stages = -1
+    with pytest.raises(ValueError, match=r"^invalid config: model.frozen_stages=-1 \(expected >= 0\)$"):
+        config_checks.check_config(c)
+
+
 def test_imagenet_weights_need_a_lite_backbone():
     c = nemo_config.get_config("default")
     c.model.backbone = "small"

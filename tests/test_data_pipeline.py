@@ -127,6 +127,121 @@ def test_flip_rule_by_projection():
         assert d.max() < 1e-3
 
 
+def _keypoint_images(n, hw, seed):
+    """PoseSet of ``n`` black images with one coloured pixel per keypoint.
+
+    The object is 16 keypoints, mirror-symmetric about its x = 0 plane: point
+    ``k`` and point ``k + 8`` are mirror images. Keypoint ``k`` is painted with
+    colour ``(40 + 10 k, 255, 0)`` on the pixel containing its projection under
+    the image's own pose (pixel (r, c) covers [c, c + 1) x [r, r + 1)). Poses
+    are drawn until no two keypoints share a pixel. Returns (set, points, colours).
+    """
+    h, w = hw
+    rng = np.random.default_rng(seed)
+    half = rng.uniform([0.15, -0.6, -0.6], [0.6, 0.6, 0.6], (8, 3))
+    pts = np.concatenate([half, half * [-1, 1, 1]])
+    colours = np.stack([40 + 10 * np.arange(16), np.full(16, 255), np.zeros(16)], 1)
+    images, poses, principal = [], [], []
+    while len(images) < n:
+        pose = np.array([rng.uniform(0, 2 * np.pi), rng.uniform(-0.3, 0.7), rng.normal(0, 0.3),
+                         rng.uniform(4.5, 5.5)], np.float32)
+        prin = np.array([rng.uniform(0.4, 0.6) * w, rng.uniform(0.4, 0.6) * h], np.float32)
+        uv = _project(pts, pose, 40.0, prin)
+        cols, rows = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+        if len(set(zip(rows, cols))) < 16 or not ((cols >= 0) & (cols < w) & (rows >= 0)
+                                                   & (rows < h)).all():
+            continue
+        img = np.zeros((h, w, 3), np.uint8)
+        img[rows, cols] = colours
+        images.append(img)
+        poses.append(pose)
+        principal.append(prin)
+    data = PoseSet("car", tuple(f"k{i}" for i in range(n)), np.stack(images), np.stack(poses),
+                   np.full(n, 40.0, np.float32), np.stack(principal))
+    return data, pts, colours
+
+
+def test_flipped_batches_keep_keypoints_on_their_pixels():
+    """End to end through BatchIterator: after a (random, per row) horizontal flip the
+    batch's pose and principal point still put every keypoint on its own pixel.
+
+    Oracle: mirroring the image sends keypoint k's pixel to the mirrored pixel, which
+    is where the mirrored keypoint (k + 8 mod 16, the object being symmetric about
+    x = 0) projects under the flipped pose. So in a flipped row, the pixel under
+    which point ``(k + 8) % 16`` projects with the batch's pose / principal must hold
+    colour k; in an unflipped row point k's pixel holds colour k. The image is not
+    square (24 x 40), so mixing up the height and the width fails too.
+    """
+    data, pts, colours = _keypoint_images(8, (24, 40), seed=4)
+    it = BatchIterator(data, 8, seed=1, shuffle=False, augment=Augment(flip_prob=0.5, jitter=0.0))
+    seen = set()
+    for step in range(3):
+        b = it.batch(step)
+        seen.update(b["flipped"].tolist())
+        for row in range(8):
+            uv = _project(pts, b["pose"][row], b["focal"][row], b["principal"][row])
+            cols, rows = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+            assert ((cols >= 0) & (cols < 40) & (rows >= 0) & (rows < 24)).all()
+            src = (np.arange(16) + 8) % 16 if b["flipped"][row] else np.arange(16)
+            np.testing.assert_array_equal(b["image"][row][rows, cols], colours[src])
+            # and nothing else is painted
+            assert (b["image"][row].any(-1)).sum() == 16
+    assert seen == {False, True}
+
+
+def test_unlabelled_flip_mirrors_image_and_principal():
+    """An UnlabelledSet has no pose, but a flip must still mirror its principal point
+    (``px -> W - px``, ``py`` kept) with the image; with the hidden pose flipped by
+    flip_pose the keypoints then land on their pixels (as for a PoseSet)."""
+    data, pts, colours = _keypoint_images(4, (24, 40), seed=5)
+    unl = UnlabelledSet("car", data.names, data.images, data.focal, data.principal)
+    b = BatchIterator(unl, 4, seed=0, shuffle=False,
+                      augment=Augment(flip_prob=1.0, jitter=0.0)).batch(0)
+    assert b["flipped"].all() and "pose" not in b
+    np.testing.assert_allclose(b["principal"][:, 0], 40 - data.principal[:, 0])
+    np.testing.assert_allclose(b["principal"][:, 1], data.principal[:, 1])
+    np.testing.assert_array_equal(b["image"], data.images[:, :, ::-1])
+    for row in range(4):
+        pose, _ = flip_pose(data.poses[row], data.principal[row], 40)
+        uv = _project(pts, pose, 40.0, b["principal"][row])
+        cols, rows = np.floor(uv[:, 0]).astype(int), np.floor(uv[:, 1]).astype(int)
+        np.testing.assert_array_equal(b["image"][row][rows, cols], colours[(np.arange(16) + 8) % 16])
+
+
+def test_color_jitter_keeps_greys_hues_and_brightness_range():
+    """Colour jitter against facts of its three effects (strength 0.3 each):
+
+    * a constant grey image stays grey and only brightness acts on it (contrast
+      and saturation move nothing when every pixel equals the mean), so its value
+      is ``rint(g * f)`` with ``f`` in [0.7, 1.3]; over 64 images f spreads over
+      both halves of the range;
+    * saturation, contrast and brightness (with factors > 0) never reorder a
+      pixel's channels, so the strongest channel of a clearly coloured pixel
+      stays the strongest;
+    * strength 0 is the identity.
+    """
+    from nvsm_jax.data.pipeline import color_jitter
+
+    grey = np.full((64, 4, 5, 3), 120, np.uint8)
+    out = color_jitter(grey, np.random.default_rng(0), 0.3, 0.3, 0.3)
+    assert (out == out[..., :1]).all()
+    assert (out == out[:, :1, :1]).all()
+    factor = out[:, 0, 0, 0] / 120.0
+    assert factor.min() >= 0.7 - 1 / 120 and factor.max() <= 1.3 + 1 / 120
+    assert factor.min() < 0.9 and factor.max() > 1.1
+
+    rng = np.random.default_rng(1)
+    images = rng.integers(40, 200, (32, 6, 6, 3), dtype=np.uint8)
+    strongest = np.sort(images.astype(int), -1)
+    clear = (strongest[..., 2] - strongest[..., 1] > 40)
+    out = color_jitter(images, np.random.default_rng(2), 0.3, 0.3, 0.3)
+    unclipped = (out < 255).all(-1) & (out > 0).all(-1)
+    keep = clear & unclipped
+    assert keep.sum() > 500
+    np.testing.assert_array_equal(out.argmax(-1)[keep], images.argmax(-1)[keep])
+    np.testing.assert_array_equal(color_jitter(images, np.random.default_rng(3), 0, 0, 0), images)
+
+
 def test_iterator_reproducible_resumable_static_batches():
     pool = _pool(23)
     it = BatchIterator(pool, 8, seed=5, augment=Augment(0.5, 0.2))

@@ -15,6 +15,42 @@ def test_accuracy_and_median():
     assert np.isclose(evaluation.median_error_deg(e), (12 + 25) / 2)
 
 
+def test_metrics_on_hand_written_errors():
+    """ACC@pi/6, ACC@pi/18 and MedErr on hand-written error lists.
+
+    Oracles written out by hand: the thresholds are exclusive (NeMo counts
+    ``error < pi / 6``), an error one ulp below a threshold counts, the median of
+    an even count is the mean of the middle two, errors come in radians and the
+    median goes out in degrees, and NaN / Inf errors count as 90 degrees (so they
+    move the median, not only the accuracies).
+    """
+    at_30, at_10 = np.pi / 6, np.pi / 18
+    below_30, below_10 = np.nextafter(at_30, 0.0), np.nextafter(at_10, 0.0)
+    e = np.array([at_30, at_10, below_30, below_10])
+    # pi/6: below_30, at_10, below_10 -> 3 of 4; pi/18: only below_10 -> 1 of 4
+    assert evaluation.accuracy_at(e, np.pi / 6) == 75.0
+    assert evaluation.accuracy_at(e, np.pi / 18) == 25.0
+    assert evaluation.accuracy_at(e) == 75.0                      # default threshold pi/6
+    # median, even count: (20 + 30) / 2 degrees; odd count: the middle one
+    assert np.isclose(evaluation.median_error_deg(np.radians([40.0, 10.0, 30.0, 20.0])), 25.0)
+    assert np.isclose(evaluation.median_error_deg(np.radians([30.0, 10.0, 20.0])), 20.0)
+    # two non-finite errors out of three: the median is 90 degrees
+    assert np.isclose(evaluation.median_error_deg([np.nan, np.inf, np.radians(10.0)]), 90.0)
+    assert np.isclose(evaluation.median_error_deg([-np.inf, np.nan, np.radians(10.0)]), 90.0)
+    # empty input: NaN, not 0
+    assert np.isnan(evaluation.accuracy_at([])) and np.isnan(evaluation.median_error_deg([]))
+    # one row: 5, 15, 25, 35 degrees and a failed (NaN) prediction
+    row = evaluation.make_row("m", "car", 7, "L0", np.radians([5.0, 15.0, 25.0, 35.0, np.nan]))
+    assert row["acc_pi_6"] == 60.0 and row["acc_pi_18"] == 20.0
+    assert np.isclose(row["med_err_deg"], 25.0) and row["num_images"] == 5
+    # rotation_errors: a prediction with an infinite angle counts as pi / 2
+    gt = np.array([[0.3, 0.2, 0.1, 5.0], [0.3, 0.2, 0.1, 5.0]])
+    pred = np.array([[0.3, 0.2, 0.1, 9.0], [np.inf, 0.2, 0.1, 5.0]])
+    with np.errstate(invalid="ignore"):                          # sin(inf) inside
+        errors = evaluation.rotation_errors(pred, gt)
+    np.testing.assert_allclose(errors, [0.0, np.pi / 2], atol=1e-7)
+
+
 def test_accuracy_by_azimuth_centres_sector_zero_on_the_front_view():
     az = np.radians([-10.0, 10.0, 350.0, 14.9, 15.1, 180.0, 190.0, 196.0, 720.0])
     err = np.radians([5.0, 40.0, 1.0, 29.0, 2.0, 179.0, np.nan, 3.0, 0.0])

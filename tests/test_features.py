@@ -83,3 +83,12 @@ def test_vertex_features_visibility_and_weights():
     want, _ = feat.bilinear_sample(fm[0], jnp.asarray(xy) / stride)
     np.testing.assert_allclose(np.asarray(vf.features[0]), np.asarray(want), atol=1e-5)
     assert vf.silhouette.shape == (1, h, w) and bool(vf.silhouette[0, 8, 8])
+
+
+def test_clutter_prototype_is_the_normalised_mean_row_by_hand():
+    """NeMo's clutter model is the unit mean of the bank's rows: rows (2,0,0), (0,4,0),
+    (1,2,0), (1,2,4) average to (1,2,1), which normalises to (1,2,1)/sqrt(6)."""
+    bank = jnp.array([[2.0, 0, 0], [0, 4, 0], [1, 2, 0], [1, 2, 4]])
+    got = np.asarray(feat.clutter_prototype(bank))
+    assert got.shape == (3,)
+    np.testing.assert_allclose(got, np.array([1.0, 2.0, 1.0]) / np.sqrt(6.0), rtol=1e-6)

@@ -153,6 +153,33 @@ def test_pose_error_gradient_is_finite_at_zero_and_pi_and_matches_differences():
         assert g[3] == 0.0                                # distance plays no part
 
 
+def test_pose_error_against_scipy_and_single_field_changes():
+    """pose_error vs an oracle built from scipy alone: each pose's rotation composed as
+    ``Rz(theta) Rx(e - pi/2) Rz(-a)`` with ``Rotation.from_euler`` and the error taken
+    as ``|R1^-1 R2|`` (scipy's rotation magnitude). Then by hand: changing only theta
+    (a rotation about the optical axis) or only the elevation (at theta 0, a rotation
+    about the camera's x axis) by delta gives an error of exactly delta, and the
+    distance plays no part."""
+    def scipy_rot(p):
+        return (Rotation.from_euler("z", p[2]) * Rotation.from_euler("x", p[1] - np.pi / 2)
+                * Rotation.from_euler("z", -p[0]))
+
+    rng = np.random.default_rng(11)
+    a, b = random_poses(rng, 40), random_poses(rng, 40)
+    want = [(scipy_rot(p).inv() * scipy_rot(q)).magnitude() for p, q in zip(a, b)]
+    np.testing.assert_allclose(geo.pose_error(a, b), want, atol=1e-9)
+    np.testing.assert_allclose(geo.pose_error(b, a), want, atol=1e-9)
+    base = np.array([1.2, 0.4, 0.0, 5.0])
+    for field in (1, 2):
+        for delta in (0.05, 0.7, 2.0):
+            other = base.copy()
+            other[field] += delta
+            assert abs(geo.pose_error(base, other) - delta) < 1e-9, (field, delta)
+    far = base.copy()
+    far[3] = 50.0
+    assert geo.pose_error(base, far) < 1e-12
+
+
 def test_azimuth_difference_is_the_geodesic_error_at_zero_elevation():
     a = np.array([0.0, 0.0, 0.0, 5.0])
     for delta in [0.1, 1.0, 2.5]:

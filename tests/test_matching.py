@@ -70,3 +70,35 @@ def test_empty_pool_is_a_clear_error():
     syn, mask, img = _data(3)
     with pytest.raises(ValueError, match="empty pool"):
         matching.match_scores_sharded(syn, mask, img[:0])
+
+
+def test_each_image_finds_the_view_it_was_made_from():
+    """Image n is view perm[n] on that view's valid pixels, each pixel scaled by a
+    positive factor (cosine ignores it) plus 2 % noise, and unrelated noise
+    elsewhere (masked out, so it must not count). Oracles: the naive loop, and the
+    facts that the right view scores near 1, every wrong view near 0 (random
+    directions in 8-D), so each image's best view is its own, on both paths (raw
+    images, and images normalised once then matched with ``normalized=True``)."""
+    rng = np.random.default_rng(4)
+    k, h, w, d = 6, 4, 5, 8
+    syn = rng.normal(size=(k, h, w, d)).astype(np.float32)
+    mask = rng.uniform(size=(k, h, w)) > 0.5
+    mask[:, 0, 0] = True                                   # no empty view
+    perm = rng.permutation(k)
+    img = rng.normal(size=(k, h, w, d))
+    for n, v in enumerate(perm):
+        scale = rng.uniform(0.3, 3.0, size=(h, w, 1))
+        made = syn[v] * scale + 0.02 * scale * rng.normal(size=(h, w, d))
+        img[n] = np.where(mask[v][..., None], made, img[n])
+    img = img.astype(np.float32)
+    want = naive_match_scores(syn, mask, img)
+    got = np.asarray(matching.match_scores(syn, mask, img, chunk=4))
+    pre = matching.normalize_images(img)
+    got_pre = np.asarray(matching.match_scores(syn, mask, pre, normalized=True))
+    for g in (got, got_pre):
+        np.testing.assert_allclose(g, want, atol=1e-5)
+        np.testing.assert_array_equal(np.argmax(g, axis=0), perm)
+        right = g[perm, np.arange(k)]
+        assert np.all(right > 0.99), right
+        wrong = np.where(np.arange(k)[:, None] == perm[None], -np.inf, g)
+        assert np.max(wrong) < 0.6, np.max(wrong)

@@ -122,3 +122,106 @@ def test_pose_consistency_is_rotation_invariant_and_matches_pdist():
     g = jax.grad(lambda p: losses.pose_consistency_loss(p, seq, time, view))(
         jnp.asarray(noisy, jnp.float32))
     assert np.isfinite(np.asarray(g)).all()
+
+
+# Eight rows written out: (sequence, time, view); dt_min = 7.
+#   0: (0, 0, 0)   1: (0, 0, 1)   2: (0, 3, 0)   3: (0, 3, 1)
+#   4: (0, 10, 0)  5: (0, 10, 1)  6: (1, 0, 0)   7: (1, 0, 1)
+_SEQ = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+_TIME = np.array([0, 0, 3, 3, 10, 10, 0, 0])
+_VIEW = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+_POS = {0: [1], 1: [0], 2: [3], 3: [2], 4: [5], 5: [4], 6: [7], 7: [6]}
+# Same sequence and |dt| >= 7 (3 -> 10 is exactly 7: a negative); times 0 and 3 are too
+# close; sequence 1 has a single instant, so no negatives at all.
+_NEG = {0: [4, 5], 1: [4, 5], 2: [4, 5], 3: [4, 5], 4: [0, 1, 2, 3], 5: [0, 1, 2, 3],
+        6: [], 7: []}
+# With cross_sequence, the other sequence's rows are negatives as well.
+_NEG_X = {i: _NEG[i] + ([6, 7] if i < 6 else [0, 1, 2, 3, 4, 5]) for i in range(8)}
+_ANGLES = np.radians([0.0, 20.0, 50.0, 95.0, 170.0, 130.0, 260.0, 300.0])
+_EMB = np.stack([np.cos(_ANGLES), np.sin(_ANGLES), np.zeros(8)], 1)     # unit vectors
+
+
+def _args():
+    return (jnp.asarray(_EMB, jnp.float32), jnp.asarray(_SEQ), jnp.asarray(_TIME),
+            jnp.asarray(_VIEW))
+
+
+def test_masks_and_mining_on_the_written_out_batch():
+    """The positive / negative masks are the hand lists above (the dt = dt_min pair is a
+    negative), and the mined negative is the closest one by angle on the circle."""
+    emb, seq, time, view = _args()
+    pos = np.asarray(losses.positive_mask(seq, time, view))
+    mine = jax.jit(losses.mine_hard_negatives, static_argnums=(3, 4))
+    for neg_map, cross in ((_NEG, False), (_NEG_X, True)):
+        neg = np.asarray(losses.negative_mask(seq, time, 7, cross_sequence=cross))
+        for i in range(8):
+            assert np.flatnonzero(pos[i]).tolist() == _POS[i]
+            assert np.flatnonzero(neg[i]).tolist() == sorted(neg_map[i])
+    idx, ok = mine(emb, seq, time, 7, False)
+    # closest in angle: 0 (0 deg) -> 5 (130 deg); 1 (20) -> 5; 2 (50) -> 5; 3 (95) -> 5;
+    # 4 (170) -> 3 (95); 5 (130) -> 3
+    assert np.asarray(ok).tolist() == [True] * 6 + [False] * 2
+    assert np.asarray(idx)[:6].tolist() == [5, 5, 5, 5, 3, 3]
+    idx, _ = mine(emb, seq, time, 7, True)
+    # with sequence 1 (260, 300 deg): 0 (0 deg) -> 7 (300 = -60 deg, closer than 130)
+    assert int(idx[0]) == 7 and int(idx[6]) == 4 and int(idx[7]) == 0
+
+
+@pytest.mark.parametrize("cross", [False, True])
+def test_contrastive_loss_equals_the_hand_infonce(cross):
+    """InfoNCE over the (anchor, positive) pairs that have negatives: mean of
+    ``-log(exp(s_ap) / (exp(s_ap) + sum_n exp(s_an)))``, s = cosine / temperature, with
+    the negative sets written out above (rows 6 and 7 drop out without cross_sequence)."""
+    emb, seq, time, view = _args()
+    t = 0.25
+    s = (_EMB @ _EMB.T) / t
+    neg_map = _NEG_X if cross else _NEG
+    terms = [-np.log(np.exp(s[a, p]) / (np.exp(s[a, p]) + sum(np.exp(s[a, n])
+                                                             for n in neg_map[a])))
+             for a in range(8) for p in _POS[a] if neg_map[a]]
+    assert len(terms) == (8 if cross else 6)
+    loss = jax.jit(lambda *a: losses.multiview_loss(
+        *a, kind="contrastive", dt_min=7, temperature=t, cross_sequence=cross)[0])(
+        emb, seq, time, view)
+    assert float(loss) == pytest.approx(np.mean(terms), rel=1e-5)
+
+
+@pytest.mark.parametrize("squared", [True, False])
+def test_triplet_loss_equals_the_hand_hinge(squared):
+    """Mean over the 6 (anchor, positive) pairs with negatives of
+    ``max(d(a, p) - min_n d(a, n) + margin, 0)`` (squared or plain Euclidean distance);
+    the mean distances in ``aux`` are those of the pairs / hard negatives."""
+    emb, seq, time, view = _args()
+    d = np.linalg.norm(_EMB[:, None] - _EMB[None], axis=-1)
+    d = d ** 2 if squared else d
+    margin = 0.3
+    hinge, dp, dn = [], [], []
+    for a in range(6):
+        near = min(d[a, n] for n in _NEG[a])
+        dn.append(near)
+        for p in _POS[a]:
+            hinge.append(max(d[a, p] - near + margin, 0.0))
+            dp.append(d[a, p])
+    assert 0 < sum(h > 0 for h in hinge) < 6          # some triplets active, some not
+    loss, aux = jax.jit(lambda *a: losses.triplet_loss(*a, dt_min=7, margin=margin,
+                                                       squared=squared))(emb, seq, time, view)
+    assert float(loss) == pytest.approx(np.mean(hinge), rel=1e-5, abs=1e-6)
+    assert float(aux["active"]) == pytest.approx(np.mean(np.array(hinge) > 0))
+    assert float(aux["d_pos"]) == pytest.approx(np.mean(dp), rel=1e-5)
+    assert float(aux["d_neg"]) == pytest.approx(np.mean(dn), rel=1e-5)
+
+
+def test_pose_loss_hand_values():
+    """Frame 0: every joint 5 away (3-4-5 offsets); frame 1: 2 of 4 joints 2 away on z.
+    mpjpe = mean(5, (2 + 2 + 0 + 0) / 4) = 3; l1 = mean(7/3, 4/12); mse = mean(25/3, 8/12);
+    with the mask (0, 1): frame 1 only."""
+    pred = jnp.zeros((2, 4, 3))
+    tgt = np.zeros((2, 4, 3), np.float32)
+    tgt[0] = [3.0, 4.0, 0.0]
+    tgt[1, :2, 2] = 2.0
+    tgt = jnp.asarray(tgt)
+    pose_loss = jax.jit(losses.pose_loss, static_argnames="kind")
+    assert float(pose_loss(pred, tgt)) == pytest.approx(3.0, rel=1e-5)
+    assert float(pose_loss(pred, tgt, kind="l1")) == pytest.approx((7 / 3 + 1 / 3) / 2)
+    assert float(pose_loss(pred, tgt, kind="mse")) == pytest.approx((25 / 3 + 2 / 3) / 2)
+    assert float(pose_loss(pred, tgt, jnp.asarray([0.0, 1.0]))) == pytest.approx(1.0, rel=1e-4)

@@ -35,7 +35,7 @@ def test_one_step_same_loss_on_8_devices(eight_devices):
     # A real copy (device_put may alias device 0's buffer, and the step donates its input).
     state8 = parallel.replicate(jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), state1),
                                 mesh8)
-    step = mtrain.make_train_step(model, cfg, use_multiview=True)
+    step = mtrain._cached_step(model, cfg, True)      # compiled once for the file
     host_batch = mtrain._batch_for_step(ts, cfg, 0, True, 0)
     losses = {}
     for n_dev, mesh, state in ((1, mesh1, state1), (8, mesh8, state8)):
@@ -48,6 +48,34 @@ def test_one_step_same_loss_on_8_devices(eight_devices):
     assert losses[1]["loss_mv"] > 0 and losses[1]["loss_pose"] > 0
     for k in losses[1]:
         assert losses[8][k] == pytest.approx(losses[1][k], rel=2e-3, abs=1e-5), k
+
+
+def test_train_step_lowers_both_losses_on_a_fixed_batch():
+    """Gradient descent on one fixed batch (same images, same augmentation key), tiny
+    config (lr 2e-3 after a 1-step warm-up from 0): the first step changes nothing (lr 0),
+    the reported total is exactly pose_weight * loss_pose + weight * loss_mv, and after 4
+    real updates the total and the multi-view loss are below half their start (seen:
+    2.19 -> 0.69, 1.71 -> 0.24) and the pose loss below 0.98 of its start (seen: 0.474 ->
+    0.448). Gradient ascent, a dropped loss term or a detached branch cannot do that."""
+    cfg = mcss_config.get_config("tiny").train
+    assert cfg.pose_weight == 1.0 and cfg.multiview.weight == 1.0
+    assert cfg.multiview.get("pose_consistency", 0.0) == 0.0
+    ts = _fake_train_set()
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    step = mtrain._cached_step(model, cfg, True)
+    batch = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, True, 0), mesh)
+    hist = []
+    for _ in range(6):      # the metrics of call i are the loss before its update
+        state, out = step(state, batch, training.step_key(0, 0))
+        hist.append({k: float(v) for k, v in jax.device_get(out).items()})
+    assert hist[1]["loss"] == pytest.approx(hist[0]["loss"], rel=1e-6)        # lr 0 first
+    for h in hist:
+        assert h["loss"] == pytest.approx(h["loss_pose"] + h["loss_mv"], rel=1e-5)
+    first, last = hist[0], hist[-1]
+    assert last["loss"] < 0.5 * first["loss"], [h["loss"] for h in hist]
+    assert last["loss_mv"] < 0.5 * first["loss_mv"], [h["loss_mv"] for h in hist]
+    assert last["loss_pose"] < 0.98 * first["loss_pose"], [h["loss_pose"] for h in hist]
 
 
 def test_predict_features_embedding_is_the_normalised_pooled_features():

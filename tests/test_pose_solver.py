@@ -37,6 +37,26 @@ def test_folded_score_equals_rendered_feature_dot_product():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
 
 
+def test_nemo_loss_and_clutter_scores_by_hand():
+    """NeMo's objective on a 2 x 2 map (4 pixels), computed by hand.
+
+    Clutter scores are cosines: F = (3,4), (0,-2), (1,0), (-1,-1) against the clutter
+    direction (5, 0) (not unit) give 0.6, 0, 1, -1/sqrt 2.
+    For object scores s_obj and clutter scores s_cl = (0.1, 0.3, 0.5, -0.2):
+    pose A, s_obj = (0.9, 0, 0.2, 0): max = (0.9, 0.3, 0.5, 0), mean 0.425; mean s_cl
+    0.175; L = 1 - (0.425 - 0.175) = 0.75. Pose B renders nothing (s_obj = 0):
+    max = (0.1, 0.3, 0.5, 0), mean 0.225, L = 1 - 0.05 = 0.95. Without the clutter
+    term in the max, A would score 1 - (0.275 - 0.175) = 0.9; without the subtracted
+    clutter mean, 0.575.
+    """
+    fm = jnp.array([[[3.0, 4.0], [0.0, -2.0]], [[1.0, 0.0], [-1.0, -1.0]]])
+    np.testing.assert_allclose(np.asarray(ps.clutter_scores(fm, jnp.array([5.0, 0.0]))),
+                               [0.6, 0.0, 1.0, -np.sqrt(0.5)], atol=1e-6)
+    s_obj = jnp.array([[0.9, 0.0, 0.2, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    s_cl = jnp.array([0.1, 0.3, 0.5, -0.2])
+    np.testing.assert_allclose(np.asarray(ps.nemo_loss(s_obj, s_cl)), [0.75, 0.95], atol=1e-6)
+
+
 def test_refinement_recovers_a_perturbed_pose_within_one_degree():
     gt = np.array([0.7, 0.3, 0.1, 5.0], np.float32)
     hw, focal = (48, 48), 60.0
@@ -67,6 +87,13 @@ def test_grid_search_finds_the_coarse_pose():
     assert int(np.argmin(res.grid_losses[0])) == target
     np.testing.assert_allclose(res.pose[0], grid[target])
     assert res.grid_losses.shape == (1, 144) and np.isfinite(res.score).all()
+    # three hypotheses kept, none refined: the lowest-loss one still wins, its score is
+    # 1 - its loss (the grid is scored by the same compiled call)
+    res3 = ps.solve(fm[None], mem, clutter, MESH.verts, MESH.faces, jnp.array([focal]),
+                    principal[None], stride=1, cfg=ps.SolverConfig(steps=0, top_k=3))
+    np.testing.assert_allclose(res3.pose[0], grid[target])
+    np.testing.assert_allclose(res3.score[0], 1.0 - res.grid_losses[0].min(), rtol=1e-6)
+    assert np.sort(res.grid_losses[0])[1] > res.grid_losses[0].min()   # a real choice
 
 
 # ------------------------------------------------------------------ batched solver vs oracles

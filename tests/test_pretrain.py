@@ -132,3 +132,80 @@ def test_tiny_pretrain_on_8_devices_decreases_loss(tmp_path, eight_devices):
     raw = pretrain.load_pretrained_params(tmp_path)
     np.testing.assert_array_equal(jax.tree_util.tree_leaves(raw.params)[0],
                                   jax.tree_util.tree_leaves(out.params)[0])
+
+
+def _np_infonce(f1, f2, allowed, temperature, directions=False):
+    """Symmetric InfoNCE by loops: ``allowed[r]`` = the columns row r is scored against
+    (its positive r included); rows missing from ``allowed`` are not anchors. The mean of
+    the two directions (f1 rows against f2, f2 rows against f1), or with ``directions``
+    both."""
+    s = f1 @ f2.T / temperature
+    out = []
+    for m in (s, s.T):
+        terms = [-(m[r, r] - np.log(sum(np.exp(m[r, c]) for c in cols)))
+                 for r, cols in allowed.items()]
+        out.append(np.mean(terms))
+    return tuple(out) if directions else 0.5 * (out[0] + out[1])
+
+
+def test_dense_infonce_hand_case():
+    """Four pairs, row 3 invalid, rows 0 and 1 adjacent cells of one image (radius 1): row 0
+    is scored against columns {0, 2}, row 1 against {1, 2}, row 2 against {0, 1, 2}, in both
+    directions (f1 -> f2 and f2 -> f1, averaged); without the radius rows 0 and 1 see each
+    other. The two directions differ here (the cosine matrix is not symmetric), so both
+    must be counted."""
+    f1 = np.array([[1.0, 0.0, 0.0], [0.6, 0.8, 0.0], [0.0, 0.6, 0.8], [0.0, 0.0, 1.0]])
+    f2 = np.array([[0.8, 0.6, 0.0], [0.0, 0.6, 0.8], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    valid = np.array([True, True, True, False])
+    ids = np.array([0, 0, 1, 1])
+    cell = np.array([[0.0, 0.0], [0.0, 1.0], [0.0, 0.0], [3.0, 3.0]])
+    t = 0.5
+    args = (jnp.asarray(f1, jnp.float32), jnp.asarray(f2, jnp.float32), jnp.asarray(valid))
+    # jitted: one small compile instead of many eager ones (test time)
+    dense_infonce = jax.jit(pretrain.dense_infonce,
+                            static_argnames=("temperature", "neighbor_radius"))
+    got = dense_infonce(*args, temperature=t, image_id=jnp.asarray(ids),
+                        cell=jnp.asarray(cell, jnp.float32), neighbor_radius=1.0)
+    allowed = {0: [0, 2], 1: [1, 2], 2: [0, 1, 2]}
+    want = _np_infonce(f1, f2, allowed, t)
+    np.testing.assert_allclose(float(got), want, rtol=1e-5)
+    one, other = _np_infonce(f1, f2, allowed, t, directions=True)
+    assert abs(one - other) > 0.03                  # a one-direction loss is off by > 0.015
+    plain = dense_infonce(*args, temperature=t)
+    everyone = {r: [0, 1, 2] for r in range(3)}
+    np.testing.assert_allclose(float(plain), _np_infonce(f1, f2, everyone, t), rtol=1e-5)
+    assert abs(want - float(plain)) > 0.05          # the exclusion matters here
+
+
+def test_pretrain_loss_gathers_the_sampled_cells_and_weights_the_terms():
+    """Two images of 2 x 2 feature cells: the dense term pairs fmap1[b, idx1[b, k]] with
+    fmap2[b, idx2[b, k]] (flat cells, gathered by hand below), the global term is the
+    InfoNCE of the normalised mean features, total = 0.75 dense + 0.25 global; pos_cos /
+    neg_cos are the mean cosine of the valid pairs / of valid cells of different images."""
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    fmap1 = unit(rng.normal(size=(2, 2, 2, 3)))
+    fmap2 = unit(fmap1 + 0.5 * rng.normal(size=(2, 2, 2, 3)))
+    batch = {"idx1": np.array([[0, 3], [1, 2]], np.int32),
+             "idx2": np.array([[2, 1], [3, 0]], np.int32),
+             "valid": np.array([[True, True], [True, False]]),
+             "cell": np.array([[[0, 0], [1, 1]], [[0, 1], [1, 0]]], np.float32)}
+    cfg = pretrain.PretrainConfig(temperature=0.2, neighbor_radius=1.0, global_weight=0.25)
+    total, m = jax.jit(pretrain.pretrain_loss, static_argnums=3)(
+        jnp.asarray(fmap1, jnp.float32), jnp.asarray(fmap2, jnp.float32),
+        {k: jnp.asarray(v) for k, v in batch.items()}, cfg)
+    flat1, flat2 = fmap1.reshape(2, 4, 3), fmap2.reshape(2, 4, 3)
+    # rows: (image 0, cell (0,0)), (image 0, cell (1,1)), (image 1, cell (0,1)), padding
+    f1 = np.stack([flat1[0, 0], flat1[0, 3], flat1[1, 1], flat1[1, 2]])
+    f2 = np.stack([flat2[0, 2], flat2[0, 1], flat2[1, 3], flat2[1, 0]])
+    # (0,0) and (1,1) are sqrt 2 apart (> radius 1): no exclusion
+    dense = _np_infonce(f1, f2, {r: [0, 1, 2] for r in range(3)}, 0.2)
+    g1, g2 = unit(fmap1.mean((1, 2))), unit(fmap2.mean((1, 2)))
+    glob = _np_infonce(g1, g2, {0: [0, 1], 1: [0, 1]}, 0.2)
+    np.testing.assert_allclose(float(m["dense"]), dense, rtol=1e-5)
+    np.testing.assert_allclose(float(m["global"]), glob, rtol=1e-5)
+    np.testing.assert_allclose(float(total), 0.75 * dense + 0.25 * glob, rtol=1e-5)
+    cos = f1 @ f2.T
+    np.testing.assert_allclose(float(m["pos_cos"]), np.mean(np.diag(cos)[:3]), rtol=1e-5)
+    other = [cos[0, 2], cos[1, 2], cos[2, 0], cos[2, 1]]
+    np.testing.assert_allclose(float(m["neg_cos"]), np.mean(other), rtol=1e-5)

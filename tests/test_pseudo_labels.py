@@ -177,3 +177,45 @@ def test_table_report_against_a_hand_built_table():
     assert rep["precision_agree@1"] == 1.0 and rep["precision_agree@2"] == 0.5
     assert rep["num_agree"] == 2
     assert rep["precision_agreeing_top"] == 0.5 and rep["precision_disagreeing_top"] == 0.5
+
+
+def test_select_on_a_table_across_the_azimuth_seam():
+    """Views at azimuth 355, 5, 120 and 240 deg (elevation 0.2): 355 and 5 deg are
+    10 deg apart (geodesic), so a high score at 5 deg is no rival to the best view at
+    355 deg; 120 and 240 deg are 120 deg apart. Rule: threshold 0.5 (inclusive),
+    margin 0.05 over views more than 30 deg away. By hand:
+    img0: best 355 (0.90), rival far views 0.30 -> accepted at 355 deg, from source 10
+          (a plain |azimuth difference| would call 5 deg far: lead 0.02, rejected);
+    img1: best 120 (0.70), 240 deg at 0.68 -> lead 0.02 < 0.05, rejected;
+    img2: best 120 at exactly the threshold 0.5 -> accepted, from source 12;
+    img3: best 240 (0.49) -> under the threshold, rejected;
+    img4: best 5 (0.95) but no longer a candidate -> rejected;
+    img5: best 240 (0.80), rivals 0.10 -> accepted, from source 13 (pseudo-labelled).
+    Accepted in score order: img0, img5, img2; max_new=2 keeps img0 and img5."""
+    view_poses = geometry.make_pose(np.radians([355.0, 5.0, 120.0, 240.0]), 0.2, 0.0, 5.0, xnp=np)
+    scores = np.array([
+        [0.90, 0.10, 0.10, 0.10, 0.10, 0.10],
+        [0.88, 0.10, 0.10, 0.20, 0.95, 0.10],
+        [0.30, 0.70, 0.50, 0.10, 0.10, 0.10],
+        [0.30, 0.68, 0.10, 0.49, 0.10, 0.80],
+    ], np.float32)
+    source, labelled = np.array([10, 11, 12, 13]), np.array([True, True, True, False])
+    candidates = np.array([True, True, True, True, False, True])
+    rule = pl.Selection(threshold=0.5, margin=0.05, margin_angle=np.radians(30.0))
+    out = pl.select(scores, view_poses, source, labelled, rule, round_index=2,
+                    candidates=candidates)
+    np.testing.assert_array_equal(out.index, [0, 5, 2])
+    np.testing.assert_allclose(out.poses, view_poses[[0, 3, 2]], atol=1e-6)
+    np.testing.assert_allclose(out.score, [0.90, 0.80, 0.50], atol=1e-6)
+    np.testing.assert_array_equal(out.source, [10, 13, 12])
+    np.testing.assert_array_equal(out.source_is_labelled, [True, False, True])
+    np.testing.assert_array_equal(out.round, [2, 2, 2])
+    capped = pl.select(scores, view_poses, source, labelled,
+                       pl.Selection(0.5, 0.05, np.radians(30.0), max_new=2), round_index=2,
+                       candidates=candidates)
+    np.testing.assert_array_equal(capped.index, [0, 5])
+    # without the margin rule img1 passes at 120 deg (0.70), ranked between img0 and img5
+    loose = pl.select(scores, view_poses, source, labelled,
+                      pl.Selection(0.5, -1.0, np.radians(30.0)), round_index=2,
+                      candidates=candidates)
+    np.testing.assert_array_equal(loose.index, [0, 5, 1, 2])

@@ -38,9 +38,23 @@ def _run(tiny_data, workdir, config=None, **kw):
 
 @pytest.fixture(scope="module")
 def reference(tiny_data, tmp_path_factory):
-    """An uninterrupted run on 8 devices."""
+    """An uninterrupted run on 8 devices; ``m_step_data`` records, per M-step, the
+    round and the training set ``_m_step`` was given (what CoKe trained on)."""
     workdir = tmp_path_factory.mktemp("nvsm_reference")
-    return {**_run(tiny_data, workdir), "workdir": workdir}
+    seen = []
+    real = semi_supervised._m_step
+
+    def spy(config, state, train_step, data, round_start, begin, end, round_index, *a, **kw):
+        seen.append({"round": round_index, "names": tuple(data.names),
+                     "poses": np.array(data.poses), "images": np.array(data.images),
+                     "focal": np.array(data.focal)})
+        return real(config, state, train_step, data, round_start, begin, end, round_index,
+                    *a, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(semi_supervised, "_m_step", spy)
+        out = _run(tiny_data, workdir)
+    return {**out, "workdir": workdir, "m_step_data": seen}
 
 
 def test_tiny_em_rounds_on_8_devices(tiny_data, reference, eight_devices):
@@ -78,6 +92,44 @@ def test_tiny_em_rounds_on_8_devices(tiny_data, reference, eight_devices):
     split = fewshot.make_fewshot_split(train_set, 7, seed=c.seed)
     data = semi_supervised.training_set(split.labelled, split.unlabelled, pl)
     np.testing.assert_allclose(data.poses[-len(pl):], pl.poses)
+
+
+def test_each_m_step_trains_on_the_anchors_and_the_pseudo_labels_so_far(tiny_data, reference):
+    """What run_nvsm's M-steps actually trained on (recorded by the ``reference``
+    fixture's spy on ``_m_step``): round 0 the 7 anchors at their labels; round r
+    the anchors plus every image accepted in rounds 1..r, each pseudo-labelled
+    image (its own pixels and camera) at its pseudo pose, never its hidden pose;
+    so the distinct images seen are 7, 7 + 4 and 7 + 8 (max_new = 4 per round)."""
+    train_set, _, _ = tiny_data
+    c = _config()
+    split = fewshot.split_from_config(train_set, c.num_labelled, c)
+    lab, unl = split.labelled, split.unlabelled
+    hidden = fewshot.hidden_poses(train_set, unl.names)
+    pl = reference["pseudo_labels"]
+    seen = reference["m_step_data"]
+    assert [s["round"] for s in seen] == [0, 1, 2]
+    assert [len(set(s["names"])) for s in seen] == [7, 7 + c.estep.max_new,
+                                                      7 + 2 * c.estep.max_new]
+    assert seen[0]["names"] == lab.names
+    np.testing.assert_array_equal(seen[0]["poses"], lab.poses)
+    for s in seen[1:]:
+        so_far = pl.take(pl.round <= s["round"])
+        want = set(lab.names) | {unl.names[i] for i in so_far.index}
+        assert set(s["names"]) == want, s["round"]
+        names = np.array(s["names"])
+        for i, name in enumerate(lab.names):
+            rows = np.flatnonzero(names == name)
+            assert len(rows) >= 1
+            np.testing.assert_array_equal(s["poses"][rows], np.repeat(lab.poses[i:i + 1],
+                                                                      len(rows), 0))
+        for j, i in enumerate(so_far.index):
+            rows = np.flatnonzero(names == unl.names[i])
+            assert len(rows) == 1, (s["round"], unl.names[i])
+            r = rows[0]
+            np.testing.assert_array_equal(s["poses"][r], so_far.poses[j])
+            np.testing.assert_array_equal(s["images"][r], unl.images[i])
+            assert s["focal"][r] == unl.focal[i]
+            assert not np.allclose(s["poses"][r], hidden[i], atol=1e-3)  # a matched pose
 
 
 def test_learning_rate_decays_through_the_last_round(reference):
@@ -182,6 +234,20 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     pose, source = pose_of_image_0(base)
     own = train_set.poses[1].astype(np.float64)
     assert source == 100 and geometry.pose_error(pose, own) < 1e-4
+    # the source's view synthesised at its own pose, with the feature map's camera
+    # (focal / stride), reproduces its map on the object up to the interpolation's
+    # blur (0.82 here); the other pool images are independent noise: mean cosines
+    # over a few dozen pixels, |score| ~ 0.1
+    score_0 = base.new.score[base.new.index == 0][0]
+    assert score_0 > 0.6 and np.all(np.abs(base.new.score[base.new.index != 0]) < 0.3), \
+        base.new.score
+    # image 0 no longer a candidate (pseudo-labelled in an earlier round): never again
+    rest = semi_supervised.e_step(cfg, sources, pool_set._replace(candidates=np.array(
+        [False, True, True, True])), **kw)
+    assert 0 not in rest.new.index and len(rest.new) == 3
+    for i in (1, 2, 3):         # the others keep their best view
+        np.testing.assert_array_equal(rest.new.poses[rest.new.index == i],
+                                      base.new.poses[base.new.index == i])
     novel = semi_supervised.e_step(cfg.replace(novel_views_only=True), sources, pool_set, **kw)
     assert novel.num_views == base.num_views - 1
     pose, _ = pose_of_image_0(novel)
@@ -307,6 +373,13 @@ def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(t
             cfg, src.take([1, 2]), semi_supervised.Pool(src.maps[:1], src.focal[:1],
                                                         src.principal[:1], np.ones(1, bool)),
             **kw)
+        # views come source-major, K per source, each within the offset grid of the
+        # pose of the source whose id it carries
+        np.testing.assert_array_equal(table.view_source, np.repeat([1, 2], views_per_source))
+        np.testing.assert_array_equal(table.view_labelled, np.ones(2 * views_per_source, bool))
+        near = geometry.pose_error(table.view_poses.astype(np.float64),
+                                   poses[table.view_source].astype(np.float64))
+        assert np.all(near <= cfg.azimuth_steps * cfg.azimuth_step + 1e-4), np.degrees(near)
         best = table.view_poses[np.argmax(table.scores[:, 0])]
         assert geometry.pose_error(best.astype(np.float64), poses[1].astype(np.float64)) < 1e-4
         assert hc.best_score[0] == pytest.approx(table.scores[:, 0].max(), abs=1e-6)
@@ -356,3 +429,94 @@ def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_
         semi_supervised.e_step(cfg.replace(agreement_rate=0.5), sources, pool_set, **kw)
     with pytest.raises(ValueError, match="agreement_rate"):
         _estep(agreement_rate=1.5)
+
+
+def _pseudo(index, poses, round_index=1):
+    from nvsm_jax import pseudo_labels
+    m = len(index)
+    return pseudo_labels.PseudoLabels(np.asarray(index, np.int64), np.asarray(poses, np.float32),
+                                      np.linspace(0.9, 0.5, m).astype(np.float32),
+                                      np.zeros(m, np.int64), np.ones(m, bool),
+                                      np.full(m, round_index, np.int64))
+
+
+def test_training_set_repeats_the_anchors_to_their_minimum_fraction(tiny_data):
+    """3 anchors and 10 pseudo-labels with ``labelled_min_fraction`` 0.5: the anchors
+    must make up at least half the set, so they are repeated ceil(10 / 3) = 4 times
+    (12 of 22 rows; 3 repeats would give 9 of 19 < 0.5). The pseudo-labelled rows
+    follow, each with its own image and camera at its pseudo pose."""
+    train_set, _, _ = tiny_data
+    split = fewshot.make_fewshot_split(train_set, 3, seed=0)
+    lab, unl = split.labelled, split.unlabelled
+    rng = np.random.default_rng(5)
+    idx = rng.permutation(len(unl))[:10]
+    poses = np.stack([rng.uniform(0, 6, 10), rng.uniform(0, 0.5, 10), np.zeros(10),
+                      np.full(10, 5.0)], -1)
+    pl = _pseudo(idx, poses)
+    data = semi_supervised.training_set(lab, unl, pl, 0.5)
+    assert len(data) == 22
+    assert data.names[:12] == lab.names * 4
+    np.testing.assert_array_equal(data.poses[:12], np.tile(lab.poses, (4, 1)))
+    assert data.names[12:] == tuple(unl.names[i] for i in idx)
+    np.testing.assert_array_equal(data.images[12:], unl.images[idx])
+    np.testing.assert_array_equal(data.poses[12:], poses.astype(np.float32))
+    np.testing.assert_array_equal(data.focal[12:], unl.focal[idx])
+    np.testing.assert_array_equal(data.principal[12:], unl.principal[idx])
+    # no minimum: each anchor once; 0.2: want 2.5 anchor rows -> still once
+    assert len(semi_supervised.training_set(lab, unl, pl)) == 13
+    assert len(semi_supervised.training_set(lab, unl, pl, 0.2)) == 13
+    # 0.8: want 40 anchor rows -> ceil(40 / 3) = 14 repeats, 42 + 10 rows
+    assert len(semi_supervised.training_set(lab, unl, pl, 0.8)) == 52
+    assert semi_supervised.training_set(lab, unl, _pseudo([], np.zeros((0, 4))), 0.5).names \
+        == lab.names
+
+
+def test_round_sources_are_the_anchors_then_the_pseudo_labels_then_their_mirrors(tiny_data):
+    """Hand-built pseudo-labels for pool images 5 and 2 (pool cameras made distinct):
+    the sources are the 7 anchors (their maps, labels, cameras, object masks, ids
+    0..6), then images 5 and 2 with the pool's maps of those rows, at their pseudo
+    poses, with their own cameras, ids 5 and 2, not labelled, all-True masks; then
+    the mirror of every row: the stand-in network's map of the flipped image (of
+    the anchor, or of pool image 5 / 2), azimuth 2 pi - a, theta -t, principal
+    x -> W - x, same id and labelled flag."""
+    import dataclasses
+    train_set, _, _ = tiny_data
+    c = _config()
+    split = fewshot.split_from_config(train_set, c.num_labelled, c)
+    lab = split.labelled
+    n = len(split.unlabelled)
+    unl = dataclasses.replace(split.unlabelled, focal=np.linspace(150, 250, n).astype(np.float32),
+                              principal=np.stack([np.linspace(10, 20, n),
+                                                  np.linspace(12, 22, n)], -1).astype(np.float32))
+
+    def fn(x):                              # a stand-in network: channel sums at stride 4
+        x = np.asarray(x, np.float32)
+        return x.reshape(len(x), 8, 4, 8, 4, 3).sum((2, 4))
+
+    pool_maps = fn(unl.images) + 1000.0 * np.arange(n)[:, None, None, None]   # row-tagged
+    pl_poses = np.array([[1.0, 0.2, 0.1, 5.0], [4.0, 0.3, -0.2, 4.5]], np.float32)
+    src = semi_supervised.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
+    m = 7 + 2
+    assert len(src) == 2 * m
+    np.testing.assert_array_equal(src.maps[:7], fn(lab.images))
+    np.testing.assert_array_equal(src.maps[7:m], pool_maps[[5, 2]])
+    np.testing.assert_array_equal(src.poses[:m], np.concatenate([lab.poses, pl_poses]))
+    np.testing.assert_array_equal(src.focal[:m], np.concatenate([lab.focal, unl.focal[[5, 2]]]))
+    np.testing.assert_array_equal(src.principal[:m],
+                                  np.concatenate([lab.principal, unl.principal[[5, 2]]]))
+    np.testing.assert_array_equal(src.ids, [0, 1, 2, 3, 4, 5, 6, 5, 2] * 2)
+    np.testing.assert_array_equal(src.is_labelled, ([True] * 7 + [False] * 2) * 2)
+    np.testing.assert_array_equal(src.masks[:7], lab.object_mask)
+    assert src.masks[7:m].all()
+    images = np.concatenate([lab.images, unl.images[[5, 2]]])
+    np.testing.assert_array_equal(src.maps[m:], fn(images[:, :, ::-1]))
+    want = src.poses[:m].copy()
+    want[:, 0] = np.mod(2 * np.pi - want[:, 0], 2 * np.pi)
+    want[:, 2] = -want[:, 2]
+    np.testing.assert_allclose(src.poses[m:], want, atol=1e-6)
+    np.testing.assert_allclose(src.principal[m:, 0], 32 - src.principal[:m, 0])
+    np.testing.assert_array_equal(src.masks[m:], src.masks[:m, :, ::-1])
+    c.estep.mirror_sources = False
+    plain = semi_supervised.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
+    assert len(plain) == m
+    np.testing.assert_array_equal(plain.maps, src.maps[:m])

@@ -138,3 +138,81 @@ def test_near_plane_faces_give_no_nan():
     assert set(np.unique(np.asarray(out.face_ids)).tolist()) == {-1, 3}
     assert np.all(np.isfinite(out.silhouette)) and np.all(np.isfinite(out.attrs))
     assert np.all(np.isfinite(g))
+
+
+# --------------------------------------------------------------------------- closed-form oracle
+
+TRI_A = np.array([[3.2, 2.7], [13.1, 4.3], [5.4, 13.6]])          # the small, near triangle
+TRI_B = np.array([[1.3, 1.1], [15.2, 1.6], [2.1, 15.4]])          # the big, far one behind it
+
+
+def _numpy_coverage(tri, sigma):
+    """SoftRas coverage ``sigmoid(+-d^2 / sigma)`` of one triangle at the 16 x 16 pixel
+    centres, in float64 numpy: ``d`` is the brute-force minimum over the three edges
+    of the distance to the segment (the closest point clamped to the segment's ends),
+    the sign + inside (all edge cross products of one sign), - outside."""
+    px, py = np.meshgrid(np.arange(16) + 0.5, np.arange(16) + 0.5)
+    d2 = np.full(px.shape, np.inf)
+    cross = []
+    for i in range(3):
+        (ax, ay), (bx, by) = tri[i], tri[(i + 1) % 3]
+        t = np.clip(((px - ax) * (bx - ax) + (py - ay) * (by - ay))
+                    / ((bx - ax) ** 2 + (by - ay) ** 2), 0.0, 1.0)
+        d2 = np.minimum(d2, (px - ax - t * (bx - ax)) ** 2 + (py - ay - t * (by - ay)) ** 2)
+        cross.append((bx - ax) * (py - ay) - (by - ay) * (px - ax))
+    inside = np.all(np.stack(cross) >= 0, 0) | np.all(np.stack(cross) <= 0, 0)
+    return 1.0 / (1.0 + np.exp(-np.where(inside, d2, -d2) / sigma))
+
+
+@jax.jit
+def _soft_pair(sv, attrs):
+    faces = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
+    return R.soft_rasterize(sv, faces, (16, 16), attrs, sigma=0.5, gamma=0.05, top_k=TOP_K)
+
+
+def test_silhouette_and_depth_blend_match_the_closed_form():
+    """Two flat triangles of constant depth (A at z = 2 in front of the larger B at
+    z = 4) against the SoftRas formulas evaluated in numpy at every pixel:
+
+    * A alone (B collapsed to a point, never a candidate): silhouette = D_A;
+    * both: silhouette = 1 - (1 - D_A)(1 - D_B), and with per-face constant
+      attributes A = (1, 0), B = (0, 1) the blended attributes are the weights
+      ``w_j = D_j exp(zn_j / gamma) / (sum_i D_i exp(zn_i / gamma) + exp(eps / gamma))``
+      with ``zn = (zfar - z) / (zfar - znear)`` (larger = nearer).
+
+    Pixels that are not candidates have ``D < dist_eps = 1e-4`` in the formula, so
+    the silhouettes must agree within 2e-4 everywhere (the weights: see below). The blur (sigma 0.5 px^2, radius ~2 px)
+    puts pixels beyond A's corners inside the candidate region, where only the
+    distance to the segment's end point (not to the edge's line) is right; the
+    temperature (gamma 0.05) makes the far face's weight a sizeable fraction.
+    """
+    sigma, gamma, znear, zfar, eps = 0.5, 0.05, 1.0, 100.0, 1e-3
+    d_a, d_b = _numpy_coverage(TRI_A, sigma), _numpy_coverage(TRI_B, sigma)
+    attrs = jnp.asarray([[1.0, 0.0]] * 3 + [[0.0, 1.0]] * 3, jnp.float32)
+    a3 = np.concatenate([TRI_A, np.full((3, 1), 2.0)], 1)
+    b3 = np.concatenate([TRI_B, np.full((3, 1), 4.0)], 1)
+    alone = _soft_pair(jnp.asarray(np.concatenate([a3, np.tile([[30.0, 30.0, 4.0]], (3, 1))])[None],
+                                   jnp.float32), attrs)
+    np.testing.assert_allclose(np.asarray(alone.silhouette[0]), d_a, atol=2e-4)
+    assert (d_a > 0.5).sum() > 30 and ((d_a > 0.01) & (d_a < 0.5)).sum() > 20
+    both = _soft_pair(jnp.asarray(np.concatenate([a3, b3])[None], jnp.float32), attrs)
+    np.testing.assert_allclose(np.asarray(both.silhouette[0]), 1 - (1 - d_a) * (1 - d_b), atol=2e-4)
+    logits = np.stack([np.log(np.maximum(d_a, 1e-300)) + (zfar - 2.0) / (zfar - znear) / gamma,
+                       np.log(np.maximum(d_b, 1e-300)) + (zfar - 4.0) / (zfar - znear) / gamma,
+                       np.full(d_a.shape, eps / gamma)])
+    w = np.exp(logits - logits.max(0))
+    w = w / w.sum(0)
+    # The weights are normalised, so a face that is not a candidate (D < dist_eps)
+    # still has a share in the formula next to another tiny D: compare where each
+    # face is either surely a candidate (D > dist_eps) or negligible (D < 1e-7)
+    # and at least one is a candidate.
+    d = np.stack([d_a, d_b])
+    sure = np.all((d > 1e-4) | (d < 1e-7), 0) & np.any(d > 1e-4, 0)
+    assert sure.sum() > 150
+    np.testing.assert_allclose(np.asarray(both.attrs[0])[sure], np.moveaxis(w[:2], 0, -1)[sure],
+                               atol=2e-4)
+    # well inside both: w_A / w_B = exp((zn_A - zn_B) / gamma) = exp(2 / 99 / 0.05) = 1.50,
+    # so the near face gets 0.60 and the far one 0.40 of the attributes
+    deep = (d_a > 0.99) & (d_b > 0.99)
+    assert deep.sum() >= 5
+    np.testing.assert_allclose(np.asarray(both.attrs[0])[deep], [[0.6, 0.4]] * deep.sum(), atol=5e-3)

@@ -95,3 +95,52 @@ def test_synthesize_many_equals_a_loop_over_anchors():
                                           jnp.asarray(PRINCIPAL), MAP_HW)
         np.testing.assert_allclose(np.asarray(f_all[a]), np.asarray(f), atol=1e-5)
         np.testing.assert_array_equal(np.asarray(m_all[a]), np.asarray(m))
+
+
+def test_partly_seen_faces_average_only_their_seen_vertices():
+    """Hand-placed vertex features (the smooth field at each vertex) with only the
+    vertices at x < 0.1 marked as seen by the anchor, synthesised at a new pose.
+
+    The oracle is the rule written out in numpy from the rasteriser's fragments at
+    that pose (face and barycentrics b of every pixel): with s_j = 1 for a seen
+    vertex, the weight is w = sum_j b_j s_j, the pixel is valid iff it is on the
+    object and w >= 0.5, and its feature is sum_j b_j s_j f_j / w (the seen
+    vertices' features with renormalised barycentrics), zero elsewhere. The target
+    pose shows the seen/unseen border, so many pixels have 0.5 <= w < 1, where
+    skipping the renormalisation or letting unseen vertices contribute changes the
+    value (a cosine comparison would not notice the first)."""
+    verts, faces, _, field = _scene()
+    seen = np.asarray(verts)[:, 0] < 0.1
+    target = jnp.array([0.9, 0.3, 0.0, 5.0])
+    feats, mask = synthesis.synthesize_views(field, jnp.asarray(seen), verts, faces, target[None],
+                                             FOCAL, jnp.asarray(PRINCIPAL), MAP_HW)
+    feats, mask = np.asarray(feats[0], np.float64), np.asarray(mask[0])
+    frags = rasterizer.rasterize(geometry.project_to_screen(verts, target, FOCAL, PRINCIPAL),
+                                 faces, MAP_HW)
+    fid, bary = np.asarray(frags.face_id), np.asarray(frags.bary, np.float64)
+    f, tri = np.asarray(field, np.float64), np.asarray(faces)
+    want = np.zeros_like(feats)
+    want_mask = np.zeros(MAP_HW, bool)
+    weight = np.zeros(MAP_HW)
+    for r in range(MAP_HW[0]):
+        for c in range(MAP_HW[1]):
+            if fid[r, c] < 0:
+                continue
+            corner = tri[fid[r, c]]
+            bs = bary[r, c] * seen[corner]
+            weight[r, c] = bs.sum()
+            want_mask[r, c] = weight[r, c] >= 0.5
+            if want_mask[r, c]:
+                want[r, c] = bs @ f[corner] / weight[r, c]
+    partial = want_mask & (weight < 0.99)
+    assert partial.sum() >= 10, partial.sum()                    # the border is in view
+    assert np.sum((fid >= 0) & (weight < 0.5) & (weight > 0)) >= 5
+    assert want_mask.sum() >= 60 and np.sum((fid >= 0) & ~want_mask) >= 60
+    sure = np.abs(weight - 0.5) > 1e-4                           # no float ties at the cut
+    np.testing.assert_array_equal(mask[sure], want_mask[sure])
+    np.testing.assert_allclose(feats[mask & sure], want[mask & sure], atol=1e-5)
+    assert np.all(feats[~mask] == 0)
+    # at the border the renormalised average is not the raw barycentric sum
+    raw = np.einsum("hwk,hwkd->hwd", bary * seen[tri[np.maximum(fid, 0)]],
+                    f[tri[np.maximum(fid, 0)]])
+    assert np.max(np.abs(raw[partial] - want[partial])) > 0.05

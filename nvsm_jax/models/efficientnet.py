@@ -37,6 +37,7 @@ form on CPU and the grouped convolution elsewhere.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -46,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["EfficientNetLite", "VARIANTS", "BASE_STAGES", "BlockSpec", "block_specs",
-           "depthwise_conv", "same_padding", "stage_of_param"]
+           "depthwise_conv", "depthwise_shift", "PointwiseConv", "same_padding",
+           "stage_of_param"]
 
 # (repeats, kernel, stride, expansion, out channels) of EfficientNet-Lite0.
 BASE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -124,31 +126,109 @@ def depthwise_conv(x, kernel, stride: int, form: str = "shift"):
     """Depthwise convolution with TF "SAME" padding.
 
     x: [B, H, W, C]; kernel: [k, k, 1, C] -> [B, ceil(H/s), ceil(W/s), C].
-    form: ``"shift"`` (k*k strided slices times per-channel weights, summed) or
-    ``"conv"`` (``lax.conv_general_dilated`` with ``feature_group_count=C``).
+    form: ``"shift"`` (k*k strided slices times per-channel weights, summed, with
+    the hand-written backward of :func:`depthwise_shift`) or ``"conv"``
+    (``lax.conv_general_dilated`` with ``feature_group_count=C``).
     """
-    k = kernel.shape[0]
-    c = x.shape[-1]
-    xp, _, _ = _pad_same(x, k, stride)
     if form == "conv":
+        c = x.shape[-1]
+        xp, _, _ = _pad_same(x, kernel.shape[0], stride)
         return jax.lax.conv_general_dilated(
             xp, kernel.astype(x.dtype), (stride, stride), "VALID",
             dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c)
     if form != "shift":
         raise ValueError(f"depthwise form must be 'shift' or 'conv', got {form!r}")
-    oh = -(-x.shape[1] // stride)
-    ow = -(-x.shape[2] // stride)
-    w = kernel[:, :, 0, :].astype(x.dtype)              # [k, k, C]
+    return depthwise_shift(x, kernel[:, :, 0, :].astype(x.dtype), stride)
+
+
+def _tap_sum(xp, w, out_hw, stride: int):
+    """sum_ij xp[:, i + s*oy, j + s*ox] * w[i, j]: xp [B, Hp, Wp, C], w [k, k, C]
+    -> [B, OH, OW, C]. The k*k strided slices fuse into one loop with XLA."""
+    k = w.shape[0]
+    b, c = xp.shape[0], xp.shape[-1]
+    oh, ow = out_hw
     out = None
     for i in range(k):
         for j in range(k):
             tap = jax.lax.slice(xp, (0, i, j, 0),
-                                (xp.shape[0], i + (oh - 1) * stride + 1,
-                                 j + (ow - 1) * stride + 1, c),
+                                (b, i + (oh - 1) * stride + 1, j + (ow - 1) * stride + 1, c),
                                 (1, stride, stride, 1))
             term = tap * w[i, j]
             out = term if out is None else out + term
     return out
+
+
+def _sum_leading(p):
+    """p: [B, H, W, C] -> [C], summed over B, H, W.
+
+    XLA:CPU reduces over leading axes with the reduced axis innermost (unvectorised,
+    10-15x slower than an elementwise pass over the same bytes), so the batch axis is
+    first folded by halving (each level one vectorised add of two contiguous halves)
+    and only the last [H, W, C] goes to a reduce."""
+    while p.shape[0] > 1:
+        n, h = p.shape[0], p.shape[0] // 2
+        folded = p[:h] + p[h:2 * h]
+        p = folded if n % 2 == 0 else jnp.concatenate([folded, p[2 * h:]])
+    return jnp.sum(p[0], axis=(0, 1))
+
+
+def _shift_forward(x, w, stride):
+    k = w.shape[0]
+    xp, _, _ = _pad_same(x, k, stride)
+    out_hw = (-(-x.shape[1] // stride), -(-x.shape[2] // stride))
+    return _tap_sum(xp, w, out_hw, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def depthwise_shift(x, w, stride: int):
+    """The shifted form with TF "SAME" padding: x [B, H, W, C], w [k, k, C]
+    -> [B, ceil(H/s), ceil(W/s), C].
+
+    Its backward (a custom VJP; autodiff of the slices pads every tap's cotangent
+    to the input's size, k*k full-size pads):
+
+    * dx is the transposed convolution of the cotangent g: g dilated by the stride
+      and padded once (``lax.pad`` with interior padding), then k*k slices times
+      the flipped weights, summed (:func:`_tap_sum` again, stride 1);
+    * dw[i, j] = sum over batch and space of tap_ij(x) * g, each tap's product
+      reduced by :func:`_sum_leading`.
+    """
+    return _shift_forward(x, w, stride)
+
+
+def _depthwise_shift_fwd(x, w, stride):
+    return _shift_forward(x, w, stride), (x, w)
+
+
+def _depthwise_shift_bwd(stride, residuals, g):
+    x, w = residuals
+    k = w.shape[0]
+    b, h, wd, c = x.shape
+    oh, ow = g.shape[1:3]
+    (ph, _), (pw, _) = same_padding(h, k, stride), same_padding(wd, k, stride)
+    # dx[y] = sum_i gd[y + ph - i] w[i], gd = g dilated by the stride (zero between
+    # and outside): pad gd by k - 1 - ph before and up to h + k - 1 after, then
+    # correlate with the flipped kernel.
+    zero = jnp.zeros((), g.dtype)
+    gp = jax.lax.pad(g, zero, ((0, 0, 0),
+                               (k - 1 - ph, h + ph - (oh - 1) * stride - 1, stride - 1),
+                               (k - 1 - pw, wd + pw - (ow - 1) * stride - 1, stride - 1),
+                               (0, 0, 0)))
+    dx = _tap_sum(gp, w[::-1, ::-1], (h, wd), 1)
+    # dw: one tap per iteration of a loop (k*k unrolled taps compile 3x slower, run
+    # no faster); each tap's product with g is folded over the batch by halving.
+    xp, _, _ = _pad_same(x, k, stride)
+    win_h, win_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
+
+    def tap_grad(t):
+        tap = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), (b, win_h, win_w, c))
+        return _sum_leading(tap[:, ::stride, ::stride] * g)
+
+    dw = jax.lax.map(tap_grad, jnp.arange(k * k)).reshape(k, k, c)
+    return dx, dw
+
+
+depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
 
 
 def resolve_depthwise(form: str) -> str:
@@ -192,9 +272,26 @@ class _Norm(nn.Module):
                             name="BatchNorm_0")(x)
 
 
+class PointwiseConv(nn.Module):
+    """A 1x1 convolution without bias as one matmul over the channels.
+
+    x: [B, H, W, Cin] -> [B, H, W, features]; the kernel keeps ``nn.Conv``'s
+    ``[1, 1, Cin, features]`` shape and name. As a dot, its weight gradient is
+    ``x^T g`` over the B*H*W rows; as a convolution, XLA:CPU computes that as a
+    convolution with an H x W window over transposed copies of both maps.
+    """
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", nn.initializers.variance_scaling(2.0, "fan_out", "normal"),
+                            (1, 1, x.shape[-1], self.features))
+        return jnp.dot(x, kernel[0, 0].astype(x.dtype))
+
+
 def _conv1x1(features, name):
-    return nn.Conv(features, (1, 1), use_bias=False, name=name,
-                   kernel_init=nn.initializers.variance_scaling(2.0, "fan_out", "normal"))
+    return PointwiseConv(features, name=name)
 
 
 class MBConv(nn.Module):

@@ -1,0 +1,308 @@
+"""Mutations of the core area (see tests/mutations/__init__.py).
+
+Rasteriser (hard, soft, splatting engine), camera geometry, the data pipeline's
+augmentation, the evaluation metrics and the config checks. Each names the
+smallest test (node id) that catches it.
+"""
+
+from tests.mutations import Mutation
+
+_RAY = "tests/test_rasterizer.py::test_against_ray_casting"
+_HARD_FD = "tests/test_rasterizer.py::test_gradients_match_finite_differences_float64"
+_SOFT_FD = "tests/test_soft_rasterizer.py::test_gradient_matches_finite_differences_float64"
+_SOFT_FORM = "tests/test_soft_rasterizer.py::test_silhouette_and_depth_blend_match_the_closed_form"
+_KEYPOINTS = "tests/test_data_pipeline.py::test_flipped_batches_keep_keypoints_on_their_pixels"
+_HAND_METRICS = "tests/test_evaluation.py::test_metrics_on_hand_written_errors"
+_DEPTHWISE = "tests/test_efficientnet.py::test_depthwise_forms_match_lax_conv_values_and_gradients"
+
+MUTATIONS = [
+    # ----------------------------------------------------------------- hard rasteriser
+    Mutation(
+        name="raster_no_depth_test",
+        file="rasterizer/hard.py",
+        old='won = (cand > 0) & (cand == zbuf.at[pix].get(mode="promise_in_bounds"))',
+        new="won = cand > 0",
+        tests=(_RAY + "[icosphere]",),
+        kind="dropped term"),
+    Mutation(
+        name="raster_bary_stop_gradient",
+        file="rasterizer/hard.py",
+        old="bary, depth = _barycentrics(sv, faces, face_id, live)",
+        new="bary, depth = _barycentrics(lax.stop_gradient(sv), faces, face_id, live)",
+        tests=(_HARD_FD,),
+        kind="stop_gradient"),
+    Mutation(
+        name="raster_bwd_sign",
+        file="rasterizer/hard.py",
+        old="d_wz = depth[..., None] * (d_bary - inner)",
+        new="d_wz = depth[..., None] * (d_bary + inner)",
+        tests=(_HARD_FD,),
+        kind="sign"),
+    Mutation(
+        name="raster_bwd_xy_swapped",
+        file="rasterizer/hard.py",
+        old="upd = jnp.stack([d_wz * x[..., None], d_wz * y[..., None], d_wz], -1)",
+        new="upd = jnp.stack([d_wz * y[..., None], d_wz * x[..., None], d_wz], -1)",
+        tests=(_HARD_FD,),
+        kind="swapped args"),
+    Mutation(
+        name="raster_pixel_centre",
+        file="rasterizer/hard.py",
+        old="return (jnp.arange(w, dtype=dtype) + 0.5), (jnp.arange(h, dtype=dtype) + 0.5)[:, None]",
+        new="return (jnp.arange(w, dtype=dtype) + 0.0), (jnp.arange(h, dtype=dtype) + 0.5)[:, None]",
+        tests=(_RAY + "[icosphere]",),
+        kind="constant"),
+    Mutation(
+        name="raster_plane_depth_index",
+        file="rasterizer/hard.py",
+        old="den = jnp.where(ok, a2 * z[k], 1.0)",
+        new="den = jnp.where(ok, a2 * z[i1], 1.0)",
+        tests=(_RAY + "[icosphere]",),
+        kind="off by one"),
+    Mutation(
+        name="interpolate_bwd_mask_inverted",
+        file="rasterizer/hard.py",
+        old="d_bary = jnp.where(fg[..., None], d_bary, 0.0)",
+        new="d_bary = jnp.where(fg[..., None], 0.0, d_bary)",
+        tests=(_HARD_FD,),
+        kind="inverted mask"),
+    # ----------------------------------------------------------------- splatting engine
+    Mutation(
+        name="splat_cull_sign",
+        file="rasterizer/_splat.py",
+        old="valid = valid & (a2 < 0)",
+        new="valid = valid & (a2 > 0)",
+        tests=("tests/test_rasterizer.py::test_backface_culling_convention_and_two_sided_default",),
+        kind="sign"),
+    Mutation(
+        name="splat_box_right_column",
+        file="rasterizer/_splat.py",
+        old="c1 = jnp.minimum(jnp.floor(xmax + expand - 0.5), w - 1).astype(jnp.int32)",
+        new="c1 = jnp.minimum(jnp.floor(xmax + expand - 1.5), w - 1).astype(jnp.int32)",
+        tests=(_RAY + "[icosphere]",),
+        kind="off by one"),
+    # ----------------------------------------------------------------- soft rasteriser
+    Mutation(
+        name="soft_sigmoid_sign",
+        file="rasterizer/soft.py",
+        old="jax.nn.sigmoid(jnp.where(inside, d2, -d2) / sigma)",
+        new="jax.nn.sigmoid(jnp.where(inside, -d2, d2) / sigma)",
+        tests=(_SOFT_FORM,),
+        kind="sign"),
+    Mutation(
+        name="soft_segment_unclamped",
+        file="rasterizer/soft.py",
+        old="t = jnp.clip(t, 0.0, 1.0)",
+        new="t = t",
+        tests=(_SOFT_FORM,),
+        kind="skipped step"),
+    Mutation(
+        name="soft_depth_weight_sign",
+        file="rasterizer/soft.py",
+        old="zn = (zfar - depth) / (zfar - znear)",
+        new="zn = (depth - zfar) / (zfar - znear)",
+        tests=(_SOFT_FORM,),
+        kind="sign"),
+    Mutation(
+        name="soft_silhouette_first_only",
+        file="rasterizer/soft.py",
+        old="sil = 1.0 - jnp.prod(1.0 - cover, axis=-1)",
+        new="sil = cover[..., 0]",
+        tests=(_SOFT_FORM,),
+        kind="dropped term"),
+    Mutation(
+        name="soft_terms_stop_gradient",
+        file="rasterizer/soft.py",
+        old="pts = sv.reshape(nb * nv, 3)",
+        new="pts = lax.stop_gradient(sv).reshape(nb * nv, 3)",
+        tests=(_SOFT_FD,),
+        kind="stop_gradient"),
+    # ----------------------------------------------------------------- geometry
+    Mutation(
+        name="geo_rz_sign",
+        file="nvsm_jax/geometry.py",
+        old="xnp.stack([s, c, z], -1),",
+        new="xnp.stack([-s, c, z], -1),",
+        tests=("tests/test_geometry.py::test_rotation_pascal_against_scipy",),
+        kind="sign"),
+    Mutation(
+        name="geo_camera_centre_sign",
+        file="nvsm_jax/geometry.py",
+        old="-distance * ce * xnp.cos(azimuth),",
+        new="distance * ce * xnp.cos(azimuth),",
+        tests=("tests/test_geometry.py::test_projection_matches_pascal3d_toolkit_numpy_and_jax",),
+        kind="sign"),
+    Mutation(
+        name="geo_pose_error_field",
+        file="nvsm_jax/geometry.py",
+        old="r2 = rotation_pascal(pose_gt[..., 0], pose_gt[..., 1], pose_gt[..., 2], xnp=xnp)",
+        new="r2 = rotation_pascal(pose_gt[..., 0], pose_gt[..., 1], pose_gt[..., 3], xnp=xnp)",
+        tests=("tests/test_geometry.py::test_pose_error_against_scipy_and_single_field_changes",),
+        kind="off by one"),
+    Mutation(
+        name="geo_rotation_error_half_dropped",
+        file="nvsm_jax/geometry.py",
+        old="sin = xnp.where(pos, xnp.sqrt(xnp.where(pos, s2, 1.0)), 0.0) / 2.0",
+        new="sin = xnp.where(pos, xnp.sqrt(xnp.where(pos, s2, 1.0)), 0.0)",
+        tests=("tests/test_geometry.py::test_rotation_error_against_scipy_and_symmetry",),
+        kind="dropped term"),
+    Mutation(
+        name="geo_elevation_offset_sign",
+        file="nvsm_jax/geometry.py",
+        old="elevation = b + np.pi / 2",
+        new="elevation = b - np.pi / 2",
+        tests=("tests/test_geometry.py::test_rotation_to_pose_round_trip_including_poles",),
+        kind="sign"),
+    # ----------------------------------------------------------------- data pipeline
+    Mutation(
+        name="pipe_flip_theta_kept",
+        file="nvsm_jax/data/pipeline.py",
+        old="pose[..., 2] = -pose[..., 2]",
+        new="pose[..., 2] = pose[..., 2]",
+        tests=(_KEYPOINTS,),
+        kind="skipped step"),
+    Mutation(
+        name="pipe_flip_image_axis",
+        file="nvsm_jax/data/pipeline.py",
+        old="x[which] = x[which][:, :, ::-1]",
+        new="x[which] = x[which][:, ::-1]",
+        tests=(_KEYPOINTS,),
+        kind="wrong axis"),
+    Mutation(
+        name="pipe_flip_width_axis",
+        file="nvsm_jax/data/pipeline.py",
+        old='width = batch["image"].shape[2]',
+        new='width = batch["image"].shape[1]',
+        tests=(_KEYPOINTS,),
+        kind="wrong axis"),
+    Mutation(
+        name="pipe_unlabelled_principal_axis",
+        file="nvsm_jax/data/pipeline.py",
+        old="principal[which, 0] = width - principal[which, 0]",
+        new="principal[which, 1] = width - principal[which, 1]",
+        tests=("tests/test_data_pipeline.py::test_unlabelled_flip_mirrors_image_and_principal",),
+        kind="wrong axis"),
+    Mutation(
+        name="pipe_flip_mask_inverted",
+        file="nvsm_jax/data/pipeline.py",
+        old="flipped = (rng.random(b) < self.augment.flip_prob)[rows]",
+        new="flipped = (rng.random(b) >= self.augment.flip_prob)[rows]",
+        tests=("tests/test_data_pipeline.py::test_iterator_flip_and_float_images",),
+        kind="inverted mask"),
+    Mutation(
+        name="pipe_saturation_sign",
+        file="nvsm_jax/data/pipeline.py",
+        old="x = gray + (x - gray) * s",
+        new="x = gray - (x - gray) * s",
+        tests=("tests/test_data_pipeline.py::test_color_jitter_keeps_greys_hues_and_brightness_range",),
+        kind="sign"),
+    # ----------------------------------------------------------------- evaluation
+    Mutation(
+        name="eval_threshold_inclusive",
+        file="nvsm_jax/evaluation.py",
+        old="return float(100.0 * np.mean(e < threshold)) if e.size else float(\"nan\")",
+        new="return float(100.0 * np.mean(e <= threshold)) if e.size else float(\"nan\")",
+        tests=(_HAND_METRICS,),
+        kind="off by one"),
+    Mutation(
+        name="eval_nonfinite_as_30deg",
+        file="nvsm_jax/evaluation.py",
+        old="return np.where(np.isfinite(e), e, np.pi / 2)",
+        new="return np.where(np.isfinite(e), e, np.pi / 6)",
+        tests=(_HAND_METRICS,),
+        kind="constant"),
+    Mutation(
+        name="eval_median_in_radians",
+        file="nvsm_jax/evaluation.py",
+        old="return float(np.degrees(np.median(e))) if e.size else float(\"nan\")",
+        new="return float(np.median(e)) if e.size else float(\"nan\")",
+        tests=("tests/test_evaluation.py::test_accuracy_and_median",),
+        kind="skipped step"),
+    Mutation(
+        name="eval_mean_rows_unweighted",
+        file="nvsm_jax/evaluation.py",
+        old="w = n / max(n.sum(), 1.0)",
+        new="w = np.ones_like(n) / len(n)",
+        tests=("tests/test_evaluation.py::test_rotation_errors_and_rows",),
+        kind="dropped term"),
+    Mutation(
+        name="eval_sector_not_centred",
+        file="nvsm_jax/evaluation.py",
+        old="idx = geometry.azimuth_sector(a + np.pi / sectors, sectors)",
+        new="idx = geometry.azimuth_sector(a, sectors)",
+        tests=("tests/test_evaluation.py::test_accuracy_by_azimuth_centres_sector_zero_on_the_front_view",),
+        kind="dropped term"),
+    # ----------------------------------------------------------------- config checks
+    Mutation(
+        name="cfg_stride_allows_2",
+        file="nvsm_jax/config_checks.py",
+        old='one_of("model.stride", (4, 8, 16, 32))',
+        new='one_of("model.stride", (2, 4, 8, 16, 32))',
+        tests=("tests/test_config_checks.py::test_each_bad_option_is_named",),
+        kind="constant"),
+    Mutation(
+        name="cfg_check_inverted",
+        file="nvsm_jax/config_checks.py",
+        old="        if value not in allowed:",
+        new="        if value in allowed:",
+        tests=("tests/test_config_checks.py::test_shipped_nvsm_configs_pass",),
+        kind="inverted mask"),
+    Mutation(
+        name="cfg_frozen_stages_boundary",
+        file="nvsm_jax/config_checks.py",
+        old="int(frozen) < 0",
+        new="int(frozen) <= 0",
+        tests=("tests/test_config_checks.py::test_boundary_and_optional_values_pass",),
+        kind="off by one"),
+    Mutation(
+        name="cfg_only_first_error",
+        file="nvsm_jax/config_checks.py",
+        old='raise ValueError("invalid config: " + "; ".join(errors))',
+        new='raise ValueError("invalid config: " + errors[0])',
+        tests=("tests/test_config_checks.py::test_every_bad_key_is_listed_in_one_error",),
+        kind="dropped term"),
+    Mutation(
+        name="cfg_depthwise_not_optional",
+        file="nvsm_jax/config_checks.py",
+        old='one_of("model.depthwise", ("auto", "shift", "conv"), optional=True)',
+        new='one_of("model.depthwise", ("auto", "shift", "conv"))',
+        tests=("tests/test_config_checks.py::test_boundary_and_optional_values_pass",),
+        kind="dropped term"),
+    # ---------------------------------------------- EfficientNet depthwise backward, 1x1 convs
+    Mutation(
+        name="depthwise_dx_kernel_not_flipped",
+        file="nvsm_jax/models/efficientnet.py",
+        old="dx = _tap_sum(gp, w[::-1, ::-1], (h, wd), 1)",
+        new="dx = _tap_sum(gp, w, (h, wd), 1)",
+        tests=(_DEPTHWISE + "[3-2-hw1]",),
+        kind="skipped step"),
+    Mutation(
+        name="depthwise_dx_pad_off_by_one",
+        file="nvsm_jax/models/efficientnet.py",
+        old="(k - 1 - ph, h + ph - (oh - 1) * stride - 1, stride - 1),",
+        new="(k - ph, h + ph - (oh - 1) * stride - 2, stride - 1),",
+        tests=(_DEPTHWISE + "[3-2-hw1]",),
+        kind="off by one"),
+    Mutation(
+        name="depthwise_dw_taps_transposed",
+        file="nvsm_jax/models/efficientnet.py",
+        old="tap = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), (b, win_h, win_w, c))",
+        new="tap = jax.lax.dynamic_slice(xp, (0, t % k, t // k, 0), (b, win_h, win_w, c))",
+        tests=(_DEPTHWISE + "[3-2-hw1]",),
+        kind="swapped args"),
+    Mutation(
+        name="depthwise_fold_drops_the_odd_row",
+        file="nvsm_jax/models/efficientnet.py",
+        old="p = folded if n % 2 == 0 else jnp.concatenate([folded, p[2 * h:]])",
+        new="p = folded",
+        tests=(_DEPTHWISE + "[3-2-hw1]",),
+        kind="dropped term"),
+    Mutation(
+        name="pointwise_conv_kernel_transposed",
+        file="nvsm_jax/models/efficientnet.py",
+        old="return jnp.dot(x, kernel[0, 0].astype(x.dtype))",
+        new="return jnp.dot(x, kernel[0, 0].T.reshape(kernel.shape[2:]).astype(x.dtype))",
+        tests=("tests/test_efficientnet.py::test_pointwise_conv_is_nn_conv_1x1",),
+        kind="swapped args"),
+]
+
