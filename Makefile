@@ -32,7 +32,7 @@ test-slow: $(STAMP)
 	XLA_FLAGS="$(TEST_XLA_FLAGS)" $(PY) -m pytest -q -m slow tests
 
 # One-line breaks of the learners, losses, geometry and checks (tests/mutations/): every one
-# must make its tests fail. Not part of `make test` (about 20-40 minutes).
+# must make its tests fail. Not part of `make test` (about 10 minutes on 2 cores).
 mutants: $(STAMP)
 	$(PY) -m tests.mutants --json runs/mutants.json
 

@@ -100,7 +100,6 @@ def time_row(row: dict) -> dict:
         t = time.perf_counter()
         jax.block_until_ready(forward(state.params, state, sb, key))
         forward_compile_s = time.perf_counter() - t
-    flops = _cost_flops(step.lower(state, sb, key).compile())
 
     def timed(fn, n):
         wall, cpu = [], []
@@ -122,6 +121,7 @@ def time_row(row: dict) -> dict:
     t = time.perf_counter()
     run_step(0)
     compile_s = time.perf_counter() - t
+    flops = _cost_flops(step.lower(holder["state"], sb, key).compile())
     run_step(1)                                         # warm-up
     step_s, step_cpu = timed(run_step, row["steps"])
     fwd_s = fwd_cpu = None

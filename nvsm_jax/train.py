@@ -46,10 +46,9 @@ from nvsm_jax.models import backbone, weights
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
-           "make_optimizer", "init_state", "make_loss_fn", "make_train_step", "train_and_evaluate",
-           "NemoModel",
-           "load_model", "feature_fn", "predict", "evaluate_workdir", "nemo_model",
-           "evaluate_nemo"]
+           "make_optimizer", "init_state", "make_loss_fn", "make_train_step",
+           "train_and_evaluate", "NemoModel", "load_model", "feature_fn", "predict",
+           "evaluate_workdir", "nemo_model", "evaluate_nemo"]
 
 
 def build_model(config) -> backbone.FeatureNet:

@@ -29,10 +29,14 @@ Public API:
 Depthwise convolutions: XLA:CPU runs a grouped convolution with one group per
 channel (``feature_group_count = C``) 20-100x slower than a dense one of the
 same FLOPs; written as ``k * k`` shifted multiply-adds it is several times
-faster on CPU, forward and backward (``python -m benchmarks.encoder``). The two
+faster on CPU, forward and backward (``python -m benchmarks.train``). The
+shifted form has a hand-written backward (:func:`depthwise_shift`): one dilated
+pad of the cotangent and a tap sum for dx, per-tap batch folds for dw. The two
 forms compute the same function from the same ``[k, k, 1, C]`` kernel (tested
 against ``lax.conv_general_dilated``); ``depthwise="auto"`` picks the shifted
-form on CPU and the grouped convolution elsewhere.
+form on CPU and the grouped convolution elsewhere. The 1x1 convolutions are one
+matmul each (:class:`PointwiseConv`), not convolutions: XLA:CPU computed their
+weight gradient as a window convolution over transposed copies of both maps.
 """
 
 from __future__ import annotations
@@ -161,10 +165,10 @@ def _tap_sum(xp, w, out_hw, stride: int):
 def _sum_leading(p):
     """p: [B, H, W, C] -> [C], summed over B, H, W.
 
-    XLA:CPU reduces over leading axes with the reduced axis innermost (unvectorised,
-    10-15x slower than an elementwise pass over the same bytes), so the batch axis is
-    first folded by halving (each level one vectorised add of two contiguous halves)
-    and only the last [H, W, C] goes to a reduce."""
+    On XLA:CPU one reduce of a tap's product over (B, H, W) ran 10-15x slower than
+    folding the batch axis by halving first (each level one elementwise add of two
+    contiguous halves) and reducing only the last [H, W, C]; folding to 2, 4 or 8 rows
+    instead of 1 kept most of the slowness (measured, WORKSPACE.md)."""
     while p.shape[0] > 1:
         n, h = p.shape[0], p.shape[0] // 2
         folded = p[:h] + p[h:2 * h]
