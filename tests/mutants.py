@@ -80,12 +80,16 @@ def run_tests(mutation: Mutation, root: Path, timeout: float) -> tuple[str, floa
     except subprocess.TimeoutExpired:
         return "caught (timeout)", time.perf_counter() - t0, f"timed out after {timeout:.0f} s"
     dt = time.perf_counter() - t0
-    tail = "\n".join((proc.stdout + proc.stderr).strip().splitlines()[-3:])
+    output = proc.stdout + proc.stderr
+    tail = "\n".join(output.strip().splitlines()[-3:])
     if proc.returncode == 0:
         return "MISSED", dt, tail
-    if proc.returncode in (1, 2) and " passed" not in tail and " failed" not in tail \
-            and " error" not in tail:
-        return "ERROR (pytest)", dt, tail
+    # 1: tests failed; 2: interrupted, e.g. the mutated module no longer imports. Not a
+    # catch: no test selected (5), a named test that does not exist, pytest's own errors.
+    if proc.returncode == 5 or "not found:" in output or "no match in any of" in output:
+        return "ERROR (no such test)", dt, tail
+    if proc.returncode not in (1, 2):
+        return f"ERROR (pytest exit {proc.returncode})", dt, tail
     return "caught", dt, tail
 
 
@@ -149,7 +153,7 @@ def main(argv=None) -> int:
             shutil.rmtree(scratch, ignore_errors=True)
     total = time.perf_counter() - t_all
 
-    print(f"\n| mutation | area | kind | file | result | s |\n|---|---|---|---|---|---|")
+    print("\n| mutation | area | kind | file | result | s |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['name']} | {r['area']} | {r['kind']} | {r['file']} | {r['status']} "
               f"| {r['seconds']:.0f} |")

@@ -88,10 +88,7 @@ def test_tiny_em_rounds_on_8_devices(tiny_data, reference, eight_devices):
         assert r["coverage"] == pytest.approx(
             cells_hit(np.concatenate([labelled.poses, so_far])), abs=1e-9), r["round"]
     assert np.isfinite(out["test"]["L0"]["med_err_deg"])
-    # the pseudo-labelled images never carry their hidden pose into the training set
-    split = fewshot.make_fewshot_split(train_set, 7, seed=c.seed)
-    data = semi_supervised.training_set(split.labelled, split.unlabelled, pl)
-    np.testing.assert_allclose(data.poses[-len(pl):], pl.poses)
+    # what the M-steps trained on: test_each_m_step_trains_on_the_anchors_and_the_pseudo_labels_so_far
 
 
 def test_each_m_step_trains_on_the_anchors_and_the_pseudo_labels_so_far(tiny_data, reference):
