@@ -41,10 +41,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 
 from benchmarks.common import (machine_load, matmul_gflops, peak_rss_mb, print_table,
-                               run_row_subprocess, write_json)
+                               run_row_subprocess, time_fn_stats, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,8 +57,6 @@ def _cost_flops(compiled) -> float | None:
 
 def time_row(row: dict) -> dict:
     """Times one configuration in this process (the child side of ``--row``)."""
-    import resource
-
     import jax
     import numpy as np
 
@@ -93,42 +90,25 @@ def time_row(row: dict) -> dict:
     sb = parallel.shard_batch(batch, devices)
     key = jax.random.key(0)
 
-    forward, forward_compile_s = None, None
+    holder = {"state": state, "calls": 0}
+
+    def run_step():                      # the step donates its state: thread it through
+        holder["state"], m = step(holder["state"], sb, jax.random.key(holder["calls"]))
+        holder["calls"] += 1
+        return m
+
+    # first call = compile, one warm-up, then the median of the timed steps
+    timing = time_fn_stats(run_step, warmup=2, repeats=row["steps"])
+    compile_s, step_s, step_cpu = timing["compile_s"], timing["median_s"], timing["cpu_s"]
+    flops = _cost_flops(step.lower(holder["state"], sb, key).compile())
+    forward_compile_s = fwd_s = fwd_cpu = None
     if hasattr(nemo_train, "make_loss_fn"):          # a baseline commit may predate it
         loss_fn = nemo_train.make_loss_fn(cfg, model, model_mesh, hw)
         forward = jax.jit(lambda params, state, batch, key: loss_fn(params, state, batch, key)[0])
-        t = time.perf_counter()
-        jax.block_until_ready(forward(state.params, state, sb, key))
-        forward_compile_s = time.perf_counter() - t
-
-    def timed(fn, n):
-        wall, cpu = [], []
-        for i in range(n):
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            t0 = time.perf_counter()
-            fn(i)
-            wall.append(time.perf_counter() - t0)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
-        return statistics.median(wall), statistics.median(cpu)
-
-    holder = {"state": state}
-
-    def run_step(i):
-        holder["state"], m = step(holder["state"], sb, jax.random.key(i))
-        jax.block_until_ready(m)
-
-    t = time.perf_counter()
-    run_step(0)
-    compile_s = time.perf_counter() - t
-    flops = _cost_flops(step.lower(holder["state"], sb, key).compile())
-    run_step(1)                                         # warm-up
-    step_s, step_cpu = timed(run_step, row["steps"])
-    fwd_s = fwd_cpu = None
-    if forward is not None:
-        params, st = holder["state"].params, holder["state"]
-        fwd_s, fwd_cpu = timed(lambda i: jax.block_until_ready(forward(params, st, sb, key)),
-                               row["steps"])
+        st = holder["state"]
+        timing = time_fn_stats(forward, st.params, st, sb, key, repeats=row["steps"])
+        forward_compile_s, fwd_s, fwd_cpu = (timing["compile_s"], timing["median_s"],
+                                             timing["cpu_s"])
     rec = {"name": "nemo_train_step", **row, "images_per_s": b / step_s,
            "forward_images_per_s": None if fwd_s is None else b / fwd_s,
            "backward_overhead": None if fwd_s is None else step_s / fwd_s,
