@@ -114,8 +114,9 @@ def test_depthwise_shift_gradient_matches_finite_differences(kernel, stride, hw)
 
 
 def test_pointwise_conv_is_nn_conv_1x1():
-    """The 1x1 convolutions run as one matmul; same parameter name and shape as
-    ``nn.Conv(features, (1, 1), use_bias=False)``, same values and gradients."""
+    """The 1x1 convolutions run as one matmul with a written-out VJP; same parameter
+    name and shape as ``nn.Conv(features, (1, 1), use_bias=False)``, same values and
+    gradients (kernel and input)."""
     import flax.linen as nn
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 5, 7, 6)), jnp.float32)
@@ -125,10 +126,65 @@ def test_pointwise_conv_is_nn_conv_1x1():
     assert jax.tree_util.tree_map(jnp.shape, params) == jax.tree_util.tree_map(
         jnp.shape, ref.init(jax.random.key(0), x))
     np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-    g1 = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
-    g2 = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
-    np.testing.assert_allclose(g1["params"]["kernel"], g2["params"]["kernel"], rtol=1e-5,
+    g1 = jax.grad(lambda p, x: jnp.sum(jnp.sin(ours.apply(p, x))), argnums=(0, 1))(params, x)
+    g2 = jax.grad(lambda p, x: jnp.sum(jnp.sin(ref.apply(p, x))), argnums=(0, 1))(params, x)
+    np.testing.assert_allclose(g1[0]["params"]["kernel"], g2[0]["params"]["kernel"], rtol=1e-5,
                                atol=1e-5)
+    np.testing.assert_allclose(g1[1], g2[1], rtol=1e-5, atol=1e-5)
+
+
+def _unfolded_mbconv(params, stats, x, spec):
+    """One MBConv block as written in the builder's facts: conv, batch norm
+    ``(y - mean) / sqrt(var + eps) * scale + bias``, ReLU6, with the depthwise
+    convolution as ``lax.conv_general_dilated`` over TF "SAME" padding."""
+    def bn(y, name):
+        p, s = params[name]["BatchNorm_0"], stats[name]["BatchNorm_0"]
+        return (y - s["mean"]) / jnp.sqrt(s["var"] + efficientnet.BN_EPS) * p["scale"] + p["bias"]
+
+    y = jax.nn.relu6(bn(jnp.einsum("bhwc,cd->bhwd", x, params["expand_conv"]["kernel"][0, 0]),
+                        "bn0"))
+    k = spec.kernel
+    ph = efficientnet.same_padding(y.shape[1], k, spec.stride)
+    pw = efficientnet.same_padding(y.shape[2], k, spec.stride)
+    y = jax.lax.conv_general_dilated(
+        jnp.pad(y, ((0, 0), ph, pw, (0, 0))), params["depthwise_conv"]["kernel"],
+        (spec.stride, spec.stride), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        feature_group_count=y.shape[-1])
+    y = jax.nn.relu6(bn(y, "bn1"))
+    y = bn(jnp.einsum("bhwc,cd->bhwd", y, params["project_conv"]["kernel"][0, 0]), "bn2")
+    return y + x if spec.stride == 1 and spec.cin == spec.cout else y
+
+
+@pytest.mark.parametrize("stride,cout", [(1, 8), (2, 12)])
+def test_frozen_batch_norm_folded_into_the_convolutions(stride, cout):
+    """With stored statistics each batch norm's scale is folded into the kernel
+    before it (``_conv_norm``); the block's output and every parameter's gradient
+    (kernels, scales, biases) equal the unfolded block's."""
+    spec = efficientnet.BlockSpec(kernel=3, stride=stride, expansion=6, cin=8, cout=cout,
+                                  stage=2)
+    block = efficientnet.MBConv(spec, "frozen_batch", "shift")
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.normal(size=(3, 7, 6, 8)), jnp.float32)
+    v = block.init(jax.random.key(0), x, False)
+    # statistics and affine far from the identity, so a wrong fold shows
+    v = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(
+            (rng.uniform(0.3, 2.0, a.shape) if jax.tree_util.keystr(path).endswith("['var']")
+             else a + rng.normal(0.0, 0.5, a.shape)), a.dtype), v)
+
+    def ours(p):
+        return jnp.sum(jnp.sin(block.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
+                                           True)))
+
+    def ref(p):
+        return jnp.sum(jnp.sin(_unfolded_mbconv(p, v["batch_stats"], x, spec)))
+
+    assert float(ours(v["params"])) == pytest.approx(float(ref(v["params"])), rel=1e-5)
+    got, want = jax.grad(ours)(v["params"]), jax.grad(ref)(v["params"])
+    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                            jax.tree_util.tree_leaves(want)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * np.abs(b).max(),
+                                   err_msg=jax.tree_util.keystr(path))
 
 
 def test_block_specs_follow_the_lite_builder():

@@ -28,6 +28,32 @@ def test_feature_net_shapes_and_unit_norm():
     assert backbone.preprocess(np.zeros((1, 2, 2, 3), np.uint8)).dtype == jnp.float32
 
 
+@pytest.mark.parametrize("c,f,hw,out_hw", [(40, 4, (3, 4), (6, 8)),   # wide: taps at low res
+                                          (40, 4, (3, 3), (5, 6)),   # not an exact 2x
+                                          (4, 8, (3, 4), (6, 8))])   # narrow: as written
+def test_upsample_concat_conv_is_resize_concat_conv(c, f, hw, out_hw):
+    """The decoder's first convolution equals resize, concatenate, convolve
+    (values and gradients), whichever way it is computed."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(2, *hw, c)), jnp.float32)
+    skip = jnp.asarray(rng.normal(size=(2, *out_hw, 5)), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, c + 5, f)) / np.sqrt(9 * c), jnp.float32)
+    cot = jnp.asarray(rng.normal(size=(2, *out_hw, f)), jnp.float32)
+
+    def ref(x, skip, kernel):
+        up = jax.image.resize(x, (2, *out_hw, c), "bilinear")
+        return jax.lax.conv_general_dilated(jnp.concatenate([up, skip], -1), kernel, (1, 1),
+                                            "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    got, got_vjp = jax.vjp(backbone.upsample_concat_conv, x, skip, kernel)
+    want, want_vjp = jax.vjp(ref, x, skip, kernel)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got_vjp(cot), want_vjp(cot)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
+    with pytest.raises(ValueError, match="input channels"):
+        backbone.upsample_concat_conv(x, skip[..., :4], kernel)
+
+
 def test_batchnorm_uses_global_batch_statistics_on_1_and_8_devices():
     net = backbone.make_feature_net("tiny", stride=8, feature_dim=8, norm="batch")
     x = np.asarray(jax.random.normal(jax.random.key(0), (8, 32, 32, 3)))

@@ -14,6 +14,8 @@ _SOFT_FORM = "tests/test_soft_rasterizer.py::test_silhouette_and_depth_blend_mat
 _KEYPOINTS = "tests/test_data_pipeline.py::test_flipped_batches_keep_keypoints_on_their_pixels"
 _HAND_METRICS = "tests/test_evaluation.py::test_metrics_on_hand_written_errors"
 _DEPTHWISE = "tests/test_efficientnet.py::test_depthwise_forms_match_lax_conv_values_and_gradients"
+_FOLD = "tests/test_efficientnet.py::test_frozen_batch_norm_folded_into_the_convolutions"
+_UPCONV = "tests/test_models.py::test_upsample_concat_conv_is_resize_concat_conv"
 
 MUTATIONS = [
     # ----------------------------------------------------------------- hard rasteriser
@@ -298,11 +300,26 @@ MUTATIONS = [
         tests=(_DEPTHWISE + "[3-2-hw1]",),
         kind="dropped term"),
     Mutation(
-        name="pointwise_conv_kernel_transposed",
+        name="pointwise_dkernel_rows_misaligned",
         file="nvsm_jax/models/efficientnet.py",
-        old="return jnp.dot(x, kernel[0, 0].astype(x.dtype))",
-        new="return jnp.dot(x, kernel[0, 0].T.reshape(kernel.shape[2:]).astype(x.dtype))",
+        old="dk = jnp.dot(jnp.transpose(x.reshape(rows, x.shape[-1])), g.reshape(rows, g.shape[-1]))",
+        new="dk = jnp.dot(jnp.transpose(x.reshape(rows, x.shape[-1])), "
+            "jnp.flip(g.reshape(rows, g.shape[-1]), 0))",
         tests=("tests/test_efficientnet.py::test_pointwise_conv_is_nn_conv_1x1",),
+        kind="swapped args"),
+    Mutation(
+        name="folded_norm_mean_not_scaled",
+        file="nvsm_jax/models/efficientnet.py",
+        old="return a, bias - mean * a",
+        new="return a, bias - mean * scale",
+        tests=(_FOLD + "[1-8]", "tests/test_efficientnet.py::test_port_reproduces_the_torch_reference"),
+        kind="constant"),
+    Mutation(
+        name="upsample_conv_taps_transposed",
+        file="nvsm_jax/models/backbone.py",
+        old="out = out + z[:, i:i + H, j:j + W, t * f:(t + 1) * f]",
+        new="out = out + z[:, j:j + H, i:i + W, t * f:(t + 1) * f]",
+        tests=(_UPCONV + "[40-4-hw0-out_hw0]",),
         kind="swapped args"),
 ]
 
