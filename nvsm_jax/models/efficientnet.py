@@ -37,6 +37,10 @@ against ``lax.conv_general_dilated``); ``depthwise="auto"`` picks the shifted
 form on CPU and the grouped convolution elsewhere. The 1x1 convolutions are one
 matmul each (:class:`PointwiseConv`), not convolutions: XLA:CPU computed their
 weight gradient as a window convolution over transposed copies of both maps.
+Where the batch norm's statistics are fixed (``frozen_batch``, or ``batch``
+outside training) its per-channel affine is folded into the kernel before it
+(:func:`_conv_norm`): the same function to float rounding, one pass over the
+activations fewer in the forward and in the backward.
 """
 
 from __future__ import annotations
