@@ -20,6 +20,10 @@ row) and ``figures``.
 ``--baseline REF`` runs the same cell with commit REF's library (exported with
 ``git archive``, this benchmark copied in), after this tree's, on the same data: the
 ``_baseline`` record and ``speedup`` (total seconds, REF over this tree).
+
+Each tree's cell runs as that tree's binaries run it: where the library has
+``parallel.reexec_with_huge_pages`` the child process restarts with it
+(``NVSM_JAX_HUGE_PAGES=0`` in the environment turns it off for both).
 """
 
 from __future__ import annotations
@@ -129,6 +133,9 @@ def main(argv=None):
     own = args.workdir is None
     args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="nvsm_cell_"))
     if args.child:
+        from nvsm_jax import parallel
+        if hasattr(parallel, "reexec_with_huge_pages"):    # a baseline may predate it
+            parallel.reexec_with_huge_pages()
         print(json.dumps(run_cell(args)))
         return
     records = [{"name": "matmul_gflops", "value": matmul_gflops(), "load": machine_load()}]

@@ -40,6 +40,7 @@ flags.DEFINE_bool("skip_bad", False, "Skip (and list in the results) test images
 
 def main(argv):
     del argv
+    parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     training.quiet_checkpoint_logs()
     try:

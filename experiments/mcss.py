@@ -18,6 +18,7 @@ flags.DEFINE_string("workdir", None, "Output directory.", required=True)
 
 def main(argv):
     del argv
+    parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     logging.set_verbosity(logging.INFO)
     training.quiet_checkpoint_logs()         # orbax logs every save at INFO

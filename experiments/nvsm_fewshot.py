@@ -30,6 +30,7 @@ def main(argv):
     from nvsm_jax import parallel, training
     from nvsm_jax.experiment import train_and_evaluate
 
+    parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     parallel.initialize()
     logging.set_verbosity(logging.INFO)

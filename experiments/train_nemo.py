@@ -24,6 +24,7 @@ def main(argv):
     del argv
     from nvsm_jax import train, training
 
+    parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     parallel.initialize()
     logging.set_verbosity(logging.INFO)
