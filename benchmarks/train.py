@@ -28,7 +28,9 @@ and a ``speedup`` (this tree's images/s over REF's, medians over rounds) make th
 before/after comparison one run on one machine.
 
 Random images/poses and NeMo's cuboid mesh; ``model.pretrained=""`` (the weights do
-not change the speed).
+not change the speed). Each row runs as its tree's binaries run: where the library
+has ``parallel.reexec_with_huge_pages`` the row's process restarts with it
+(``huge_pages`` in the record; ``NVSM_JAX_HUGE_PAGES=0`` turns it off).
 """
 
 from __future__ import annotations
@@ -116,7 +118,8 @@ def time_row(row: dict) -> dict:
            "forward_cpu_s": fwd_cpu, "gflops": None if flops is None else flops / 1e9,
            "gflop_per_s": None if flops is None else flops / step_s / 1e9,
            "compile_s": compile_s, "forward_compile_s": forward_compile_s,
-           "peak_rss_mb": peak_rss_mb(), "load": machine_load()}
+           "peak_rss_mb": peak_rss_mb(), "load": machine_load(),
+           "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
     return rec
 
 
@@ -162,6 +165,9 @@ def main(argv=None):
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.row:                                    # the child: one row, JSON on stdout
+        from nvsm_jax import parallel
+        if hasattr(parallel, "reexec_with_huge_pages"):    # as the binaries run; a
+            parallel.reexec_with_huge_pages()              # baseline may predate it
         print(json.dumps([time_row(json.loads(args.row))]))
         return
 
