@@ -159,32 +159,34 @@ def _unfolded_mbconv(params, stats, x, spec):
 def test_frozen_batch_norm_folded_into_the_convolutions(stride, cout):
     """With stored statistics each batch norm's scale is folded into the kernel
     before it (``_conv_norm``); the block's output and every parameter's gradient
-    (kernels, scales, biases) equal the unfolded block's."""
+    (kernels, scales, biases) equal the unfolded block's, in float64 to 1e-9."""
     spec = efficientnet.BlockSpec(kernel=3, stride=stride, expansion=6, cin=8, cout=cout,
                                   stage=2)
     block = efficientnet.MBConv(spec, "frozen_batch", "shift")
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.normal(size=(3, 7, 6, 8)), jnp.float32)
-    v = block.init(jax.random.key(0), x, False)
-    # statistics and affine far from the identity, so a wrong fold shows
-    v = jax.tree_util.tree_map_with_path(
-        lambda path, a: jnp.asarray(
-            (rng.uniform(0.3, 2.0, a.shape) if jax.tree_util.keystr(path).endswith("['var']")
-             else a + rng.normal(0.0, 0.5, a.shape)), a.dtype), v)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(3, 7, 6, 8)), jnp.float64)
+        v = block.init(jax.random.key(0), x, False)
+        # statistics and affine far from the identity, so a wrong fold shows
+        v = jax.tree_util.tree_map_with_path(
+            lambda path, a: jnp.asarray(
+                (rng.uniform(0.3, 2.0, a.shape) if jax.tree_util.keystr(path).endswith("['var']")
+                 else a + rng.normal(0.0, 0.5, a.shape)), jnp.float64), v)
 
-    def ours(p):
-        return jnp.sum(jnp.sin(block.apply({"params": p, "batch_stats": v["batch_stats"]}, x,
-                                           True)))
+        def ours(p):
+            return jnp.sum(jnp.sin(block.apply({"params": p, "batch_stats": v["batch_stats"]},
+                                               x, True)))
 
-    def ref(p):
-        return jnp.sum(jnp.sin(_unfolded_mbconv(p, v["batch_stats"], x, spec)))
+        def ref(p):
+            return jnp.sum(jnp.sin(_unfolded_mbconv(p, v["batch_stats"], x, spec)))
 
-    assert float(ours(v["params"])) == pytest.approx(float(ref(v["params"])), rel=1e-5)
-    got, want = jax.grad(ours)(v["params"]), jax.grad(ref)(v["params"])
-    for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
-                            jax.tree_util.tree_leaves(want)):
-        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-5 * np.abs(b).max(),
-                                   err_msg=jax.tree_util.keystr(path))
+        assert float(ours(v["params"])) == pytest.approx(float(ref(v["params"])), rel=1e-12)
+        got, want = jax.grad(ours)(v["params"]), jax.grad(ref)(v["params"])
+        for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(got)[0],
+                                jax.tree_util.tree_leaves(want)):
+            assert a.dtype == jnp.float64
+            np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-12 * np.abs(b).max(),
+                                       err_msg=jax.tree_util.keystr(path))
 
 
 def test_block_specs_follow_the_lite_builder():

@@ -33,25 +33,27 @@ def test_feature_net_shapes_and_unit_norm():
                                           (4, 8, (3, 4), (6, 8))])   # narrow: as written
 def test_upsample_concat_conv_is_resize_concat_conv(c, f, hw, out_hw):
     """The decoder's first convolution equals resize, concatenate, convolve
-    (values and gradients), whichever way it is computed."""
+    (values and gradients, float64 to 1e-10), whichever way it is computed."""
     rng = np.random.default_rng(3)
-    x = jnp.asarray(rng.normal(size=(2, *hw, c)), jnp.float32)
-    skip = jnp.asarray(rng.normal(size=(2, *out_hw, 5)), jnp.float32)
-    kernel = jnp.asarray(rng.normal(size=(3, 3, c + 5, f)) / np.sqrt(9 * c), jnp.float32)
-    cot = jnp.asarray(rng.normal(size=(2, *out_hw, f)), jnp.float32)
+    with jax.enable_x64(True):
+        x = jnp.asarray(rng.normal(size=(2, *hw, c)), jnp.float64)
+        skip = jnp.asarray(rng.normal(size=(2, *out_hw, 5)), jnp.float64)
+        kernel = jnp.asarray(rng.normal(size=(3, 3, c + 5, f)) / np.sqrt(9 * c), jnp.float64)
+        cot = jnp.asarray(rng.normal(size=(2, *out_hw, f)), jnp.float64)
 
-    def ref(x, skip, kernel):
-        up = jax.image.resize(x, (2, *out_hw, c), "bilinear")
-        return jax.lax.conv_general_dilated(jnp.concatenate([up, skip], -1), kernel, (1, 1),
-                                            "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        def ref(x, skip, kernel):
+            up = jax.image.resize(x, (2, *out_hw, c), "bilinear")
+            return jax.lax.conv_general_dilated(jnp.concatenate([up, skip], -1), kernel, (1, 1),
+                                                "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
-    got, got_vjp = jax.vjp(backbone.upsample_concat_conv, x, skip, kernel)
-    want, want_vjp = jax.vjp(ref, x, skip, kernel)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got_vjp(cot), want_vjp(cot)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max())
-    with pytest.raises(ValueError, match="input channels"):
-        backbone.upsample_concat_conv(x, skip[..., :4], kernel)
+        got, got_vjp = jax.vjp(backbone.upsample_concat_conv, x, skip, kernel)
+        want, want_vjp = jax.vjp(ref, x, skip, kernel)
+        assert got.dtype == jnp.float64
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+        for a, b in zip(got_vjp(cot), want_vjp(cot)):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12 * np.abs(b).max())
+        with pytest.raises(ValueError, match="input channels"):
+            backbone.upsample_concat_conv(x, skip[..., :4], kernel)
 
 
 def test_batchnorm_uses_global_batch_statistics_on_1_and_8_devices():
