@@ -160,6 +160,17 @@ def run_row_subprocess(module: str, row: dict, env: dict | None = None,
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def run_as_the_binaries() -> bool:
+    """A benchmark child (one row, one cell) runs as its tree's binaries do: where
+    the library has ``parallel.reexec_with_huge_pages`` (a baseline commit may
+    predate it), the process restarts with it. Returns whether glibc's huge-page
+    tunable is on in this process (for the record)."""
+    from nvsm_jax import parallel
+    if hasattr(parallel, "reexec_with_huge_pages"):
+        parallel.reexec_with_huge_pages()
+    return "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")
+
+
 def cuboid_mesh(extent: Sequence[float] = (1.0, 0.5, 0.4),
                 segments: Sequence[int] = (20, 11, 9)):
     """A NeMo-style grid-faced cuboid centred at the origin, outward normals.

@@ -23,7 +23,7 @@ row) and ``figures``.
 
 Each tree's cell runs as that tree's binaries run it: where the library has
 ``parallel.reexec_with_huge_pages`` the child process restarts with it
-(``NVSM_JAX_HUGE_PAGES=0`` in the environment turns it off for both).
+(``huge_pages`` in the record; ``NVSM_JAX_HUGE_PAGES=0`` turns it off for both).
 """
 
 from __future__ import annotations
@@ -38,7 +38,8 @@ import sys
 import tempfile
 import time
 
-from benchmarks.common import machine_load, matmul_gflops, print_table, write_json
+from benchmarks.common import (machine_load, matmul_gflops, print_table, run_as_the_binaries,
+                               write_json)
 from benchmarks.train import ROOT, export_tree
 
 PHASES = {                  # phase -> (module, attribute)
@@ -133,10 +134,8 @@ def main(argv=None):
     own = args.workdir is None
     args.workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="nvsm_cell_"))
     if args.child:
-        from nvsm_jax import parallel
-        if hasattr(parallel, "reexec_with_huge_pages"):    # a baseline may predate it
-            parallel.reexec_with_huge_pages()
-        print(json.dumps(run_cell(args)))
+        huge_pages = run_as_the_binaries()
+        print(json.dumps({**run_cell(args), "huge_pages": huge_pages}))
         return
     records = [{"name": "matmul_gflops", "value": matmul_gflops(), "load": machine_load()}]
     scratch = None

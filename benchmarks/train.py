@@ -45,7 +45,8 @@ import sys
 import tempfile
 
 from benchmarks.common import (machine_load, matmul_gflops, peak_rss_mb, print_table,
-                               run_row_subprocess, time_fn_stats, write_json)
+                               run_as_the_binaries, run_row_subprocess, time_fn_stats,
+                               write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,8 +119,7 @@ def time_row(row: dict) -> dict:
            "forward_cpu_s": fwd_cpu, "gflops": None if flops is None else flops / 1e9,
            "gflop_per_s": None if flops is None else flops / step_s / 1e9,
            "compile_s": compile_s, "forward_compile_s": forward_compile_s,
-           "peak_rss_mb": peak_rss_mb(), "load": machine_load(),
-           "huge_pages": "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")}
+           "peak_rss_mb": peak_rss_mb(), "load": machine_load()}
     return rec
 
 
@@ -165,10 +165,8 @@ def main(argv=None):
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.row:                                    # the child: one row, JSON on stdout
-        from nvsm_jax import parallel
-        if hasattr(parallel, "reexec_with_huge_pages"):    # as the binaries run; a
-            parallel.reexec_with_huge_pages()              # baseline may predate it
-        print(json.dumps([time_row(json.loads(args.row))]))
+        huge_pages = run_as_the_binaries()
+        print(json.dumps([{**time_row(json.loads(args.row)), "huge_pages": huge_pages}]))
         return
 
     from nvsm_jax.models import backbone
