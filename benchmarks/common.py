@@ -55,6 +55,16 @@ def _block(x):
     return jax.block_until_ready(x)
 
 
+def time_call(fn: Callable, *args) -> tuple[float, float]:
+    """``(wall seconds, process CPU seconds)`` of one call ``fn(*args)``, blocked."""
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    _block(fn(*args))
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    return wall, r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime
+
+
 def time_fn_stats(fn: Callable, *args, warmup: int = 1, repeats: int = 5) -> dict:
     """Times ``fn(*args)``.
 
@@ -69,14 +79,7 @@ def time_fn_stats(fn: Callable, *args, warmup: int = 1, repeats: int = 5) -> dic
     compile_s = time.perf_counter() - t0
     for _ in range(max(warmup - 1, 0)):
         _block(fn(*args))
-    wall, cpu = [], []
-    for _ in range(repeats):
-        r0 = resource.getrusage(resource.RUSAGE_SELF)
-        t0 = time.perf_counter()
-        _block(fn(*args))
-        wall.append(time.perf_counter() - t0)
-        r1 = resource.getrusage(resource.RUSAGE_SELF)
-        cpu.append(r1.ru_utime - r0.ru_utime + r1.ru_stime - r0.ru_stime)
+    wall, cpu = zip(*(time_call(fn, *args) for _ in range(repeats)))
     return dict(compile_s=compile_s, median_s=statistics.median(wall), min_s=min(wall),
                 cpu_s=statistics.median(cpu))
 

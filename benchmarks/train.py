@@ -13,7 +13,8 @@ timed in a fresh process (``--row``):
 * ``forward_images_per_s``: the step's forward alone (``train.make_loss_fn``: encoder,
   decoder, rasterisation and vertex sampling, CoKe loss), and ``backward_overhead`` =
   step time / forward time (a backward normally costs about 2x its forward, so about
-  3 is the ideal);
+  3 is the ideal): the step and the forward are timed in turn, call by call, and
+  this is the median of the per-call ratios;
 * ``gflops`` of the step (XLA's cost analysis of the compiled step) and
   ``gflop_per_s`` as ``fraction_of_matmul``: the achieved rate over this run's
   float32 matmul rate (``matmul_gflops``, first record): how far the step is from
@@ -45,8 +46,8 @@ import sys
 import tempfile
 
 from benchmarks.common import (machine_load, matmul_gflops, peak_rss_mb, print_table,
-                               run_as_the_binaries, run_row_subprocess, time_fn_stats,
-                               write_json)
+                               run_as_the_binaries, run_row_subprocess, time_call,
+                               time_fn_stats, write_json)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -100,21 +101,31 @@ def time_row(row: dict) -> dict:
         holder["calls"] += 1
         return m
 
-    # first call = compile, one warm-up, then the median of the timed steps
-    timing = time_fn_stats(run_step, warmup=2, repeats=row["steps"])
-    compile_s, step_s, step_cpu = timing["compile_s"], timing["median_s"], timing["cpu_s"]
+    # first call = compile, one warm-up; then the step and its forward timed in
+    # turn, call by call, so each ratio is taken at one moment of the machine (its
+    # speed drifts by 20 % within a run: timed apart, the ratio moved with it)
+    timing = time_fn_stats(run_step, warmup=2, repeats=1)
+    compile_s = timing["compile_s"]
     flops = _cost_flops(step.lower(holder["state"], sb, key).compile())
-    forward_compile_s = fwd_s = fwd_cpu = None
+    forward = None
+    forward_compile_s = fwd_s = fwd_cpu = overhead = None
     if hasattr(nemo_train, "make_loss_fn"):          # a baseline commit may predate it
         loss_fn = nemo_train.make_loss_fn(cfg, model, model_mesh, hw)
-        forward = jax.jit(lambda params, state, batch, key: loss_fn(params, state, batch, key)[0])
-        st = holder["state"]
-        timing = time_fn_stats(forward, st.params, st, sb, key, repeats=row["steps"])
-        forward_compile_s, fwd_s, fwd_cpu = (timing["compile_s"], timing["median_s"],
-                                             timing["cpu_s"])
+        jitted = jax.jit(lambda params, state, batch, key: loss_fn(params, state, batch, key)[0])
+        forward = lambda: jitted(holder["state"].params, holder["state"], sb, key)  # noqa: E731
+        forward_compile_s = time_fn_stats(forward, warmup=2, repeats=1)["compile_s"]
+    steps, fwds = [], []                             # (wall s, CPU s) per call
+    for _ in range(row["steps"]):
+        steps.append(time_call(run_step))
+        if forward is not None:
+            fwds.append(time_call(forward))
+    step_s, step_cpu = (statistics.median(t) for t in zip(*steps))
+    if fwds:
+        fwd_s, fwd_cpu = (statistics.median(t) for t in zip(*fwds))
+        overhead = statistics.median(a[0] / f[0] for a, f in zip(steps, fwds))
     rec = {"name": "nemo_train_step", **row, "images_per_s": b / step_s,
            "forward_images_per_s": None if fwd_s is None else b / fwd_s,
-           "backward_overhead": None if fwd_s is None else step_s / fwd_s,
+           "backward_overhead": overhead,
            "s_per_step": step_s, "cpu_s_per_step": step_cpu, "forward_s": fwd_s,
            "forward_cpu_s": fwd_cpu, "gflops": None if flops is None else flops / 1e9,
            "gflop_per_s": None if flops is None else flops / step_s / 1e9,

@@ -113,6 +113,15 @@ def test_depthwise_shift_gradient_matches_finite_differences(kernel, stride, hw)
         assert analytic == pytest.approx(float(fd), rel=1e-7, abs=1e-9)
 
 
+def test_relu6_gradient_from_its_output_is_jax_nn_relu6s():
+    x = jnp.asarray([-1.0, 0.0, 1e-7, 0.5, 3.0, 6.0 - 1e-6, 6.0, 7.0], jnp.float32)
+    g = jnp.arange(1.0, 9.0, dtype=jnp.float32)
+    _, vjp = jax.vjp(efficientnet.relu6, x)
+    np.testing.assert_array_equal(vjp(g)[0], [0, 0, 3, 4, 5, 6, 0, 0])
+    np.testing.assert_array_equal(vjp(g)[0], jax.vjp(jax.nn.relu6, x)[1](g)[0])
+    np.testing.assert_array_equal(efficientnet.relu6(x), jax.nn.relu6(x))
+
+
 def test_pointwise_conv_is_nn_conv_1x1():
     """The 1x1 convolutions run as one matmul with a written-out VJP; same parameter
     name and shape as ``nn.Conv(features, (1, 1), use_bias=False)``, same values and

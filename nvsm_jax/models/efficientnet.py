@@ -31,7 +31,7 @@ channel (``feature_group_count = C``) 20-100x slower than a dense one of the
 same FLOPs; written as ``k * k`` shifted multiply-adds it is several times
 faster on CPU, forward and backward (``python -m benchmarks.train``). The
 shifted form has a hand-written backward (:func:`depthwise_shift`): one dilated
-pad of the cotangent and a tap sum for dx, per-tap batch folds for dw. The two
+pad of the cotangent and a tap sum for dx, one sum per tap for dw. The two
 forms compute the same function from the same ``[k, k, 1, C]`` kernel (tested
 against ``lax.conv_general_dilated``); ``depthwise="auto"`` picks the shifted
 form on CPU and the grouped convolution elsewhere. The 1x1 convolutions are one
@@ -166,20 +166,6 @@ def _tap_sum(xp, w, out_hw, stride: int):
     return out
 
 
-def _sum_leading(p):
-    """p: [B, H, W, C] -> [C], summed over B, H, W.
-
-    On XLA:CPU one reduce of a tap's product over (B, H, W) ran 10-15x slower than
-    folding the batch axis by halving first (each level one elementwise add of two
-    contiguous halves) and reducing only the last [H, W, C]; folding to 2, 4 or 8 rows
-    instead of 1 kept most of the slowness (measured, WORKSPACE.md)."""
-    while p.shape[0] > 1:
-        n, h = p.shape[0], p.shape[0] // 2
-        folded = p[:h] + p[h:2 * h]
-        p = folded if n % 2 == 0 else jnp.concatenate([folded, p[2 * h:]])
-    return jnp.sum(p[0], axis=(0, 1))
-
-
 def _shift_forward(x, w, stride):
     k = w.shape[0]
     xp, _, _ = _pad_same(x, k, stride)
@@ -198,8 +184,8 @@ def depthwise_shift(x, w, stride: int):
     * dx is the transposed convolution of the cotangent g: g dilated by the stride
       and padded once (``lax.pad`` with interior padding), then k*k slices times
       the flipped weights, summed (:func:`_tap_sum` again, stride 1);
-    * dw[i, j] = sum over batch and space of tap_ij(x) * g, each tap's product
-      reduced by :func:`_sum_leading`.
+    * dw[i, j] = sum over batch and space of tap_ij(x) * g, one tap per loop
+      iteration, its product summed as a [B*OH*OW, C] matrix over its rows.
     """
     return _shift_forward(x, w, stride)
 
@@ -224,19 +210,42 @@ def _depthwise_shift_bwd(stride, residuals, g):
                                (0, 0, 0)))
     dx = _tap_sum(gp, w[::-1, ::-1], (h, wd), 1)
     # dw: one tap per iteration of a loop (k*k unrolled taps compile 3x slower, run
-    # no faster); each tap's product with g is folded over the batch by halving.
+    # no faster); each tap's product with g reduced over its rows in one sum (XLA:CPU
+    # hands that reduction to its vectorised library kernel; WORKSPACE.md).
     xp, _, _ = _pad_same(x, k, stride)
     win_h, win_w = (oh - 1) * stride + 1, (ow - 1) * stride + 1
 
     def tap_grad(t):
         tap = jax.lax.dynamic_slice(xp, (0, t // k, t % k, 0), (b, win_h, win_w, c))
-        return _sum_leading(tap[:, ::stride, ::stride] * g)
+        return jnp.sum((tap[:, ::stride, ::stride] * g).reshape(-1, c), axis=0)
 
     dw = jax.lax.map(tap_grad, jnp.arange(k * k)).reshape(k, k, c)
     return dx, dw
 
 
 depthwise_shift.defvjp(_depthwise_shift_fwd, _depthwise_shift_bwd)
+
+
+@jax.custom_vjp
+def relu6(x):
+    """min(max(x, 0), 6), elementwise, with ``jax.nn.relu6``'s gradient (g where
+    0 < x < 6, else 0) taken from its output: 0 < relu6(x) < 6 exactly where
+    0 < x < 6. The output is what the next layer keeps for its own backward, so
+    the pre-activation need not be kept too (a 128 px Lite0 step 13 % faster,
+    WORKSPACE.md)."""
+    return jax.nn.relu6(x)
+
+
+def _relu6_fwd(x):
+    y = jax.nn.relu6(x)
+    return y, y
+
+
+def _relu6_bwd(y, g):
+    return (jnp.where((y > 0) & (y < 6), g, jnp.zeros((), g.dtype)),)
+
+
+relu6.defvjp(_relu6_fwd, _relu6_bwd)
 
 
 def resolve_depthwise(form: str) -> str:
@@ -405,10 +414,10 @@ class MBConv(nn.Module):
         if s.expansion != 1:
             y = _conv_norm(PointwiseConv(mid, name="expand_conv"), _Norm(self.norm, name="bn0"),
                            y, train, mid)
-            y = jax.nn.relu6(y)
+            y = relu6(y)
         y = _conv_norm(DepthwiseConv(s.kernel, s.stride, self.depthwise, name="depthwise_conv"),
                        _Norm(self.norm, name="bn1"), y, train, mid)
-        y = jax.nn.relu6(y)
+        y = relu6(y)
         y = _conv_norm(PointwiseConv(s.cout, name="project_conv"), _Norm(self.norm, name="bn2"),
                        y, train, s.cout)
         if s.stride == 1 and s.cin == s.cout:
@@ -443,7 +452,7 @@ class EfficientNetLite(nn.Module):
         xp, _, _ = _pad_same(x, 3, 2)
         x = _conv_norm(_StemConv(STEM_WIDTH, name="conv_stem"), _Norm(self.norm, name="bn0"),
                        xp, train, STEM_WIDTH)
-        x = jax.nn.relu6(x)
+        x = relu6(x)
         taps = {}
         for n, spec in enumerate(specs):
             x = MBConv(spec, self.norm, self.depthwise, name=f"blocks_{n}")(x, train)
@@ -454,7 +463,7 @@ class EfficientNetLite(nn.Module):
                         taps[stride] = x
         x = _conv_norm(PointwiseConv(HEAD_WIDTH, name="conv_head"),   # not scaled in Lite
                        _Norm(self.norm, name="bn1"), x, train, HEAD_WIDTH)
-        x = jax.nn.relu6(x)
+        x = relu6(x)
         if self.num_classes:
             g = jnp.mean(x, axis=(1, 2))
             return nn.Dense(self.num_classes, name="fc")(g)
