@@ -101,8 +101,9 @@ def time_row(row: dict) -> dict:
         holder["calls"] += 1
         return m
 
-    # first call = compile, one warm-up; then the step and its forward timed in
-    # turn, call by call, so each ratio is taken at one moment of the machine (its
+    # first call = compile, then two untimed calls (``time_fn_stats``' warm-up and
+    # its one timed call, used only for ``compile_s``); the same for the forward;
+    # then the step and its forward timed in turn, call by call, so each ratio is taken at one moment of the machine (its
     # speed drifts by 20 % within a run: timed apart, the ratio moved with it)
     timing = time_fn_stats(run_step, warmup=2, repeats=1)
     compile_s = timing["compile_s"]
