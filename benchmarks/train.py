@@ -103,8 +103,9 @@ def time_row(row: dict) -> dict:
 
     # first call = compile, then two untimed calls (``time_fn_stats``' warm-up and
     # its one timed call, used only for ``compile_s``); the same for the forward;
-    # then the step and its forward timed in turn, call by call, so each ratio is taken at one moment of the machine (its
-    # speed drifts by 20 % within a run: timed apart, the ratio moved with it)
+    # then the step and its forward timed in turn, call by call, so each ratio is
+    # taken at one moment of the machine (its speed drifts by 20 % within a run:
+    # timed apart, the ratio moved with it)
     timing = time_fn_stats(run_step, warmup=2, repeats=1)
     compile_s = timing["compile_s"]
     flops = _cost_flops(step.lower(holder["state"], sb, key).compile())
