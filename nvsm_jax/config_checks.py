@@ -10,6 +10,8 @@ the allowed values. The trainers call it first.
 
 from __future__ import annotations
 
+import dataclasses
+
 from nvsm_jax import pseudo_labels
 from nvsm_jax.data.fewshot import ANCHOR_RULES
 from nvsm_jax.data.format import OCCLUSION_LEVELS
@@ -68,6 +70,7 @@ def check_config(config) -> None:
     one_of("model.stride", (4, 8, 16, 32))
     one_of("optim.schedule", ("cosine", "constant"))
     each_of("methods", METHODS)
+    one_of("nvsm_oracle", pseudo_labels.ORACLES)
     each_of("eval_occlusions", OCCLUSION_LEVELS)
     generate = _get(config, "data.generate")
     if generate is not _MISSING and generate and not _get(config, "data_root"):
@@ -85,8 +88,8 @@ def check_config(config) -> None:
     estep = _get(config, "estep")
     if estep is not _MISSING:
         try:
-            pseudo_labels.Selection(*(estep[k] for k in ("threshold", "margin", "margin_angle",
-                                                        "max_new")))
+            fields = [f.name for f in dataclasses.fields(pseudo_labels.Selection)]
+            pseudo_labels.Selection(**{k: estep[k] for k in fields if k in estep})
         except (ValueError, TypeError, KeyError) as err:
             errors.append(f"estep: {err}")
     if errors:

@@ -244,7 +244,9 @@ def train_and_evaluate(config, workdir) -> str:
             if config.get("results_dir") and parallel.is_main_process():
                 rounds = (training.MetricsWriter(cell, "rounds.jsonl").read()
                           if method == "nvsm" else None)
-                results.record_cell(config.results_dir, method=method, category=category,
+                results.record_cell(config.results_dir, method=results.recorded_method(
+                                        method, config.get("nvsm_oracle", "none")),
+                                    category=category,
                                     annotations=n, seed=int(cfg.seed), rows=rows,
                                     errors=errors, config=cfg, rounds=rounds)
             all_rows += rows

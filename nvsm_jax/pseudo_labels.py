@@ -27,6 +27,17 @@ records it and its measured effect):
   the round keeps the longest score-ranked prefix that agrees with it at a
   given rate, none when no prefix does (:func:`agreement_cut`; the E-step's
   ``agreement_rate``). Each pseudo-label records its source, score and round.
+  Issue 28 adds (f) a flip check: the best view must beat the best view near
+  the matched pose's symmetric counterparts (:func:`symmetric_poses`: the
+  opposite view and the two mirrors, the matches a front-to-back or left-right
+  flip makes) by ``flip_margin`` (:func:`flip_margins`), and (g) caps per
+  source and per 30-degree azimuth sector, applied best score first, so one
+  easy source or one pose cannot take a whole round.
+* **Diagnosis rows** (:func:`oracle_labels`, the experiment's ``nvsm_oracle``,
+  reporting only): the round's acceptances at their hidden poses, the same with
+  the flips kept, or as many images drawn uniformly at their hidden poses;
+  :func:`label_quality` measures a pseudo-labelled set against the hidden poses
+  (median error, flip rate, azimuth sectors covered).
 
   Rules measured, rejected and removed (the tree at commit 955f0d5 still has them;
   WORKSPACE.md, "E-step selection" and the 128 px variants, has the figures):
@@ -52,7 +63,8 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views", "table_report",
-           "select", "agree_with_solver", "agreement_cut", "coverage"]
+           "select", "symmetric_poses", "flip_margins", "agree_with_solver", "agreement_cut",
+           "coverage", "ORACLES", "oracle_labels", "label_quality"]
 
 
 @dataclasses.dataclass
@@ -167,25 +179,89 @@ class Selection:
     margin: its minimum lead over the best view whose pose lies more than
       ``margin_angle`` (radians) away (-1 = off).
     max_new: at most this many images per round, best first (None = all that pass).
+    flip_margin: minimum lead over the best view near the matched pose's
+      symmetric counterparts (:func:`symmetric_poses`, within ``flip_window``
+      radians; None = off): the label-free check against front-back and
+      left-right flips.
+    max_per_source: at most this many of a round's acceptances matched to views
+      of one source (a source and its mirror image count as one; None = no cap).
+    max_per_sector: at most this many per ``sectors`` azimuth sector of the
+      matched pose (None = no cap).
     """
 
     threshold: float = -1.0
     margin: float = -1.0
     margin_angle: float = float(np.pi / 6)
     max_new: int | None = None
+    flip_margin: float | None = None
+    flip_window: float = float(np.radians(20.0))
+    max_per_source: int | None = None
+    max_per_sector: int | None = None
+    sectors: int = 12
 
     def __post_init__(self):
-        for name in ("threshold", "margin", "margin_angle"):
+        for name in ("threshold", "margin", "margin_angle", "flip_window"):
             if not np.isfinite(getattr(self, name)):
                 raise ValueError(f"Selection.{name} must be finite, got {getattr(self, name)}")
-        if self.max_new is not None and self.max_new < 0:
-            raise ValueError(f"Selection.max_new must be >= 0 or None, got {self.max_new}")
+        if self.flip_margin is not None and not np.isfinite(self.flip_margin):
+            raise ValueError(f"Selection.flip_margin must be finite or None, "
+                             f"got {self.flip_margin}")
+        for name in ("max_new", "max_per_source", "max_per_sector"):
+            v = getattr(self, name)
+            if v is not None and v < (0 if name == "max_new" else 1):
+                raise ValueError(f"Selection.{name} must be >= {0 if name == 'max_new' else 1} "
+                                 f"or None, got {v}")
+        if self.sectors < 1:
+            raise ValueError(f"Selection.sectors must be >= 1, got {self.sectors}")
+
+
+def symmetric_poses(poses) -> np.ndarray:
+    """The poses an object symmetric front-to-back and left-to-right (a cuboid, a
+    coarse mesh) shows alike or mirrored: [M, >=3] -> [M, 3, 4].
+
+    For each pose (a, e, t, d): the opposite view (a + pi, e, t, d), the mirror
+    view (2 pi - a, e, -t, d) and the mirror's opposite (pi - a, e, -t, d)
+    (azimuths wrapped to [0, 2 pi)). These are the matches a flip makes.
+    """
+    p = np.asarray(poses, np.float64)
+    if p.ndim != 2 or p.shape[-1] < 3:
+        raise ValueError(f"symmetric_poses: poses must be [M, >=3], got {p.shape}")
+    d = p[:, 3] if p.shape[-1] > 3 else np.zeros(len(p))
+    a, e, t = p[:, 0], p[:, 1], p[:, 2]
+    out = np.stack([np.stack([a + np.pi, e, t, d], -1),
+                    np.stack([-a, e, -t, d], -1),
+                    np.stack([np.pi - a, e, -t, d], -1)], 1)
+    out[..., 0] = np.mod(out[..., 0], 2 * np.pi)
+    return out
+
+
+def flip_margins(scores, view_poses, best, window: float, exclude: float) -> np.ndarray:
+    """Each image's best score minus its best score among the views near the best
+    view's symmetric poses (:func:`symmetric_poses`, geodesic distance < ``window``)
+    that lie at least ``exclude`` from the best view itself (a front view's mirror
+    is itself). scores: [K, N]; view_poses: [K, 4]; best: [N] view index per image
+    -> [N] (+inf where no view lies near a symmetric pose: nothing to check)."""
+    scores = np.asarray(scores, np.float64)
+    k, n = scores.shape
+    vp = np.asarray(view_poses, np.float64)
+    views = np.unique(best)                              # the distinct best views
+    sym = symmetric_poses(vp[views])                     # [U, 3, 4]
+    rot = lambda p: geometry.rotation_pascal(p[..., 0], p[..., 1], p[..., 2], xnp=np)  # noqa: E731
+    r_views, r_sym = rot(vp), rot(sym)                   # [K, 3, 3], [U, 3, 3, 3]
+    near_sym = (geometry.rotation_error(r_views[None, None], r_sym[:, :, None], xnp=np)
+                < window).any(1)                         # [U, K]
+    own = geometry.rotation_error(r_views[None], r_views[views][:, None], xnp=np) < exclude
+    rival = near_sym & ~own                              # [U, K]
+    slot = np.searchsorted(views, best)                  # [N] row of each image's best view
+    rival_score = np.where(rival[slot].T, scores, -np.inf).max(axis=0)              # [N]
+    return scores[best, np.arange(n)] - rival_score
 
 
 def select(scores, view_poses, view_source, view_source_is_labelled, selection: Selection, *,
            round_index: int, candidates=None) -> PseudoLabels:
     """Accepts pseudo-labels from a score table: each image its best view, then
-    ``selection``'s threshold, margin and per-round cap.
+    ``selection``'s threshold, margin and flip margin, then, best score first, the
+    per-source, per-sector and per-round caps.
 
     scores: [K, N] score of view k against unlabelled image n.
     view_poses: [K, 4]; view_source: [K] int; view_source_is_labelled: [K] bool.
@@ -201,6 +277,8 @@ def select(scores, view_poses, view_source, view_source_is_labelled, selection: 
     if candidates is None:
         candidates = np.ones(n, bool)
     candidates = np.asarray(candidates, bool)
+    view_source = np.asarray(view_source)
+    view_source_is_labelled = np.asarray(view_source_is_labelled, bool)
     best = np.argmax(scores, axis=0)                                  # [N]
     best_score = scores[best, np.arange(n)]
     # Geodesic distance of every view's pose to each image's best pose: [K, N]
@@ -210,15 +288,40 @@ def select(scores, view_poses, view_source, view_source_is_labelled, selection: 
     runner_up = far.max(axis=0)
     ok = (candidates & (best_score >= selection.threshold)
           & (best_score - runner_up >= selection.margin))
+    if selection.flip_margin is not None:
+        ok &= flip_margins(scores, view_poses, best, selection.flip_window,
+                           selection.margin_angle) >= selection.flip_margin
     idx = np.flatnonzero(ok)
     idx = idx[np.argsort(-best_score[idx], kind="stable")]
-    if selection.max_new is not None:
-        idx = idx[:selection.max_new]
+    idx = _capped(idx, best, view_source, view_source_is_labelled, view_poses, selection)
     view = best[idx]
     return PseudoLabels(index=idx.astype(np.int64), poses=view_poses[view],
-                        score=best_score[idx], source=np.asarray(view_source)[view].astype(np.int64),
-                        source_is_labelled=np.asarray(view_source_is_labelled)[view].astype(bool),
+                        score=best_score[idx], source=view_source[view].astype(np.int64),
+                        source_is_labelled=view_source_is_labelled[view],
                         round=np.full(len(idx), round_index, np.int64))
+
+
+def _capped(idx, best, view_source, view_labelled, view_poses, selection: Selection):
+    """The images ``idx`` (best first) that fit the per-source, per-sector and
+    per-round caps, taken greedily in order."""
+    if selection.max_per_source is None and selection.max_per_sector is None:
+        return idx if selection.max_new is None else idx[:selection.max_new]
+    view = best[idx]
+    source = view_source[view] * 2 + view_labelled[view]            # (id, labelled) as one key
+    sector = geometry.azimuth_sector(view_poses[view, 0], selection.sectors)
+    inf = float("inf")
+    cap_source = inf if selection.max_per_source is None else selection.max_per_source
+    cap_sector = inf if selection.max_per_sector is None else selection.max_per_sector
+    per_source, per_sector, keep = {}, {}, []
+    for i, s, c in zip(idx, source, sector):
+        if selection.max_new is not None and len(keep) >= selection.max_new:
+            break
+        if per_source.get(s, 0) >= cap_source or per_sector.get(c, 0) >= cap_sector:
+            continue
+        per_source[s] = per_source.get(s, 0) + 1
+        per_sector[c] = per_sector.get(c, 0) + 1
+        keep.append(i)
+    return np.asarray(keep, np.int64)
 
 
 def agree_with_solver(matched_poses, solver_poses, agree_angle: float) -> np.ndarray:
@@ -272,6 +375,63 @@ def coverage(poses, azimuth_bins: int = 12, elevation_edges=DEFAULT_ELEVATION_ED
     hit = np.zeros((azimuth_bins, n_el), bool)
     hit[a_bin[keep], e_bin[keep]] = True
     return float(hit.mean())
+
+
+FLIP_ANGLE = float(np.radians(150.0))
+ORACLES = ("none", "true_poses", "true_but_flips", "random_true")
+
+
+def oracle_labels(mode: str, new: PseudoLabels, hidden, candidates, rng) -> PseudoLabels:
+    """A diagnosis row's round: the E-step's acceptances ``new`` changed by the hidden
+    poses (reporting only, never a method: it reads the labels NVSM must not see).
+
+    mode: ``"none"`` (``new`` as it is), ``"true_poses"`` (the same images at their
+    true poses), ``"true_but_flips"`` (true poses, but matches off by more than
+    :data:`FLIP_ANGLE` keep their wrong pose), ``"random_true"`` (as many images
+    drawn uniformly from ``candidates``, at their true poses).
+    hidden: [N, 4] the pool's true poses; candidates: [N] bool, images not yet
+    labelled; rng: a ``np.random.Generator``.
+    """
+    if mode not in ORACLES:
+        raise ValueError(f"nvsm_oracle={mode!r} (expected one of {ORACLES})")
+    hidden = np.asarray(hidden, np.float32)
+    if mode == "none" or len(new) == 0:
+        return new
+    if mode == "random_true":
+        pool = np.flatnonzero(np.asarray(candidates, bool))
+        idx = np.sort(rng.choice(pool, size=min(len(new), len(pool)), replace=False))
+        m = len(idx)
+        return PseudoLabels(idx.astype(np.int64), hidden[idx], np.full(m, np.nan, np.float32),
+                            np.full(m, -1, np.int64), np.zeros(m, bool),
+                            np.full(m, int(new.round[0]), np.int64))
+    true = hidden[new.index]
+    if mode == "true_but_flips":
+        flipped = geometry.pose_error(np.asarray(new.poses, np.float64),
+                                      true.astype(np.float64)) > FLIP_ANGLE
+        true = np.where(flipped[:, None], new.poses, true)
+    return dataclasses.replace(new, poses=true.astype(np.float32))
+
+
+def label_quality(poses, true_poses, sectors: int = 12) -> dict:
+    """How good a set of pseudo-labels is, against the hidden poses (reporting only).
+
+    poses, true_poses: [M, 4] -> ``median_err_deg``, ``p90_err_deg``, ``acc_pi_6``,
+    ``flip_rate`` (error > :data:`FLIP_ANGLE`), ``sectors_covered`` (of ``sectors``
+    azimuth sectors, those holding the true pose of some pseudo-labelled image) and
+    ``count``; errors None for an empty set.
+    """
+    poses = np.asarray(poses, np.float64).reshape(-1, 4)
+    true_poses = np.asarray(true_poses, np.float64).reshape(-1, 4)
+    if len(poses) == 0:
+        return {"count": 0, "median_err_deg": None, "p90_err_deg": None, "acc_pi_6": None,
+                "flip_rate": None, "sectors_covered": 0}
+    err = np.degrees(geometry.pose_error(poses, true_poses))
+    return {"count": int(len(poses)), "median_err_deg": float(np.median(err)),
+            "p90_err_deg": float(np.percentile(err, 90)),
+            "acc_pi_6": float(np.mean(err < 30.0)),
+            "flip_rate": float(np.mean(err > np.degrees(FLIP_ANGLE))),
+            "sectors_covered": int(len(np.unique(geometry.azimuth_sector(true_poses[:, 0],
+                                                                          sectors))))}
 
 
 def table_report(scores, view_poses, true_poses, ks=(30, 60, 100), sectors: int = 12,

@@ -30,8 +30,8 @@ import numpy as np
 
 from nvsm_jax import training
 
-__all__ = ["cell_name", "record_cell", "load_cells", "aggregate", "paired_differences",
-           "format_report", "rounds_table", "SETTINGS_FREE_KEYS"]
+__all__ = ["cell_name", "recorded_method", "record_cell", "load_cells", "aggregate",
+           "paired_differences", "format_report", "rounds_table", "SETTINGS_FREE_KEYS"]
 
 # config keys that may differ between cells averaged together: the seed, where the
 # data and runs live, and run control (training.RESUME_FREE_KEYS)
@@ -52,6 +52,12 @@ def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def recorded_method(method: str, oracle: str = "none") -> str:
+    """The name a cell is recorded under: NVSM's diagnosis rows (``nvsm_oracle``, which
+    read hidden poses) as ``nvsm_<oracle>``, never as the method itself."""
+    return f"{method}_{oracle}" if method == "nvsm" and oracle not in ("", "none") else method
+
+
 def record_cell(results_dir, *, method: str, category: str, annotations, seed: int, rows,
                 errors, config, rounds=None) -> str:
     """Writes one finished cell's record (atomically) and returns its path.
@@ -63,7 +69,8 @@ def record_cell(results_dir, *, method: str, category: str, annotations, seed: i
     cell = os.path.join(os.fspath(results_dir), cell_name(method, category, annotations, seed))
     os.makedirs(cell, exist_ok=True)
     keep = ("round", "num_pseudo", "num_new", "precision", "precision_new", "coverage",
-            "agreement", "test_acc_pi_6")
+            "agreement", "test_acc_pi_6", "median_err_deg", "flip_rate", "sectors_covered",
+            "median_err_new_deg", "flip_rate_new", "matched_median_err_new_deg")
     record = {
         "method": method, "category": category, "annotations": annotations, "seed": int(seed),
         "rows": [dict(r) for r in rows],
@@ -268,13 +275,14 @@ def format_report(cells) -> str:
                     lambda k: [k[0], k[1]] + [
                         _acc(get[(k[0], "Mean", k[1], o)]) if (k[0], "Mean", k[1], o) in get
                         else "-" for o in occs]) + [""]
-    diffs = paired_differences(cells)
+    diffs = [d for m in methods if m.startswith("nvsm")
+             for d in (dict(x, method=m) for x in paired_differences(cells, method=m))]
     if diffs:
         parts += ["## NVSM - NeMo on the same labels and test images (ACC@pi/6 points)", "",
                   "SE over seeds where there are several, else paired over the images.", ""]
-        parts += _table(["category", "annotations", "occlusion", "difference", "seeds",
-                                "per seed"], diffs,
-                        lambda d: [d["category"], d["annotations"], d["occlusion"],
+        parts += _table(["method", "category", "annotations", "occlusion", "difference",
+                         "seeds", "per seed"], diffs,
+                        lambda d: [d["method"], d["category"], d["annotations"], d["occlusion"],
                                    f"{d['diff']:+.1f} ± {_fmt(d['se'])}", str(d["seeds"]),
                                    " / ".join(f"{v:+.1f}" for v in d["per_seed"])]) + [""]
     nv = [c for c in cells if c.get("rounds")]
@@ -288,8 +296,11 @@ def rounds_table(cells) -> list[str]:
     ``rounds`` as in :func:`record_cell`), its cumulative pseudo-labels and their
     precision after every round, and the solver agreement where the safeguard ran."""
     lines = ["Per round (1, 2, ...): cumulative pseudo-labels @ their precision (hidden "
-             "poses, reporting only); solver agreement where the safeguard ran.", "",
-             "| category | annotations | seed | rounds |", "|---|---|---|---|"]
+             "poses, reporting only); solver agreement where the safeguard ran. Final: the "
+             "pseudo-labels' median error, flip rate (error > 150 deg) and the 30-deg "
+             "azimuth sectors (of 12) their true poses cover.", "",
+             "| category | annotations | seed | rounds | final median | flips | sectors |",
+             "|---|---|---|---|---|---|---|"]
     for c in sorted(cells, key=lambda c: (c["category"], str(c["annotations"]), c["seed"])):
         seq = []
         for r in c["rounds"]:
@@ -299,6 +310,11 @@ def rounds_table(cells) -> list[str]:
             if r.get("agreement") is not None:
                 txt += f" (agree {r['agreement']:.2f})"
             seq.append(txt)
+        last = c["rounds"][-1] if c["rounds"] else {}
+        flips = last.get("flip_rate")
         lines.append(f"| {c['category']} | {c['annotations']} | {c['seed']} | "
-                     + (" / ".join(seq) or "none accepted") + " |")
+                     + (" / ".join(seq) or "none accepted")
+                     + f" | {_fmt(last.get('median_err_deg'), '.1f')}"
+                     + f" | {'-' if flips is None else format(100 * flips, '.1f') + ' %'}"
+                     + f" | {last.get('sectors_covered', '-')} |")
     return lines

@@ -75,6 +75,8 @@ class RoundResult:
     seconds: float
     agreement: float | None = None    # the safeguard's agreement rate over the images it
     #                                   checked (None: the safeguard is off)
+    matched_poses: np.ndarray | None = None   # [M, 4] the matched poses before refinement
+    #                                           (None: not refined)
 
 
 def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
@@ -208,9 +210,11 @@ class EStepConfig(training.DataclassConfig):
     ``elevation_step`` radians around every source, elevations clipped to
     [``min_elevation``, ``max_elevation``]. Synthesis: a pixel is valid when
     ``min_weight`` of its face was seen; ``source_chunk`` sources per call.
-    Acceptance: ``threshold`` / ``margin`` / ``margin_angle`` / ``max_new``
-    (:class:`nvsm_jax.pseudo_labels.Selection`), then ``agree_angle`` (> 0: the
-    NeMo grid search must agree) and ``refine_steps`` (> 0: refine accepted poses).
+    Acceptance: ``threshold`` / ``margin`` / ``margin_angle`` / ``max_new`` and the
+    flip check and caps ``flip_margin`` / ``flip_window`` / ``max_per_source`` /
+    ``max_per_sector`` (:class:`nvsm_jax.pseudo_labels.Selection`), then
+    ``agree_angle`` (> 0: the NeMo grid search must agree) and ``refine_steps``
+    (> 0: refine accepted poses by render-and-compare, from the matched pose).
     The label-free safeguard (issue 9): ``agreement_rate`` > 0 runs the current
     model's own render-and-compare (the ``solver`` config) on the ``max_new``
     best-scoring candidates and accepts the longest score-ranked prefix in which
@@ -254,6 +258,10 @@ class EStepConfig(training.DataclassConfig):
     source_object: str = "mask"
     pseudo_object: str = "none"
     distance_scales: tuple = (1.0,)
+    flip_margin: float | None = None
+    flip_window: float = float(np.radians(20.0))
+    max_per_source: int | None = None
+    max_per_sector: int | None = None
 
     def __post_init__(self):
         if self.source_object not in ("none", "mask"):
@@ -275,8 +283,10 @@ class EStepConfig(training.DataclassConfig):
 
     @property
     def selection(self) -> pseudo_labels.Selection:
-        return pseudo_labels.Selection(self.threshold, self.margin, self.margin_angle,
-                                       self.max_new)
+        return pseudo_labels.Selection(
+            self.threshold, self.margin, self.margin_angle, self.max_new,
+            flip_margin=self.flip_margin, flip_window=self.flip_window,
+            max_per_source=self.max_per_source, max_per_sector=self.max_per_sector)
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -501,7 +511,9 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
         agreement = float(np.mean(agrees))
         new = new.take(slice(0, pseudo_labels.agreement_cut(agrees, gate,
                                                             cfg.agreement_min_count)))
+    matched = None
     if len(new) and cfg.refine_steps > 0 and solver is not None:
+        matched = np.array(new.poses, np.float32)
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
         poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
                                          solver.vertex_memory,
@@ -509,7 +521,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
                                          principal[new.index], jnp.asarray(new.poses)[:, None],
                                          solver_cfg)
         new.poses = np.asarray(poses[:, 0], np.float32)
-    return RoundResult(new, int(scores.shape[0]), time.time() - start, agreement)
+    return RoundResult(new, int(scores.shape[0]), time.time() - start, agreement, matched)
 
 
 def mirrored_sources(feature_fn, batch_size, images, sources: Sources) -> Sources:
@@ -628,8 +640,9 @@ def _stage_estep(workdir, r, result: RoundResult) -> None:
     """Stores round ``r``'s E-step before its M-step, so a run killed in the M-step
     resumes it from its last checkpoint instead of repeating the E-step."""
     tmp = _staged_path(workdir, r) + ".tmp.npz"
+    extra = {} if result.matched_poses is None else {"matched_poses": result.matched_poses}
     np.savez(tmp, **result.new.to_dict(), num_views=result.num_views, seconds=result.seconds,
-             agreement=np.nan if result.agreement is None else result.agreement)
+             agreement=np.nan if result.agreement is None else result.agreement, **extra)
     os.replace(tmp, _staged_path(workdir, r))
 
 
@@ -641,7 +654,8 @@ def _load_staged_estep(workdir, r) -> RoundResult | None:
         d = dict(np.load(path))
         agreement = float(d["agreement"]) if "agreement" in d else float("nan")
         return RoundResult(pseudo_labels.PseudoLabels.from_dict(d), int(d["num_views"]),
-                           float(d["seconds"]), None if np.isnan(agreement) else agreement)
+                           float(d["seconds"]), None if np.isnan(agreement) else agreement,
+                           d.get("matched_poses"))
     except Exception as err:  # noqa: BLE001 - any damage means: redo the E-step
         raise ValueError(f"{path}: damaged stored E-step ({err}); delete it to redo the "
                          f"E-step of round {r}") from err
@@ -677,6 +691,9 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
     training.save_config(config, workdir)
     estep_cfg = EStepConfig.from_config(config.estep)
+    oracle = str(config.get("nvsm_oracle", "none"))
+    if oracle not in pseudo_labels.ORACLES:
+        raise ValueError(f"nvsm_oracle={oracle!r} (expected one of {pseudo_labels.ORACLES})")
     if train_set is None:
         train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
                                           lazy_images=jax.process_count() > 1)  # own rows only
@@ -753,6 +770,10 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                                                     feat.clutter_prototype(state.aux.clutter),
                                                     solver_cfg))
                 del pool_maps, pool
+                if oracle != "none":    # a diagnosis row: hidden poses change the round
+                    result = dataclasses.replace(result, new=pseudo_labels.oracle_labels(
+                        oracle, result.new, hidden, candidates,
+                        np.random.default_rng([int(config.seed), r])))
                 if parallel.is_main_process():      # the same result on every process
                     _stage_estep(workdir, r, result)
                 parallel.sync(f"nvsm round {r} E-step stored")
@@ -778,9 +799,19 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
         # record the round
         err = evaluation.rotation_errors(pl.poses, hidden[pl.index]) if len(pl) else np.zeros(0)
         new_err = evaluation.rotation_errors(new.poses, hidden[new.index]) if len(new) else np.zeros(0)
+        quality = pseudo_labels.label_quality(pl.poses, hidden[pl.index])
+        quality_new = pseudo_labels.label_quality(new.poses, hidden[new.index])
         entry = {"round": r, "step": step, "num_pseudo": len(pl), "num_new": len(new),
                  "precision": float(np.mean(err < np.pi / 6)) if len(err) else None,
                  "precision_new": float(np.mean(new_err < np.pi / 6)) if len(new_err) else None,
+                 "median_err_deg": quality["median_err_deg"], "flip_rate": quality["flip_rate"],
+                 "sectors_covered": quality["sectors_covered"],
+                 "median_err_new_deg": quality_new["median_err_deg"],
+                 "flip_rate_new": quality_new["flip_rate"],
+                 "matched_median_err_new_deg": (
+                     None if result.matched_poses is None or not len(new) else
+                     pseudo_labels.label_quality(result.matched_poses,
+                                                 hidden[new.index])["median_err_deg"]),
                  "coverage": pseudo_labels.coverage(np.concatenate([labelled.poses, pl.poses])),
                  "num_views": result.num_views, "estep_seconds": result.seconds,
                  "agreement": result.agreement,
@@ -816,14 +847,17 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
 
 
 def _round_summary(entry: dict) -> str:
-    """One short line: ``+30 -> 60 pseudo-labels, precision 0.83 (new 0.80), coverage
-    0.42, L0 41.7 / 12.0 / 38.5 deg, 95 s``."""
+    """One short line: ``+30 -> 60 pseudo-labels, precision 0.83 (new 0.80), median
+    error 12.1 deg, flips 0.03, 9 / 12 sectors, coverage 0.42, L0 41.7 / 12.0 / 38.5
+    deg, 95 s`` (the pseudo-labels' quality from the hidden poses, reporting only)."""
     def f(v, fmt):
         return "-" if v is None else format(v, fmt)
 
     text = (f"+{entry['num_new']} -> {entry['num_pseudo']} pseudo-labels, precision "
             f"{f(entry['precision'], '.2f')} (new {f(entry['precision_new'], '.2f')}), "
-            f"coverage {entry['coverage']:.2f}")
+            f"median error {f(entry.get('median_err_deg'), '.1f')} deg, flips "
+            f"{f(entry.get('flip_rate'), '.2f')}, {entry.get('sectors_covered', 0)} / 12 "
+            f"sectors, coverage {entry['coverage']:.2f}")
     if entry.get("agreement") is not None:
         text += f", solver agreement {entry['agreement']:.2f}"
     if "test_acc_pi_6" in entry:

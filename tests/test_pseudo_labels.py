@@ -219,3 +219,122 @@ def test_select_on_a_table_across_the_azimuth_seam():
                       pl.Selection(0.5, -1.0, np.radians(30.0)), round_index=2,
                       candidates=candidates)
     np.testing.assert_array_equal(loose.index, [0, 5, 1, 2])
+
+
+def _scipy_rotation(a, e, t):
+    """The PASCAL3D+ rotation Rz(t) Rx(-(pi/2 - e)) Rz(-a), built by scipy."""
+    from scipy.spatial.transform import Rotation
+    return Rotation.from_euler("ZXZ", [t, -(np.pi / 2 - e), -a]).as_matrix()
+
+
+def test_symmetric_poses_are_the_object_turned_half_way_and_mirrored():
+    # oracle: the opposite view is the object turned by pi about its vertical (z) axis,
+    # R(opp) = R(p) Rz(pi); the mirror view is the image and the object reflected in x,
+    # R(mirror) = D R(p) D with D = diag(-1, 1, 1); the third is both
+    from scipy.spatial.transform import Rotation
+    rng = np.random.default_rng(0)
+    p = np.stack([rng.uniform(0, 2 * np.pi, 6), rng.uniform(-0.3, 0.8, 6),
+                  rng.uniform(-0.4, 0.4, 6), np.full(6, 5.0)], -1)
+    sym = pl.symmetric_poses(p)
+    assert sym.shape == (6, 3, 4)
+    assert np.all((sym[..., 0] >= 0) & (sym[..., 0] < 2 * np.pi))
+    np.testing.assert_allclose(sym[..., 3], 5.0)
+    rz = Rotation.from_euler("z", np.pi).as_matrix()
+    d = np.diag([-1.0, 1.0, 1.0])
+    for i in range(6):
+        r = _scipy_rotation(*p[i, :3])
+        want = [r @ rz, d @ r @ d, d @ r @ rz @ d]
+        for j in range(3):
+            np.testing.assert_allclose(_scipy_rotation(*sym[i, j, :3]), want[j], atol=1e-9)
+    with pytest.raises(ValueError, match="M, >=3"):
+        pl.symmetric_poses(np.zeros(4))
+
+
+def test_flip_margins_compare_with_the_symmetric_views_only():
+    az = np.radians([0, 10, 180, 90, 270, 45])
+    vp = geometry.make_pose(az, 0.2, 0.0, 5.0, xnp=np)
+    scores = np.array([
+        # img0: best view 0 deg; its near twin at 10 deg does not count, 180 deg does
+        # img1: best view 90 deg; its opposite and mirror are 270 deg (0.5), pi - a is itself
+        # img2: best view 45 deg; no view lies near 225 / 315 / 135 deg -> +inf
+        [0.90, 0.10, 0.10],
+        [0.89, 0.10, 0.10],
+        [0.85, 0.20, 0.10],
+        [0.10, 0.80, 0.10],
+        [0.20, 0.50, 0.10],
+        [0.10, 0.10, 0.70],
+    ])
+    best = scores.argmax(0)
+    fm = pl.flip_margins(scores, vp, best, np.radians(20), np.radians(30))
+    np.testing.assert_allclose(fm[:2], [0.90 - 0.85, 0.80 - 0.50])
+    assert fm[2] == np.inf
+    # select: a flip margin of 0.1 rejects img0 only
+    out = pl.select(scores, vp, np.arange(6), np.ones(6, bool),
+                    pl.Selection(flip_margin=0.1), round_index=1)
+    np.testing.assert_array_equal(np.sort(out.index), [1, 2])
+
+
+def test_select_caps_per_source_and_per_sector_in_score_order():
+    az = np.radians([5, 15, 100, 110, 200])
+    vp = geometry.make_pose(az, 0.2, 0.0, 5.0, xnp=np)
+    source = np.array([0, 0, 1, 1, 0])            # view 3: pool image 1, not anchor 1
+    labelled = np.array([True, True, True, False, True])
+    # image i's best view is view best[i] with score s[i]
+    best = np.array([0, 1, 2, 3, 4, 0])
+    s = np.array([0.9, 0.8, 0.7, 0.6, 0.5, 0.4])
+    scores = np.full((5, 6), 0.0)
+    scores[best, np.arange(6)] = s
+    one = pl.select(scores, vp, source, labelled, pl.Selection(max_per_source=1), round_index=1)
+    # anchor 0 (views 0, 1, 4) gives only its best image; anchor 1 and pool image 1 one each
+    np.testing.assert_array_equal(one.index, [0, 2, 3])
+    sec = pl.select(scores, vp, source, labelled, pl.Selection(max_per_sector=1), round_index=1)
+    # sectors of 30 deg: 5 and 15 deg share sector 0, 100 and 110 deg sector 3
+    np.testing.assert_array_equal(sec.index, [0, 2, 4])
+    both = pl.select(scores, vp, source, labelled,
+                     pl.Selection(max_per_source=2, max_per_sector=2, max_new=3), round_index=1)
+    np.testing.assert_array_equal(both.index, [0, 1, 2])
+    with pytest.raises(ValueError, match="max_per_source"):
+        pl.Selection(max_per_source=0)
+    with pytest.raises(ValueError, match="flip_margin"):
+        pl.Selection(flip_margin=np.nan)
+
+
+def test_oracle_labels_swap_in_the_hidden_poses_as_named():
+    hidden = geometry.make_pose(np.radians([0, 40, 80, 120, 160, 200]), 0.1, 0.0, 5.0,
+                                xnp=np).astype(np.float32)
+    matched = hidden[[1, 3, 5]].copy()
+    matched[0, 0] += np.radians(20)           # 20 deg off
+    matched[1, 0] += np.pi                    # a flip (180 deg)
+    new = pl.PseudoLabels(np.array([1, 3, 5]), matched, np.array([0.9, 0.8, 0.7], np.float32),
+                          np.array([0, 1, 2]), np.ones(3, bool), np.full(3, 2))
+    cand = np.array([True, True, False, True, False, True])
+    same = pl.oracle_labels("none", new, hidden, cand, np.random.default_rng(0))
+    assert same is new
+    true = pl.oracle_labels("true_poses", new, hidden, cand, np.random.default_rng(0))
+    np.testing.assert_array_equal(true.index, new.index)
+    np.testing.assert_allclose(true.poses, hidden[[1, 3, 5]])
+    keep = pl.oracle_labels("true_but_flips", new, hidden, cand, np.random.default_rng(0))
+    np.testing.assert_allclose(keep.poses[[0, 2]], hidden[[1, 5]])
+    np.testing.assert_allclose(keep.poses[1], matched[1])
+    rnd = pl.oracle_labels("random_true", new, hidden, cand, np.random.default_rng(3))
+    assert len(rnd) == 3 and set(rnd.index.tolist()) <= {0, 1, 3, 5}
+    np.testing.assert_allclose(rnd.poses, hidden[rnd.index])
+    np.testing.assert_array_equal(rnd.round, [2, 2, 2])
+    again = pl.oracle_labels("random_true", new, hidden, cand, np.random.default_rng(3))
+    np.testing.assert_array_equal(again.index, rnd.index)
+    with pytest.raises(ValueError, match="nvsm_oracle"):
+        pl.oracle_labels("truth", new, hidden, cand, np.random.default_rng(0))
+
+
+def test_label_quality_by_hand():
+    true = geometry.make_pose(np.radians([10, 100, 190, 280, 350]), 0.1, 0.0, 5.0, xnp=np)
+    pred = true.copy()
+    pred[1, 0] += np.radians(40)              # 40 deg (elevation 0.1 rad: geodesic ~ 40)
+    pred[2, 0] += np.pi                       # a flip
+    q = pl.label_quality(pred, true)
+    err = np.degrees(geometry.pose_error(pred, true))
+    assert err[2] > 150 and 35 < err[1] < 41
+    assert q["count"] == 5 and q["flip_rate"] == 0.2 and q["acc_pi_6"] == 0.6
+    assert q["median_err_deg"] == pytest.approx(0.0, abs=1e-4)
+    assert q["sectors_covered"] == 5          # sectors 0, 3, 6, 9, 11 of the true azimuths
+    assert pl.label_quality(np.zeros((0, 4)), np.zeros((0, 4)))["median_err_deg"] is None

@@ -79,3 +79,20 @@ def test_a_damaged_record_is_named(tmp_path):
         json.dump({"method": "nemo"}, f)
     with pytest.raises(ValueError, match="not a cell record"):
         results.load_cells(str(tmp_path))
+
+
+def test_oracle_rows_are_recorded_apart_and_paired_with_nemo(tmp_path):
+    assert results.recorded_method("nvsm", "random_true") == "nvsm_random_true"
+    assert results.recorded_method("nvsm", "none") == "nvsm"
+    assert results.recorded_method("nemo", "random_true") == "nemo"
+    root = str(tmp_path)
+    _record(root, "nemo", 0, [10, 40, 50, 60, 70])                      # 1 / 5
+    _record(root, "nvsm", 0, [10, 20, 50, 60, 25],                      # 3 / 5
+            rounds=[{"round": 1, "num_pseudo": 15, "precision": 0.8, "median_err_deg": 11.04,
+                     "flip_rate": 0.0667, "sectors_covered": 9}])
+    _record(root, results.recorded_method("nvsm", "random_true"), 0, [10, 20, 25, 5, 25])
+    cells = results.load_cells(root)
+    report = results.format_report(cells)
+    assert "| nvsm | car | 7 | L0 | +40.0 ±" in report
+    assert "| nvsm_random_true | car | 7 | L0 | +80.0 ±" in report
+    assert "| 15 @ 0.80 | 11.0 | 6.7 % | 9 |" in report

@@ -517,3 +517,52 @@ def test_round_sources_are_the_anchors_then_the_pseudo_labels_then_their_mirrors
     plain = semi_supervised.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
     assert len(plain) == m
     np.testing.assert_array_equal(plain.maps, src.maps[:m])
+
+
+def test_round_entries_report_the_pseudo_labels_quality_against_the_hidden_poses(tiny_data,
+                                                                               reference):
+    """Each round's median error, flip rate and covered sectors, recomputed here from the
+    hidden poses with scipy's rotations (an independent geodesic)."""
+    from scipy.spatial.transform import Rotation
+    train_set, _, _ = tiny_data
+    c = _config()
+    unl = fewshot.split_from_config(train_set, c.num_labelled, c).unlabelled
+    hidden = fewshot.hidden_poses(train_set, unl.names)
+    pl = reference["pseudo_labels"]
+
+    def rot(p):
+        return Rotation.from_euler("ZXZ", np.stack([p[:, 2], -(np.pi / 2 - p[:, 1]), -p[:, 0]], -1))
+
+    for r in reference["rounds"][1:]:
+        so_far = pl.take(pl.round <= r["round"])
+        true = hidden[so_far.index].astype(np.float64)
+        err = np.degrees((rot(so_far.poses.astype(np.float64)).inv() * rot(true)).magnitude())
+        assert r["median_err_deg"] == pytest.approx(np.median(err), abs=1e-3)
+        assert r["flip_rate"] == pytest.approx(np.mean(err > 150))
+        assert r["sectors_covered"] == len({int(np.degrees(a) % 360 // 30) for a in true[:, 0]})
+
+
+@pytest.mark.parametrize("oracle", ["true_poses", "random_true"])
+def test_oracle_rows_train_on_hidden_poses(tiny_data, reference, tmp_path, oracle):
+    """The diagnosis rows: ``true_poses`` keeps the E-step's images (round 1 is the
+    reference's: the same round-0 model) at their hidden poses; ``random_true`` draws
+    as many not-yet-labelled images per round. Both end with exact pseudo-labels."""
+    train_set, _, _ = tiny_data
+    c = _config()
+    c.nvsm_oracle = oracle
+    out = _run(tiny_data, str(tmp_path / oracle), config=c)
+    unl = fewshot.split_from_config(train_set, c.num_labelled, c).unlabelled
+    hidden = fewshot.hidden_poses(train_set, unl.names)
+    pl = out["pseudo_labels"]
+    assert len(pl) == 2 * c.estep.max_new and len(np.unique(pl.index)) == len(pl)
+    np.testing.assert_allclose(pl.poses, hidden[pl.index])
+    assert out["rounds"][-1]["median_err_deg"] == pytest.approx(0.0, abs=1e-3)
+    ref1 = reference["pseudo_labels"].take(reference["pseudo_labels"].round == 1)
+    got1 = pl.take(pl.round == 1)
+    if oracle == "true_poses":
+        np.testing.assert_array_equal(got1.index, ref1.index)
+    else:
+        assert np.all(got1.source == -1)
+    c.nvsm_oracle = "truth"
+    with pytest.raises(ValueError, match="nvsm_oracle"):
+        _run(tiny_data, str(tmp_path / "bad"), config=c)
