@@ -96,3 +96,14 @@ def test_oracle_rows_are_recorded_apart_and_paired_with_nemo(tmp_path):
     assert "| nvsm | car | 7 | L0 | +40.0 ±" in report
     assert "| nvsm_random_true | car | 7 | L0 | +80.0 ±" in report
     assert "| 15 @ 0.80 | 11.0 | 6.7 % | 9 |" in report
+
+
+def test_a_row_that_ran_fewer_categories_says_so_in_the_mean_table(tmp_path):
+    root = str(tmp_path)
+    for cat in ("car", "sofa"):
+        _record(root, "nemo", 0, [10, 40, 50, 60], category=cat)
+    _record(root, results.recorded_method("nvsm", "true_poses"), 0, [10, 20, 50, 60])
+    report = results.format_report(results.load_cells(root))
+    assert "## L0, mean over the 2 categories" in report
+    assert "| nemo | 25.0 ± " in report
+    assert "| nvsm_true_poses (mean of 1) | 50.0 ± " in report
