@@ -60,7 +60,7 @@ import dataclasses
 
 import numpy as np
 
-from nvsm_jax import geometry
+from nvsm_jax import evaluation, geometry
 
 __all__ = ["PseudoLabels", "Selection", "offset_grid", "propose_targets", "novel_views", "table_report",
            "select", "symmetric_poses", "flip_margins", "agree_with_solver", "agreement_cut",
@@ -242,7 +242,7 @@ def flip_margins(scores, view_poses, best, window: float, exclude: float) -> np.
     is itself). scores: [K, N]; view_poses: [K, 4]; best: [N] view index per image
     -> [N] (+inf where no view lies near a symmetric pose: nothing to check)."""
     scores = np.asarray(scores, np.float64)
-    k, n = scores.shape
+    n = scores.shape[1]
     vp = np.asarray(view_poses, np.float64)
     views = np.unique(best)                              # the distinct best views
     sym = symmetric_poses(vp[views])                     # [U, 3, 4]
@@ -425,11 +425,12 @@ def label_quality(poses, true_poses, sectors: int = 12) -> dict:
     if len(poses) == 0:
         return {"count": 0, "median_err_deg": None, "p90_err_deg": None, "acc_pi_6": None,
                 "flip_rate": None, "sectors_covered": 0}
-    err = np.degrees(geometry.pose_error(poses, true_poses))
-    return {"count": int(len(poses)), "median_err_deg": float(np.median(err)),
-            "p90_err_deg": float(np.percentile(err, 90)),
-            "acc_pi_6": float(np.mean(err < 30.0)),
-            "flip_rate": float(np.mean(err > np.degrees(FLIP_ANGLE))),
+    err = evaluation.rotation_errors(poses, true_poses)          # radians, NaN-safe
+    deg = np.degrees(err)
+    return {"count": int(len(poses)), "median_err_deg": float(np.median(deg)),
+            "p90_err_deg": float(np.percentile(deg, 90)),
+            "acc_pi_6": float(np.mean(err < np.pi / 6)),
+            "flip_rate": float(np.mean(err > FLIP_ANGLE)),
             "sectors_covered": int(len(np.unique(geometry.azimuth_sector(true_poses[:, 0],
                                                                           sectors))))}
 

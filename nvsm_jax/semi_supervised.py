@@ -54,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvsm_jax import features as feat
-from nvsm_jax import (config_checks, evaluation, geometry, matching, meshes, parallel,
+from nvsm_jax import (config_checks, geometry, matching, meshes, parallel,
                       pose_solver, pseudo_labels, synthesis, train, training)
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 
@@ -691,9 +691,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
     training.save_config(config, workdir)
     estep_cfg = EStepConfig.from_config(config.estep)
-    oracle = str(config.get("nvsm_oracle", "none"))
-    if oracle not in pseudo_labels.ORACLES:
-        raise ValueError(f"nvsm_oracle={oracle!r} (expected one of {pseudo_labels.ORACLES})")
+    oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config above
     if train_set is None:
         train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
                                           lazy_images=jax.process_count() > 1)  # own rows only
@@ -797,13 +795,10 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                 break
             step += n_steps
         # record the round
-        err = evaluation.rotation_errors(pl.poses, hidden[pl.index]) if len(pl) else np.zeros(0)
-        new_err = evaluation.rotation_errors(new.poses, hidden[new.index]) if len(new) else np.zeros(0)
         quality = pseudo_labels.label_quality(pl.poses, hidden[pl.index])
         quality_new = pseudo_labels.label_quality(new.poses, hidden[new.index])
         entry = {"round": r, "step": step, "num_pseudo": len(pl), "num_new": len(new),
-                 "precision": float(np.mean(err < np.pi / 6)) if len(err) else None,
-                 "precision_new": float(np.mean(new_err < np.pi / 6)) if len(new_err) else None,
+                 "precision": quality["acc_pi_6"], "precision_new": quality_new["acc_pi_6"],
                  "median_err_deg": quality["median_err_deg"], "flip_rate": quality["flip_rate"],
                  "sectors_covered": quality["sectors_covered"],
                  "median_err_new_deg": quality_new["median_err_deg"],
