@@ -56,6 +56,9 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.initial_steps = c.get_ref("fewshot_steps")
     c.steps_per_round = 400
     c.labelled_min_fraction = 0.1        # labelled rows repeated to >= 10% of each M-step set
+    # True: every round's M-step starts again from the initialisation (ImageNet) on the
+    # labelled + all pseudo-labelled images, with its own schedule; False: it continues
+    c.restart_each_round = False
     c.pretrain_steps = 0                 # > 0 (and no pretrain_workdir): self-supervised
     c.pretrain_batch = 32                #   pre-training on the pool first, shared by the rows
     c.eval_every_round = True
