@@ -667,18 +667,6 @@ def schedule_steps(config) -> int:
     return int(config.initial_steps) + int(config.num_rounds) * int(config.steps_per_round)
 
 
-def round_config(config, r: int):
-    """The config round ``r``'s M-step trains under. Continuing (the default), one
-    learning-rate schedule spans the run (``config.num_steps``); with
-    ``config.restart_each_round``, every round starts again from the initialisation
-    and has its own schedule, over ``initial_steps`` (round 0) or ``steps_per_round``."""
-    if not config.get("restart_each_round", False):
-        return config
-    c = copy.deepcopy(config)
-    c.num_steps = int(config.initial_steps if r == 0 else config.steps_per_round)
-    return c
-
-
 def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
              test_sets: dict | None = None, num_devices: int | None = None,
              stop_after_rounds: int | None = None, stop_after_steps: int | None = None,
@@ -721,20 +709,12 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
     model = train.build_model(config)
     image_hw = train_set.image_size
-    restart = bool(config.get("restart_each_round", False))
-
-    def fresh_state(r):
-        return train.init_state(round_config(config, r), model, len(model_mesh.verts),
-                                image_hw, mesh_axes)
-
-    state = fresh_state(0)
+    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=max(1, int(config.keep_checkpoints)))
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-
-    def train_step_for(r):      # compiled once per distinct schedule (train.make_train_step)
-        return train.make_train_step(round_config(config, r), model, model_mesh, image_hw,
-                                     state_sharding, mesh_axes)
+    train_step = train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
+                                       mesh_axes)
     writer = training.MetricsWriter(workdir)
     round_log = training.MetricsWriter(workdir, "rounds.jsonl")
     stride = config.model.stride
@@ -806,11 +786,8 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             end = step + n_steps
             if stop_after_steps is not None:
                 end = min(end, begin + stop_after_steps - steps_this_call)
-            if restart and r > 0 and mid_round is None:     # again from the initialisation
-                state = fresh_state(r)
-            state = _m_step(config, state, train_step_for(r), data, step, begin, end, r,
-                            mesh_axes, writer, ckpt, round_end=step + n_steps,
-                            progress=progress)
+            state = _m_step(config, state, train_step, data, step, begin, end, r, mesh_axes,
+                            writer, ckpt, round_end=step + n_steps, progress=progress)
             steps_this_call += end - begin
             mid_round = None
             if end < step + n_steps:        # stopped inside the M-step (a simulated kill)

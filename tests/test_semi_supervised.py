@@ -142,44 +142,6 @@ def test_learning_rate_decays_through_the_last_round(reference):
     assert lr[-1] > c.optim.lr * c.optim.final_lr_fraction
 
 
-def test_restart_each_round_trains_every_m_step_from_the_initialisation(tiny_data, tmp_path,
-                                                                        monkeypatch):
-    """restart_each_round: every M-step is handed the initial state (weights, Adam,
-    memory, step 0), not the previous round's, and has its own warm-up and decay,
-    ending at the schedule's floor; the E-steps still see the trained model."""
-    c = _config()
-    c.restart_each_round = True
-    c.initial_steps, c.steps_per_round = 4, 4
-    handed = []
-    real = semi_supervised._m_step
-
-    def spy(config, state, *a, **kw):
-        handed.append(jax.tree_util.tree_map(np.asarray, (state.params, state.aux, state.step)))
-        return real(config, state, *a, **kw)
-
-    monkeypatch.setattr(semi_supervised, "_m_step", spy)
-    out = _run(tiny_data, tmp_path / "restart", config=c)
-    assert [r["round"] for r in out["rounds"]] == [0, 1, 2]
-    assert len(handed) == 3
-    for later in handed[1:]:
-        assert int(later[2]) == 0
-        for a, b in zip(jax.tree_util.tree_leaves(handed[0]), jax.tree_util.tree_leaves(later)):
-            np.testing.assert_array_equal(a, b)
-    final = jax.tree_util.tree_leaves(out["state"].params)
-    assert any(not np.allclose(a, b) for a, b in
-               zip(jax.tree_util.tree_leaves(handed[0][0]), final))       # it did train
-    lr = np.array([m["lr"] for m in training.MetricsWriter(tmp_path / "restart").read()
-                   if "lr" in m])
-    n, peak = 4, c.optim.lr
-    floor = peak * c.optim.final_lr_fraction
-    assert c.optim.warmup_steps == 1 and len(lr) == 3 * n
-    # step t of a round: 0 at t = 0, then cosine from the peak towards the floor at t = n
-    want = [0.0] + [floor + (peak - floor) * 0.5 * (1 + np.cos(np.pi * (t - 1) / (n - 1)))
-                    for t in range(1, n)]
-    for r in range(3):
-        np.testing.assert_allclose(lr[n * r:n * (r + 1)], want, rtol=1e-5, err_msg=str(r))
-
-
 def test_resume_after_kill_gives_the_same_result(tiny_data, reference, tmp_path):
     full = reference
     part = _run(tiny_data, tmp_path / "killed", stop_after_rounds=2)

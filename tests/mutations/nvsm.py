@@ -31,20 +31,6 @@ MUTATIONS = [
         tests=(f"{_SS}::test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose",),
         kind="dropped term"),
     Mutation(
-        name="restart_continues_instead",
-        file="nvsm_jax/semi_supervised.py",
-        old="if restart and r > 0 and mid_round is None:",
-        new="if False:",
-        tests=(f"{_SS}::test_restart_each_round_trains_every_m_step_from_the_initialisation",),
-        kind="skipped step"),
-    Mutation(
-        name="restart_keeps_the_run_schedule",
-        file="nvsm_jax/semi_supervised.py",
-        old="c.num_steps = int(config.initial_steps if r == 0 else config.steps_per_round)",
-        new="pass",
-        tests=(f"{_SS}::test_restart_each_round_trains_every_m_step_from_the_initialisation",),
-        kind="dropped term"),
-    Mutation(
         name="training_set_floors_anchor_repeats",
         file="nvsm_jax/semi_supervised.py",
         old="reps = max(1, int(np.ceil(want / len(labelled))))",
