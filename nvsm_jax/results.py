@@ -248,9 +248,10 @@ def format_report(cells) -> str:
              f"## L0, mean over the {len(categories)} categories (the seed's layout)", ""]
 
     def seed_row(m):
-        ran = {r.get("categories") for r in rows if r["method"] == m and r["category"] == "Mean"}
-        fewer = max(ran - {None}, default=len(categories)) < len(categories)
-        cells_ = [f"{m} (mean of {max(ran - {None})})" if fewer else m]
+        ran = max({r.get("categories") for r in rows
+                   if r["method"] == m and r["category"] == "Mean"} - {None},
+                  default=len(categories))
+        cells_ = [f"{m} (mean of {ran})" if ran < len(categories) else m]
         for metric in METRICS:
             for a in anns:
                 r = get.get((m, "Mean", "all" if m == "nemo_full" else a, "L0"))
