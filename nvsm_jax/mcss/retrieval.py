@@ -7,6 +7,10 @@ scored by the PA-MPJPE between the query's true pose and theirs (root-relative
 camera-frame poses, mm). Reported: mean over queries of the mean PA-MPJPE of the
 top-k (k = 1, 5, 10, 20) and Hit@k = the fraction of queries with at least one
 of the top-k under ``threshold`` mm.
+
+Cross-subject (:func:`cross_subject_scores`): the same queries, but each query's
+gallery holds only the *other* test subjects' frames (of the other cameras), so
+the person's appearance cannot lead to the right frame: only the pose can.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import numpy as np
 
 from nvsm_jax.mcss import metrics
 
-__all__ = ["retrieve", "retrieval_scores", "save_retrieval_figure"]
+__all__ = ["retrieve", "retrieval_scores", "cross_subject_scores", "save_retrieval_figure"]
 
 
 def retrieve(query_emb, gallery_emb, k: int, chunk: int = 1024) -> np.ndarray:
@@ -36,11 +40,38 @@ def retrieval_scores(emb: np.ndarray, pose3d: np.ndarray, view: np.ndarray, *, q
                      ks=(1, 5, 10, 20), threshold: float = 50.0) -> dict:
     """emb [N, D], pose3d [N, 17, 3] mm, view [N] -> dict with
     ``pa_mpjpe {k: mm}``, ``hit {k: fraction}``, ``neighbours [Q, kmax]`` (gallery
-    indices into the full arrays) and ``queries [Q]``."""
+    indices into the full arrays), ``queries [Q]`` and ``errors [Q, kmax]`` mm."""
     q_idx = np.flatnonzero(view == query_view)
     g_idx = np.flatnonzero(view != query_view)
-    kmax = max(ks)
-    top = g_idx[retrieve(emb[q_idx], emb[g_idx], kmax)]             # [Q, kmax]
+    top = g_idx[retrieve(emb[q_idx], emb[g_idx], max(ks))]          # [Q, kmax]
+    return _score(pose3d, q_idx, top, ks, threshold)
+
+
+def cross_subject_scores(emb: np.ndarray, pose3d: np.ndarray, view: np.ndarray,
+                         subject: np.ndarray, *, query_view: int = 0, ks=(1, 5, 10, 20),
+                         threshold: float = 50.0) -> dict | None:
+    """As :func:`retrieval_scores`, but a query of subject s searches only the frames
+    of the other subjects (other cameras). subject: [N] labels. None when the test
+    set holds fewer than two subjects."""
+    subject = np.asarray(subject)
+    if len(np.unique(subject)) < 2:
+        return None
+    q_all, top_all = [], []
+    for s in np.unique(subject):
+        q_idx = np.flatnonzero((view == query_view) & (subject == s))
+        g_idx = np.flatnonzero((view != query_view) & (subject != s))
+        if len(q_idx) == 0:
+            continue
+        if len(g_idx) < max(ks):
+            raise ValueError(f"cross_subject_scores: {len(g_idx)} gallery frames for subject "
+                             f"{s!r}, fewer than k={max(ks)}")
+        q_all.append(q_idx)
+        top_all.append(g_idx[retrieve(emb[q_idx], emb[g_idx], max(ks))])
+    return _score(pose3d, np.concatenate(q_all), np.concatenate(top_all), ks, threshold)
+
+
+def _score(pose3d, q_idx, top, ks, threshold) -> dict:
+    """PA-MPJPE of each query's top-k neighbours -> the scores dict."""
     q_pose = jnp.asarray(pose3d[q_idx], jnp.float32)[:, None]
     n_pose = jnp.asarray(pose3d[top], jnp.float32)
     err = np.asarray(jax.jit(metrics.pa_mpjpe)(jnp.broadcast_to(q_pose, n_pose.shape), n_pose))
