@@ -166,4 +166,21 @@ MUTATIONS = [
         new="proj = x @ pca.components.T",
         tests=("tests/test_figures.py::test_fit_pca_matches_the_covariance_eigenvectors",),
         kind="dropped term"),
+    # ------------------------------------------------------------------ MCSS evaluation
+    Mutation(
+        name="mcss_cross_subject_gallery_keeps_own_subject",
+        file="nvsm_jax/mcss/retrieval.py",
+        old="g_idx = np.flatnonzero((view != query_view) & (subject != s))",
+        new="g_idx = np.flatnonzero((view != query_view) | (subject != s))",
+        tests=("tests/test_mcss_experiment.py::"
+               "test_cross_subject_retrieval_reads_pose_not_appearance",),
+        kind="inverted mask"),
+    Mutation(
+        name="mcss_gap_closed_over_the_baseline",
+        file="nvsm_jax/mcss/experiment.py",
+        old='"gap_closed": None if not gap or gap <= 0 else (base - ours) / gap}',
+        new='"gap_closed": None if not gap or gap <= 0 else (base - ours) / base}',
+        tests=("tests/test_mcss_experiment.py::test_claims_and_seed_aggregate_by_hand",),
+        kind="swapped args"),
+
 ]
