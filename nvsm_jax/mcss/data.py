@@ -5,8 +5,9 @@ A *sequence* is one subject performing one action for ``T`` frames, seen by
 azimuth, height, distance, small roll; all looking at the pelvis). Frames are
 root-centred crops (the pelvis projects to the crop centre), ``image_size``
 pixels, rendered as shaded capsules (one low-poly capsule per bone, a larger
-one for the head) with per-subject clothing colours, per-view backgrounds,
-lighting and pixel noise.
+one for the head, plus shoes, eyes, nose, lips, hair and a chest print placed on
+points rigidly attached to the joints' frames, so the body's facing can be seen)
+with per-subject clothing colours, per-view backgrounds, lighting and pixel noise.
 
 Storage (read back by :func:`nvsm_jax.mcss.h36m.load_dataset`, the same reader
 as for a preprocessed Human3.6M)::
@@ -21,9 +22,14 @@ as for a preprocessed Human3.6M)::
 Calibration is stored for evaluation and tests only: nothing in training reads
 ``cameras.npz`` or the 3D joints of unlabelled frames.
 
-Public API: :func:`capsule_template`, :func:`body_mesh`, :func:`render_frames`
-(batched, jitted), :func:`sample_cameras`, :func:`generate_sequence`,
-:func:`generate_dataset` (writes ``ROOT``), ``TRAIN_SUBJECTS``, ``TEST_SUBJECTS``.
+Public API: :func:`capsule_template`, :func:`attached_offsets`,
+:func:`render_points`, :func:`body_mesh`, :func:`render_frames` (batched, jitted),
+:func:`render_subject`, :func:`sample_cameras`, :func:`generate_sequence`,
+:func:`generate_dataset` (writes ``ROOT``), :func:`front_back_sheet`,
+``TRAIN_SUBJECTS``, ``TEST_SUBJECTS``, ``APPEARANCE_VERSION``. A picture sheet of
+every subject from the front and from behind::
+
+    python -m nvsm_jax.mcss.data --sheet nvsm_jax/mcss/figures/front_back.png
 """
 
 from __future__ import annotations
@@ -41,21 +47,105 @@ import rasterizer
 from nvsm_jax import geometry as geo
 from nvsm_jax.mcss import skeleton as sk
 
-__all__ = ["TRAIN_SUBJECTS", "TEST_SUBJECTS", "CAPSULES", "capsule_template", "body_mesh",
-           "render_frames", "sample_cameras", "generate_sequence", "generate_dataset",
-           "write_sequence"]
+__all__ = ["TRAIN_SUBJECTS", "TEST_SUBJECTS", "APPEARANCE_VERSION", "ATTACHED_POINTS",
+           "NUM_RENDER_POINTS", "CAPSULES", "capsule_template", "attached_offsets",
+           "render_points", "body_mesh", "render_frames", "render_subject", "sample_cameras",
+           "generate_sequence", "generate_dataset", "write_sequence", "front_back_sheet"]
 
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 TEST_SUBJECTS = ("S9", "S11")
+# Bumped when the rendered people change (meta.json carries it: older folders are redrawn).
+# 1: capsule bones and a plain head; 2: face, hair, feet, a chest print (issue 29).
+APPEARANCE_VERSION = 2
 
-# (joint a, joint b, radius mm, colour slot: 0 shirt, 1 trousers, 2 skin, 3 sleeve)
-CAPSULES = (
-    (0, 7, 115, 0), (7, 8, 125, 0), (0, 1, 75, 1), (0, 4, 75, 1),
-    (1, 2, 68, 1), (2, 3, 52, 1), (4, 5, 68, 1), (5, 6, 52, 1),
-    (8, 9, 45, 2), (9, 10, 95, 2),
-    (8, 11, 55, 0), (11, 12, 46, 0), (12, 13, 38, 3),
-    (8, 14, 55, 0), (14, 15, 46, 0), (15, 16, 38, 3),
+# Points rigidly attached to a joint's frame, for rendering only (the stored 17
+# joints do not include them): numbered 17, 18, ... after the joints, placed by
+# :func:`attached_offsets`. (name, joint whose frame carries it): the feet hang from
+# the ankles (3, 6), the face and hair from the head frame (9), the print from the
+# chest frame (7).
+_ATTACHED = (
+    ("r_heel", 3), ("r_toe", 3), ("l_heel", 6), ("l_toe", 6),
+    *((name, 9) for name in ("r_eye_in", "r_eye_out", "l_eye_in", "l_eye_out", "nose_root",
+                             "nose_tip", "mouth_r", "mouth_l", "cap_low", "cap_top", "back_top",
+                             "back_end")),
+    *((name, 7) for name in ("band_r", "band_l", "stripe_top", "stripe_low")),
 )
+ATTACHED_POINTS = tuple(name for name, _ in _ATTACHED)
+_P = {name: 17 + i for i, name in enumerate(ATTACHED_POINTS)}
+NUM_RENDER_POINTS = 17 + len(ATTACHED_POINTS)
+
+# Colour slots: 0 shirt, 1 trousers, 2 skin, 3 sleeve (shirt or skin), 4 shoes,
+# 5 print, 6 hair, 7 eyes, 8 nose, 9 lips.
+# (point a, point b, radius mm, colour slot, radius scale: "g" girth, "h" head size)
+CAPSULES = (
+    (0, 7, 115, 0, "g"), (7, 8, 125, 0, "g"), (0, 1, 75, 1, "g"), (0, 4, 75, 1, "g"),
+    (1, 2, 68, 1, "g"), (2, 3, 52, 1, "g"), (4, 5, 68, 1, "g"), (5, 6, 52, 1, "g"),
+    (8, 9, 45, 2, "g"), (9, 10, 95, 2, "h"),
+    (8, 11, 55, 0, "g"), (11, 12, 46, 0, "g"), (12, 13, 38, 3, "g"),
+    (8, 14, 55, 0, "g"), (14, 15, 46, 0, "g"), (15, 16, 38, 3, "g"),
+    # Feet (shoes), pointing forward from the ankles.
+    (_P["r_heel"], _P["r_toe"], 40, 4, "g"), (_P["l_heel"], _P["l_toe"], 40, 4, "g"),
+    # Face: eyes, nose, lips on the front of the head.
+    (_P["r_eye_in"], _P["r_eye_out"], 13, 7, "h"), (_P["l_eye_in"], _P["l_eye_out"], 13, 7, "h"),
+    (_P["nose_root"], _P["nose_tip"], 10, 8, "h"), (_P["mouth_r"], _P["mouth_l"], 8, 9, "h"),
+    # Hair: a cap over the top and back of the head, and a back part whose length
+    # is the subject's hair length (nape ... shoulders).
+    (_P["cap_low"], _P["cap_top"], 100, 6, "h"), (_P["back_top"], _P["back_end"], 80, 6, "h"),
+    # Chest print: a horizontal band and a vertical stripe on the front of the shirt.
+    (_P["band_r"], _P["band_l"], 90, 5, "g"), (_P["stripe_top"], _P["stripe_low"], 56, 5, "g"),
+)
+
+
+def attached_offsets(subject: dict):
+    """Where the :data:`ATTACHED_POINTS` sit on a subject, in their joints' frames.
+
+    Returns ``(joint_ids [M] int32, offsets [M, 3] float32 mm)`` for
+    :func:`skeleton.attached_points`; M = ``len(ATTACHED_POINTS)``. Sizes follow
+    the subject: the head radius ``rh`` and head length (joint 9 -> 10), the chest
+    radius ``rt`` and length (joint 7 -> 8), the shin length; the face sits on the
+    head's front (+x), the print on the chest's front, the toes ahead of (+x) and
+    slightly below the ankles; left and right mirror each other (y -> -y).
+    """
+    off = np.asarray(subject["offsets"], np.float64)
+    rh = 95.0 * subject["head"]
+    rt = 125.0 * subject["girth"]
+    lh = np.linalg.norm(off[10])                 # head: joint 9 -> 10 along +z of frame 9
+    lc = np.linalg.norm(off[8])                  # chest: joint 7 -> 8 along +z of frame 7
+    foot = np.linalg.norm(off[3]) / 440.0        # shin-length scale
+    hl = subject["hair_length"]
+    ze = 0.4 * lh                                # eye height in the head frame
+    pts = {
+        "r_heel": (-25 * foot, 0, -45 * foot), "r_toe": (135 * foot, 0, -60 * foot),
+        "r_eye_in": (0.86 * rh, -0.2 * rh, ze), "r_eye_out": (0.78 * rh, -0.42 * rh, ze),
+        "nose_root": (0.92 * rh, 0, ze - 0.05 * rh), "nose_tip": (1.05 * rh, 0, ze - 0.38 * rh),
+        "mouth_r": (0.9 * rh, -0.2 * rh, ze - 0.75 * rh),
+        "cap_low": (-0.2 * rh, 0, 0.45 * lh), "cap_top": (-0.05 * rh, 0, lh + 0.12 * rh),
+        "back_top": (-0.35 * rh, 0, 0.5 * lh),
+        "back_end": (-(0.45 + 0.7 * hl) * rh, 0, (0.1 - 1.3 * hl) * lh),
+        "band_r": (0.35 * rt, -0.22 * rt, 0.7 * lc),
+        "stripe_top": (0.62 * rt, 0, 0.6 * lc), "stripe_low": (0.62 * rt, 0, 0.1 * lc),
+    }
+    mirror = {"l_heel": "r_heel", "l_toe": "r_toe", "l_eye_in": "r_eye_in",
+              "l_eye_out": "r_eye_out", "mouth_l": "mouth_r", "band_l": "band_r"}
+    for left, right in mirror.items():
+        x, y, z = pts[right]
+        pts[left] = (x, -y, z)
+    offsets = np.array([pts[n] for n in ATTACHED_POINTS], np.float32)
+    return np.array([j for _, j in _ATTACHED], np.int32), offsets
+
+
+def render_points(subject: dict, angles):
+    """Joints and attached points of a subject in poses ``angles: [T, 17, 3]``.
+
+    Returns ``(joints [T, 17, 3], points [T, NUM_RENDER_POINTS, 3])`` float32 mm;
+    ``joints`` is exactly :func:`skeleton.forward_kinematics` of the angles and
+    ``points[:, :17]`` equals it.
+    """
+    joints, rot = sk.forward_kinematics_frames(np.asarray(angles, np.float64), subject["offsets"])
+    ids, offs = attached_offsets(subject)
+    extra = sk.attached_points(joints, rot, ids, offs.astype(np.float64))
+    return (joints.astype(np.float32),
+            np.concatenate([joints, extra], axis=-2).astype(np.float32))
 
 
 def capsule_template(segments: int = 8, rings: int = 2):
@@ -104,16 +194,17 @@ def _bone_frame(d):
     return jnp.stack([x, y, d], axis=-1)
 
 
-def body_mesh(joints, radii, unit, faces):
+def body_mesh(points, radii, unit, faces):
     """Capsule mesh of a body.
 
-    joints: [17, 3] world mm; radii: [K] mm per capsule (order of ``CAPSULES``);
-    unit/faces: :func:`capsule_template`. Returns ``(verts [K * P, 3],
-    normals [K * P, 3], faces [K * F, 3] int32 numpy)``.
+    points: [NUM_RENDER_POINTS, 3] world mm (the 17 joints, then the attached
+    points); radii: [K] mm per capsule (order of ``CAPSULES``); unit/faces:
+    :func:`capsule_template`. Returns ``(verts [K * P, 3], normals [K * P, 3],
+    faces [K * F, 3] int32 numpy)``.
     """
     ia = np.array([c[0] for c in CAPSULES])
     ib = np.array([c[1] for c in CAPSULES])
-    a, b = joints[ia], joints[ib]                       # [K, 3]
+    a, b = points[ia], points[ib]                       # [K, 3]
     vec = b - a
     length = jnp.linalg.norm(vec, axis=-1, keepdims=True)
     d = vec / jnp.maximum(length, 1e-6)
@@ -128,15 +219,16 @@ def body_mesh(joints, radii, unit, faces):
 
 
 @functools.partial(jax.jit, static_argnames=("image_size", "segments"))
-def render_frames(joints_world, radii, colours, cam_pose, focal, principal, light, background,
+def render_frames(points_world, radii, colours, cam_pose, focal, principal, light, background,
                   noise_key, noise_std: float = 0.02, image_size=(64, 64), segments: int = 8):
     """Renders a batch of frames in one call.
 
-    joints_world: [N, 17, 3] mm; radii: [N, K] mm; colours: [N, K, 3] in [0, 1];
-    cam_pose: [N, 4] (azimuth, elevation, theta, distance mm) looking at the
-    origin; focal: [N] px; principal: [N, 2]; light: [N, 3] unit direction
-    towards the light in camera coordinates; background: [N, 2, 3] (top and
-    bottom colour of a vertical gradient); noise_key: PRNG key.
+    points_world: [N, NUM_RENDER_POINTS, 3] mm (:func:`render_points`); radii: [N, K]
+    mm; colours: [N, K, 3] in [0, 1] (K = ``len(CAPSULES)``); cam_pose: [N, 4]
+    (azimuth, elevation, theta, distance mm) looking at the origin; focal: [N] px;
+    principal: [N, 2]; light: [N, 3] unit direction towards the light in camera
+    coordinates; background: [N, 2, 3] (top and bottom colour of a vertical
+    gradient); noise_key: PRNG key.
     Returns uint8 images [N, H, W, 3].
     """
     unit_np, faces_np = capsule_template(segments)
@@ -151,9 +243,9 @@ def render_frames(joints_world, radii, colours, cam_pose, focal, principal, ligh
         vcol = jnp.repeat(c, unit.shape[0], axis=0)
         return screen, jnp.concatenate([n_cam, vcol], axis=-1)
 
-    _, _, faces = body_mesh(joints_world[0], radii[0], unit, faces_np)
+    _, _, faces = body_mesh(points_world[0], radii[0], unit, faces_np)
     faces = jnp.asarray(faces)
-    screen, vattr = jax.vmap(geometry)(joints_world, radii, colours, cam_pose, focal, principal)
+    screen, vattr = jax.vmap(geometry)(points_world, radii, colours, cam_pose, focal, principal)
     frags = rasterizer.rasterize(screen, faces, image_size=(h, w))       # batched [N, H, W]
     attrs = rasterizer.interpolate(frags, faces, vattr)                  # [N, H, W, 6]
     n = attrs[..., :3]
@@ -190,12 +282,47 @@ def sample_cameras(rng: np.random.Generator, num_views: int, image_size=(64, 64)
 
 
 def _capsule_style(subject: dict):
-    radii = np.array([c[2] for c in CAPSULES], np.float32) * subject["girth"]
-    shirt, trousers, skin = subject["colours"]
+    """Per-capsule radii [K] mm and colours [K, 3] of a subject (order of ``CAPSULES``)."""
+    scale = {"g": subject["girth"], "h": subject["head"]}
+    radii = np.array([c[2] * scale[c[4]] for c in CAPSULES], np.float32)
+    shirt, trousers, skin, shoes, print_, hair = subject["colours"]
     sleeve = shirt if subject["long_sleeves"] else skin
-    slots = np.stack([shirt, trousers, skin, sleeve])
+    eyes = np.array([0.07, 0.05, 0.05])
+    lips = skin * np.array([0.8, 0.45, 0.45])
+    slots = np.stack([shirt, trousers, skin, sleeve, shoes, print_, hair, eyes, skin * 0.85, lips])
     colours = slots[[c[3] for c in CAPSULES]]
     return radii, colours.astype(np.float32)
+
+
+def render_subject(subject: dict, angles, cam_pose, image_size=(64, 64), *, fill: float = 0.85,
+                   light=(0.0, -0.6, -1.0), background=((0.75, 0.75, 0.75), (0.55, 0.55, 0.55)),
+                   principal=None, noise_std: float = 0.0, seed: int = 0):
+    """Renders a subject in given poses from given cameras (one image each).
+
+    angles: [N, 17, 3] radians; cam_pose: [N, 4] (azimuth, elevation, theta,
+    distance mm) looking at the pelvis; the focal is that of :func:`sample_cameras`
+    at ``fill`` (1 m around the pelvis fills ``fill`` of the half crop); principal:
+    [2] (column, row) where the pelvis projects, the crop centre by default (move
+    it to frame a close-up of another part); light: [3] direction towards the light
+    in camera coordinates (the default comes from above the camera); background:
+    top and bottom colour [2, 3]. Returns ``(images uint8 [N, H, W, 3], points [N,
+    NUM_RENDER_POINTS, 3] mm)``.
+    """
+    h, w = image_size
+    cam_pose = np.asarray(cam_pose, np.float32)
+    n = len(cam_pose)
+    _, points = render_points(subject, angles)
+    radii, colours = _capsule_style(subject)
+    light = np.asarray(light, np.float32) / np.linalg.norm(light)
+    out = render_frames(
+        points, np.broadcast_to(radii, (n,) + radii.shape),
+        np.broadcast_to(colours, (n,) + colours.shape),
+        cam_pose, (fill * min(h, w) / 2 * cam_pose[:, 3] / 1000.0).astype(np.float32),
+        np.tile(np.asarray((w / 2, h / 2) if principal is None else principal, np.float32), (n, 1)),
+        np.tile(light, (n, 1)),
+        np.broadcast_to(np.asarray(background, np.float32), (n, 2, 3)), jax.random.key(seed),
+        noise_std=noise_std, image_size=(h, w))
+    return np.asarray(out), points
 
 
 def generate_sequence(subject: dict, action: str, num_frames: int, num_views: int,
@@ -208,7 +335,7 @@ def generate_sequence(subject: dict, action: str, num_frames: int, num_views: in
     (pose [V, 4], focal [V], principal [V, 2]).
     """
     angles = sk.action_angles(action, num_frames, rng)
-    joints = sk.forward_kinematics(angles.astype(np.float64), subject["offsets"]).astype(np.float32)
+    joints, points = render_points(subject, angles)
     pose, focal, principal = sample_cameras(rng, num_views, image_size)
     r_cv, t_cv = geo.world_to_camera(pose.astype(np.float64))
     joints_cam = geo.transform_points(joints[None].astype(np.float64), r_cv[:, None],
@@ -224,7 +351,7 @@ def generate_sequence(subject: dict, action: str, num_frames: int, num_views: in
     vi = np.repeat(np.arange(num_views), num_frames)
     ti = np.tile(np.arange(num_frames), num_views)
     fields = dict(
-        joints_world=joints[ti], radii=np.broadcast_to(radii, (n,) + radii.shape),
+        points_world=points[ti], radii=np.broadcast_to(radii, (n,) + radii.shape),
         colours=np.broadcast_to(colours, (n,) + colours.shape), cam_pose=pose[vi],
         focal=focal[vi], principal=principal[vi], light=light[vi].astype(np.float32),
         background=background[vi].astype(np.float32))
@@ -272,7 +399,7 @@ def generate_dataset(root: str, *, subjects: Sequence[str] = TRAIN_SUBJECTS + TE
     """
     cfg = dict(subjects=list(subjects), actions=list(actions), num_frames=num_frames,
                num_views=num_views, image_size=list(image_size), seed=seed, noise_std=noise_std,
-               joints="h36m17")
+               joints="h36m17", appearance=APPEARANCE_VERSION)
     meta_path = os.path.join(root, "meta.json")
     if os.path.exists(meta_path):
         with open(meta_path) as f:
@@ -291,3 +418,62 @@ def generate_dataset(root: str, *, subjects: Sequence[str] = TRAIN_SUBJECTS + TE
     with open(meta_path, "w") as f:
         json.dump(cfg, f)
     return root
+
+
+def front_back_sheet(seed: int = 0, subjects: Sequence[str] = TRAIN_SUBJECTS + TEST_SUBJECTS,
+                     image_size=(64, 64), *, upscale: int = 2, per_row: int = 4,
+                     oblique: float = 0.4, noise_std: float = 0.02) -> np.ndarray:
+    """A picture sheet of every subject seen from the front and from behind.
+
+    Subject ``s`` (index ``si`` in ``subjects``) is drawn as :func:`generate_dataset`
+    draws it (``default_rng([seed, si, 7919])``), in the first frame of a Walking
+    sequence turned to face +x (global rotation zeroed), and rendered twice from
+    cameras ``pi`` apart in azimuth (front: the camera on the body's +x side, turned
+    by ``oblique`` radians; back: opposite), 10 degrees above the pelvis, 4.5 m away,
+    with ``noise_std`` pixel noise (the generator's by default). Each pair is
+    labelled; pairs are laid out ``per_row`` to a row, tiles nearest-upscaled ``upscale`` times.
+    Returns a uint8 image [rows * (12 + H * upscale), ..., 3].
+    """
+    from PIL import Image, ImageDraw
+
+    h, w = image_size
+    front = np.pi / 2 + oblique        # camera centre d (sin a, -cos a, .): a = pi/2 is +x
+    pose = np.array([[front, np.deg2rad(10), 0, 4500], [front + np.pi, np.deg2rad(10), 0, 4500]],
+                    np.float32)
+    th, tw, gap, label = h * upscale, w * upscale, 6, 12
+    rows = -(-len(subjects) // per_row)
+    sheet = Image.new("RGB", (per_row * (2 * tw + gap) - gap, rows * (label + th)), (255, 255, 255))
+    draw = ImageDraw.Draw(sheet)
+    for si, name in enumerate(subjects):
+        subject = sk.sample_subject(np.random.default_rng([seed, si, 7919]))
+        angles = sk.action_angles("Walking", 1, np.random.default_rng([seed, si, 0]))
+        angles[:, 0] = 0.0
+        images, _ = render_subject(subject, np.repeat(angles, 2, 0), pose, image_size,
+                                   noise_std=noise_std, seed=si)
+        pair = np.concatenate(list(images), axis=1).repeat(upscale, 0).repeat(upscale, 1)
+        x, y = (si % per_row) * (2 * tw + gap), (si // per_row) * (label + th)
+        sheet.paste(Image.fromarray(pair), (x, y + label))
+        draw.text((x + 2, y), f"{name} front", fill=(0, 0, 0))
+        draw.text((x + tw + 2, y), "back", fill=(0, 0, 0))
+    return np.asarray(sheet)
+
+
+def _main(argv=None) -> None:
+    import argparse
+
+    from PIL import Image
+
+    parser = argparse.ArgumentParser(
+        description="Front/back picture sheet of the synthetic subjects.")
+    parser.add_argument("--sheet", required=True, help="output PNG path")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=64, help="tile size in pixels")
+    parser.add_argument("--upscale", type=int, default=2)
+    args = parser.parse_args(argv)
+    img = front_back_sheet(args.seed, image_size=(args.size, args.size), upscale=args.upscale)
+    os.makedirs(os.path.dirname(os.path.abspath(args.sheet)), exist_ok=True)
+    Image.fromarray(img).save(args.sheet)
+
+
+if __name__ == "__main__":
+    _main()

@@ -12,7 +12,11 @@ Joint order (Human3.6M, 17): 0 pelvis, 1 R-hip, 2 R-knee, 3 R-foot, 4 L-hip,
 A pose is a set of local joint rotations ``angles: [..., 17, 3]`` (rx, ry, rz),
 ``R_local = Rz(rz) Ry(ry) Rx(rx)``; joint ``j``'s rotation moves its children:
 ``p[c] = p[j] + R_global[j] @ offset[c]``, ``R_global[j] = R_global[parent] R_local[j]``.
-Joint 0's rotation is the global body orientation.
+Joint 0's rotation is the global body orientation. Points rigidly attached to
+a joint (eyes, toes, ...: rendering only) are ``p[j] + R_global[j] @ offset`` with
+the offset in joint ``j``'s frame (:func:`attached_points`); ``R_global[j]`` is
+the frame that carries ``j``'s children, so joint 9's frame is the head's, joint
+7's the chest's and the ankles' (3, 6) the feet's.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["JOINT_NAMES", "PARENTS", "BONES", "H36M_32_TO_17", "REST_OFFSETS", "ACTIONS",
-           "euler_to_matrix", "forward_kinematics", "action_angles", "sample_subject"]
+           "euler_to_matrix", "forward_kinematics", "forward_kinematics_frames", "attached_points",
+           "action_angles", "sample_subject", "HAIR_PALETTE"]
 
 JOINT_NAMES = ("pelvis", "r_hip", "r_knee", "r_foot", "l_hip", "l_knee", "l_foot", "spine",
                "thorax", "neck", "head_top", "l_shoulder", "l_elbow", "l_wrist",
@@ -71,11 +76,12 @@ def euler_to_matrix(angles, xnp=np):
     return xnp.stack([row0, row1, row2], -2)
 
 
-def forward_kinematics(angles, offsets, xnp=np):
-    """Local rotations -> world joint positions.
+def forward_kinematics_frames(angles, offsets, xnp=np):
+    """Local rotations -> world joint positions and global joint rotations.
 
     angles: [..., 17, 3] radians; offsets: [17, 3] or [..., 17, 3] mm.
-    Returns: [..., 17, 3] with the pelvis at the origin.
+    Returns ``(positions [..., 17, 3] with the pelvis at the origin,
+    rotations [..., 17, 3, 3])``; ``rotations[..., j, :, :]`` is ``R_global[j]``.
     """
     rl = euler_to_matrix(angles, xnp)
     offsets = xnp.broadcast_to(offsets, angles.shape)
@@ -85,25 +91,90 @@ def forward_kinematics(angles, offsets, xnp=np):
         p = PARENTS[j]
         pos.append(pos[p] + xnp.einsum("...ij,...j->...i", rg[p], offsets[..., j, :]))
         rg.append(xnp.einsum("...ij,...jk->...ik", rg[p], rl[..., j, :, :]))
-    return xnp.stack(pos, axis=-2)
+    return xnp.stack(pos, axis=-2), xnp.stack(rg, axis=-3)
+
+
+def forward_kinematics(angles, offsets, xnp=np):
+    """Local rotations -> world joint positions.
+
+    angles: [..., 17, 3] radians; offsets: [17, 3] or [..., 17, 3] mm.
+    Returns: [..., 17, 3] with the pelvis at the origin.
+    """
+    return forward_kinematics_frames(angles, offsets, xnp)[0]
+
+
+def attached_points(positions, rotations, joint_ids, local_offsets, xnp=np):
+    """Points rigidly attached to joints: ``p[j] + R_global[j] @ offset``.
+
+    positions: [..., 17, 3]; rotations: [..., 17, 3, 3] (from
+    :func:`forward_kinematics_frames`); joint_ids: [M] int (static); local_offsets:
+    [M, 3] or [..., M, 3] mm in each joint's frame. Returns: [..., M, 3].
+    """
+    ids = np.asarray(joint_ids, np.int64)
+    return positions[..., ids, :] + xnp.einsum("...mij,...mj->...mi", rotations[..., ids, :, :],
+                                               local_offsets)
+
+
+# Natural hair colours (black, dark brown, brown, auburn, blond, grey), jittered per subject.
+HAIR_PALETTE = np.array([[0.06, 0.05, 0.05], [0.2, 0.12, 0.07], [0.38, 0.24, 0.12],
+                         [0.5, 0.2, 0.08], [0.82, 0.68, 0.42], [0.62, 0.62, 0.6]])
+
+
+def _hsv(rng, sat, val):
+    """One colour of uniform hue, saturation in ``sat``, value in ``val``: [3] in [0, 1]."""
+    h, s, v = rng.uniform(0, 1), rng.uniform(*sat), rng.uniform(*val)
+    k = (np.array([5.0, 3.0, 1.0]) + 6 * h) % 6
+    return v - v * s * np.clip(np.minimum(k, 4 - k), 0, 1)
+
+
+def _contrasting(rng, draw, other, min_dist, tries=20):
+    """``draw(rng)`` redrawn until its RGB distance to ``other`` is at least ``min_dist``."""
+    c = draw(rng)
+    for _ in range(tries):
+        if np.linalg.norm(c - other) >= min_dist:
+            break
+        c = draw(rng)
+    return c
 
 
 def sample_subject(rng: np.random.Generator) -> dict:
-    """A subject: bone offsets [17, 3] mm, limb-radius scale, clothing colours [3, 3].
+    """A subject: body shape and appearance (appearance version 2).
 
-    Colours are (shirt, trousers, skin) in [0, 1].
+    Returns a dict with ``offsets`` [17, 3] mm (bone lengths: height x0.86-1.1,
+    7 bone-group scales x0.9-1.1; drawn first, so a seed gives the same skeleton
+    as appearance version 1), ``girth`` (body capsule radius scale, 0.8-1.3),
+    ``head`` (head radius scale, 0.9-1.1), ``colours`` [6, 3] in [0, 1] = (shirt,
+    trousers, skin, shoes, print, hair), ``long_sleeves`` and ``hair_length``
+    (0-0.3 short, down to the nape; 0.65-1 long, down the back to the shoulders).
+    Colours: skin one base tone x0.4-1.12 (dark to light); shirt, trousers and
+    shoes of any hue, saturation and brightness (trousers darker on average);
+    the chest print at RGB distance >= 0.5 from the shirt and the shoes >= 0.3
+    from the trousers (redrawn until so, at most 20 times); hair from
+    :data:`HAIR_PALETTE` (x0.8-1.2) or, one subject in ten, any hue, at least 0.35
+    from the skin.
     """
     height = rng.uniform(0.86, 1.1)
     groups = rng.uniform(0.9, 1.1, size=7)
     offsets = REST_OFFSETS * (height * groups[_LENGTH_GROUP])[:, None]
-    def colour(lo, hi):
-        return np.clip(rng.uniform(lo, hi, size=3), 0, 1)
-    shirt = colour(0.1, 0.95)
-    trousers = colour(0.05, 0.7)
-    skin = np.array([0.85, 0.65, 0.5]) * rng.uniform(0.55, 1.1)
-    return {"offsets": offsets.astype(np.float32), "girth": float(rng.uniform(0.85, 1.2)),
-            "colours": np.stack([shirt, trousers, np.clip(skin, 0, 1)]).astype(np.float32),
-            "long_sleeves": bool(rng.uniform() < 0.5)}
+    girth = rng.uniform(0.8, 1.3)
+    head = rng.uniform(0.9, 1.1)
+    skin = np.clip(np.array([0.87, 0.66, 0.5]) * rng.uniform(0.4, 1.12), 0, 1)
+    shirt = _hsv(rng, (0.0, 1.0), (0.12, 0.97))
+    trousers = _hsv(rng, (0.0, 0.8), (0.06, 0.8))
+    shoes = _contrasting(rng, lambda r: _hsv(r, (0.0, 0.9), (0.04, 0.97)), trousers, 0.3)
+    print_ = _contrasting(rng, lambda r: _hsv(r, (0.3, 1.0), (0.15, 1.0)), shirt, 0.5)
+
+    def hair_colour(r):
+        if r.uniform() < 0.1:
+            return _hsv(r, (0.4, 1.0), (0.2, 0.9))
+        return np.clip(HAIR_PALETTE[r.integers(len(HAIR_PALETTE))] * r.uniform(0.8, 1.2), 0, 1)
+    hair = _contrasting(rng, hair_colour, skin, 0.35)
+    long_hair = rng.uniform() < 0.5
+    hair_length = rng.uniform(0.65, 1.0) if long_hair else rng.uniform(0.0, 0.3)
+    colours = np.stack([shirt, trousers, skin, shoes, print_, hair])
+    return {"offsets": offsets.astype(np.float32), "girth": float(girth), "head": float(head),
+            "colours": np.clip(colours, 0, 1).astype(np.float32),
+            "long_sleeves": bool(rng.uniform() < 0.5), "hair_length": float(hair_length)}
 
 
 def action_angles(action: str, num_frames: int, rng: np.random.Generator) -> np.ndarray:
