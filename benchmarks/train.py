@@ -1,9 +1,11 @@
-"""NeMo training throughput: the jitted train step against its own forward pass.
+"""NeMo training throughput: the jitted train step against its own forward pass;
+with ``--model mcss``, the MCSS train step.
 
     python -m benchmarks.train --json runs/bench/train.json
     python -m benchmarks.train --baseline HEAD~1 --json runs/bench/train_vs_prev.json
     python -m benchmarks.train --backbones small,efficientnet_lite0 --image 128 \\
         --depthwise shift,conv --anchors 128,0
+    python -m benchmarks.train --model mcss --image 64 --frozen_stages 9,5,4,3,0 --steps 10
 
 One record per (backbone, depthwise form, image size, anchors, frozen stages), each
 timed in a fresh process (``--row``):
@@ -29,8 +31,23 @@ and a ``speedup`` (this tree's images/s over REF's, medians over rounds) make th
 before/after comparison one run on one machine.
 
 Random images/poses and NeMo's cuboid mesh; ``model.pretrained=""`` (the weights do
-not change the speed). Each row runs as its tree's binaries run: where the library
-has ``parallel.reexec_with_huge_pages`` the row's process restarts with it
+not change the speed).
+
+``--model mcss``: one record per (``--mcss_config``, image size, frozen stages,
+``--cache`` mode), the MCSS step of ``experiments/configs/mcss.py`` (default its
+``demo``: EfficientNet-Lite0 read at stride 16, ``sup_batch`` 32 labelled frames +
+the 4 x 4 x 4 multi-view batch, method "mcss") on random images of 4 sequences x 4
+views x 16 frames, with the config's encoder weights (``--pretrained`` overrides;
+``""`` = random init). As ``train.train`` runs it: where the config caches encoder maps
+(``train.uses_feature_cache``: the tap maps of an encoder frozen up to the tap, or
+the last frozen stage's output), they are computed first (``cache_s``) and the step
+reads them; else it reads the images (with the config's colour augmentation).
+``s_per_step``: median wall time of ``--steps`` steps after the compiling call and
+two untimed ones, each on its own batch, sharded beforehand (data excluded); no
+forward-only timing.
+
+Each row runs as its tree's binaries run: where the library has
+``parallel.reexec_with_huge_pages`` the row's process restarts with it
 (``huge_pages`` in the record; ``NVSM_JAX_HUGE_PAGES=0`` turns it off).
 """
 
@@ -44,6 +61,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 
 from benchmarks.common import (machine_load, matmul_gflops, peak_rss_mb, print_table,
                                run_as_the_binaries, run_row_subprocess, time_call,
@@ -136,6 +154,62 @@ def time_row(row: dict) -> dict:
     return rec
 
 
+def time_mcss_row(row: dict) -> dict:
+    """Times one MCSS configuration in this process (``--model mcss``; module docstring)."""
+    import jax
+    import numpy as np
+
+    from experiments.configs import mcss as mcss_config
+    from nvsm_jax import parallel, training
+    from nvsm_jax.mcss import train as mtrain
+    from nvsm_jax.mcss.testing import fake_train_set
+
+    cfg = mcss_config.get_config(row["config"]).train
+    cfg.model.pretrained = row["pretrained"]
+    cfg.model.frozen_stages = row["frozen_stages"]
+    cfg.model.depthwise = row["depthwise"]
+    cfg.cache_features = row["cache_features"]
+    hw = (row["image"], row["image"])
+    use_mv = row["method"] == "mcss"
+    mesh = parallel.make_mesh(1)
+    ts = fake_train_set(n_seq=4, n_views=4, n_frames=16, size=hw)
+    model, state = mtrain.init_state(cfg, mesh, hw, seed=0)
+    feats, cache_s, stage = None, None, None
+    if mtrain.uses_feature_cache(cfg):             # as train.train does
+        split = getattr(mtrain, "_cache_split", None)   # a baseline may predate it
+        stage = split(cfg)[0] if split else None
+        t0 = time.perf_counter()
+        feats = mtrain.encode(model, state, ts.images, mesh,
+                              **({} if stage is None else {"stage": stage}))
+        cache_s = time.perf_counter() - t0
+    step = mtrain._cached_step(model, cfg, use_mv)
+    n = row["steps"] + 2
+    batches = [parallel.shard_batch(mtrain._batch_for_step(ts, cfg, s, use_mv, 0, feats), mesh)
+               for s in range(n + 1)]
+    holder = {"state": state, "calls": 0}
+
+    def run_step():                      # the step donates its state: thread it through
+        s = holder["calls"]
+        holder["state"], m = step(holder["state"], batches[s], training.step_key(0, s))
+        holder["calls"] += 1
+        return m
+
+    compile_s = time_call(run_step)[0]
+    for _ in range(2):
+        run_step()
+    wall, cpu = zip(*(time_call(run_step) for _ in range(row["steps"])))
+    step_s = statistics.median(wall)
+    b = cfg.sup_batch + (cfg.multiview.num_seqs * cfg.multiview.num_times
+                         * cfg.multiview.num_views if use_mv else 0)
+    return {"name": "mcss_train_step", **row, "batch": b,
+            "cache": None if feats is None else ("tap" if stage is None else f"stage {stage}"),
+            "cache_shape": None if feats is None else list(feats.shape[1:]),
+            "s_per_step": step_s, "min_s_per_step": min(wall),
+            "cpu_s_per_step": statistics.median(cpu), "images_per_s": b / step_s,
+            "compile_s": compile_s, "cache_s": cache_s, "peak_rss_mb": peak_rss_mb(),
+            "load": machine_load(), "jax": jax.__version__, "numpy": np.__version__}
+
+
 def export_tree(ref: str, dest: str) -> str:
     """Commit ``ref``'s files in ``dest``, with this tree's ``benchmarks/`` on top."""
     archive = subprocess.run(["git", "archive", "--format=tar", ref], cwd=ROOT,
@@ -175,16 +249,27 @@ def main(argv=None):
                     help="a git commit to time beside this tree, row by row")
     ap.add_argument("--rounds", type=int, default=1,
                     help="times each row is run (alternating with --baseline); medians reported")
+    ap.add_argument("--model", default="nemo", choices=("nemo", "mcss"),
+                    help="the NeMo step (--backbones, --batch, --anchors) or the MCSS step "
+                         "(--mcss_config, --cache, --method)")
+    ap.add_argument("--mcss_config", default="demo", help="experiments/configs/mcss.py arg")
+    ap.add_argument("--cache", default="auto",
+                    help="MCSS train.cache_features values to time (auto, on, off)")
+    ap.add_argument("--method", default="mcss", help="MCSS method: mcss or baseline")
+    ap.add_argument("--pretrained", default=None,
+                    help="MCSS model.pretrained (default: the config's; '' = random init)")
     ap.add_argument("--row", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.row:                                    # the child: one row, JSON on stdout
         huge_pages = run_as_the_binaries()
-        print(json.dumps([{**time_row(json.loads(args.row)), "huge_pages": huge_pages}]))
+        row = json.loads(args.row)
+        timer = time_mcss_row if row.get("model") == "mcss" else time_row
+        print(json.dumps([{**timer(row), "huge_pages": huge_pages}]))
         return
 
     from nvsm_jax.models import backbone
     rows = []
-    for name in args.backbones.split(","):
+    for name in (args.backbones.split(",") if args.model == "nemo" else []):
         lite = "encoder" in backbone.PRESETS[name]
         for form in (args.depthwise.split(",") if lite else ["-"]):
             for size in (int(s) for s in args.image.split(",")):
@@ -193,6 +278,18 @@ def main(argv=None):
                         rows.append({"backbone": name, "depthwise": form, "image": size,
                                      "batch": args.batch, "anchors_per_image": anchors,
                                      "frozen_stages": frozen, "steps": args.steps})
+    if args.model == "mcss":
+        from experiments.configs import mcss as mcss_config
+        for size in (int(s) for s in args.image.split(",")):
+            for frozen in (int(k) for k in args.frozen_stages.split(",")):
+                for cache in args.cache.split(","):
+                    rows.append({"model": "mcss", "config": args.mcss_config, "image": size,
+                                 "frozen_stages": frozen, "cache_features": cache,
+                                 "depthwise": args.depthwise.split(",")[0],
+                                 "method": args.method, "steps": args.steps,
+                                 "pretrained": (mcss_config.get_config(args.mcss_config)
+                                                .train.model.pretrained
+                                                if args.pretrained is None else args.pretrained)})
     records = [{"name": "matmul_gflops", "value": matmul_gflops(), "load": machine_load()}]
     trees = [("", None, "this tree")]
     scratch = None
@@ -210,6 +307,12 @@ def main(argv=None):
                     rec["name"] += suffix
                     rec["code"] = label
                     results.setdefault((suffix, json.dumps(row, sort_keys=True)), []).append(rec)
+                    if args.model == "mcss":
+                        print(f"round {rnd + 1}: {label:>16s} frozen_stages="
+                              f"{row['frozen_stages']} cache={rec['cache']} {row['image']}px: "
+                              f"{rec['s_per_step']:.3f} s/step (cpu "
+                              f"{rec['cpu_s_per_step']:.2f} s/step)", flush=True)
+                        continue
                     print(f"round {rnd + 1}: {label:>16s} {row['backbone']} {row['depthwise']} "
                           f"{row['image']}px: {rec['images_per_s']:.1f} images/s "
                           f"(cpu {rec['cpu_s_per_step']:.2f} s/step), forward "
@@ -232,10 +335,16 @@ def main(argv=None):
     finally:
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
-    print_table([r for r in records if r["name"].startswith("nemo")],
-                ["name", "backbone", "depthwise", "image", "images_per_s",
-                 "forward_images_per_s", "backward_overhead", "cpu_s_per_step", "gflops",
-                 "fraction_of_matmul", "speedup", "compile_s", "peak_rss_mb", "load"])
+    if args.model == "mcss":
+        print_table([r for r in records if r["name"].startswith("mcss")],
+                    ["name", "frozen_stages", "cache_features", "cache", "cache_shape", "image",
+                     "batch", "s_per_step", "min_s_per_step", "cpu_s_per_step", "images_per_s",
+                     "speedup", "compile_s", "cache_s", "peak_rss_mb", "load"])
+    else:
+        print_table([r for r in records if r["name"].startswith("nemo")],
+                    ["name", "backbone", "depthwise", "image", "images_per_s",
+                     "forward_images_per_s", "backward_overhead", "cpu_s_per_step", "gflops",
+                     "fraction_of_matmul", "speedup", "compile_s", "peak_rss_mb", "load"])
     print(f"matmul {records[0]['value']:.0f} / {records[-1]['value']:.0f} GFLOP/s (start/end)")
     if args.json:
         write_json(args.json, records)

@@ -403,3 +403,58 @@ def test_encoder_stage_numbering():
     assert efficientnet.stage_of_param(("conv_head", "kernel")) == 8
     with pytest.raises(KeyError):
         efficientnet.stage_of_param(("decoder", "kernel"))
+
+
+def test_stage_ranges_compose_to_the_plain_call():
+    """``stop_stage=j`` then ``start_stage=j + 1`` is the plain call cut in two: run
+    stage by stage (0 the stem .. 8 the head), every tap equals the plain call's; each
+    range reads only its own stages' variables; the input normalisation applies at
+    stage 0 only; taps before the input's stage are None and the input's own tap is
+    the input. (All in one compiled function: the same operations in the same order,
+    so equal to float rounding; op by op they were seen bitwise equal too.)"""
+    net = efficientnet.EfficientNetLite("efficientnet_lite0", input_mean=backbone.IMAGENET_MEAN,
+                                        input_std=backbone.IMAGENET_STD)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    v = jax.jit(net.init)(jax.random.key(0), x)
+    # small stored variances: every norm amplifies, so the maps keep their size through
+    # the trunk (seen: 3 to 65 at every stage; the initial statistics shrink them to
+    # 1e-10 at the head), and a norm skipped or applied twice shows
+    rng = np.random.default_rng(1)
+    v = jax.tree_util.tree_map_with_path(
+        lambda path, a: jnp.asarray(rng.uniform(0.02, 0.2, a.shape), a.dtype)
+        if jax.tree_util.keystr(path).endswith("['var']") else a, v)
+
+    def own(stages):            # the variables of these stages only
+        return {col: {top: sub for top, sub in tree.items()
+                      if efficientnet.stage_of_param((top,)) in stages}
+                for col, tree in v.items()}
+
+    @jax.jit
+    def run(x):
+        plain = net.apply(v, x)
+        outs, y = [], x
+        for s in range(efficientnet.NUM_STAGES):
+            y = net.apply(own({s}), y, start_stage=s, stop_stage=s)
+            outs.append(y)
+        rest = net.apply(own(set(range(4, 9))), outs[3], start_stage=4)
+        first = net.apply(own({0, 1, 2}), x, stop_stage=2)
+        assert rest[0] is None and rest[1] is outs[3]
+        return plain, outs, rest[1:], first
+
+    plain, outs, rest, first = run(x)
+    assert [t.shape[1:] for t in plain] == [(8, 8, 24), (4, 4, 40), (2, 2, 112), (1, 1, 1280)]
+    assert outs[0].shape[1:] == (16, 16, 32) and outs[4].shape[1:] == (2, 2, 80)
+    def same(a, b, err_msg=""):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(np.asarray(b)).max(),
+                                   err_msg=err_msg)
+
+    for tap, stage in ((0, 2), (1, 3), (2, 5), (3, 8)):
+        same(outs[stage], plain[tap], err_msg=f"stage {stage}")
+    for a, b in zip(rest, plain[1:]):       # stage 3's tap (the input), then 16 and 32
+        same(a, b)
+    same(first, plain[0])
+    for t in plain:                                         # not a vanishing network
+        assert np.abs(np.asarray(t)).max() > 1.0
+    for bad in (dict(start_stage=9), dict(start_stage=3, stop_stage=2), dict(stop_stage=9)):
+        with pytest.raises(ValueError, match="stage"):
+            net.apply(v, outs[2], **bad)

@@ -232,3 +232,163 @@ def test_bootstrap_labels_every_frame_with_one_pose_per_instant():
     np.testing.assert_allclose(d[1], d[0], atol=1e-5)
     np.testing.assert_allclose(d[2], d[0], atol=1e-5)
     assert not np.allclose(boot.labelled_pose[seq1[0]], pred[seq1[0]] / 1000.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- partly frozen Lite encoder
+# EfficientNet-Lite0 read at stride 16 (the output of stage 5); frozen_stages=k caches the
+# output of stage k - 1 and trains stages k..5, the adapter and the heads. One config for
+# the tests below, so the state's initialiser is compiled once.
+
+
+def _lite_cfg(frozen_stages: int = 4):
+    cfg = _tiny_cfg(encoder="efficientnet_lite0", pretrained="imagenet", norm="frozen_batch",
+                    frozen_stages=frozen_stages, tap=16, pool="flatten", reduce_dim=8,
+                    adapter_layers=1)
+    cfg.augment = 0.0
+    return cfg
+
+
+def _leaves_by_stage(encoder_params):
+    """{stage: [(path, leaf), ...]} of an EfficientNet-Lite0 parameter tree."""
+    from nvsm_jax.models import efficientnet
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(encoder_params)[0]:
+        names = tuple(k.key for k in path)
+        out.setdefault(efficientnet.stage_of_param(names), []).append((names, np.asarray(leaf)))
+    return out
+
+
+def test_cache_level_for_each_freezing():
+    """Which maps training reads computed once: the tap maps when the encoder is frozen
+    up to the tap; a partly frozen Lite encoder, the output of its last frozen stage
+    (k - 1); nothing frozen, trainable batch statistics or "off": none; "on" where
+    there is nothing to cache: a ValueError naming what is missing."""
+    def level(mode="auto", **model):
+        cfg = _tiny_cfg(**model)
+        cfg.cache_features = mode
+        stage = mtrain.feature_cache_stage(cfg)
+        assert mtrain.uses_feature_cache(cfg) == (stage is not None)
+        return stage, mtrain._cache_split(cfg)
+
+    lite = dict(encoder="efficientnet_lite0", norm="frozen_batch", tap=16)
+    assert level(**lite, frozen_stages=9) == (5, (None, None))      # fully frozen: the tap
+    assert level(**lite, frozen_stages=6) == (5, (None, None))
+    assert level("on", **lite, frozen_stages=9) == (5, (None, None))
+    for k in (5, 4, 3, 1):                                           # partly: stage k - 1
+        assert level(**lite, frozen_stages=k) == (k - 1, (k - 1, k)), k
+        assert level("on", **lite, frozen_stages=k) == (k - 1, (k - 1, k)), k
+    assert level(**{**lite, "tap": 32}, frozen_stages=9) == (8, (None, None))
+    assert level(**{**lite, "tap": 32}, frozen_stages=8) == (7, (7, 8))
+    assert level(**{**lite, "tap": 8}, frozen_stages=3) == (2, (2, 3))
+    assert level(**{**lite, "tap": 8}, frozen_stages=4) == (3, (None, None))
+    assert level(**lite, frozen_stages=0) == (None, (None, None))
+    assert level("off", **lite, frozen_stages=9) == (None, (None, None))
+    assert level("off", **lite, frozen_stages=3) == (None, (None, None))
+    assert level(**{**lite, "norm": "batch"}, frozen_stages=3) == (None, (None, None))
+    assert level(**{**lite, "norm": "batch"}, frozen_stages=9) == (None, (None, None))
+    with pytest.raises(ValueError, match="frozen_stages >= 1"):
+        level("on", **lite, frozen_stages=0)
+    with pytest.raises(ValueError, match="norm != 'batch'"):
+        level("on", **{**lite, "norm": "batch"}, frozen_stages=3)
+    # The ResNet (tiny: tap 32 = stage 4) is cached at the tap only.
+    assert level(frozen_stages=5) == (4, (None, None))
+    assert level(frozen_stages=2) == (None, (None, None))
+    assert level(frozen_stages=0) == (None, (None, None))
+    with pytest.raises(ValueError, match="frozen_stages > 4"):
+        level("on", frozen_stages=2)
+    with pytest.raises(ValueError, match="frozen_stages > 4"):
+        level("on", frozen_stages=0)
+    with pytest.raises(ValueError, match="cache_features"):
+        level("sometimes", frozen_stages=5)
+
+
+def test_network_from_cached_stage_maps_equals_the_network_from_images():
+    """encode(stage=k - 1) then the network from stage k (start_stage=k) gives the
+    embedding and the pose of the network run on the images, for a cache right after
+    the stem (k=1) and mid-trunk (k=4); predict_frames, which picks that split from the
+    config (frozen_stages=k), gives them too. The maps have stage k - 1's shape (32 px
+    input)."""
+    cfg = _lite_cfg()
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    images = _fake_train_set().images[:6]
+    emb, pose = mtrain.predict(model, state, images, mesh)
+    # the outputs depend on the input (a constant network would pass everything below)
+    assert np.abs(pose - pose[:1]).max() > 1e-3 and np.abs(emb - emb[:1]).max() > 1e-3
+    for k, shape in ((1, (16, 16, 32)), (4, (4, 4, 40))):         # stem, stage 3 outputs
+        maps = mtrain.encode(model, state, images, mesh, stage=k - 1)
+        assert maps.shape == (6, *shape), k
+        emb2, pose2 = mtrain.predict(model, state, maps, mesh, from_features=True,
+                                     start_stage=k)
+        np.testing.assert_allclose(emb2, emb, atol=1e-5, err_msg=f"k={k}")
+        np.testing.assert_allclose(pose2, pose, atol=1e-3, err_msg=f"k={k}")
+        c = _lite_cfg(k)
+        assert mtrain.feature_cache_stage(c) == k - 1
+        emb3, pose3 = mtrain.predict_frames(model, state, images, c, mesh)
+        np.testing.assert_allclose(emb3, emb, atol=1e-5, err_msg=f"k={k}")
+        np.testing.assert_allclose(pose3, pose, atol=1e-3, err_msg=f"k={k}")
+    # the kept maps of stage 3 follow the weights of stages 0-3 and only those
+    def scaled(block):
+        p = dict(state.params)
+        p["encoder"] = {**p["encoder"],
+                        block: jax.tree_util.tree_map(lambda a: a * 1.5, p["encoder"][block])}
+        return state.replace(params=p)
+
+    maps = mtrain.encode(model, state, images, mesh, stage=3)
+    assert mtrain.encode(model, scaled("blocks_5"), images, mesh, stage=3) is maps   # stage 4
+    other = mtrain.encode(model, scaled("blocks_4"), images, mesh, stage=3)          # stage 3
+    assert np.abs(other - maps).max() > 1e-3
+    with pytest.raises(ValueError, match="from_features"):
+        mtrain.predict(model, state, images, mesh, start_stage=3)
+
+
+def test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only(tmp_path):
+    """frozen_stages=4: the step on the cached stage-3 maps leaves stages 0-3 bit-identical
+    and moves every parameter of stages 4 and 5 (the stages up to the tap); its losses and
+    update equal those of the step on the images (no augmentation). train() then runs on
+    the same cache and keeps stages 0-3 too."""
+    k = 4
+    cfg = _lite_cfg(k)
+    ts = _fake_train_set()
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    assert mtrain._cache_split(cfg) == (3, 4)
+    maps = mtrain.encode(model, state, ts.images, mesh, stage=3)
+    assert maps.shape == (len(ts.images), 4, 4, 40)                  # stage 3: stride 8
+    step = mtrain._cached_step(model, cfg, True)                     # what train() uses
+    b0 = mtrain._batch_for_step(ts, cfg, 0, True, 0, maps)           # lr 0: warm-up
+    state, _ = step(state, parallel.shard_batch(b0, mesh), training.step_key(0, 0))
+    copy = lambda s: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), s)
+    before = jax.device_get(state.params)
+    outs, params = {}, {}
+    for name, feats in (("images", None), ("maps", maps)):
+        b = mtrain._batch_for_step(ts, cfg, 3, True, 0, feats)
+        new, out = step(copy(state), parallel.shard_batch(b, mesh), training.step_key(0, 3))
+        outs[name] = jax.device_get(out)
+        params[name] = jax.device_get(new.params)
+    assert float(outs["maps"]["loss_mv"]) > 0 and float(outs["maps"]["grad_norm"]) > 0
+    for key in outs["images"]:
+        assert float(outs["maps"][key]) == pytest.approx(float(outs["images"][key]), rel=1e-4,
+                                                          abs=1e-6), key
+    old = _leaves_by_stage(before["encoder"])
+    for name in ("maps", "images"):
+        new = _leaves_by_stage(params[name]["encoder"])
+        for stage in range(k):
+            for (path, a), (_, b_) in zip(new[stage], old[stage]):
+                np.testing.assert_array_equal(a, b_, err_msg=f"{name}: {path} (stage {stage})")
+        for stage in (4, 5):
+            for (path, a), (_, b_) in zip(new[stage], old[stage]):
+                assert np.abs(a - b_).max() > 0, (name, path, stage)
+    # the same update, trained stages and heads (Adam: steps of about lr = 2e-3 per weight)
+    for path, a in jax.tree_util.tree_flatten_with_path(params["maps"])[0]:
+        ref = params["images"]
+        for key in path:
+            ref = ref[key.key]
+        np.testing.assert_allclose(a, ref, atol=2e-5, err_msg=jax.tree_util.keystr(path))
+    # train() reads the same cache (its stage-3 maps) and keeps the frozen stages
+    _, trained = mtrain.train(ts, cfg, str(tmp_path), method="mcss", mesh=mesh)
+    got = _leaves_by_stage(jax.device_get(trained.params["encoder"]))
+    for stage in range(k):
+        for (path, a), (_, b_) in zip(got[stage], old[stage]):
+            np.testing.assert_array_equal(a, b_, err_msg=f"train(): {path}")
+    assert all(np.abs(a - b_).max() > 0 for (_, a), (_, b_) in zip(got[4], old[4]))

@@ -16,7 +16,11 @@ Pooled features (``pool``), from the encoder tap of stride ``tap`` (4, 8, 16 or 
 between the tap and the pool: the trainable part above a frozen encoder.
 :meth:`MCSSNet.features` / ``__call__(maps, from_features=True)`` split the network
 at the tap, so a frozen encoder's maps can be computed once
-(:func:`nvsm_jax.mcss.train.encode`).
+(:func:`nvsm_jax.mcss.train.encode`). An EfficientNet-Lite encoder also splits
+between its stages: ``features(x, stop_stage=j)`` is the output of encoder stage
+``j`` and ``__call__(maps, from_features=True, start_stage=j + 1)`` runs the rest
+(encoder stages ``j + 1`` .. the tap's, then the heads), so the maps of a frozen
+prefix are computed once and the later stages trained from them.
 
 The embedding is an MLP head on the pooled features, L2-normalised. The pose
 regressor is an MLP on the embedding (``regress_from="embedding"``, the paper's
@@ -31,6 +35,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 import numpy as np
 
+from nvsm_jax.models import efficientnet
 from nvsm_jax.models.backbone import make_encoder
 
 __all__ = ["MCSSNet", "make_model", "TAP_INDEX"]
@@ -80,9 +85,49 @@ class MCSSNet(nn.Module):
         self.reg_out = nn.Dense(self.num_joints * 3, name="reg_out",
                                 kernel_init=nn.initializers.normal(1e-3))
 
-    def features(self, x, train: bool = False):
-        """The encoder map at stride ``tap``: [B, H / tap, W / tap, C]."""
-        return self.encoder(x, train)[TAP_INDEX[self.tap]]
+    @property
+    def is_lite(self) -> bool:
+        return self.encoder_kind in efficientnet.VARIANTS
+
+    @property
+    def tap_stage(self) -> int:
+        """The EfficientNet-Lite stage whose output is the tap map (8, the head, for 32)."""
+        return efficientnet.TAP_STAGES.get(self.tap, efficientnet.HEAD_STAGE)
+
+    def _check_split(self, what: str, stage: int):
+        if not self.is_lite:
+            raise ValueError(f"{what} splits an EfficientNet-Lite encoder between its stages; "
+                             f"the {self.encoder_kind!r} encoder splits at the tap only")
+        if not 0 <= stage <= self.tap_stage:
+            raise ValueError(f"{what}={stage}: the tap (stride {self.tap}) is the output of "
+                             f"stage {self.tap_stage}, so it must be in 0..{self.tap_stage}")
+
+    def features(self, x, train: bool = False, stop_stage: int | None = None):
+        """The encoder map at stride ``tap``: [B, H / tap, W / tap, C]; with
+        ``stop_stage`` (EfficientNet-Lite, ``0 .. tap stage``) the output of that
+        encoder stage instead (the maps cached below a partly frozen encoder)."""
+        if stop_stage is None:
+            return self.encoder(x, train)[TAP_INDEX[self.tap]]
+        self._check_split("stop_stage", stop_stage)
+        return self.encoder(x, train, stop_stage=stop_stage)
+
+    def tap_map(self, x, train: bool = False, from_features: bool = False,
+                start_stage: int | None = None):
+        """The tap map from images; with ``from_features``, ``x`` is the tap map
+        itself (returned as it is) or, with ``start_stage=k`` too (Lite, ``1 .. tap
+        stage``), the output of encoder stage ``k - 1`` (:meth:`features` with
+        ``stop_stage=k - 1``), from which encoder stages ``k`` .. the tap's run."""
+        if not from_features:
+            if start_stage is not None:
+                raise ValueError("start_stage needs from_features=True (x: the maps of stage "
+                                 "start_stage - 1)")
+            return self.features(x, train)
+        if start_stage is None:
+            return x
+        if start_stage == 0:
+            raise ValueError("start_stage=0 reads images: call with from_features=False")
+        self._check_split("start_stage", start_stage)
+        return self.encoder(x, train, start_stage=start_stage, stop_stage=self.tap_stage)
 
     def embed_features(self, feats):
         """Encoder map -> (emb [B, D] unit, pooled features [B, C'])."""
@@ -98,9 +143,10 @@ class MCSSNet(nn.Module):
         e = e / jnp.sqrt(jnp.sum(e * e, axis=-1, keepdims=True) + 1e-12)
         return e, pooled
 
-    def embed(self, x, train: bool = False):
-        """-> (emb [B, D] unit, pooled features [B, C'])."""
-        return self.embed_features(self.features(x, train))
+    def embed(self, x, train: bool = False, from_features: bool = False,
+              start_stage: int | None = None):
+        """-> (emb [B, D] unit, pooled features [B, C']); ``x`` as in :meth:`tap_map`."""
+        return self.embed_features(self.tap_map(x, train, from_features, start_stage))
 
     def regress(self, emb, pooled):
         h = emb * self.embed_scale if self.regress_from == "embedding" else pooled
@@ -108,10 +154,12 @@ class MCSSNet(nn.Module):
             h = nn.relu(layer(h))
         return self.reg_out(h).reshape(h.shape[0], self.num_joints, 3)
 
-    def __call__(self, x, train: bool = False, from_features: bool = False):
+    def __call__(self, x, train: bool = False, from_features: bool = False,
+                 start_stage: int | None = None):
         """x: images, or with ``from_features`` the encoder maps of :meth:`features`
-        (a frozen encoder's maps computed once; same result)."""
-        emb, pooled = self.embed_features(x) if from_features else self.embed(x, train)
+        (a frozen encoder's maps computed once; same result): the tap maps, or with
+        ``start_stage=k`` the output of encoder stage ``k - 1`` (:meth:`tap_map`)."""
+        emb, pooled = self.embed(x, train, from_features, start_stage)
         return emb, self.regress(emb, pooled)
 
 

@@ -37,7 +37,8 @@ from nvsm_jax.models.backbone import encoder_stage, preprocess
 
 __all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
            "sample_supervised_batch", "make_train_step", "init_state", "train", "predict",
-           "encode", "uses_feature_cache", "tap_stage", "frozen_filter", "evaluate_poses",
+           "encode", "uses_feature_cache", "feature_cache_stage", "tap_stage", "frozen_filter",
+           "evaluate_poses",
            "mean_pose_prediction", "predict_frames", "bootstrap_train_set"]
 
 
@@ -182,26 +183,74 @@ def tap_stage(model_cfg) -> int:
     return {4: 1, 8: 2, 16: 3, 32: 4}[tap]
 
 
-def uses_feature_cache(cfg) -> bool:
-    """Whether training reads encoder maps computed once (``cfg.cache_features``:
-    ``"auto"`` = whenever every encoder stage up to the tap is frozen and the encoder
-    has no trainable batch statistics; ``"on"`` demands that; ``"off"`` never). The maps of
-    a frozen encoder are the same at every step, so the result is the same, less
-    the colour augmentation (which acts on images: it is off with the cache)."""
+def feature_cache_stage(cfg) -> int | None:
+    """The encoder stage whose output maps training reads computed once
+    (:func:`encode`), or None: no cache. ``cfg``: the ``train`` block.
+
+    ``cfg.cache_features``:
+
+    * ``"auto"``: a cache wherever the encoder's first stages are frozen
+      (``model.frozen_stages = k > 0``) and have no trainable batch statistics
+      (``norm != "batch"``): their maps are the same at every step, so computing
+      them once gives the same loss and update. Frozen up to the tap
+      (``k > tap_stage``): the tap maps (``tap_stage``; the step runs from the
+      tap on). Frozen partly (``k <= tap_stage``, EfficientNet-Lite only): the
+      output of the last frozen stage, ``k - 1`` (the step runs encoder stages
+      ``k`` .. ``tap_stage``, then the heads). The ResNet splits at the tap only:
+      partly frozen, it trains from the images.
+    * ``"on"``: as "auto", and a ValueError where that gives no cache;
+    * ``"off"``: never.
+
+    With any cache the colour augmentation (``cfg.augment``) is off: it acts on
+    images, and the cached maps are of the plain images. The cache holds float32
+    maps of every training image; Lite0 at 64 px, per image: 7 KiB at the tap of
+    stride 16 (stage 5), 5 KiB for stage 4's output, 10 KiB for stage 3's, 24 KiB
+    for stage 2's, 64 KiB for stage 1's, 128 KiB for the stem's.
+    """
     mode = cfg.get("cache_features", "auto")
-    frozen = int(cfg.model.get("frozen_stages", 0) or 0) > tap_stage(cfg.model) \
-        and cfg.model.get("norm", "group") != "batch"
-    if mode == "auto":
-        return frozen
-    if mode == "on":
-        if not frozen:
-            raise ValueError(f"cache_features='on' needs the encoder frozen up to the tap: "
-                             f"frozen_stages > {tap_stage(cfg.model)} (got "
-                             f"{cfg.model.get('frozen_stages', 0)}) and norm != 'batch'")
-        return True
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"cache_features must be 'auto', 'on' or 'off', got {mode!r}")
     if mode == "off":
-        return False
-    raise ValueError(f"cache_features must be 'auto', 'on' or 'off', got {mode!r}")
+        return None
+    model_cfg = cfg.model
+    k = int(model_cfg.get("frozen_stages", 0) or 0)
+    tap = tap_stage(model_cfg)
+    norm = model_cfg.get("norm", "group")
+    lite = model_cfg.get("encoder", "resnet") in efficientnet.VARIANTS
+    stage = None
+    if norm != "batch" and k > tap:
+        stage = tap
+    elif norm != "batch" and lite and k > 0:
+        stage = k - 1
+    if stage is None and mode == "on":
+        if lite:
+            raise ValueError(f"cache_features='on' needs frozen encoder stages whose maps "
+                             f"can be computed once: frozen_stages >= 1 (got "
+                             f"{model_cfg.get('frozen_stages', 0)}; the output of the last "
+                             f"frozen stage is cached) and norm != 'batch' (got {norm!r})")
+        raise ValueError(f"cache_features='on' needs the encoder frozen up to the tap: "
+                         f"frozen_stages > {tap} (got "
+                         f"{model_cfg.get('frozen_stages', 0)}) and norm != 'batch'")
+    return stage
+
+
+def uses_feature_cache(cfg) -> bool:
+    """Whether training reads encoder maps computed once (:func:`feature_cache_stage`:
+    the tap maps of an encoder frozen up to the tap, or the last frozen stage's
+    output of a partly frozen EfficientNet-Lite). The result is the same, less the
+    colour augmentation (which acts on images: it is off with the cache)."""
+    return feature_cache_stage(cfg) is not None
+
+
+def _cache_split(cfg) -> tuple[int | None, int | None]:
+    """``(stop_stage, start_stage)`` of the cache (:func:`feature_cache_stage`):
+    ``(None, None)`` for the tap maps (or no cache), ``(k - 1, k)`` for the output
+    of stage ``k - 1`` of a partly frozen Lite encoder: :func:`encode`'s ``stage``
+    and the network's ``start_stage`` on those maps."""
+    stage = feature_cache_stage(cfg)
+    if stage is None or stage == tap_stage(cfg.model):
+        return None, None
+    return stage, stage + 1
 
 
 def frozen_filter(model_cfg):
@@ -219,12 +268,15 @@ def make_train_step(model, cfg, use_multiview: bool):
 
     batch: ``sup_images [B2, H, W, 3] uint8``, ``sup_pose [B2, 17, 3]`` and, if
     ``use_multiview``, ``mv_images [B1, ...]``, ``mv_seq``, ``mv_time``, ``mv_view`` [B1].
-    With ``sup_feats`` / ``mv_feats`` (encoder maps, :func:`encode`) in place of the
-    images, the network runs from the tap on (a frozen encoder; no augmentation).
+    With ``sup_feats`` / ``mv_feats`` (encoder maps, :func:`encode`, of the stage
+    :func:`feature_cache_stage` names for ``cfg``) in place of the images, the
+    network runs from those maps on: from the tap (an encoder frozen up to it), or
+    from the stage after the last frozen one (no augmentation either way).
     """
     mv = cfg.multiview
     w_mv = float(mv.weight) if use_multiview else 0.0
     frozen = frozen_filter(cfg.model)
+    start_stage = _cache_split(cfg)[1]      # the network's first stage on cached maps
 
     def loss_fn(params, state, batch, key):
         k1, k2 = jax.random.split(key)
@@ -240,7 +292,8 @@ def make_train_step(model, cfg, use_multiview: bool):
             x = sup_x
         if frozen is not None:      # the backward pass stops at the frozen stages
             params = training.stop_gradient_where(params, frozen)
-        emb, pose = model.apply(state.variables(params), x, train=True, from_features=cached)
+        emb, pose = model.apply(state.variables(params), x, train=True, from_features=cached,
+                                start_stage=start_stage if cached else None)
         n_sup = sup_x.shape[0]
         l_pose = losses.pose_loss(pose[:n_sup], batch["sup_pose"], kind=cfg.pose_loss)
         out = {"loss_pose": l_pose}
@@ -298,9 +351,9 @@ def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int
 
 
 @functools.lru_cache(maxsize=None)
-def _encode_fn(model):
+def _encode_fn(model, stage: int | None = None):
     return jax.jit(lambda variables, x: model.apply(variables, _prep(x), train=False,
-                                                    method=model.features))
+                                                    stop_stage=stage, method=model.features))
 
 
 _FEATURES: dict = {}
@@ -316,22 +369,34 @@ def _fingerprint(tree) -> str:
     return h.hexdigest()
 
 
-def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256) -> np.ndarray:
+def _stages_upto(tree, kind: str, stage: int):
+    """The encoder variables (one collection's subtree) of stages ``0 .. stage``."""
+    return {top: sub for top, sub in tree.items() if encoder_stage((top,), kind) <= stage}
+
+
+def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
+           stage: int | None = None) -> np.ndarray:
     """The encoder maps at the tap (:meth:`MCSSNet.features`), float32
-    ``[N, H / tap, W / tap, C]``, for uint8 images ``[N, H, W, 3]``. Kept per
-    (encoder weights, model, images) for the process's lifetime (a frozen encoder
-    gives every run of an experiment the same maps: computed once)."""
+    ``[N, H / tap, W / tap, C]``, for uint8 images ``[N, H, W, 3]``; with ``stage``
+    (EfficientNet-Lite), the output of that encoder stage instead
+    (``features(x, stop_stage=stage)``; the network resumes from it with
+    ``from_features=True, start_stage=stage + 1``). Kept per (encoder weights, model,
+    images) for the process's lifetime (a frozen encoder gives every run of an
+    experiment the same maps: computed once); with ``stage`` only the weights of
+    stages ``0 .. stage`` count, so runs that share a frozen prefix share its maps."""
     mesh = mesh or parallel.make_mesh()
     variables = state.variables()
     enc = {"params": variables["params"].get("encoder", {}),
            **{k: v.get("encoder", {}) for k, v in variables.items() if k != "params"}}
-    key = (_fingerprint(enc), model.encoder_kind, model.tap, model.norm, model.depthwise,
-           tuple(model.stage_sizes), tuple(model.widths), model.stem_width, id(images),
-           images.shape)
+    if stage is not None:
+        enc = {k: _stages_upto(v, model.encoder_kind, stage) for k, v in enc.items()}
+    key = (_fingerprint(enc), model.encoder_kind, model.tap if stage is None else None, stage,
+           model.norm, model.depthwise, tuple(model.stage_sizes), tuple(model.widths),
+           model.stem_width, id(images), images.shape)
     hit = _FEATURES.get(key)
     if hit is not None and hit[0] is images:
         return hit[1]
-    fn = _encode_fn(model)
+    fn = _encode_fn(model, stage)
     n_dev = mesh.devices.size
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
     out = []
@@ -365,8 +430,8 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     writer = training.MetricsWriter(workdir)
     step_fn = _cached_step(model, cfg, use_mv)
     start = int(jax.device_get(state.step))
-    feats = encode(model, state, ts.images, mesh) if uses_feature_cache(cfg) and \
-        start < cfg.steps else None
+    feats = encode(model, state, ts.images, mesh, stage=_cache_split(cfg)[0]) \
+        if uses_feature_cache(cfg) and start < cfg.steps else None
     mv = cfg.multiview
     batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)
     state = training.fit(
@@ -383,13 +448,12 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
 
 
 @functools.lru_cache(maxsize=None)
-def _predict_fn(model, embedding: str = "head", from_features: bool = False):
+def _predict_fn(model, embedding: str = "head", from_features: bool = False,
+                start_stage: int | None = None):
     def fn(variables, x):
         x = x if from_features else _prep(x)
-        if from_features:
-            emb, pooled = model.apply(variables, x, method=model.embed_features)
-        else:
-            emb, pooled = model.apply(variables, x, train=False, method=model.embed)
+        emb, pooled = model.apply(variables, x, train=False, from_features=from_features,
+                                  start_stage=start_stage, method=model.embed)
         pose = model.apply(variables, emb, pooled, method=model.regress)
         if embedding == "features":
             emb = pooled / jnp.sqrt(jnp.sum(pooled * pooled, axis=-1, keepdims=True) + 1e-12)
@@ -398,9 +462,12 @@ def _predict_fn(model, embedding: str = "head", from_features: bool = False):
 
 
 def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
-            embedding: str = "head", from_features: bool = False):
+            embedding: str = "head", from_features: bool = False,
+            start_stage: int | None = None):
     """-> (emb [N, D], pose [N, 17, 3] mm) for uint8 images [N, H, W, 3] (or, with
-    ``from_features``, their encoder maps from :func:`encode`).
+    ``from_features``, their encoder maps from :func:`encode`: the tap maps, or with
+    ``start_stage=k`` the output of encoder stage ``k - 1``, ``encode(...,
+    stage=k - 1)``).
 
     embedding: ``"head"`` (the unit embedding the multi-view loss trains) or
     ``"features"`` (the unit-normalised pooled encoder features the regressor
@@ -408,9 +475,12 @@ def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
     """
     if embedding not in ("head", "features"):
         raise ValueError(f"embedding must be 'head' or 'features', got {embedding!r}")
+    if start_stage is not None and not from_features:
+        raise ValueError("start_stage reads encoder maps: pass from_features=True")
     mesh = mesh or parallel.make_mesh()
     n_dev = mesh.devices.size
-    fn = _predict_fn(model, embedding, bool(from_features))
+    fn = _predict_fn(model, embedding, bool(from_features),
+                     None if start_stage is None else int(start_stage))
     variables = state.variables()
     embs, poses = [], []
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
@@ -432,12 +502,14 @@ def evaluate_poses(pred_mm: np.ndarray, gt_mm: np.ndarray) -> dict:
 
 
 def predict_frames(model, state, images: np.ndarray, cfg, mesh=None, embedding: str = "head"):
-    """:func:`predict` through the encoder maps computed once when ``cfg`` (the
-    ``train`` block) freezes the encoder up to the tap (:func:`uses_feature_cache`),
-    else from the images: (emb [N, D], pose [N, 17, 3] mm)."""
+    """:func:`predict` through the encoder maps computed once where ``cfg`` (the
+    ``train`` block) trains from them (:func:`feature_cache_stage`: the tap maps,
+    or the last frozen stage's output), else from the images: (emb [N, D], pose
+    [N, 17, 3] mm). Either way the same network, to float rounding."""
     if uses_feature_cache(cfg):
-        return predict(model, state, encode(model, state, images, mesh), mesh,
-                       embedding=embedding, from_features=True)
+        stop, start = _cache_split(cfg)
+        return predict(model, state, encode(model, state, images, mesh, stage=stop), mesh,
+                       embedding=embedding, from_features=True, start_stage=start)
     return predict(model, state, images, mesh, embedding=embedding)
 
 

@@ -21,7 +21,12 @@ Public API:
 
 * :class:`EfficientNetLite` ``(x: [B, H, W, 3] float32 as (x - 127) / 128, train)``
   -> ``[f4, f8, f16, f32]`` (strides 4, 8, 16, 32; ``f32`` is the 1280-channel
-  head) or, with ``num_classes``, logits ``[B, num_classes]``.
+  head) or, with ``num_classes``, logits ``[B, num_classes]``. ``start_stage`` /
+  ``stop_stage`` run a range of its stages only (the input then is the output of
+  the stage before; the output the map of the last stage run): a frozen prefix's
+  maps can be computed once and the rest trained from them.
+* :data:`NUM_STAGES` (9: 0 the stem, 1..7 the MBConv stages, 8 the head) and
+  :func:`stage_of_param`, the stage of a parameter.
 * :func:`block_specs` the per-block (kernel, stride, expansion, in, out, stage)
   of a variant; :data:`VARIANTS`.
 * :func:`depthwise_conv` a depthwise convolution in either form (below).
@@ -56,7 +61,7 @@ import numpy as np
 
 __all__ = ["EfficientNetLite", "VARIANTS", "BASE_STAGES", "BlockSpec", "block_specs",
            "depthwise_conv", "depthwise_shift", "pointwise", "PointwiseConv", "same_padding",
-           "stage_of_param"]
+           "stage_of_param", "NUM_STAGES", "HEAD_STAGE", "TAP_STAGES"]
 
 # (repeats, kernel, stride, expansion, out channels) of EfficientNet-Lite0.
 BASE_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
@@ -74,8 +79,12 @@ VARIANTS = {
 STEM_WIDTH = 32
 HEAD_WIDTH = 1280
 BN_EPS = 1e-3
-# The stage whose last block ends at each tap's stride (stage numbers 1..7).
+# The stage whose last block ends at each tap's stride (stage numbers 1..7); the
+# stride-32 tap is the head's output (stage 8).
 TAP_STAGES = {4: 2, 8: 3, 16: 5}
+# Stages of the trunk: 0 the stem, 1..7 the MBConv stages, 8 the 1x1 head.
+NUM_STAGES = 9
+HEAD_STAGE = NUM_STAGES - 1
 
 
 class BlockSpec(NamedTuple):
@@ -433,6 +442,24 @@ class EfficientNetLite(nn.Module):
     the Lite normalisation exactly, so callers keep one preprocessing).
     Returns ``[f4, f8, f16, f32]`` (``[B, ceil(H/s), ceil(W/s), C_s]``; C = 24, 40,
     112, 1280 for lite0), or logits ``[B, num_classes]`` when ``num_classes``.
+
+    A range of stages (0 the stem, 1..7 the MBConv stages, 8 the head;
+    :func:`stage_of_param`) runs alone:
+
+    * ``start_stage=k`` (1..8): ``x`` is the output of stage ``k - 1`` (for
+      ``k = 1`` the stem's, after its ReLU6; no input normalisation then) and the
+      trunk runs from stage ``k`` on. The taps of stages before ``k - 1`` were
+      never computed: their entries of the returned list are ``None``; the tap
+      that stage ``k - 1`` ends (``TAP_STAGES``) is ``x`` itself.
+    * ``stop_stage=j`` (``start_stage`` .. 8): returns the output of stage ``j``
+      alone, ``[B, h, w, C_j]`` (stage 8: the head's map, never the logits), and
+      runs nothing after it.
+
+    Parameter names do not depend on the range (each module is named), so one
+    set of variables (initialised by the default call) serves every range; the
+    default call computes exactly what it did before these arguments existed,
+    and ``stop_stage=j`` then ``start_stage=j + 1`` compose to it (to float
+    rounding where the two halves are compiled apart).
     """
 
     variant: str = "efficientnet_lite0"
@@ -443,31 +470,50 @@ class EfficientNetLite(nn.Module):
     input_std: tuple[float, ...] | None = None
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, start_stage: int = 0,
+                 stop_stage: int | None = None):
+        if not 0 <= start_stage <= HEAD_STAGE:
+            raise ValueError(f"start_stage must be in 0..{HEAD_STAGE}, got {start_stage}")
+        if stop_stage is not None and not start_stage <= stop_stage <= HEAD_STAGE:
+            raise ValueError(f"stop_stage must be in start_stage ({start_stage}).."
+                             f"{HEAD_STAGE}, got {stop_stage}")
         specs = block_specs(self.variant)
-        if self.input_mean is not None:
-            rgb = 255.0 * (x * jnp.asarray(self.input_std, x.dtype)
-                           + jnp.asarray(self.input_mean, x.dtype))
-            x = (rgb - 127.0) / 128.0
-        xp, _, _ = _pad_same(x, 3, 2)
-        x = _conv_norm(_StemConv(STEM_WIDTH, name="conv_stem"), _Norm(self.norm, name="bn0"),
-                       xp, train, STEM_WIDTH)
-        x = relu6(x)
         taps = {}
+        if start_stage == 0:
+            if self.input_mean is not None:
+                rgb = 255.0 * (x * jnp.asarray(self.input_std, x.dtype)
+                               + jnp.asarray(self.input_mean, x.dtype))
+                x = (rgb - 127.0) / 128.0
+            xp, _, _ = _pad_same(x, 3, 2)
+            x = _conv_norm(_StemConv(STEM_WIDTH, name="conv_stem"), _Norm(self.norm, name="bn0"),
+                           xp, train, STEM_WIDTH)
+            x = relu6(x)
+            if stop_stage == 0:
+                return x
+        else:                       # x: the output of stage start_stage - 1
+            for stride, stage in TAP_STAGES.items():
+                if stage == start_stage - 1:
+                    taps[stride] = x
         for n, spec in enumerate(specs):
+            if spec.stage < start_stage:
+                continue
             x = MBConv(spec, self.norm, self.depthwise, name=f"blocks_{n}")(x, train)
             last_of_stage = n + 1 == len(specs) or specs[n + 1].stage != spec.stage
             if last_of_stage:
+                if spec.stage == stop_stage:
+                    return x
                 for stride, stage in TAP_STAGES.items():
                     if stage == spec.stage:
                         taps[stride] = x
         x = _conv_norm(PointwiseConv(HEAD_WIDTH, name="conv_head"),   # not scaled in Lite
                        _Norm(self.norm, name="bn1"), x, train, HEAD_WIDTH)
         x = relu6(x)
+        if stop_stage is not None:          # stop_stage == HEAD_STAGE
+            return x
         if self.num_classes:
             g = jnp.mean(x, axis=(1, 2))
             return nn.Dense(self.num_classes, name="fc")(g)
-        return [taps[4], taps[8], taps[16], x]
+        return [taps.get(4), taps.get(8), taps.get(16), x]
 
 
 def stage_of_param(path: tuple[str, ...], variant: str = "efficientnet_lite0") -> int:
