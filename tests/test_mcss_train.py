@@ -392,3 +392,35 @@ def test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only(tmp_path):
         for (path, a), (_, b_) in zip(got[stage], old[stage]):
             np.testing.assert_array_equal(a, b_, err_msg=f"train(): {path}")
     assert all(np.abs(a - b_).max() > 0 for (_, a), (_, b_) in zip(got[4], old[4]))
+
+
+def test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame():
+    """cache_copies=3 with augment: copy 0 is the plain maps, copy c the maps of the
+    images jittered with fold_in(key(seed), c) (computed here by hand from _augment
+    and the network's features); a batch takes each frame's maps from one copy, and
+    more than one copy appears. cache_copies=1 (or no augment): the plain [N, ...]."""
+    cfg = _lite_cfg(9)                            # frozen to the tap: the tap maps
+    cfg.augment, cfg.cache_copies = 0.5, 3
+    mesh = parallel.make_mesh(1)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
+    ts = _fake_train_set()
+    feats = mtrain.encode_copies(model, state, ts.images, cfg, mesh, seed=7)
+    plain = mtrain.encode(model, state, ts.images, mesh)
+    assert feats.shape == (3, *plain.shape)
+    np.testing.assert_array_equal(feats[0], plain)
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(7), 2), 0)   # copy 2, chunk 0
+    from nvsm_jax.models.backbone import preprocess
+
+    x = mtrain._augment(jnp.asarray(ts.images, jnp.float32) / 255.0, key, 0.5)
+    want = model.apply(state.variables(), preprocess(x * 255.0), train=False,
+                       method=model.features)
+    np.testing.assert_allclose(feats[2], np.asarray(want), atol=1e-4)
+    assert np.abs(feats[1] - plain).mean() > 1e-2 and np.abs(feats[1] - feats[2]).mean() > 1e-2
+    batch = mtrain._batch_for_step(ts, cfg, 3, False, 0, feats)
+    rng = np.random.default_rng([0, 3])
+    idx = mtrain.sample_supervised_batch(rng, ts, cfg.sup_batch)["idx"]
+    used = [int(np.flatnonzero([np.array_equal(row, feats[c, i]) for c in range(3)])[0])
+            for row, i in zip(batch["sup_feats"], idx)]
+    assert len(set(used)) > 1
+    cfg.cache_copies = 1
+    assert mtrain.encode_copies(model, state, ts.images, cfg, mesh).shape == plain.shape

@@ -37,7 +37,7 @@ from nvsm_jax.models.backbone import encoder_stage, preprocess
 
 __all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
            "sample_supervised_batch", "make_train_step", "init_state", "train", "predict",
-           "encode", "uses_feature_cache", "feature_cache_stage", "tap_stage", "frozen_filter",
+           "encode", "encode_copies", "uses_feature_cache", "feature_cache_stage", "tap_stage", "frozen_filter",
            "evaluate_poses",
            "mean_pose_prediction", "predict_frames", "bootstrap_train_set"]
 
@@ -337,23 +337,35 @@ def _cached_step(model, cfg, use_multiview: bool):
 def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int,
                     feats: np.ndarray | None = None) -> dict:
     """The host batch of ``step``: images, or with ``feats`` (the encoder maps of
-    ``ts.images``) those maps, of the same frames."""
+    ``ts.images``, [N, ...], or of ``C`` colour-augmented copies of them, [C, N, ...],
+    :func:`encode_copies`) those maps, of the same frames (with copies, each frame's
+    copy drawn at random)."""
     rng = np.random.default_rng([seed, step])
-    src, name = (ts.images, "images") if feats is None else (feats, "feats")
+    name = "images" if feats is None else "feats"
+
+    def take(idx):
+        if feats is None:
+            return ts.images[idx]
+        if feats.ndim == 4:                          # one copy
+            return feats[idx]
+        return feats[rng.integers(0, len(feats), size=len(idx)), idx]   # a copy per frame
+
     sup = sample_supervised_batch(rng, ts, cfg.sup_batch)
-    batch = {f"sup_{name}": src[sup["idx"]], "sup_pose": sup["pose"]}
+    batch = {f"sup_{name}": take(sup["idx"]), "sup_pose": sup["pose"]}
     if use_multiview:
         mvb = sample_multiview_batch(rng, ts, cfg.multiview.num_seqs, cfg.multiview.num_times,
                                      cfg.multiview.num_views)
-        batch.update({f"mv_{name}": src[mvb["idx"]]}, mv_seq=mvb["seq"], mv_time=mvb["time"],
+        batch.update({f"mv_{name}": take(mvb["idx"])}, mv_seq=mvb["seq"], mv_time=mvb["time"],
                      mv_view=mvb["view"])
     return batch
 
 
 @functools.lru_cache(maxsize=None)
-def _encode_fn(model, stage: int | None = None):
-    return jax.jit(lambda variables, x: model.apply(variables, _prep(x), train=False,
-                                                    stop_stage=stage, method=model.features))
+def _encode_fn(model, stage: int | None = None, augment: float = 0.0):
+    def f(variables, x, key):
+        return model.apply(variables, _prep(x, key if augment > 0 else None, augment),
+                           train=False, stop_stage=stage, method=model.features)
+    return jax.jit(f)
 
 
 _FEATURES: dict = {}
@@ -375,7 +387,7 @@ def _stages_upto(tree, kind: str, stage: int):
 
 
 def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
-           stage: int | None = None) -> np.ndarray:
+           stage: int | None = None, augment: float = 0.0, key=None) -> np.ndarray:
     """The encoder maps at the tap (:meth:`MCSSNet.features`), float32
     ``[N, H / tap, W / tap, C]``, for uint8 images ``[N, H, W, 3]``; with ``stage``
     (EfficientNet-Lite), the output of that encoder stage instead
@@ -383,20 +395,27 @@ def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
     ``from_features=True, start_stage=stage + 1``). Kept per (encoder weights, model,
     images) for the process's lifetime (a frozen encoder gives every run of an
     experiment the same maps: computed once); with ``stage`` only the weights of
-    stages ``0 .. stage`` count, so runs that share a frozen prefix share its maps."""
+    stages ``0 .. stage`` count, so runs that share a frozen prefix share its maps.
+    ``augment`` > 0 with a PRNG ``key``: the maps of colour-jittered images
+    (:func:`_augment` at that strength; chunk ``i`` with ``fold_in(key, i)``)."""
     mesh = mesh or parallel.make_mesh()
     variables = state.variables()
     enc = {"params": variables["params"].get("encoder", {}),
            **{k: v.get("encoder", {}) for k, v in variables.items() if k != "params"}}
     if stage is not None:
         enc = {k: _stages_upto(v, model.encoder_kind, stage) for k, v in enc.items()}
-    key = (_fingerprint(enc), model.encoder_kind, model.tap if stage is None else None, stage,
-           model.norm, model.depthwise, tuple(model.stage_sizes), tuple(model.widths),
-           model.stem_width, id(images), images.shape)
-    hit = _FEATURES.get(key)
+    if augment > 0 and key is None:
+        raise ValueError("encode: augment > 0 needs a PRNG key")
+    augment = float(augment) if augment > 0 else 0.0
+    cache_key = (_fingerprint(enc), model.encoder_kind, model.tap if stage is None else None,
+                 stage, model.norm, model.depthwise, tuple(model.stage_sizes),
+                 tuple(model.widths), model.stem_width, id(images), images.shape, augment,
+                 None if augment == 0 else tuple(np.asarray(jax.random.key_data(key)).ravel()))
+    hit = _FEATURES.get(cache_key)
     if hit is not None and hit[0] is images:
         return hit[1]
-    fn = _encode_fn(model, stage)
+    fn = _encode_fn(model, stage, augment)
+    key = jax.random.key(0) if key is None else key
     n_dev = mesh.devices.size
     batch_size = max(n_dev, batch_size - batch_size % n_dev)
     out = []
@@ -404,12 +423,32 @@ def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
         chunk = images[start:start + batch_size]
         padded, n = parallel.pad_to_multiple(chunk, batch_size if len(images) > batch_size
                                              else n_dev)
-        out.append(np.asarray(fn(variables, parallel.shard_batch(padded, mesh)))[:n])
+        out.append(np.asarray(fn(variables, parallel.shard_batch(padded, mesh),
+                                 jax.random.fold_in(key, start // batch_size)))[:n])
     feats = np.concatenate(out).astype(np.float32)
-    if len(_FEATURES) >= 4:
+    if len(_FEATURES) >= 8:
         _FEATURES.pop(next(iter(_FEATURES)))
-    _FEATURES[key] = (images, feats)
+    _FEATURES[cache_key] = (images, feats)
     return feats
+
+
+def encode_copies(model, state, images: np.ndarray, cfg, mesh=None, seed: int = 0) -> np.ndarray:
+    """The training cache: the maps (:func:`encode`, at the cache stage of ``cfg``, the
+    ``train`` block) of the images as they are and, with ``cfg.cache_copies`` = C > 1
+    and ``cfg.augment`` > 0, of C - 1 colour-jittered copies (copy c jittered with
+    ``fold_in(key(seed), c)``): [N, ...] or [C, N, ...]. The encoder is frozen up to
+    the cache, so the jitter that training from images would draw afresh each step
+    is drawn C - 1 times, once."""
+    stage = _cache_split(cfg)[0]
+    plain = encode(model, state, images, mesh, stage=stage)
+    copies = int(cfg.get("cache_copies", 1) or 1)
+    if copies <= 1 or float(cfg.augment) <= 0:
+        return plain
+    base = jax.random.key(seed)
+    return np.stack([plain] + [encode(model, state, images, mesh, stage=stage,
+                                      augment=float(cfg.augment),
+                                      key=jax.random.fold_in(base, c))
+                               for c in range(1, copies)])
 
 
 def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int = 0,
@@ -430,7 +469,7 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     writer = training.MetricsWriter(workdir)
     step_fn = _cached_step(model, cfg, use_mv)
     start = int(jax.device_get(state.step))
-    feats = encode(model, state, ts.images, mesh, stage=_cache_split(cfg)[0]) \
+    feats = encode_copies(model, state, ts.images, cfg, mesh, seed) \
         if uses_feature_cache(cfg) and start < cfg.steps else None
     mv = cfg.multiview
     batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)

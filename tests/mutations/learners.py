@@ -183,4 +183,37 @@ MUTATIONS = [
         tests=("tests/test_mcss_experiment.py::test_claims_and_seed_aggregate_by_hand",),
         kind="swapped args"),
 
+    Mutation(
+        name="mcss_partial_cache_one_stage_late",
+        file="nvsm_jax/mcss/train.py",
+        old="    elif norm != \"batch\" and lite and k > 0:\n        stage = k - 1",
+        new="    elif norm != \"batch\" and lite and k > 0:\n        stage = k",
+        tests=("tests/test_mcss_train.py::test_cache_level_for_each_freezing",
+               "tests/test_mcss_train.py::"
+               "test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only"),
+        kind="off by one"),
+    Mutation(
+        name="mcss_cache_copies_all_the_same_jitter",
+        file="nvsm_jax/mcss/train.py",
+        old="key=jax.random.fold_in(base, c))",
+        new="key=base)",
+        tests=("tests/test_mcss_train.py::"
+               "test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame",),
+        kind="constant"),
+    # ------------------------------------------------------------------ MCSS people
+    Mutation(
+        name="mcss_feet_point_backwards",
+        file="nvsm_jax/mcss/data.py",
+        old='"r_toe": (135 * foot, 0, -60 * foot)',
+        new='"r_toe": (-135 * foot, 0, -60 * foot)',
+        tests=("tests/test_mcss_data.py::test_feet_point_forward",),
+        kind="sign"),
+    Mutation(
+        name="mcss_print_in_the_shirt_colour",
+        file="nvsm_jax/mcss/data.py",
+        old='(_P["band_r"], _P["band_l"], 90, 5, "g"), (_P["stripe_top"], _P["stripe_low"], 56, 5, "g")',
+        new='(_P["band_r"], _P["band_l"], 90, 0, "g"), (_P["stripe_top"], _P["stripe_low"], 56, 0, "g")',
+        tests=("tests/test_mcss_data.py::test_front_and_back_views_differ_at_head_and_chest",),
+        kind="constant"),
+
 ]
