@@ -225,3 +225,43 @@ def test_pose_loss_hand_values():
     assert float(pose_loss(pred, tgt, kind="l1")) == pytest.approx((7 / 3 + 1 / 3) / 2)
     assert float(pose_loss(pred, tgt, kind="mse")) == pytest.approx((25 / 3 + 2 / 3) / 2)
     assert float(pose_loss(pred, tgt, jnp.asarray([0.0, 1.0]))) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_rigid_view_loss_zero_for_static_cameras_and_catches_a_facing_flip():
+    """Two sequences x 3 instants x 3 views: every view's pose is the instant's pose
+    turned by its camera's fixed rotation (scipy), views listed in a shuffled order
+    per instant -> 0. One view at one instant turned round (180 deg about the
+    vertical): no single rotation aligns that view, the loss is its share of the
+    displacement; the distance-matrix term cannot see it (rotation-invariant)."""
+    from scipy.spatial.transform import Rotation
+
+    from nvsm_jax.mcss import losses
+
+    rng = np.random.default_rng(0)
+    s_n, t_n, v_n, j = 2, 3, 3, 17
+    base = rng.normal(size=(s_n, t_n, j, 3)) * 0.3
+    base -= base[:, :, :1]                                  # root-relative
+    cams = Rotation.random(s_n * v_n, random_state=1).as_matrix().reshape(s_n, v_n, 3, 3)
+    pose, seq, time, view = [], [], [], []
+    for s in range(s_n):
+        for t in range(t_n):
+            for v in rng.permutation(v_n):
+                pose.append(base[s, t] @ cams[s, v])
+                seq.append(s), time.append(t), view.append(v)
+    pose = np.asarray(pose, np.float32)
+    args = (jnp.asarray(seq), jnp.asarray(time), jnp.asarray(view), s_n, t_n, v_n)
+    assert float(losses.rigid_view_loss(jnp.asarray(pose), *args)) < 1e-4
+    flipped = pose.copy()
+    row = int(np.flatnonzero((np.asarray(seq) == 1) & (np.asarray(time) == 2)
+                             & (np.asarray(view) == 0))[0])
+    turn = Rotation.from_euler("y", 180, degrees=True).as_matrix()       # about the body's up
+    flipped[row] = (base[1, 2] @ turn) @ cams[1, 0]
+    lv = float(losses.rigid_view_loss(jnp.asarray(flipped), *args))
+    assert lv > 0.05, lv
+    pc = float(losses.pose_consistency_loss(jnp.asarray(flipped), *args[:3]))
+    assert pc < 1e-4, pc
+    # a single instant cannot tell: any one pose pair is aligned by some rotation
+    one = [i for i in range(len(seq)) if time[i] == 2]
+    sub = (jnp.asarray(np.asarray(seq)[one]), jnp.asarray(np.asarray(time)[one]),
+           jnp.asarray(np.asarray(view)[one]), s_n, 1, v_n)
+    assert float(losses.rigid_view_loss(jnp.asarray(flipped[one]), *sub)) < 1e-4
