@@ -88,11 +88,7 @@ def get_config(arg: str = "demo"):
         cross_sequence=False, num_seqs=4, num_times=6, num_views=4,
         # > 0: also the predicted poses of one instant's views must agree up to a
         # rotation (their joint-distance matrices; losses.pose_consistency_loss)
-        pose_consistency=0.0,
-        # > 0: the predicted poses of two views of a sequence must agree under one
-        # rotation at all of its instants in the batch (static cameras;
-        # losses.rigid_view_loss)
-        rigid_views=0.0))
+        pose_consistency=0.0))
     # multi-view bootstrapping (MCSS only; nvsm_jax/mcss/fusion.py): after training, every
     # unlabelled frame gets the pose fused from its instant's views (cameras rotated onto
     # each other from the labelled instants or the predictions), and the network is

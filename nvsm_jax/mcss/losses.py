@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-
-from nvsm_jax.mcss.metrics import optimal_rotation
 
 __all__ = ["pairwise_distance", "positive_mask", "negative_mask", "mine_hard_negatives",
            "triplet_loss", "contrastive_loss", "multiview_loss", "pose_loss",
-           "bone_distance_matrix", "pose_consistency_loss", "rigid_view_loss"]
+           "bone_distance_matrix", "pose_consistency_loss"]
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -169,44 +166,3 @@ def pose_consistency_loss(pose, seq, time, view):
     j = pose.shape[-2]
     diff = jnp.abs(dm[:, None] - dm[None, :]).sum(axis=(-1, -2)) / (j * (j - 1))   # [B, B]
     return jnp.sum(m * diff) / jnp.maximum(jnp.sum(m), 1.0)
-
-
-def rigid_view_loss(pose, seq, time, view, num_seqs: int, num_times: int, num_views: int):
-    """Multi-view consistency of the predicted poses under one rotation per camera pair.
-
-    Synchronised cameras are static: the rotation taking view a's camera-frame pose
-    to view b's is the same at every instant of a sequence. For each sequence slot
-    and pair of views (a, b) present at all of the slot's instants, the rotation R
-    (Kabsch, held constant: no gradient through the SVD) aligning a's predicted
-    poses at all instants onto b's is fitted, and the loss is the mean joint
-    distance of ``pose_a @ R`` to ``pose_b``, both sides first divided by their
-    RMS joint norm (a fraction of the pose's size: shrinking the predictions does
-    not lower it). Unlike
-    :func:`pose_consistency_loss` (distances within one pose), a facing that flips
-    between instants in one view but not in the other cannot be aligned.
-
-    pose: [B, J, 3] root-relative poses of a multi-view batch laid out sequence-major,
-    then instant, then view (:func:`nvsm_jax.mcss.train.sample_multiview_batch`),
-    B = num_seqs * num_times * num_views; seq, time, view: [B] int.
-    Returns a scalar (0 when no pair qualifies).
-    """
-    j = pose.shape[-2]
-    p = pose.reshape(num_seqs, num_times, num_views, j, 3)
-    v = view.reshape(num_seqs, num_times, num_views)
-    order = jnp.argsort(v, axis=-1)                                       # [S, T, V]
-    p = jnp.take_along_axis(p, order[..., None, None], axis=2)
-    v = jnp.take_along_axis(v, order, axis=2)
-    same = jnp.all(v == v[:, :1], axis=1)                                 # [S, V] one camera per slot
-    a_idx, b_idx = np.triu_indices(num_views, k=1)
-    pa = p[:, :, a_idx]                                                   # [S, T, P, J, 3]
-    pb = p[:, :, b_idx]
-    xa = jnp.moveaxis(pa, 1, 2).reshape(num_seqs, len(a_idx), num_times * j, 3)
-    xb = jnp.moveaxis(pb, 1, 2).reshape(num_seqs, len(a_idx), num_times * j, 3)
-    # scale-free: each side divided by its RMS joint norm (else shrinking every
-    # prediction would lower the loss)
-    xa = xa / jnp.sqrt(jnp.mean(jnp.sum(xa * xa, -1), -1) + 1e-8)[..., None, None]
-    xb = xb / jnp.sqrt(jnp.mean(jnp.sum(xb * xb, -1), -1) + 1e-8)[..., None, None]
-    rot, _ = optimal_rotation(jax.lax.stop_gradient(xa), jax.lax.stop_gradient(xb))
-    err = jnp.linalg.norm(jnp.einsum("spni,spik->spnk", xa, rot) - xb, axis=-1)   # [S, P, T*J]
-    ok = (same[:, a_idx] & same[:, b_idx]).astype(pose.dtype)             # [S, P]
-    return jnp.sum(ok * err.mean(-1)) / jnp.maximum(jnp.sum(ok), 1.0)

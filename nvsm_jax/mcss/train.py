@@ -311,13 +311,6 @@ def make_train_step(model, cfg, use_multiview: bool):
                                                     batch["mv_time"], batch["mv_view"])
                 total = total + w_pc * l_pc
                 out["loss_pose_mv"] = l_pc
-            w_rv = float(mv.get("rigid_views", 0.0))
-            if w_rv > 0:        # one rotation per camera pair over a sequence's instants
-                l_rv = losses.rigid_view_loss(pose[n_sup:], batch["mv_seq"], batch["mv_time"],
-                                              batch["mv_view"], mv.num_seqs, mv.num_times,
-                                              mv.num_views)
-                total = total + w_rv * l_rv
-                out["loss_rigid_views"] = l_rv
             out.update({f"mv_{k}": v for k, v in aux.items()})
         out["loss"] = total
         return total, out
