@@ -143,18 +143,7 @@ def test_feature_cache_step_equals_the_image_step_and_frozen_stages_stay():
     maps = mtrain.encode(model, state, ts.images, mesh)
     assert mtrain.encode(model, state, ts.images, mesh) is maps       # computed once
     step = mtrain.make_train_step(model, cfg, use_multiview=True)
-    # past the warm-up (the learning rate is 0 at the optimiser's first step)
-    b0 = mtrain._batch_for_step(ts, cfg, 0, True, 0, maps)
-    state, _ = step(state, parallel.shard_batch(b0, mesh), training.step_key(0, 0))
-    copy = lambda s: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), s)
-    before = jax.device_get(state.params)
-    outs, params = {}, {}
-    for name, feats in (("images", None), ("maps", maps)):
-        b = mtrain._batch_for_step(ts, cfg, 3, True, 0, feats)
-        assert (f"sup_{name if feats is None else 'feats'}" in b)
-        new, out = step(copy(state), parallel.shard_batch(b, mesh), training.step_key(0, 3))
-        outs[name] = jax.device_get(out)
-        params[name] = jax.device_get(new.params)
+    state, before, outs, params = _step_from_images_and_maps(step, state, ts, cfg, maps, mesh)
     for k in outs["images"]:
         assert float(outs["maps"][k]) == pytest.approx(float(outs["images"][k]), rel=1e-4,
                                                         abs=1e-6), k
@@ -238,6 +227,24 @@ def test_bootstrap_labels_every_frame_with_one_pose_per_instant():
 # EfficientNet-Lite0 read at stride 16 (the output of stage 5); frozen_stages=k caches the
 # output of stage k - 1 and trains stages k..5, the adapter and the heads. One config for
 # the tests below, so the state's initialiser is compiled once.
+
+
+def _step_from_images_and_maps(step, state, ts, cfg, maps, mesh):
+    """One step past the warm-up (the learning rate is 0 at the optimiser's first
+    step), then step 3 from the images and, from the same state, from ``maps``:
+    ``(state after the warm-up step, its params, {"images"|"maps": metrics},
+    {"images"|"maps": new params})`` on the host."""
+    b0 = mtrain._batch_for_step(ts, cfg, 0, True, 0, maps)
+    state, _ = step(state, parallel.shard_batch(b0, mesh), training.step_key(0, 0))
+    copy = lambda s: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), s)  # noqa: E731
+    outs, params = {}, {}
+    for name, feats in (("images", None), ("maps", maps)):
+        b = mtrain._batch_for_step(ts, cfg, 3, True, 0, feats)
+        assert f"sup_{'images' if feats is None else 'feats'}" in b
+        new, out = step(copy(state), parallel.shard_batch(b, mesh), training.step_key(0, 3))
+        outs[name] = jax.device_get(out)
+        params[name] = jax.device_get(new.params)
+    return state, jax.device_get(state.params), outs, params
 
 
 def _lite_cfg(frozen_stages: int = 4):
@@ -356,16 +363,7 @@ def test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only(tmp_path):
     maps = mtrain.encode(model, state, ts.images, mesh, stage=3)
     assert maps.shape == (len(ts.images), 4, 4, 40)                  # stage 3: stride 8
     step = mtrain._cached_step(model, cfg, True)                     # what train() uses
-    b0 = mtrain._batch_for_step(ts, cfg, 0, True, 0, maps)           # lr 0: warm-up
-    state, _ = step(state, parallel.shard_batch(b0, mesh), training.step_key(0, 0))
-    copy = lambda s: jax.tree_util.tree_map(lambda x: jnp.array(x, copy=True), s)
-    before = jax.device_get(state.params)
-    outs, params = {}, {}
-    for name, feats in (("images", None), ("maps", maps)):
-        b = mtrain._batch_for_step(ts, cfg, 3, True, 0, feats)
-        new, out = step(copy(state), parallel.shard_batch(b, mesh), training.step_key(0, 3))
-        outs[name] = jax.device_get(out)
-        params[name] = jax.device_get(new.params)
+    state, before, outs, params = _step_from_images_and_maps(step, state, ts, cfg, maps, mesh)
     assert float(outs["maps"]["loss_mv"]) > 0 and float(outs["maps"]["grad_norm"]) > 0
     for key in outs["images"]:
         assert float(outs["maps"][key]) == pytest.approx(float(outs["images"][key]), rel=1e-4,
@@ -412,8 +410,8 @@ def test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame():
     from nvsm_jax.models.backbone import preprocess
 
     x = mtrain._augment(jnp.asarray(ts.images, jnp.float32) / 255.0, key, 0.5)
-    want = model.apply(state.variables(), preprocess(x * 255.0), train=False,
-                       method=model.features)
+    want = jax.jit(lambda v, x: model.apply(v, preprocess(x * 255.0), train=False,
+                                            method=model.features))(state.variables(), x)
     np.testing.assert_allclose(feats[2], np.asarray(want), atol=1e-4)
     assert np.abs(feats[1] - plain).mean() > 1e-2 and np.abs(feats[1] - feats[2]).mean() > 1e-2
     batch = mtrain._batch_for_step(ts, cfg, 3, False, 0, feats)
