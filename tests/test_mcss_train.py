@@ -349,34 +349,58 @@ def test_network_from_cached_stage_maps_equals_the_network_from_images():
         mtrain.predict(model, state, images, mesh, start_stage=3)
 
 
-def test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only(tmp_path):
-    """frozen_stages=4: the step on the cached stage-3 maps leaves stages 0-3 bit-identical
-    and moves every parameter of stages 4 and 5 (the stages up to the tap); its losses and
-    update equal those of the step on the images (no augmentation). train() then runs on
-    the same cache and keeps stages 0-3 too."""
-    k = 4
+def _partly_frozen(k: int = 4):
     cfg = _lite_cfg(k)
     ts = _fake_train_set()
     mesh = parallel.make_mesh(1)
     model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
-    assert mtrain._cache_split(cfg) == (3, 4)
-    maps = mtrain.encode(model, state, ts.images, mesh, stage=3)
+    assert mtrain._cache_split(cfg) == (k - 1, k)
+    maps = mtrain.encode(model, state, ts.images, mesh, stage=k - 1)
+    return cfg, ts, mesh, model, state, maps
+
+
+def _assert_stages_kept_and_moved(new_encoder, old, k, label):
+    new = _leaves_by_stage(new_encoder)
+    for stage in range(k):
+        for (path, a), (_, b_) in zip(new[stage], old[stage]):
+            np.testing.assert_array_equal(a, b_, err_msg=f"{label}: {path} (stage {stage})")
+    for stage in (4, 5):
+        for (path, a), (_, b_) in zip(new[stage], old[stage]):
+            assert np.abs(a - b_).max() > 0, (label, path, stage)
+
+
+def test_partly_frozen_step_on_cached_maps_trains_stages_from_k_only():
+    """frozen_stages=4: the maps are stage 3's (stride 8); two steps on them (the first
+    at the warm-up's zero learning rate) leave stages 0-3 bit-identical and move every
+    parameter of stages 4 and 5 (the stages up to the tap), with a multi-view loss and
+    a gradient."""
+    k = 4
+    cfg, ts, mesh, model, state, maps = _partly_frozen(k)
     assert maps.shape == (len(ts.images), 4, 4, 40)                  # stage 3: stride 8
     step = mtrain._cached_step(model, cfg, True)                     # what train() uses
+    old = _leaves_by_stage(jax.device_get(state.params["encoder"]))
+    for s in (0, 3):
+        b = mtrain._batch_for_step(ts, cfg, s, True, 0, maps)
+        state, out = step(state, parallel.shard_batch(b, mesh), training.step_key(0, s))
+    assert float(out["loss_mv"]) > 0 and float(out["grad_norm"]) > 0
+    _assert_stages_kept_and_moved(jax.device_get(state.params["encoder"]), old, k, "maps")
+
+
+@pytest.mark.slow
+def test_partly_frozen_cached_step_equals_the_image_step(tmp_path):
+    """frozen_stages=4, a second check against the image path: the step on the cached
+    stage-3 maps has the losses and update of the step on the images (no augmentation),
+    both keep stages 0-3; train() then runs on the same cache and keeps them too."""
+    k = 4
+    cfg, ts, mesh, model, state, maps = _partly_frozen(k)
+    step = mtrain._cached_step(model, cfg, True)
     state, before, outs, params = _step_from_images_and_maps(step, state, ts, cfg, maps, mesh)
-    assert float(outs["maps"]["loss_mv"]) > 0 and float(outs["maps"]["grad_norm"]) > 0
     for key in outs["images"]:
         assert float(outs["maps"][key]) == pytest.approx(float(outs["images"][key]), rel=1e-4,
                                                           abs=1e-6), key
     old = _leaves_by_stage(before["encoder"])
     for name in ("maps", "images"):
-        new = _leaves_by_stage(params[name]["encoder"])
-        for stage in range(k):
-            for (path, a), (_, b_) in zip(new[stage], old[stage]):
-                np.testing.assert_array_equal(a, b_, err_msg=f"{name}: {path} (stage {stage})")
-        for stage in (4, 5):
-            for (path, a), (_, b_) in zip(new[stage], old[stage]):
-                assert np.abs(a - b_).max() > 0, (name, path, stage)
+        _assert_stages_kept_and_moved(params[name]["encoder"], old, k, name)
     # the same update, trained stages and heads (Adam: steps of about lr = 2e-3 per weight)
     for path, a in jax.tree_util.tree_flatten_with_path(params["maps"])[0]:
         ref = params["images"]
@@ -397,8 +421,9 @@ def test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame():
     images jittered with fold_in(key(seed), c) (computed here by hand from _augment
     and the network's features); a batch takes each frame's maps from one copy, and
     more than one copy appears. cache_copies=1 (or no augment): the plain [N, ...]."""
-    cfg = _lite_cfg(9)                            # frozen to the tap: the tap maps
+    cfg = _tiny_cfg(frozen_stages=5)              # the tiny ResNet frozen to its tap
     cfg.augment, cfg.cache_copies = 0.5, 3
+    assert mtrain.feature_cache_stage(cfg) is not None
     mesh = parallel.make_mesh(1)
     model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
     ts = _fake_train_set()
@@ -412,7 +437,7 @@ def test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame():
     x = mtrain._augment(jnp.asarray(ts.images, jnp.float32) / 255.0, key, 0.5)
     want = jax.jit(lambda v, x: model.apply(v, preprocess(x * 255.0), train=False,
                                             method=model.features))(state.variables(), x)
-    np.testing.assert_allclose(feats[2], np.asarray(want), atol=1e-4)
+    np.testing.assert_allclose(feats[2], np.asarray(want), rtol=1e-3, atol=1e-3)
     assert np.abs(feats[1] - plain).mean() > 1e-2 and np.abs(feats[1] - feats[2]).mean() > 1e-2
     batch = mtrain._batch_for_step(ts, cfg, 3, False, 0, feats)
     rng = np.random.default_rng([0, 3])

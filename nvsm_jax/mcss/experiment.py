@@ -83,9 +83,12 @@ def _row(method: str, level: str, metrics: dict, ret: dict, **extra) -> dict:
 def train_and_evaluate(config, workdir: str, log=None) -> dict:
     """The whole experiment; returns the results dict (also written to disk).
 
+    Without ``config.seeds``: one run of ``config.seed``; returns its results
+    (``rows``: one dict per table row, ``method`` / ``supervision`` / metrics).
     With ``config.seeds`` (e.g. ``(0, 1, 2)``) every seed runs into
     ``WORKDIR/seed<S>`` (its own data, split and training; resumable) and
-    ``WORKDIR/report.md`` holds the mean +- SE over seeds (:func:`aggregate`).
+    ``WORKDIR/report.md`` holds the mean +- SE over seeds (:func:`aggregate`); returns
+    ``{"seeds", "summary", "per_seed"}``.
     log: a callable taking one message (default: this module's logger at INFO)."""
     log = log or _log.info
     seeds = tuple(int(s) for s in (config.get("seeds", ()) or ()))
