@@ -439,6 +439,11 @@ def test_cache_copies_are_the_maps_of_jittered_images_drawn_per_frame():
                                             method=model.features))(state.variables(), x)
     np.testing.assert_allclose(feats[2], np.asarray(want), rtol=1e-3, atol=1e-3)
     assert np.abs(feats[1] - plain).mean() > 1e-2 and np.abs(feats[1] - feats[2]).mean() > 1e-2
+    # kept as one entry: the next run of the experiment reads them again, also after
+    # the maps of other images (the test frames) were computed in between
+    mtrain.encode(model, state, ts.images[:5].copy(), mesh)
+    mtrain.encode(model, state, ts.images, mesh)
+    assert mtrain.encode_copies(model, state, ts.images, cfg, mesh, seed=7) is feats
     batch = mtrain._batch_for_step(ts, cfg, 3, False, 0, feats)
     rng = np.random.default_rng([0, 3])
     idx = mtrain.sample_supervised_batch(rng, ts, cfg.sup_batch)["idx"]

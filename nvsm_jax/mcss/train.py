@@ -386,6 +386,30 @@ def _stages_upto(tree, kind: str, stage: int):
     return {top: sub for top, sub in tree.items() if encoder_stage((top,), kind) <= stage}
 
 
+def _cache_key(model, state, images: np.ndarray, stage: int | None) -> tuple:
+    """What the maps of ``images`` depend on: the encoder weights of the stages run
+    (all, or ``0 .. stage``), the model's encoder fields and the images array."""
+    variables = state.variables()
+    enc = {"params": variables["params"].get("encoder", {}),
+           **{k: v.get("encoder", {}) for k, v in variables.items() if k != "params"}}
+    if stage is not None:
+        enc = {k: _stages_upto(v, model.encoder_kind, stage) for k, v in enc.items()}
+    return (_fingerprint(enc), model.encoder_kind, model.tap if stage is None else None,
+            stage, model.norm, model.depthwise, tuple(model.stage_sizes),
+            tuple(model.widths), model.stem_width, id(images), images.shape)
+
+
+def _remembered(cache_key, images):
+    hit = _FEATURES.get(cache_key)
+    return hit[1] if hit is not None and hit[0] is images else None
+
+
+def _remember(cache_key, images, feats) -> None:
+    if len(_FEATURES) >= 4:
+        _FEATURES.pop(next(iter(_FEATURES)))
+    _FEATURES[cache_key] = (images, feats)
+
+
 def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
            stage: int | None = None, augment: float = 0.0, key=None) -> np.ndarray:
     """The encoder maps at the tap (:meth:`MCSSNet.features`), float32
@@ -397,23 +421,16 @@ def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
     experiment the same maps: computed once); with ``stage`` only the weights of
     stages ``0 .. stage`` count, so runs that share a frozen prefix share its maps.
     ``augment`` > 0 with a PRNG ``key``: the maps of colour-jittered images
-    (:func:`_augment` at that strength; chunk ``i`` with ``fold_in(key, i)``)."""
-    mesh = mesh or parallel.make_mesh()
-    variables = state.variables()
-    enc = {"params": variables["params"].get("encoder", {}),
-           **{k: v.get("encoder", {}) for k, v in variables.items() if k != "params"}}
-    if stage is not None:
-        enc = {k: _stages_upto(v, model.encoder_kind, stage) for k, v in enc.items()}
+    (:func:`_augment` at that strength; chunk ``i`` with ``fold_in(key, i)``), not
+    kept (:func:`encode_copies` keeps its copies together)."""
     if augment > 0 and key is None:
         raise ValueError("encode: augment > 0 needs a PRNG key")
     augment = float(augment) if augment > 0 else 0.0
-    cache_key = (_fingerprint(enc), model.encoder_kind, model.tap if stage is None else None,
-                 stage, model.norm, model.depthwise, tuple(model.stage_sizes),
-                 tuple(model.widths), model.stem_width, id(images), images.shape, augment,
-                 None if augment == 0 else tuple(np.asarray(jax.random.key_data(key)).ravel()))
-    hit = _FEATURES.get(cache_key)
-    if hit is not None and hit[0] is images:
-        return hit[1]
+    cache_key = _cache_key(model, state, images, stage) if augment == 0 else None
+    if cache_key is not None and (hit := _remembered(cache_key, images)) is not None:
+        return hit
+    mesh = mesh or parallel.make_mesh()
+    variables = state.variables()
     fn = _encode_fn(model, stage, augment)
     key = jax.random.key(0) if key is None else key
     n_dev = mesh.devices.size
@@ -426,9 +443,8 @@ def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
         out.append(np.asarray(fn(variables, parallel.shard_batch(padded, mesh),
                                  jax.random.fold_in(key, start // batch_size)))[:n])
     feats = np.concatenate(out).astype(np.float32)
-    if len(_FEATURES) >= 8:
-        _FEATURES.pop(next(iter(_FEATURES)))
-    _FEATURES[cache_key] = (images, feats)
+    if cache_key is not None:
+        _remember(cache_key, images, feats)
     return feats
 
 
@@ -436,19 +452,26 @@ def encode_copies(model, state, images: np.ndarray, cfg, mesh=None, seed: int = 
     """The training cache: the maps (:func:`encode`, at the cache stage of ``cfg``, the
     ``train`` block) of the images as they are and, with ``cfg.cache_copies`` = C > 1
     and ``cfg.augment`` > 0, of C - 1 colour-jittered copies (copy c jittered with
-    ``fold_in(key(seed), c)``): [N, ...] or [C, N, ...]. The encoder is frozen up to
-    the cache, so the jitter that training from images would draw afresh each step
-    is drawn C - 1 times, once."""
+    ``fold_in(key(seed), c)``): [N, ...] or [C, N, ...], kept as one entry for the
+    process's lifetime (every run of an experiment trains on the same copies). The
+    encoder is frozen up to the cache, so the jitter that training from images would
+    draw afresh each step is drawn C - 1 times, once."""
     stage = _cache_split(cfg)[0]
     plain = encode(model, state, images, mesh, stage=stage)
     copies = int(cfg.get("cache_copies", 1) or 1)
     if copies <= 1 or float(cfg.augment) <= 0:
         return plain
+    cache_key = ("copies", copies, float(cfg.augment), int(seed),
+                 *_cache_key(model, state, images, stage))
+    if (hit := _remembered(cache_key, images)) is not None:
+        return hit
     base = jax.random.key(seed)
-    return np.stack([plain] + [encode(model, state, images, mesh, stage=stage,
-                                      augment=float(cfg.augment),
-                                      key=jax.random.fold_in(base, c))
-                               for c in range(1, copies)])
+    feats = np.stack([plain] + [encode(model, state, images, mesh, stage=stage,
+                                       augment=float(cfg.augment),
+                                       key=jax.random.fold_in(base, c))
+                                for c in range(1, copies)])
+    _remember(cache_key, images, feats)
+    return feats
 
 
 def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int = 0,
