@@ -124,7 +124,7 @@ def get_config(arg: str = "demo"):
         t.augment = 0.6
         t.cache_copies = 8
         # The paper's protocol only (S1 labelled; MCSS, MCSS + bootstrap, baseline, ceiling,
-        # mean pose, untrained: ~5 min); the fractions as secondary rows with
+        # mean pose, untrained: ~4 min); the fractions as secondary rows with
         # "--config.supervision_levels=('S1','frac:0.03','frac:0.1')" (~15 min more)
         c.supervision_levels = ("S1",)
         t.multiview_pseudo.rounds = 1     # validation: MCSS MPJPE 190.0 -> 176.9 (DESIGN.md)
