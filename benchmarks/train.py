@@ -179,8 +179,11 @@ def time_mcss_row(row: dict) -> dict:
         split = getattr(mtrain, "_cache_split", None)   # a baseline may predate it
         stage = split(cfg)[0] if split else None
         t0 = time.perf_counter()
-        feats = mtrain.encode(model, state, ts.images, mesh,
-                              **({} if stage is None else {"stage": stage}))
+        if hasattr(mtrain, "encode_copies"):       # with the config's jittered copies
+            feats = mtrain.encode_copies(model, state, ts.images, cfg, mesh)
+        else:
+            feats = mtrain.encode(model, state, ts.images, mesh,
+                                  **({} if stage is None else {"stage": stage}))
         cache_s = time.perf_counter() - t0
     step = mtrain._cached_step(model, cfg, use_mv)
     n = row["steps"] + 2
@@ -203,7 +206,7 @@ def time_mcss_row(row: dict) -> dict:
                          * cfg.multiview.num_views if use_mv else 0)
     return {"name": "mcss_train_step", **row, "batch": b,
             "cache": None if feats is None else ("tap" if stage is None else f"stage {stage}"),
-            "cache_shape": None if feats is None else list(feats.shape[1:]),
+            "cache_shape": None if feats is None else list(feats.shape[-3:]),
             "s_per_step": step_s, "min_s_per_step": min(wall),
             "cpu_s_per_step": statistics.median(cpu), "images_per_s": b / step_s,
             "compile_s": compile_s, "cache_s": cache_s, "peak_rss_mb": peak_rss_mb(),

@@ -50,7 +50,8 @@ from nvsm_jax.mcss import skeleton as sk
 __all__ = ["TRAIN_SUBJECTS", "TEST_SUBJECTS", "APPEARANCE_VERSION", "ATTACHED_POINTS",
            "NUM_RENDER_POINTS", "CAPSULES", "capsule_template", "attached_offsets",
            "render_points", "body_mesh", "render_frames", "render_subject", "sample_cameras",
-           "generate_sequence", "generate_dataset", "write_sequence", "front_back_sheet"]
+           "generate_sequence", "generate_dataset", "dataset_subject", "write_sequence",
+           "front_back_sheet"]
 
 TRAIN_SUBJECTS = ("S1", "S5", "S6", "S7", "S8")
 TEST_SUBJECTS = ("S9", "S11")
@@ -388,6 +389,13 @@ def write_sequence(root: str, subject: str, action: str, seq: dict) -> None:
              principal=seq["principal"])
 
 
+def dataset_subject(seed: int, index: int) -> dict:
+    """Subject ``index`` (its place in the subject list) of the benchmark of data seed
+    ``seed``, as :func:`generate_dataset` draws it: :func:`skeleton.sample_subject` of
+    ``default_rng([seed, index, 7919])``."""
+    return sk.sample_subject(np.random.default_rng([seed, index, 7919]))
+
+
 def generate_dataset(root: str, *, subjects: Sequence[str] = TRAIN_SUBJECTS + TEST_SUBJECTS,
                      actions: Sequence[str] = sk.ACTIONS, num_frames: int = 64,
                      num_views: int = 4, image_size=(64, 64), seed: int = 0,
@@ -407,7 +415,7 @@ def generate_dataset(root: str, *, subjects: Sequence[str] = TRAIN_SUBJECTS + TE
                 return root
     os.makedirs(root, exist_ok=True)
     for si, s in enumerate(subjects):
-        subject = sk.sample_subject(np.random.default_rng([seed, si, 7919]))
+        subject = dataset_subject(seed, si)
         for ai, a in enumerate(actions):
             rng = np.random.default_rng([seed, si, ai])
             seq = generate_sequence(subject, a, num_frames, num_views, rng, image_size,
@@ -426,7 +434,7 @@ def front_back_sheet(seed: int = 0, subjects: Sequence[str] = TRAIN_SUBJECTS + T
     """A picture sheet of every subject seen from the front and from behind.
 
     Subject ``s`` (index ``si`` in ``subjects``) is drawn as :func:`generate_dataset`
-    draws it (``default_rng([seed, si, 7919])``), in the first frame of a Walking
+    draws it (:func:`dataset_subject`), in the first frame of a Walking
     sequence turned to face +x (global rotation zeroed), and rendered twice from
     cameras ``pi`` apart in azimuth (front: the camera on the body's +x side, turned
     by ``oblique`` radians; back: opposite), 10 degrees above the pelvis, 4.5 m away,
@@ -445,7 +453,7 @@ def front_back_sheet(seed: int = 0, subjects: Sequence[str] = TRAIN_SUBJECTS + T
     sheet = Image.new("RGB", (per_row * (2 * tw + gap) - gap, rows * (label + th)), (255, 255, 255))
     draw = ImageDraw.Draw(sheet)
     for si, name in enumerate(subjects):
-        subject = sk.sample_subject(np.random.default_rng([seed, si, 7919]))
+        subject = dataset_subject(seed, si)
         angles = sk.action_angles("Walking", 1, np.random.default_rng([seed, si, 0]))
         angles[:, 0] = 0.0
         images, _ = render_subject(subject, np.repeat(angles, 2, 0), pose, image_size,
