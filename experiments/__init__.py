@@ -26,6 +26,20 @@ import sys
 # like a submodule would shadow ``from experiments import nvsm_fewshot``.
 
 
+def run(main) -> None:
+    """``app.run(main)`` with the package's error handling: a bad input, config or run
+    state (:class:`nvsm_jax.errors.InputError`) or a file-system error prints one short
+    message and exits 1; ``--debug`` shows the traceback (:func:`nvsm_jax.errors.guard`)."""
+    from absl import app, flags
+
+    from nvsm_jax import errors
+
+    if "debug" not in flags.FLAGS:
+        flags.DEFINE_bool("debug", False, "Show the traceback of an expected error (a bad "
+                          "input, config or run state) instead of a short message.")
+    app.run(errors.guard(main))
+
+
 def _run_absl(module: str) -> None:
     """``app.run(main)`` of an absl binary of this package (a console script).
 
@@ -44,7 +58,7 @@ def _run_absl(module: str) -> None:
     if main_module is not None and not main_module.__doc__:
         main_module.__doc__ = mod.__doc__
     parallel.quiet_backend_probe_logs()
-    app.run(mod.main)
+    run(mod.main)
 
 
 def nvsm_fewshot_cli() -> None:

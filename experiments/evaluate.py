@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import flags
 
 from nvsm_jax import parallel, train, training
 from nvsm_jax.data import DataError
+
+from . import run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "A train_nemo workdir.", required=True)
@@ -53,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

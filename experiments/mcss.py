@@ -4,7 +4,9 @@
     nvsm-mcss --config=mcss:tiny --workdir /tmp/mcss_tiny     # installed, from any folder
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from . import run
 
 from nvsm_jax import parallel, training
 from nvsm_jax.mcss.experiment import train_and_evaluate
@@ -27,4 +29,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -16,7 +16,9 @@ from __future__ import annotations
 import os
 import time
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from . import run
 
 from .configs import DEFINE_config
 
@@ -43,4 +45,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
+
+from . import run
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("results", None, "A results folder (config.results_dir).", required=True)
@@ -40,4 +42,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -8,7 +8,9 @@
 A rerun with the same workdir resumes from the last checkpoint.
 """
 
-from absl import app, flags, logging
+from absl import flags, logging
+
+from . import run
 
 from nvsm_jax import parallel
 
@@ -36,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    run(main)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 from nvsm_jax import pseudo_labels
+from nvsm_jax.errors import ConfigError
 from nvsm_jax.data.fewshot import ANCHOR_RULES
 from nvsm_jax.data.format import OCCLUSION_LEVELS
 from nvsm_jax.data.shapes import CATEGORIES
@@ -93,4 +94,4 @@ def check_config(config) -> None:
         except (ValueError, TypeError, KeyError) as err:
             errors.append(f"estep: {err}")
     if errors:
-        raise ValueError("invalid config: " + "; ".join(errors))
+        raise ConfigError("invalid config: " + "; ".join(errors))

@@ -12,11 +12,13 @@ from typing import NamedTuple
 
 import numpy as np
 
+from nvsm_jax.errors import InputError
+
 __all__ = ["Mesh", "MeshError", "load_mesh", "validate_mesh", "save_off", "cuboid_mesh",
            "cuboid_for_points", "vertex_normals"]
 
 
-class MeshError(ValueError):
+class MeshError(InputError):
     """A mesh that cannot be used, with the file (or source) it came from."""
 
 

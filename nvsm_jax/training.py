@@ -48,6 +48,7 @@ import optax
 from flax.training import train_state
 
 from nvsm_jax import parallel
+from nvsm_jax.errors import InputError
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
@@ -492,7 +493,7 @@ RESUME_FREE_KEYS = ("eval_limit", "eval_batch_size", "eval_occlusions", "eval_at
                     "restart", "results_dir")
 
 
-class ConfigMismatchError(ValueError):
+class ConfigMismatchError(InputError):
     """A workdir holds a run made with another config."""
 
 

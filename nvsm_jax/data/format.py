@@ -36,6 +36,8 @@ import zipfile
 
 import numpy as np
 
+from nvsm_jax.errors import InputError
+
 __all__ = ["OCCLUSION_LEVELS", "occlusion_suffix", "subset_name", "REQUIRED_KEYS",
            "DataError", "save_npz", "save_png", "write_list", "read_list", "IMAGE_EXTENSIONS"]
 
@@ -44,7 +46,7 @@ IMAGE_EXTENSIONS = (".png", ".JPEG", ".jpg", ".jpeg", ".PNG", ".JPG")
 REQUIRED_KEYS = ("azimuth", "elevation", "theta", "distance", "focal", "viewport", "principal")
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """Bad or missing input data; the message names the offending file."""
 
 

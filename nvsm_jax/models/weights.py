@@ -38,6 +38,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from nvsm_jax.errors import InputError
 from nvsm_jax.models import efficientnet
 
 __all__ = ["WeightsError", "read_legacy_torch", "pretrained_encoder", "checkpoint_path", "encoder_variables",
@@ -70,7 +71,7 @@ KNOWN_SHA256 = {
 CONVERTER_VERSION = 1   # bump when the conversion changes: invalidates the cache
 
 
-class WeightsError(ValueError):
+class WeightsError(InputError):
     """A weights file that is missing, damaged, or does not fit the model."""
 
 
