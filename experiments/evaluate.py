@@ -12,6 +12,12 @@ A missing ``--data`` folder, or one with none of the levels, exits 1 naming it a
 writes nothing; a level the root lacks is a row marked missing (with the reason)
 in ``results.md`` / ``results.json``. A bad test image or annotation exits 1
 naming the file; ``--skip_bad`` skips it instead and lists it in the results.
+
+The latest checkpoint is evaluated. On a run stopped before its last step (killed,
+or still running) a warning names the step, and ``results.json`` (``checkpoint``)
+and ``results.md`` record it; ``results.json`` also records the test root's
+fingerprints (``test_data``). A model with NaN or infinite weights, or a missing or
+damaged ``config.json``, exits 1 naming the workdir or file.
 """
 
 from __future__ import annotations

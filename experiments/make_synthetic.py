@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from nvsm_jax import parallel
+from nvsm_jax import config_checks, errors, parallel
 from nvsm_jax.data import synthetic
 
 from . import configs
@@ -38,18 +38,29 @@ def main(argv=None):
     p.add_argument("--supersample", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per rasteriser call")
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
+    (_generate if a.debug else errors.guard(_generate, prog=p.prog))(p, a)
+
+
+def _generate(p, a):
+    """The config of ``--config`` with the flags' values, checked (a bad field: a
+    ConfigError naming it and the flag that set it, nothing written), then the data set."""
     parallel.quiet_backend_probe_logs()
     try:
         cfg = load_config(a.config).to_dict()
     except ValueError as e:
         p.error(str(e))
-    for key, val in (("categories", a.categories), ("num_train", a.train), ("num_test", a.test),
-                     ("supersample", a.supersample), ("batch_size", a.batch), ("seed", a.seed)):
+    given = {}
+    for key, flag, val in (("categories", "--categories", a.categories),
+                           ("num_train", "--train", a.train), ("num_test", "--test", a.test),
+                           ("supersample", "--supersample", a.supersample),
+                           ("batch_size", "--batch", a.batch), ("seed", "--seed", a.seed),
+                           ("image_size", "--size", None if a.size is None else (a.size, a.size))):
         if val is not None:
-            cfg[key] = val
-    if a.size is not None:
-        cfg["image_size"] = (a.size, a.size)
+            cfg[key], given[key] = val, flag
+    config_checks.check_synthetic_config(cfg, flags=given)
     config = synthetic.SynthConfig.from_mapping(cfg)
     stats = synthetic.generate(a.out, config)
     print(json.dumps({"out": a.out, "counts": stats["counts"], "timing": stats["timing"]}, indent=1))

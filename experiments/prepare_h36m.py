@@ -16,7 +16,7 @@ import argparse
 import json
 import logging
 
-from nvsm_jax import parallel
+from nvsm_jax import errors, parallel
 from nvsm_jax.data.h36m_archives import CAMERA_IDS, SUBJECTS, prepare_h36m
 
 
@@ -44,7 +44,13 @@ def main(argv=None):
     p.add_argument("--intrinsics", default="", help="JSON file {camera id: [fx, fy, cx, cy]} "
                    "(pixels), for views without D2_Positions")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
+    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+
+
+def _run(a):
     logging.basicConfig(level=logging.INFO)
     parallel.quiet_backend_probe_logs()
     intrinsics = None

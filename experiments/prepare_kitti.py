@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 
-from nvsm_jax import parallel
+from nvsm_jax import errors, parallel
 from nvsm_jax.data.kitti import prepare_kitti
 
 
@@ -25,7 +25,13 @@ def main(argv=None):
     p.add_argument("--max_truncation", type=float, default=0.2)
     p.add_argument("--unit_m", type=float, default=4.0, help="metres per model unit")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
+    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+
+
+def _run(a):
     logging.basicConfig(level=logging.INFO)
     parallel.quiet_backend_probe_logs()
     h, w = (int(x) for x in a.crop.split(","))

@@ -10,7 +10,7 @@ import argparse
 import json
 import logging
 
-from nvsm_jax import parallel
+from nvsm_jax import errors, parallel
 from nvsm_jax.data.pascal3d import prepare_pascal3d
 from nvsm_jax.data.shapes import CATEGORIES
 
@@ -26,7 +26,13 @@ def main(argv=None):
     p.add_argument("--keep_occluded", action="store_true")
     p.add_argument("--keep_difficult", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
+    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+
+
+def _run(a):
     logging.basicConfig(level=logging.INFO)
     parallel.quiet_backend_probe_logs()
     h, w = (int(x) for x in a.crop.split(","))

@@ -17,7 +17,7 @@ import os
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nvsm_jax import geometry, parallel
+from nvsm_jax import errors, geometry, parallel
 from nvsm_jax.data.format import OCCLUSION_LEVELS, subset_name
 from nvsm_jax.data.loaders import list_names, load_annotation, load_image, load_model_mesh, _find_image
 
@@ -100,7 +100,13 @@ def main(argv=None):
     p.add_argument("--per_row", type=int, default=8)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--categories", default=None)
+    p.add_argument("--debug", action="store_true",
+                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
+    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+
+
+def _run(a):
     parallel.quiet_backend_probe_logs()
     cats = a.categories.split(",") if a.categories else None
     print(contact_sheet(a.root, a.out, per_row=a.per_row, tile=a.tile, categories=cats))

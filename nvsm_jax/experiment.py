@@ -3,8 +3,10 @@
 ``train_and_evaluate(config, workdir)`` (the CLI is ``experiments/nvsm_fewshot.py``)
 composes the library; it computes nothing itself:
 
-1. data: ``config.data_root`` / ``config.test_root``, or the synthetic benchmark
-   rendered into ``workdir/data`` when they are empty and ``config.data.generate``;
+1. data: ``config.data_root`` and ``config.test_root`` (both or neither), or the
+   synthetic benchmark rendered into ``workdir/data`` when they are empty and
+   ``config.data.generate``; ``config.json`` is written once the config is checked
+   and the data found;
 2. per category and number of annotations, on the same few-shot split:
    ``cls_baseline`` (:mod:`nvsm_jax.baselines`), ``nemo`` (:mod:`nvsm_jax.train` on
    the labelled images), ``nvsm`` (:mod:`nvsm_jax.semi_supervised`); per category
@@ -18,7 +20,12 @@ composes the library; it computes nothing itself:
    (``python -m experiments.report``).
 
 Each finished cell (method, category, annotations) writes ``rows.json`` in its
-own directory and is skipped when the experiment is rerun; unfinished cells
+own directory: its rows, the data roots and fingerprints
+(:func:`nvsm_jax.results.data_fingerprint`) and the checkpoint step evaluated.
+A rerun skips it when its data is unchanged, evaluates it again from its
+checkpoints when the test set differs (another ``test_root``, files changed,
+another ``eval_limit`` or levels), and refuses rows trained on other training
+data; ``results.json`` and ``report.md`` so never mix test sets. Unfinished cells
 resume from their checkpoints.
 """
 
@@ -35,6 +42,8 @@ import numpy as np
 from nvsm_jax import (baselines, config_checks, evaluation, figures, parallel, pose_solver,
                       pretrain, results, semi_supervised, train, training)
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
+from nvsm_jax.errors import ConfigError, RunStateError
+from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +52,9 @@ __all__ = ["ensure_data", "train_and_evaluate", "format_report"]
 METHODS = config_checks.METHODS
 
 
-def ensure_data(config, workdir) -> tuple[str, str]:
-    """(train_root, test_root), generating the synthetic benchmark if needed (the
-    generator's settings ``config.data.synthetic``, with the experiment's categories,
-    counts, image size, seed and occlusion levels)."""
-    train_root, test_root = config.data_root, config.test_root
-    if train_root and test_root:
-        for root in (train_root, test_root):
-            if not os.path.isdir(root):
-                raise FileNotFoundError(f"data root {root} does not exist")
-        return train_root, test_root
-    out = os.path.join(os.fspath(workdir), "data")
-    train_root, test_root = os.path.join(out, "train"), os.path.join(out, "test")
-    if os.path.exists(os.path.join(test_root, "dataset.json")):
-        return train_root, test_root
-    if not config.data.generate:
-        raise FileNotFoundError("config.data_root/test_root are empty and data.generate is False")
-
+def _synth_config(config) -> synthetic.SynthConfig:
+    """The generator's settings ``config.data.synthetic``, with the experiment's
+    categories, counts, image size, seed and occlusion levels."""
     sc = copy.deepcopy(config.data.synthetic)
     sc.categories = config.categories
     sc.num_train = config.data.num_train
@@ -67,9 +62,70 @@ def ensure_data(config, workdir) -> tuple[str, str]:
     sc.image_size = tuple(config.data.image_size)
     sc.seed = config.data.seed
     sc.test_levels = tuple(config.eval_occlusions)
+    return synthetic.SynthConfig.from_mapping(sc)
+
+
+def _generated_differences(stats_path, wanted: synthetic.SynthConfig) -> list[str]:
+    """``"key: recorded -> wanted"`` for each generator setting where a generated root's
+    ``dataset.json`` differs from ``wanted``: categories and levels only when some are
+    missing (each is generated alone), never the ones that do not change the files
+    (threads, render batch)."""
+    recorded = training.read_json(stats_path, "record of the generated data",
+                                  "delete its data folder to generate it again")
+    recorded = recorded.get("config", {}) if isinstance(recorded, dict) else {}
+    out = []
+    for k, v in wanted.to_json().items():
+        old = recorded.get(k, "<absent>")
+        if k in ("categories", "test_levels"):
+            missing = sorted(set(v) - set(old)) if isinstance(old, list) else v
+            if missing:
+                out.append(f"{k}: {old!r} lacks {missing}")
+        elif k not in ("workers", "batch_size") and old != v:
+            out.append(f"{k}: {old!r} -> {v!r}")
+    return out
+
+
+def ensure_data(config, workdir) -> tuple[str, str]:
+    """(train_root, test_root): ``config.data_root`` and ``config.test_root`` when given,
+    else the synthetic benchmark in ``workdir/data``, generated there if needed
+    (:func:`_synth_config`).
+
+    A root given without the other, or a given root that is not a folder, is a
+    ConfigError naming the key. Generated data whose recorded settings differ from
+    the config's (another count, size, seed or level) is a ConfigError naming them:
+    it is never silently reused."""
+    train_root, test_root = config.data_root, config.test_root
+    if bool(train_root) != bool(test_root):
+        given, empty = ("data_root", "test_root") if train_root else ("test_root", "data_root")
+        raise ConfigError(
+            f"config.{given}={train_root or test_root!r} is given but config.{empty} is empty: "
+            f"give both roots (training and test), or neither to use the synthetic benchmark "
+            f"generated in {os.path.join(os.fspath(workdir), 'data')}")
+    if train_root:
+        for key, root in (("data_root", train_root), ("test_root", test_root)):
+            if not os.path.isdir(root):
+                raise ConfigError(f"config.{key}={root!r}: no such folder (a data root "
+                                  "holds images/, annotations/, lists/ and CAD_single/)")
+        return train_root, test_root
+    out = os.path.join(os.fspath(workdir), "data")
+    train_root, test_root = os.path.join(out, "train"), os.path.join(out, "test")
+    wanted = _synth_config(config)
+    stats = os.path.join(test_root, "dataset.json")
+    if os.path.exists(stats):
+        diffs = _generated_differences(stats, wanted)
+        if diffs:
+            raise ConfigError(
+                f"{out} was generated with other settings ({'; '.join(diffs[:6])}); delete "
+                f"that folder to generate it again, or use a new --workdir")
+        return train_root, test_root
+    if not config.data.generate:
+        raise ConfigError("config.data_root and config.test_root are empty and "
+                          "config.data.generate is False: give both roots, or set "
+                          "data.generate=True")
+
     t0 = time.time()
     if parallel.is_main_process():      # one writer; the others wait, then read it
-        synthetic.generate(out, synthetic.SynthConfig.from_mapping(sc), log=log.info)
+        synthetic.generate(out, wanted, log=log.info)
         log.info("generated the synthetic benchmark in %.0f s", time.time() - t0)
     parallel.sync("synthetic benchmark generated")
     return train_root, test_root
@@ -80,23 +136,81 @@ def _cell(workdir, method, category, annotations):
 
 
 def _load_rows(cell):
+    """(rows, inputs) of a finished cell, or None; inputs is None in records written
+    before cells recorded them (a bare list of rows)."""
     path = os.path.join(cell, "rows.json")
-    if os.path.exists(path):
-        return training.read_json(path, "record of the cell's results",
-                                  "delete it to re-evaluate the cell from its checkpoints")
-    return None
+    if not os.path.exists(path):
+        return None
+    record = training.read_json(path, "record of the cell's results",
+                                "delete it to re-evaluate the cell from its checkpoints")
+    if isinstance(record, list):
+        return record, None
+    if not isinstance(record, dict) or not isinstance(record.get("rows"), list):
+        raise RunStateError(f"{path}: not a record of the cell's results (expected "
+                            "{\"rows\": [...], \"inputs\": {...}}); delete it to re-evaluate "
+                            "the cell from its checkpoints")
+    return record["rows"], record.get("inputs")
 
 
-def _save_rows(cell, rows, errors):
-    """Process 0 writes the cell's record (every process computed the same)."""
+def _save_rows(cell, rows, errors, inputs):
+    """Process 0 writes the cell's record (every process computed the same): rows.json
+    holds ``{"rows": [...], "inputs": {...}}`` (:func:`_data_inputs` plus the
+    ``checkpoint_step`` evaluated)."""
     if parallel.is_main_process():
         os.makedirs(cell, exist_ok=True)
         np.savez(os.path.join(cell, "errors.npz"), **errors)
         tmp = os.path.join(cell, "rows.json.tmp")
         with open(tmp, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"rows": rows, "inputs": inputs}, f, indent=1)
         os.replace(tmp, os.path.join(cell, "rows.json"))
     parallel.sync(f"cell {cell} recorded")
+
+
+def _data_inputs(config, category, train_root, test_root) -> dict:
+    """What ``category``'s cells train and are evaluated on: both roots (absolute), the
+    training pool's and each evaluated level's fingerprint
+    (:func:`nvsm_jax.results.data_fingerprint`, the test levels cut at
+    ``config.eval_limit``). Every listed file must exist (DataError otherwise)."""
+    limit = config.get("eval_limit")
+    return {"train_root": os.path.abspath(train_root), "test_root": os.path.abspath(test_root),
+            "eval_limit": limit,
+            "train": {"L0": results.data_fingerprint(train_root, category, "L0")},
+            "test": {occ: results.data_fingerprint(test_root, category, occ, limit)
+                     for occ in config.eval_occlusions}}
+
+
+def _load_category(config, category, train_root, test_root):
+    """(training pool, model mesh, {level: test set}) of ``category``."""
+    train_set = load_pose_set(train_root, category, "L0")
+    mesh = load_model_mesh(train_root, category, pose_set=train_set)
+    test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.eval_limit)
+                 for occ in config.eval_occlusions}
+    return train_set, mesh, test_sets
+
+
+def _describe(inputs, part) -> str:
+    root = inputs.get(f"{part}_root", "?")
+    sets = ", ".join(f"{occ}: {fp['count']} images, {fp['hash']}"
+                     for occ, fp in sorted(inputs.get(part, {}).items()))
+    return f"{root} ({sets})"
+
+
+def _stale(cell, stored, data) -> str | None:
+    """Why a finished cell's rows (recorded ``stored`` inputs) do not describe ``data``
+    (:func:`_data_inputs`), or None when they do; the cell is then evaluated again
+    from its checkpoints. Rows of a model trained on other data are refused
+    (RunStateError naming both roots): only retraining could fix them."""
+    if stored is None:
+        return "its record names no data (written by an older version)"
+    if stored.get("train") != data["train"]:
+        raise RunStateError(
+            f"{cell}: trained on {_describe(stored, 'train')}, but the training data is now "
+            f"{_describe(data, 'train')}; restore that data, or delete {cell} to train the "
+            "cell again")
+    if stored.get("test") != data["test"]:
+        return (f"evaluated on {_describe(stored, 'test')}, the test set is now "
+                f"{_describe(data, 'test')}")
+    return None
 
 
 def _rows(method, category, annotations, results):
@@ -128,7 +242,7 @@ def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
     state = train.train_and_evaluate(c, cell, train_set=train_set, model_mesh=mesh)
     nemo = train.nemo_model(c, train.build_model(c), state, mesh)
     solver = pose_solver.SolverConfig.from_dict(c.solver.to_dict())
-    return train.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size)
+    return train.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size), int(state.step)
 
 
 def _run_cls(config, cell, labelled, test_sets):
@@ -141,7 +255,7 @@ def _run_cls(config, cell, labelled, test_sets):
     for occ, test in test_sets.items():
         pred = baselines.predict_classifier(state, test.images, config.eval_batch_size, config=c)
         out[occ] = {"errors": evaluation.rotation_errors(pred, test.poses), "pred": pred}
-    return out
+    return out, int(state.step)
 
 
 def _nvsm_figures(cell, out, test_sets, mesh, config):
@@ -176,7 +290,7 @@ def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
                                    test_sets=test_sets)
     if parallel.is_main_process():
         _nvsm_figures(cell, out, test_sets, mesh, c)
-    return out["test"]
+    return out["test"], int(out["state"].step)
 
 
 def _with_pretrained_backbone(config, workdir, category, train_set):
@@ -201,6 +315,7 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
     return c
 
 
+@locked     # one run per workdir (nvsm_jax.workdir_lock)
 def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md).
     Every enumerated option is checked first (:func:`nvsm_jax.config_checks.check_config`)."""
@@ -208,22 +323,27 @@ def train_and_evaluate(config, workdir) -> str:
     if "nvsm" in config.methods:                # the E-step's settings, before any row trains
         semi_supervised.EStepConfig.from_config(config.estep)
     workdir = os.fspath(workdir)
-    training.save_config(config, workdir)      # refuses a changed config on a rerun
     train_root, test_root = ensure_data(config, workdir)
+    categories = [c for c in config.categories.split(",") if c]
+    data = {c: _data_inputs(config, c, train_root, test_root) for c in categories}
+    loaded = {c: _load_category(config, c, train_root, test_root) for c in categories[:1]}
+    # the record, once the config and data are good; refuses a changed config on a rerun
+    training.save_config(config, workdir, has_work=train.holds_work(workdir))
     all_rows, all_errors, by_azimuth = [], {}, []
-    for category in [c for c in config.categories.split(",") if c]:
-        train_set = load_pose_set(train_root, category, "L0")
-        mesh = load_model_mesh(train_root, category)
+    for category in categories:
+        train_set, mesh, test_sets = (loaded.pop(category, None)
+                                      or _load_category(config, category, train_root, test_root))
         cfg = _cell_config(_with_pretrained_backbone(config, workdir, category, train_set),
                            category, train_root, test_root)
-        test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.eval_limit)
-                     for occ in config.eval_occlusions}
         cells = [("nemo_full", "all")] if "nemo_full" in config.methods else []
         cells += [(m, n) for n in config.annotations for m in config.methods if m != "nemo_full"]
         for method, n in cells:
             cell = _cell(workdir, method, category, n)
-            rows = _load_rows(cell)
-            if rows is None:
+            stored = _load_rows(cell)
+            stale = None if stored is None else _stale(cell, stored[1], data[category])
+            if stale is not None:
+                log.warning("%s: %s; evaluating it again from its checkpoints", cell, stale)
+            if stored is None or stale is not None:
                 t0 = time.time()
                 log.info("=== %s, %s, %s annotations", method, category, n)
                 if method == "nemo_full":
@@ -235,11 +355,13 @@ def train_and_evaluate(config, workdir) -> str:
                     res = _run_cls(cfg, cell, labelled, test_sets)
                 else:
                     res = _run_nvsm(cfg, cell, train_set, mesh, test_sets, n)
-                rows, errors = _rows(method, category, n, res)
+                rows, errors = _rows(method, category, n, res[0])
                 for r in rows:
                     r["seconds"] = time.time() - t0
-                _save_rows(cell, rows, errors)
+                inputs = dict(data[category], checkpoint_step=res[1])
+                _save_rows(cell, rows, errors, inputs)
             else:
+                rows, inputs = stored
                 errors = dict(np.load(os.path.join(cell, "errors.npz")))
             if config.get("results_dir") and parallel.is_main_process():
                 rounds = (training.MetricsWriter(cell, "rounds.jsonl").read()
@@ -248,7 +370,7 @@ def train_and_evaluate(config, workdir) -> str:
                                         method, config.get("nvsm_oracle", "none")),
                                     category=category,
                                     annotations=n, seed=int(cfg.seed), rows=rows,
-                                    errors=errors, config=cfg, rounds=rounds)
+                                    errors=errors, config=cfg, rounds=rounds, inputs=inputs)
             all_rows += rows
             for r in rows:
                 all_errors[(r["method"], r["category"], r["annotations"], r["occlusion"])] = \
@@ -263,9 +385,10 @@ def train_and_evaluate(config, workdir) -> str:
                 log.warning("%s: stored errors do not match the %s test set; no azimuth table",
                             cell, occ)
     all_rows += evaluation.mean_rows(all_rows, all_errors)
-    report = format_report(all_rows, config, workdir, by_azimuth)
+    report = format_report(all_rows, config, workdir, by_azimuth, data)
     if parallel.is_main_process():
-        evaluation.write_results(workdir, all_rows, extra={"by_azimuth": by_azimuth})
+        evaluation.write_results(workdir, all_rows, extra={"by_azimuth": by_azimuth,
+                                                           "data": data})
         with open(os.path.join(workdir, "report.md"), "w") as f:
             f.write(report)
     return report
@@ -322,15 +445,23 @@ def _azimuth_section(by_azimuth) -> list[str]:
     return parts
 
 
-def format_report(rows, config, workdir, by_azimuth=None) -> str:
+def format_report(rows, config, workdir, by_azimuth=None, data=None) -> str:
+    """The workdir's report.md; data: ``{category: _data_inputs(...)}``, the data every
+    row was computed on (one line naming the roots and the test sets)."""
     parts = ["# NVSM few-shot results", "",
              f"Categories: {config.categories}; annotations: {list(config.annotations)}; "
-             f"config: see `{os.path.join(workdir, 'config.json')}` and the per-cell directories.", "",
-             "## L0 (unoccluded) test set, mean over categories", "",
-             _seed_table(rows, config.annotations), "",
-             "## Occlusion levels (ACC@pi/6 in %, MedErr in degrees)", "",
-             _occlusion_table(rows, list(config.eval_occlusions)), "",
-             "## Every row", "", evaluation.rows_to_markdown(rows), ""]
+             f"config: see `{os.path.join(workdir, 'config.json')}` and the per-cell directories.", ""]
+    if data:
+        first = next(iter(data.values()))
+        parts += [f"Data: training `{first['train_root']}`, test `{first['test_root']}` ("
+                  + "; ".join(f"{c} {occ}: {fp['count']} test images, {fp['hash']}"
+                              for c, d in data.items() for occ, fp in d["test"].items())
+                  + ").", ""]
+    parts += ["## L0 (unoccluded) test set, mean over categories", "",
+              _seed_table(rows, config.annotations), "",
+              "## Occlusion levels (ACC@pi/6 in %, MedErr in degrees)", "",
+              _occlusion_table(rows, list(config.eval_occlusions)), "",
+              "## Every row", "", evaluation.rows_to_markdown(rows), ""]
     nvsm_cells = []
     for name in sorted(os.listdir(workdir)):
         log_path = os.path.join(workdir, name, "rounds.jsonl")

@@ -7,6 +7,7 @@ normals by the right-hand rule).
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import NamedTuple
 
@@ -14,8 +15,10 @@ import numpy as np
 
 from nvsm_jax.errors import InputError
 
-__all__ = ["Mesh", "MeshError", "load_mesh", "validate_mesh", "save_off", "cuboid_mesh",
-           "cuboid_for_points", "vertex_normals"]
+__all__ = ["Mesh", "MeshError", "load_mesh", "validate_mesh", "check_camera_outside", "save_off",
+           "cuboid_mesh", "cuboid_for_points", "vertex_normals"]
+
+log = logging.getLogger(__name__)
 
 
 class MeshError(InputError):
@@ -36,7 +39,8 @@ def validate_mesh(verts, faces, *, source: str = "<array>", remove_degenerate: b
     Raises MeshError naming ``source`` when the mesh is empty, not triangular,
     has non-finite vertices or out-of-range indices, or has nothing left after
     removing degenerate faces (zero area or repeated indices), which are dropped
-    when ``remove_degenerate`` (else reported as an error).
+    with a warning that counts them when ``remove_degenerate`` (else reported as
+    an error).
     """
     verts = np.asarray(verts)
     faces = np.asarray(faces)
@@ -64,9 +68,12 @@ def validate_mesh(verts, faces, *, source: str = "<array>", remove_degenerate: b
         if not remove_degenerate:
             raise MeshError(f"{source}: {int(degenerate.sum())} degenerate faces "
                             f"(first: face {int(np.argmax(degenerate))})")
+        if degenerate.all():
+            raise MeshError(f"{source}: every one of its {len(faces)} faces is degenerate "
+                            "(zero area or repeated vertices); is the mesh flattened?")
+        log.warning("%s: dropped %d of %d degenerate faces (zero area or repeated vertices); "
+                    "is the mesh flattened?", source, int(degenerate.sum()), len(faces))
         faces = faces[~degenerate]
-        if len(faces) == 0:
-            raise MeshError(f"{source}: every face is degenerate (zero area)")
     return Mesh(verts.astype(np.float32), faces.astype(np.int32))
 
 
@@ -74,13 +81,23 @@ def load_mesh(path: str | os.PathLike, **kwargs) -> Mesh:
     """Loads an OFF/OBJ/PLY (anything trimesh reads) and validates it.
 
     Vertices are kept as stored (no merging, no reordering) so vertex indices
-    match the file. Raises MeshError naming the file on missing or bad input.
+    match the file. Raises MeshError naming the file on missing or bad input
+    (an ``.off`` / ``.obj`` that is not UTF-8 text is refused before trimesh
+    tries to guess its encoding).
     """
     import trimesh
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise MeshError(f"{path}: mesh file not found")
+    if os.path.splitext(path)[1].lower() in (".off", ".obj"):
+        with open(path, "rb") as f:
+            raw = f.read()
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise MeshError(f"{path}: not a text mesh file (byte {err.start} is not UTF-8 text); "
+                            "an .off or .obj mesh is text: is this the right file?") from None
     try:
         mesh = trimesh.load(path, force="mesh", process=False, maintain_order=True)
     except Exception as err:  # trimesh raises many types on corrupt files
@@ -88,6 +105,29 @@ def load_mesh(path: str | os.PathLike, **kwargs) -> Mesh:
     verts = np.asarray(getattr(mesh, "vertices", np.zeros((0, 3))))
     faces = np.asarray(getattr(mesh, "faces", np.zeros((0, 3))))
     return validate_mesh(verts, faces, source=path, **kwargs)
+
+
+def check_camera_outside(mesh: Mesh, distances, *, source: str = "<mesh>", names=None) -> None:
+    """Refuses a mesh whose bounding sphere (about the origin, which the camera looks
+    at) holds the camera at some annotated distance: its scale does not match the data
+    (e.g. a mesh scaled x100 leaves a fraction of a percent of its vertices visible).
+
+    mesh: Mesh; distances: [N] camera distances of the images; names: [N] image
+    names (for the message) or None. Raises MeshError naming ``source``.
+    """
+    d = np.asarray(distances, np.float64).reshape(-1)
+    if d.size == 0:
+        return
+    radius = float(np.sqrt(np.max(np.sum(np.square(mesh.verts.astype(np.float64)), -1))))
+    inside = d <= radius
+    if inside.any():
+        k = int(np.argmin(d))
+        which = f" (image {names[k]})" if names is not None else ""
+        raise MeshError(f"{source}: the camera is inside the mesh's bounding sphere (radius "
+                        f"{radius:.4g} about the origin) for {int(inside.sum())} of {d.size} "
+                        f"images, nearest at distance {d[k]:.4g}{which}\nthe mesh's scale does "
+                        "not match the annotations' distances: rescale the mesh (or fix those "
+                        "annotations)")
 
 
 def save_off(path: str | os.PathLike, verts, faces) -> None:

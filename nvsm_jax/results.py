@@ -8,7 +8,9 @@ JSON file (:func:`record_cell`)::
     RESULTS/<method>_<category>_<annotations>_seed<seed>/results.json
         method, category, annotations, seed, rows (one per occlusion level, as
         nvsm_jax.evaluation.make_row), errors_deg {level: [per-image error]},
-        rounds (NVSM: each round's pseudo-label count and precision), config
+        rounds (NVSM: each round's pseudo-label count and precision), config,
+        inputs (the data roots, their fingerprints (:func:`data_fingerprint`) and
+        the checkpoint step evaluated; absent in older records)
 
 Cells from different sessions, seeds and commands accumulate in one folder and
 :func:`format_report` (``python -m experiments.report --results RESULTS``)
@@ -16,12 +18,14 @@ aggregates whatever is there: mean over seeds with its standard error, the
 seed's table layout, per category, per occlusion level, the paired NVSM - NeMo
 difference on the same test images, and NVSM's per-round precision. Cells of
 one (method, category, annotations) must share their settings (the config
-outside seed, paths and run-control keys): mixing two settings in one mean
-raises an error naming both cells.
+outside seed, paths and run-control keys) and, where both record it, one test
+set: mixing two settings or two test sets in one mean raises an error naming
+both cells.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections import defaultdict
@@ -29,9 +33,12 @@ from collections import defaultdict
 import numpy as np
 
 from nvsm_jax import training
+from nvsm_jax.data import loaders
+from nvsm_jax.data.format import DataError, subset_name
 
 __all__ = ["cell_name", "recorded_method", "record_cell", "load_cells", "aggregate",
-           "paired_differences", "format_report", "rounds_table", "SETTINGS_FREE_KEYS"]
+           "paired_differences", "format_report", "rounds_table", "SETTINGS_FREE_KEYS",
+           "data_fingerprint"]
 
 # config keys that may differ between cells averaged together: the seed, where the
 # data and runs live, and run control (training.RESUME_FREE_KEYS)
@@ -52,6 +59,34 @@ def _config_dict(config) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
+def data_fingerprint(root, category: str, occlusion="L0", limit: int | None = None) -> dict:
+    """What one subset of a data root holds, cheaply: ``{"count": N, "hash": h}``.
+
+    h: 16 hex digits of a SHA-256 over the listed names (the first ``limit``), each
+    annotation file's bytes and each image file's name and size (images are not read).
+    The same files give the same fingerprint wherever the root lives; an added,
+    removed or renamed image, a changed annotation or image size, or another
+    ``limit`` gives another. A missing list, annotation or image raises DataError
+    naming it.
+    """
+    names = loaders.list_names(root, category, occlusion)
+    if limit is not None:
+        names = names[:int(limit)]
+    sub = subset_name(category, occlusion)
+    digest = hashlib.sha256()
+    for name in names:
+        ann = os.path.join(os.fspath(root), "annotations", sub, name + ".npz")
+        try:
+            with open(ann, "rb") as f:
+                ann_hash = hashlib.sha256(f.read()).hexdigest()
+        except FileNotFoundError as err:
+            raise DataError(f"{ann}: annotation not found (listed in {root}/lists/{sub})") from err
+        img = loaders._find_image(root, sub, name)
+        digest.update(f"{name}\0{ann_hash}\0{os.path.basename(img)}\0"
+                      f"{os.path.getsize(img)}\n".encode())
+    return {"count": len(names), "hash": digest.hexdigest()[:16]}
+
+
 def recorded_method(method: str, oracle: str = "none") -> str:
     """The name a cell is recorded under: NVSM's diagnosis rows (``nvsm_oracle``, which
     read hidden poses) as ``nvsm_<oracle>``, never as the method itself."""
@@ -59,12 +94,15 @@ def recorded_method(method: str, oracle: str = "none") -> str:
 
 
 def record_cell(results_dir, *, method: str, category: str, annotations, seed: int, rows,
-                errors, config, rounds=None) -> str:
+                errors, config, rounds=None, inputs=None) -> str:
     """Writes one finished cell's record (atomically) and returns its path.
 
     rows: the cell's result rows (one per occlusion level); errors: {level: [N]
     radians}; config: the cell's config (ml_collections or dict); rounds: NVSM's
-    round entries (``semi_supervised.run_nvsm``'s ``rounds.jsonl``), or None.
+    round entries (``semi_supervised.run_nvsm``'s ``rounds.jsonl``), or None;
+    inputs: what the rows were computed from (``{"train_root", "test_root",
+    "train": {level: fingerprint}, "test": {level: fingerprint}, "checkpoint_step"}``,
+    :func:`data_fingerprint`), or None when unknown.
     """
     cell = os.path.join(os.fspath(results_dir), cell_name(method, category, annotations, seed))
     os.makedirs(cell, exist_ok=True)
@@ -79,6 +117,7 @@ def record_cell(results_dir, *, method: str, category: str, annotations, seed: i
         "rounds": None if rounds is None else [{k: r.get(k) for k in keep if k in r}
                                                 for r in rounds],
         "config": _config_dict(config),
+        "inputs": inputs,
     }
     path = os.path.join(cell, "results.json")
     tmp = path + ".tmp"
@@ -109,6 +148,18 @@ def load_cells(results_dir) -> list[dict]:
     return cells
 
 
+def _test_sets(cell) -> dict:
+    """``{level: (count, hash)}`` of the test set a cell record names ({} if unknown)."""
+    test = (cell.get("inputs") or {}).get("test") or {}
+    return {occ: (fp.get("count"), fp.get("hash")) for occ, fp in test.items()}
+
+
+def _same_test_sets(a, b) -> bool:
+    """Whether two cell records name the same test set on every level both record."""
+    ta, tb = _test_sets(a), _test_sets(b)
+    return all(ta[occ] == tb[occ] for occ in set(ta) & set(tb))
+
+
 def _check_settings(cells) -> None:
     by_key = defaultdict(list)
     for c in cells:
@@ -122,6 +173,12 @@ def _check_settings(cells) -> None:
                 raise ValueError(
                     f"{first['path']} and {other['path']}: cells of {key} ran with other "
                     f"settings ({'; '.join(diffs[:6])}); keep one setting per results folder")
+            if not _same_test_sets(first, other):
+                raise ValueError(
+                    f"{first['path']} and {other['path']}: cells of {key} were evaluated on "
+                    f"other test sets ({first['inputs'].get('test_root')}: "
+                    f"{_test_sets(first)} vs {other['inputs'].get('test_root')}: "
+                    f"{_test_sets(other)}); keep one test set per results folder")
         seeds = [c["seed"] for c in group]
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"cells of {key}: seed recorded twice ({sorted(seeds)})")
@@ -181,14 +238,14 @@ def paired_differences(cells, method: str = "nvsm", against: str = "nemo",
 
     Per seed the difference of the two accuracies; ``se``: over seeds when at
     least two, else the paired per-image SE (sd of the per-image difference of
-    the hit indicators / sqrt N). Cells whose stored errors differ in length (other
-    test sets) are skipped.
+    the hit indicators / sqrt N). Cells evaluated on other test sets (recorded
+    fingerprints that differ, or stored errors of another length) are skipped.
     """
     by = {(c["method"], c["category"], str(c["annotations"]), c["seed"]): c for c in cells}
     groups = defaultdict(list)
     for (m, cat, ann, seed), c in by.items():
         other = by.get((against, cat, ann, seed))
-        if m != method or other is None:
+        if m != method or other is None or not _same_test_sets(c, other):
             continue
         for occ, err in (c.get("errors_deg") or {}).items():
             e2 = (other.get("errors_deg") or {}).get(occ)

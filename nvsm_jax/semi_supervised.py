@@ -28,10 +28,13 @@
 Every round is checkpointed: the TrainState with orbax at the round's last
 step (and every ``checkpoint_every`` steps inside an M-step), the round's E-step
 result before its M-step (``pseudo_labels/estep_XXX.npz``), the pseudo-labels as
-``pseudo_labels/round_XXX.npz``, and ``progress.json`` (written last) naming the
-finished round and its step. A killed run resumes at the last checkpoint, inside
-an M-step if it was killed there, and ends with the same result (batches and keys
-are functions of ``(seed, round, step)``).
+``pseudo_labels/round_XXX.npz``, the round's ``rounds.jsonl`` entry, and
+``progress.json`` (written last, each file atomically) naming the finished round and
+its step. A killed run resumes at the last checkpoint, inside an M-step if it was
+killed there, and ends with the same result (batches and keys are functions of
+``(seed, round, step)``); no kill loses a round from ``rounds.jsonl``. A damaged
+run-state file raises :class:`nvsm_jax.errors.RunStateError` naming it. The run holds
+its workdir (:mod:`nvsm_jax.workdir_lock`): a second run into it is refused.
 
 Per round ``rounds.jsonl`` logs the pseudo-label count, their precision against
 the hidden truth (fraction within pi/6, computed for reporting only: the hidden
@@ -55,8 +58,9 @@ import numpy as np
 
 from nvsm_jax import features as feat
 from nvsm_jax import (config_checks, geometry, matching, meshes, parallel,
-                      pose_solver, pseudo_labels, synthesis, train, training)
+                      pose_solver, pseudo_labels, synthesis, train, training, workdir_lock)
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
+from nvsm_jax.errors import RunStateError
 
 log = logging.getLogger(__name__)
 
@@ -564,28 +568,154 @@ def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
                    np.concatenate([lab.principal, unlabelled.principal[idx]]))
 
 
+#: How to start an NVSM run over in its workdir (the run-state files go together).
+_START_OVER = ("delete it to restart the NVSM run from round 0 (and with it checkpoints/, "
+               "pseudo_labels/ and rounds.jsonl), or restore it")
+
+
 def load_progress(workdir) -> dict | None:
-    """``{"round": r, "step": s}`` of the last finished round, or None."""
+    """``{"round": r, "step": s}`` of the last finished round, or None. A damaged
+    ``progress.json`` raises RunStateError naming it."""
     path = os.path.join(os.fspath(workdir), "progress.json")
     if not os.path.exists(path):
         return None
-    done = training.read_json(path, "record of the last finished NVSM round",
-                              "delete it to restart the NVSM run from round 0, or restore it")
-    if not isinstance(done, dict) or not {"round", "step"} <= set(done):
-        raise ValueError(f"{path}: expected {{'round': r, 'step': s}}, got {done!r}; delete it "
-                         "to restart the NVSM run from round 0")
+    try:
+        done = training.read_json(path, "record of the last finished NVSM round", _START_OVER)
+    except ValueError as err:
+        raise RunStateError(str(err)) from err
+    if not (isinstance(done, dict) and {"round", "step"} <= set(done)
+            and all(type(done[k]) is int and done[k] >= 0 for k in ("round", "step"))):
+        raise RunStateError(f"{path}: expected {{'round': r, 'step': s}} (integers >= 0), got "
+                            f"{done!r}; {_START_OVER}")
     return done
 
 
 def _write_json_atomic(path, obj):
+    """``obj`` as JSON into ``path`` through a temporary file (a kill leaves the old
+    file or the new one); a full disk names ``path``."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    with workdir_lock.naming(path):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
+def _savez_atomic(path, **arrays):
+    """``np.savez(path, **arrays)`` through a temporary file (a kill leaves the old
+    file or the new one, never a torn one); a full disk names ``path``."""
+    tmp = path + ".tmp.npz"
+    with workdir_lock.naming(path):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
 
 
 def _round_path(workdir, r):
     return os.path.join(workdir, "pseudo_labels", f"round_{r:03d}.npz")
+
+
+def _load_round(workdir, r) -> pseudo_labels.PseudoLabels:
+    """The pseudo-labels after round ``r`` (``pseudo_labels/round_XXX.npz``); a missing
+    or damaged file raises RunStateError naming it."""
+    path = _round_path(workdir, r)
+    try:
+        with np.load(path) as d:
+            pl = pseudo_labels.PseudoLabels.from_dict(d)
+        if pl.poses.shape != (len(pl), 4):
+            raise ValueError(f"poses of shape {pl.poses.shape} for {len(pl)} labels")
+    except Exception as err:  # noqa: BLE001 - any damage: name the file
+        raise RunStateError(
+            f"{path}: the pseudo-labels after round {r}, which progress.json records as "
+            f"finished, are {'missing' if isinstance(err, FileNotFoundError) else 'damaged'} "
+            f"({type(err).__name__}: {str(err)[:200]}); restore the file, or start the NVSM "
+            "run over (delete progress.json, rounds.jsonl, pseudo_labels/ and checkpoints/)"
+        ) from err
+    return pl
+
+
+def _round_log_entries(path, done: dict | None) -> list[dict]:
+    """The entries of ``rounds.jsonl`` that ``progress.json`` (``done``) covers, one per
+    round in round order: entries of rounds past ``done`` (written before a kill
+    stopped the round's progress.json) and a torn last line are dropped, and the file
+    is rewritten without them (process 0). A damaged line elsewhere raises
+    RunStateError naming the file and the line; a missing round is warned about."""
+    last = -1 if done is None else done["round"]
+    lines = []
+    if os.path.exists(path):
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [line for line in f.read().split("\n") if line.strip()]
+    by_round, dropped = {}, 0
+    for i, line in enumerate(lines):
+        try:
+            entry = json.loads(line)
+            if not (isinstance(entry, dict) and type(entry.get("round")) is int):
+                raise ValueError("not an object with an integer 'round'")
+        except ValueError as err:
+            if i == len(lines) - 1:             # torn by a kill while appending
+                log.warning("%s: dropping its damaged last line (a run killed while "
+                            "writing it)", path)
+                dropped += 1
+                continue
+            raise RunStateError(
+                f"{path}: line {i + 1} is damaged ({err}); fix or delete that line (the "
+                "report then lacks that round), or restore the file") from err
+        if entry["round"] > last:
+            dropped += 1
+            continue
+        dropped += entry["round"] in by_round
+        by_round[entry["round"]] = entry
+    missing = sorted(set(range(last + 1)) - set(by_round))
+    if missing:
+        log.warning("%s: no entry for round(s) %s, which progress.json records as finished; "
+                    "the report leaves them out", path, missing)
+    entries = [by_round[r] for r in sorted(by_round)]
+    if dropped and parallel.is_main_process():
+        tmp = path + ".tmp"
+        with workdir_lock.naming(path):
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(e) + "\n" for e in entries)
+            os.replace(tmp, path)
+    return entries
+
+
+def _resume_point(config, done: dict | None, latest: int | None,
+                  ckpt_dir: str) -> tuple[int, int, int | None]:
+    """``(next_round, step, mid_round)``: the round to run next, the step it starts
+    at, and the checkpoint inside its M-step to resume from (None: none), from
+    ``progress.json`` (``done``) and the latest checkpoint step. A checkpoint past the
+    end of that round means the two do not belong together (progress.json lost or
+    replaced): RunStateError."""
+    next_round, step = (done["round"] + 1, done["step"]) if done else (0, 0)
+    mid_round = latest if latest is not None and latest > step else None
+    round_end = step + (config.initial_steps if next_round == 0 else config.steps_per_round)
+    if mid_round is not None and (mid_round > round_end or next_round > config.num_rounds):
+        raise RunStateError(
+            f"{ckpt_dir}: holds step {mid_round}, past the end of round {next_round} (step "
+            f"{round_end}) where progress.json ({'missing' if done is None else done}) resumes; "
+            "restore progress.json, or start the NVSM run over (delete progress.json, "
+            "rounds.jsonl, pseudo_labels/ and checkpoints/)")
+    return next_round, step, mid_round
+
+
+def _record_round(workdir, round_log, r: int, step: int, pl: pseudo_labels.PseudoLabels,
+                  entry: dict) -> None:
+    """Writes round ``r``'s run state (process 0), each file atomically and in this
+    order: the pseudo-labels (``round_XXX.npz``), the ``rounds.jsonl`` entry, then
+    ``progress.json``, which makes the round finished; the staged E-step goes last. A
+    kill between any two leaves the round unfinished, redone on resume (which drops
+    its early log entry, :func:`_round_log_entries`), so the report never loses it."""
+    if not parallel.is_main_process():     # run state: one writer, read back by every process
+        return
+    _savez_atomic(_round_path(workdir, r), **pl.to_dict())
+    with workdir_lock.naming(round_log.path):
+        round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
+    _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
+    if os.path.exists(_staged_path(workdir, r)):
+        os.remove(_staged_path(workdir, r))
 
 
 def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: int, end: int,
@@ -639,11 +769,10 @@ def _staged_path(workdir, r):
 def _stage_estep(workdir, r, result: RoundResult) -> None:
     """Stores round ``r``'s E-step before its M-step, so a run killed in the M-step
     resumes it from its last checkpoint instead of repeating the E-step."""
-    tmp = _staged_path(workdir, r) + ".tmp.npz"
     extra = {} if result.matched_poses is None else {"matched_poses": result.matched_poses}
-    np.savez(tmp, **result.new.to_dict(), num_views=result.num_views, seconds=result.seconds,
-             agreement=np.nan if result.agreement is None else result.agreement, **extra)
-    os.replace(tmp, _staged_path(workdir, r))
+    _savez_atomic(_staged_path(workdir, r), **result.new.to_dict(), num_views=result.num_views,
+                  seconds=result.seconds,
+                  agreement=np.nan if result.agreement is None else result.agreement, **extra)
 
 
 def _load_staged_estep(workdir, r) -> RoundResult | None:
@@ -657,8 +786,9 @@ def _load_staged_estep(workdir, r) -> RoundResult | None:
                            float(d["seconds"]), None if np.isnan(agreement) else agreement,
                            d.get("matched_poses"))
     except Exception as err:  # noqa: BLE001 - any damage means: redo the E-step
-        raise ValueError(f"{path}: damaged stored E-step ({err}); delete it to redo the "
-                         f"E-step of round {r}") from err
+        raise RunStateError(f"{path}: damaged stored E-step ({type(err).__name__}: "
+                            f"{str(err)[:200]}); delete it, and the checkpoints/ steps past "
+                            f"progress.json's, to redo the E-step of round {r}") from err
 
 
 def schedule_steps(config) -> int:
@@ -667,12 +797,14 @@ def schedule_steps(config) -> int:
     return int(config.initial_steps) + int(config.num_rounds) * int(config.steps_per_round)
 
 
+@workdir_lock.locked
 def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
              test_sets: dict | None = None, num_devices: int | None = None,
              stop_after_rounds: int | None = None, stop_after_steps: int | None = None,
              progress: bool = True) -> dict:
     """NVSM per ``config`` into ``workdir``; resumes from ``progress.json`` and the
-    latest checkpoint, also from inside a round's M-step.
+    latest checkpoint, also from inside a round's M-step. Holds the workdir
+    (:func:`nvsm_jax.workdir_lock.hold`: another live run there is refused).
 
     train_set / model_mesh / test_sets ({"L0": PoseSet, ...}): given directly
     (tests, notebooks) or loaded from ``config.data_root`` / ``config.test_root``.
@@ -686,16 +818,15 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     """
     config_checks.check_config(config)
     workdir = os.fspath(workdir)
-    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
     config = copy.deepcopy(config)
     config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
-    training.save_config(config, workdir)
     estep_cfg = EStepConfig.from_config(config.estep)
     oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config above
     if train_set is None:
         train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
                                           lazy_images=jax.process_count() > 1)  # own rows only
-        model_mesh = loaders.load_model_mesh(config.data_root, config.category)
+        model_mesh = loaders.load_model_mesh(config.data_root, config.category,
+                                             pose_set=train_set)
     if test_sets is None:
         test_sets = {}
         if config.test_root:
@@ -705,6 +836,9 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     split = fewshot.split_from_config(train_set, int(config.num_labelled), config)
     labelled, unlabelled = split.labelled, split.unlabelled
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)   # reporting only
+    # the record, once the config and data are good (a failed run never blocks its rerun)
+    training.save_config(config, workdir, has_work=train.holds_work(workdir))
+    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
 
     mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
     model = train.build_model(config)
@@ -722,13 +856,11 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
 
     done = load_progress(workdir)
     pl = pseudo_labels.PseudoLabels.empty()
-    rounds = [r for r in round_log.read()] if done else []
-    next_round, step = (done["round"] + 1, done["step"]) if done else (0, 0)
-    latest = ckpt.latest_step()
-    mid_round = latest if latest is not None and latest > step else None
+    rounds = _round_log_entries(round_log.path, done)
+    next_round, step, mid_round = _resume_point(config, done, ckpt.latest_step(),
+                                                ckpt.directory)
     if done and done["round"] > 0:
-        pl = pseudo_labels.PseudoLabels.from_dict(np.load(_round_path(workdir, done["round"])))
-    rounds = [r for r in rounds if done and r["round"] <= done["round"]]
+        pl = _load_round(workdir, done["round"])
     if mid_round is not None:       # killed inside round next_round's M-step
         state = ckpt.restore(state, step=mid_round)
         log.info("resuming round %d's M-step at step %d", next_round, mid_round)
@@ -747,9 +879,9 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             if staged is not None:
                 result = staged
             elif mid_round is not None:
-                raise ValueError(f"{workdir}: checkpoint {mid_round} lies inside round {r}, "
-                                 f"whose E-step is not stored ({_staged_path(workdir, r)}); "
-                                 f"delete checkpoints/{mid_round} to redo the round")
+                raise RunStateError(f"{workdir}: checkpoint {mid_round} lies inside round {r}, "
+                                    f"whose E-step is not stored ({_staged_path(workdir, r)})"
+                                    f"; delete checkpoints/{mid_round} to redo the round")
             else:
                 nemo = train.nemo_model(config, model, state, model_mesh)
                 fn = train.feature_fn(nemo)
@@ -818,13 +950,8 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                           if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
         ckpt.maybe_save(step, state, force=True)
         ckpt.wait()
-        if parallel.is_main_process():   # run state: one writer, read back by every process
-            np.savez(_round_path(workdir, r), **pl.to_dict())
-            _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
-            if os.path.exists(_staged_path(workdir, r)):
-                os.remove(_staged_path(workdir, r))
+        _record_round(workdir, round_log, r, step, pl, entry)
         parallel.sync(f"nvsm round {r} recorded")
-        round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
         rounds.append({**entry})
         finished_this_call += 1
         log.info("round %d: %s", r, _round_summary(entry))

@@ -40,15 +40,18 @@ import optax
 from nvsm_jax import (config_checks, evaluation, losses, meshes, parallel, pose_solver, pretrain,
                       training)
 from nvsm_jax import features as feat
+from nvsm_jax import results
 from nvsm_jax.data import fewshot, loaders, pipeline
+from nvsm_jax.errors import ConfigError, InputError, NonFiniteError, RunStateError
 from nvsm_jax.models import backbone, weights
+from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
            "make_optimizer", "init_state", "make_loss_fn", "make_train_step",
            "train_and_evaluate", "NemoModel", "load_model", "feature_fn", "predict",
-           "evaluate_workdir", "nemo_model", "evaluate_nemo"]
+           "evaluate_workdir", "nemo_model", "evaluate_nemo", "holds_work"]
 
 
 def build_model(config) -> backbone.FeatureNet:
@@ -73,7 +76,7 @@ def load_train_set(config):
     # several processes: each reads an image only when one of its batch rows needs it
     train = loaders.load_pose_set(config.data_root, config.category, "L0",
                                   lazy_images=jax.process_count() > 1)
-    mesh = loaders.load_model_mesh(config.data_root, config.category)
+    mesh = loaders.load_model_mesh(config.data_root, config.category, pose_set=train)
     return labelled_images(config, train), mesh
 
 
@@ -219,11 +222,31 @@ def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding,
                    out_shardings=(state_sharding, parallel.replicated(mesh_axes)))
 
 
+# files that mean a run did work: a finished cell, NVSM round, evaluation, pre-training
+_WORK_FILES = ("rows.json", "progress.json", "results.json", pretrain.PARAMS_FILE)
+
+
+def holds_work(workdir) -> bool:
+    """Whether ``workdir``, or a run folder inside it (a few-shot cell), holds a
+    checkpoint or a finished result (:data:`_WORK_FILES`). Generated ``data/`` and
+    runs moved aside (``replaced-*``) do not count. A workdir without any was left
+    by a run that failed before its first checkpoint: its config may change
+    (:func:`nvsm_jax.training.save_config`'s ``has_work``)."""
+    for root, dirs, files in os.walk(os.fspath(workdir)):
+        if os.path.basename(root) == "checkpoints" and (dirs or files):
+            return True
+        if any(name in _WORK_FILES for name in files):
+            return True
+        dirs[:] = [d for d in dirs if d != "data" and not d.startswith("replaced-")]
+    return False
+
+
 def _batch_iterator(config, train):
     return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
                                   augment=pipeline.augment_from_config(config.augment))
 
 
+@locked     # one run per workdir (nvsm_jax.workdir_lock)
 def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
                        stop_after: int | None = None, train_set=None, model_mesh=None,
                        progress: bool = True) -> training.TrainState:
@@ -239,8 +262,6 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     """
     config_checks.check_config(config)
     workdir = os.fspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-    training.save_config(config, workdir)
     if train_set is None:
         train_set, model_mesh = load_train_set(config)
     else:
@@ -248,7 +269,9 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
     n_dev = mesh_axes.devices.size
     if config.batch_size % n_dev:
-        raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
+        raise ConfigError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
+    os.makedirs(workdir, exist_ok=True)     # the record, once the config and data are good
+    training.save_config(config, workdir, has_work=holds_work(workdir))
     model = build_model(config)
     image_hw = train_set.image_size
     state = init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
@@ -280,13 +303,15 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
 
 class NemoModel(NamedTuple):
     """Everything inference needs. variables: FeatureNet variables; memory: MemoryBank;
-    mesh: the model mesh; config: the training config."""
+    mesh: the model mesh; config: the training config; step: the checkpoint's step
+    (:func:`load_model`; None for a live state)."""
 
     model: Any
     variables: Any
     memory: feat.MemoryBank
     mesh: meshes.Mesh
     config: Any
+    step: int | None = None
 
 
 def nemo_model(config, model, state, model_mesh) -> "NemoModel":
@@ -309,12 +334,26 @@ def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int)
 
 
 def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
-    """Restores the latest checkpoint of a NeMo workdir (config from ``config.json``)."""
+    """Restores the latest checkpoint of a NeMo workdir (config from ``config.json``; a
+    missing or damaged one is a RunStateError naming it)."""
 
     workdir = os.fspath(workdir)
     if config is None:
-        with open(os.path.join(workdir, "config.json")) as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        path = os.path.join(workdir, "config.json")
+        if not os.path.isfile(path):
+            raise RunStateError(f"{path}: not found; is {workdir} the workdir of a NeMo or "
+                                "NVSM run (experiments.train_nemo, a few-shot cell)?")
+        recover = ("delete it and rerun the training command with the same config: it "
+                   "writes it again and resumes from the checkpoints")
+        try:
+            config = training.read_json(path, "run's config", recover)
+        except InputError:
+            raise
+        except ValueError as err:
+            raise RunStateError(str(err)) from err
+        if not isinstance(config, dict):
+            raise RunStateError(f"{path}: the run's config is not a JSON object; {recover}")
+        config = ml_collections.ConfigDict(config)
     if model_mesh is None:
         model_mesh = loaders.load_model_mesh(config.data_root, config.category)
     model = build_model(config)
@@ -325,7 +364,7 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
     state = ckpt.restore(state)
     ckpt.close()
-    return NemoModel(model, state.variables(), state.aux, model_mesh, config)
+    return NemoModel(model, state.variables(), state.aux, model_mesh, config, int(state.step))
 
 
 def feature_fn(nemo: NemoModel):
@@ -350,6 +389,47 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
         cfg=solver_cfg, batch_size=batch_size, progress=bar)
 
 
+def _final_step(workdir, config) -> int:
+    """The step a finished run of ``workdir`` ends at: ``config.num_steps``, or, for an
+    NVSM run whose last recorded round found nothing new (it stops there), that
+    round's step."""
+    final = int(config.get("num_steps") or 0)
+    progress = os.path.join(workdir, "progress.json")
+    if os.path.exists(progress):
+        done = training.read_json(progress, "record of the last finished NVSM round",
+                                  "delete it to restart the NVSM run from round 0")
+        last = (training.MetricsWriter(workdir, "rounds.jsonl", tensorboard=False).read()
+                or [{}])[-1]
+        if (isinstance(done, dict) and last.get("round") == done.get("round")
+                and last.get("round", 0) > 0 and last.get("num_new") == 0):
+            final = int(done["step"])
+    return final
+
+
+def _checkpoint_record(workdir, nemo: NemoModel) -> dict:
+    """``{"step", "final_step", "finished"}`` of the model to evaluate (all None for a
+    live model). Logs which checkpoint is evaluated, with a warning when the run
+    stopped before its last step; refuses non-finite weights (NonFiniteError)."""
+    step = nemo.step
+    leaf = training.nonfinite_leaf({"variables": nemo.variables, "memory": nemo.memory})
+    if leaf is not None:
+        raise NonFiniteError(
+            f"{workdir}: the model of checkpoint step {step} holds NaN or infinite values "
+            f"({leaf}): its training diverged; nothing evaluated. Train again in a new "
+            "workdir with a lower optim.lr or a higher loss.temperature")
+    if step is None:
+        return {"step": None, "final_step": None, "finished": None}
+    final = _final_step(workdir, nemo.config)
+    if step < final:
+        log.warning("%s: evaluating checkpoint step %d, before the run's last step %d: the "
+                    "run was stopped (or is still running); rerun its training command to "
+                    "finish it", workdir, step, final)
+    else:
+        log.info("%s: evaluating checkpoint step %d, the run's last step", workdir, step)
+    return {"step": int(step), "final_step": final, "finished": bool(step >= final)}
+
+
+@locked(arg=("out_dir", "workdir"))     # one run per workdir: the folder it writes into
 def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=None,
                      occlusions=None, method: str = "NeMo", out_dir=None,
                      nemo=None, top_k: int | None = None, skip_bad: bool = False) -> list[dict]:
@@ -364,12 +444,20 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     (``skip_bad``: it is skipped with a warning and listed under ``"skipped"``).
     With no level evaluated nothing is written (DataError). Outputs are written only
     after every level ran; ``predictions_*.npz`` of levels not in this run are removed
-    so the folder never mixes runs."""
+    so the folder never mixes runs.
+
+    The latest checkpoint is evaluated: a run stopped before its last step (killed,
+    or still running) is evaluated with a warning naming the step, and
+    ``results.json`` records ``checkpoint`` (``step``, ``final_step``, ``finished``)
+    and ``test_data`` (the root and each level's
+    :func:`nvsm_jax.results.data_fingerprint`). A model with a NaN or infinite
+    weight is refused (NonFiniteError naming the workdir and step)."""
 
     if data_root and not os.path.isdir(data_root):
         raise FileNotFoundError(f"{data_root}: test root not found; nothing written")
     nemo = nemo or load_model(workdir)
     cfg = nemo.config
+    checkpoint = _checkpoint_record(workdir, nemo)
     data_root = data_root or cfg.test_root
     out_dir = out_dir or workdir
     if not data_root or not os.path.isdir(data_root):
@@ -390,6 +478,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     annotations = cfg.get("num_labelled") or "all"
     limit = limit if limit is not None else cfg.get("eval_limit")
     rows, errors, timing, missing, skipped, preds = [], {}, {}, {}, {}, {}
+    test_data = {}
     levels = list(occlusions or cfg.get("eval_occlusions") or ("L0",))
     subsets = {occ: loaders.subset_name(cfg.category, occ) for occ in levels}  # bad names raise
     for occ in levels:
@@ -404,6 +493,10 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
             listed = listed[:limit] if limit is not None else listed
             kept = set(test.names)
             skipped[occ] = [n for n in listed if n not in kept]
+        try:
+            test_data[occ] = results.data_fingerprint(data_root, cfg.category, occ, limit)
+        except loaders.DataError:       # skip_bad: a listed file is missing
+            test_data[occ] = None
         t = time.perf_counter()
         res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
                             progress=True)
@@ -430,8 +523,13 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     rows += evaluation.mean_rows(rows, errors)
     _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
         "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": timing,
-        "missing": missing, "skipped": {k: v for k, v in skipped.items() if v}})
+        "missing": missing, "skipped": {k: v for k, v in skipped.items() if v},
+        "checkpoint": checkpoint,
+        "test_data": {"root": os.path.abspath(data_root), "levels": test_data}})
     notes = [f"- row {occ} missing: {why}" for occ, why in missing.items()]
+    if checkpoint["step"] is not None and not checkpoint["finished"]:
+        notes.insert(0, f"- checkpoint step {checkpoint['step']}, before the run's last step "
+                        f"{checkpoint['final_step']}: the run had not finished")
     notes += [f"- {occ}: {len(v)} bad image(s) skipped: {', '.join(v[:10])}"
               + (" ..." if len(v) > 10 else "") for occ, v in skipped.items() if v]
     if notes:

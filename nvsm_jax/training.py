@@ -8,7 +8,8 @@
   path, ``jax.eval_shape`` then ``jit(init, out_shardings=replicated)`` so
   parameters are never built on one device and moved; compiled once per model.
 * :func:`fit`: the one step loop (metrics, the multi-device CPU wait,
-  checkpoints, progress) every trainer runs; :func:`make_schedule`: the one
+  checkpoints, progress, a stop at the first non-finite loss or gradient norm)
+  every trainer runs; :func:`make_schedule`: the one
   warm-up + cosine/constant learning-rate builder.
 * :func:`step_key`: ``fold_in(PRNGKey(seed), step)``; keys are never carried
   in state, so a resumed run draws the same numbers.
@@ -48,13 +49,13 @@ import optax
 from flax.training import train_state
 
 from nvsm_jax import parallel
-from nvsm_jax.errors import InputError
+from nvsm_jax.errors import InputError, NonFiniteError
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "save_config", "read_json", "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
-           "fit", "state_initializer"]
+           "fit", "state_initializer", "DIVERGENCE_HINT", "nonfinite_leaf"]
 
 
 class TrainState(train_state.TrainState):
@@ -293,6 +294,20 @@ def _drop_closed_event_loop_noise() -> None:
         sys.unraisablehook = _DropClosedEventLoopNoise(sys.unraisablehook)
 
 
+def nonfinite_leaf(tree) -> str | None:
+    """The path (``jax.tree_util.keystr``) of the first float leaf of ``tree`` (host or
+    device arrays) holding a NaN or an infinity, or None when all are finite."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        dtype = getattr(leaf, "dtype", None)
+        try:
+            inexact = dtype is not None and jnp.issubdtype(dtype, jnp.inexact)
+        except TypeError:                       # extended dtypes (PRNG keys)
+            inexact = False
+        if inexact and not np.all(np.isfinite(np.asarray(leaf))):
+            return jax.tree_util.keystr(path)
+    return None
+
+
 class Checkpointer:
     """orbax ``CheckpointManager`` over a :class:`TrainState` (or any pytree).
 
@@ -322,13 +337,26 @@ class Checkpointer:
     def save(self, step: int, state) -> None:
         """Saves ``state`` at ``step``. The tree is fetched to host first: it is
         replicated (one copy per device would otherwise be sliced and written
-        per array, which costs seconds for a small model on 8 CPU devices)."""
+        per array, which costs seconds for a small model on 8 CPU devices).
+        A tree with a non-finite float is refused (:class:`NonFiniteError`, its
+        ``leaf`` attribute names the entry): a diverged state is never saved."""
         tree = jax.device_get(self._tree(state))
+        leaf = nonfinite_leaf(tree)
+        if leaf is not None:
+            err = NonFiniteError(f"{self.directory}: step {int(step)} not saved: {leaf} holds "
+                                 "non-finite values")
+            err.leaf = leaf
+            raise err
         self.manager.save(int(step), args=self._ocp.args.StandardSave(tree), force=True)
+
+    def due(self, step: int, force: bool = False) -> bool:
+        """Whether :meth:`maybe_save` saves at ``step``: a multiple of ``save_every``,
+        or ``force``."""
+        return force or (self.save_every > 0 and step % self.save_every == 0)
 
     def maybe_save(self, step: int, state, force: bool = False) -> bool:
         """Saves when ``step`` is a multiple of ``save_every`` (or ``force``)."""
-        if force or (self.save_every > 0 and step % self.save_every == 0):
+        if self.due(step, force):
             if self.manager.latest_step() != int(step):
                 self.save(step, state)
             return True
@@ -378,7 +406,8 @@ class MetricsWriter:
     """Appends ``{"step": s, **metrics}`` JSON lines to ``workdir/filename`` (process 0),
     and the scalar metrics as TensorBoard summaries under
     ``workdir/tensorboard/<filename stem>/`` (``tensorboard --logdir WORKDIR``).
-    The event file is flushed after every write, so a killed run keeps its curves."""
+    The event file is flushed after every write, so a killed run keeps its curves.
+    A resumed run first drops the lines it will replay (:meth:`discard_after`)."""
 
     def __init__(self, workdir, filename: str = "metrics.jsonl", tensorboard: bool = True):
         self.path = os.path.join(os.fspath(workdir), filename)
@@ -413,6 +442,36 @@ class MetricsWriter:
                         and np.isfinite(v):
                     tb.add_scalar(k, v, int(step))
             tb.flush()
+
+    def discard_after(self, step: int) -> int:
+        """Drops the lines of steps after ``step`` (and a line cut short by a kill); returns
+        how many went. A run resumed from the checkpoint of ``step`` replays the steps
+        after it and writes their lines again: :func:`fit` calls this first, so every
+        step keeps one line, the one of the run that got past it. The file is rewritten
+        atomically (a temporary file, then ``os.replace``); process 0 only."""
+        if not self.enabled or not os.path.exists(self.path):
+            return 0
+        with open(self.path) as f:
+            lines = [line for line in f if line.strip()]
+        keep = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue                        # a write cut short by a kill
+            if not (isinstance(row, dict) and isinstance(row.get("step"), int)
+                    and row["step"] > step):
+                keep.append(line if line.endswith("\n") else line + "\n")
+        dropped = len(lines) - len(keep)
+        if dropped:
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.path)
+            logging.getLogger(__name__).info(
+                "%s: dropped %d line(s) after step %d (the resumed run writes them again)",
+                self.path, dropped, step)
+        return dropped
 
     def close(self) -> None:
         if self._tb is not None:
@@ -523,7 +582,7 @@ def config_differences(old: dict, new: dict, free_keys=RESUME_FREE_KEYS) -> list
 
 
 def save_config(config, workdir, filename: str = "config.json", *,
-                free_keys=RESUME_FREE_KEYS) -> str:
+                free_keys=RESUME_FREE_KEYS, has_work: bool = True) -> str:
     """Writes an ml_collections config (JSON, best effort; else ``str``) as the run's record.
 
     If ``workdir`` already holds ``filename`` from a run with a different config
@@ -532,6 +591,9 @@ def save_config(config, workdir, filename: str = "config.json", *,
     or schedule would mix two runs. With ``config.restart`` set, the workdir's
     previous files (all but a generated ``data/`` folder) move to
     ``replaced-<UTC time>/`` first and the run starts over; nothing is deleted.
+    ``has_work=False`` (the caller found no checkpoint and no finished result there,
+    :func:`nvsm_jax.train.holds_work`: the run failed before any work) does the same
+    without ``restart``, so a failed run never blocks its corrected rerun.
     """
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
@@ -545,7 +607,7 @@ def save_config(config, workdir, filename: str = "config.json", *,
         except (json.JSONDecodeError, OSError, TypeError, ValueError) as err:
             diffs = [f"<{path} unreadable: {err}>"]
         restart = bool(config.get("restart")) if hasattr(config, "get") else False
-        if diffs and not restart:
+        if diffs and not restart and has_work:
             shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs)} keys)" if len(diffs) > 12 else "")
             raise ConfigMismatchError(
                 f"{path}: this workdir holds a run with another config ({shown}). Rerun with "
@@ -554,8 +616,9 @@ def save_config(config, workdir, filename: str = "config.json", *,
         if diffs:
             aside = os.path.join(workdir, time.strftime("replaced-%Y%m%dT%H%M%SZ", time.gmtime()))
             os.makedirs(aside)
+            from nvsm_jax.workdir_lock import LOCK_FILE     # the running hold stays
             for name in os.listdir(workdir):
-                if name != "data" and not name.startswith("replaced-"):
+                if name not in ("data", LOCK_FILE) and not name.startswith("replaced-"):
                     os.replace(os.path.join(workdir, name), os.path.join(aside, name))
             logging.getLogger(__name__).warning("config changed (%s): the previous run moved to %s",
                                                 "; ".join(diffs[:5]), aside)
@@ -592,11 +655,43 @@ class Throughput:
         return rate
 
 
+#: What :func:`fit`'s divergence error suggests checking, unless the trainer passes its own.
+DIVERGENCE_HINT = ("likely config keys: optim.lr (too high or not finite), loss.temperature "
+                   "(must be > 0), and the data or initial weights (non-finite values)")
+
+
+@jax.jit
+def _note_nonfinite(carry, loss, grad_norm):
+    """The first steps with a non-finite loss / gradient norm, carried on the device.
+
+    carry: int32 [3], the first step of each (loss, grad_norm), -1 while there is none,
+    then the last step counted (the counter lives here, so a step costs no host-to-device
+    copy); loss, grad_norm: any shape -> the carry after one more step, int32 [3].
+    """
+    step = carry[2] + 1
+    bad = jnp.stack([~jnp.all(jnp.isfinite(loss)), ~jnp.all(jnp.isfinite(grad_norm))])
+    return jnp.concatenate([jnp.where((carry[:2] < 0) & bad, step, carry[:2]), step[None]])
+
+
+def _diverged(what: str, step: int, ckpt: "Checkpointer | None", hint: str) -> NonFiniteError:
+    """The error of a diverged training: the step, the last checkpoint kept, ``hint``."""
+    if ckpt is None:
+        kept = "this loop keeps no checkpoints"
+    else:
+        ckpt.wait()                             # the last save is complete on disk
+        last = ckpt.latest_step()
+        kept = ("no finite checkpoint was saved" if last is None else
+                f"the last finite checkpoint, step {last}, is kept in "
+                f"{os.path.join(ckpt.directory, str(last))}")
+    return NonFiniteError(f"training diverged: non-finite {what} at step {step}; {kept}. "
+                          f"{hint}")
+
+
 def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
         seed, batch_size: int, log_every: int, writer: "MetricsWriter",
         ckpt: "Checkpointer | None" = None, num_steps: int | None = None,
         progress: bool = True, desc: str = "train", extra: dict | None = None,
-        process_local: bool = False):
+        process_local: bool = False, hint: str = DIVERGENCE_HINT):
     """The step loop every trainer shares: global steps ``start .. end - 1``.
 
     host_batch(step) -> dict of host arrays, the whole global batch (sharded here
@@ -611,22 +706,42 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
     round) every ``log_every`` steps and at ``end``. With ``ckpt``, saves
     checkpoints on its schedule and always at ``num_steps`` (the run's last step;
     default ``end``); the caller closes it. ``num_steps`` is also the progress
-    bar's total.
+    bar's total. Lines of ``writer`` after ``start`` (a killed run's, replayed now)
+    are dropped first.
+
+    Divergence: the first step whose ``metrics["loss"]`` or ``metrics["grad_norm"]``
+    is non-finite is tracked on the device (no per-step host sync) and read at every
+    log step and before every checkpoint save; then :class:`NonFiniteError` names
+    that step (steps count from 1, as in ``metrics.jsonl`` and the checkpoints), the
+    last checkpoint kept and ``hint``. No checkpoint of that step or later is saved,
+    nor any state with a non-finite value (:meth:`Checkpointer.save`).
     """
     num_steps = end if num_steps is None else num_steps
     extra = dict(extra or {})
     timer = Throughput()
     since = 0
+    if start < end:
+        writer.discard_after(start)
     steps = range(start, end)
     if progress:
         steps = progress_bar(steps, total=num_steps, initial=start, desc=desc)
     rows = parallel.process_rows(batch_size, mesh) if process_local else None
+    carry = np.array([-1, -1, start], np.int32)   # first non-finite loss, grad_norm; step
+
+    def stop_if_diverged():
+        bad = np.asarray(jax.device_get(carry))[:2]
+        if (bad >= 0).any():
+            k = int(bad[bad >= 0].min())
+            what = " and ".join(n for n, b in zip(("loss", "gradient norm"), bad) if b == k)
+            raise _diverged(what, k, ckpt, hint)
+
     for s in steps:
         if process_local:
             batch = parallel.shard_batch(host_batch(s, rows), mesh, process_local=True)
         else:
             batch = parallel.shard_batch(host_batch(s), mesh)
         state, metrics = train_step(state, batch, step_key(seed, s))
+        carry = _note_nonfinite(carry, metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))
         parallel.wait_if_cpu_collectives((state, metrics), mesh)
         since += batch_size
         if (s + 1) % log_every == 0 or s + 1 == end:
@@ -635,6 +750,12 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
             since = 0
             if progress and hasattr(steps, "set_postfix"):
                 steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
-        if ckpt is not None:
-            ckpt.maybe_save(s + 1, state, force=(s + 1 == num_steps))
+            stop_if_diverged()
+        if ckpt is not None and ckpt.due(s + 1, force=(s + 1 == num_steps)):
+            stop_if_diverged()
+            try:
+                ckpt.maybe_save(s + 1, state, force=True)
+            except NonFiniteError as err:       # finite loss, non-finite update (lr = nan)
+                raise _diverged(f"weights ({getattr(err, 'leaf', '?')})", s + 1, ckpt,
+                                hint) from err
     return state

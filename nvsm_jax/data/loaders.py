@@ -169,13 +169,34 @@ def _find_image(root, sub, name) -> str:
                     f"(tried {', '.join(IMAGE_EXTENSIONS)})")
 
 
+_GREY16_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _to_rgb8(im, path) -> np.ndarray:
+    """A decoded PIL image -> [H, W, 3] uint8. 16-bit greyscale (0..65535) is scaled by
+    1/257 (PIL's own conversion clips it, turning most of the image white); 32-bit
+    integer or float images of another origin are refused (their range is unknown)."""
+    if im.mode in _GREY16_MODES or (im.mode == "I" and im.format == "PNG"):
+        grey = np.round(np.asarray(im, np.float64) / 257.0)
+        return np.repeat(np.clip(grey, 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+    if im.mode in ("I", "F"):
+        raise DataError(f"{path}: {'float' if im.mode == 'F' else '32-bit integer'} image "
+                        f"(PIL mode {im.mode}) of unknown range; save it as 8- or 16-bit")
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
 def load_image(path) -> np.ndarray:
-    """[H, W, 3] uint8; raises DataError naming the file if it is missing or corrupt."""
+    """[H, W, 3] uint8; raises DataError naming the file if it is missing or corrupt.
+
+    16-bit images are scaled to 0..255 (greyscale by 1/257; PIL reduces 16-bit colour
+    itself)."""
     from PIL import Image
     try:
         with Image.open(path) as im:
             im.load()
-            return np.asarray(im.convert("RGB"), np.uint8)
+            return _to_rgb8(im, path)
+    except DataError:
+        raise
     except FileNotFoundError as err:
         raise DataError(f"{path}: image not found") from err
     except Exception as err:  # PIL raises several types on corrupt data
@@ -190,7 +211,11 @@ _ANGLE_SLACK = 1e-4
 
 def _scalar(ann, key, path):
     raw = np.asarray(ann[key])
-    if raw.dtype.kind not in "biuf":
+    if raw.dtype.kind == "b":
+        shown = raw.reshape(-1)[0] if raw.size else raw
+        raise DataError(f"{path}: annotation {key!r} is a boolean ({shown}), not a number; "
+                        "store it as a float")
+    if raw.dtype.kind not in "iuf":
         shown = raw.reshape(-1)[0] if raw.size else raw
         raise DataError(f"{path}: annotation {key!r} must be a number, got {raw.dtype} "
                         f"value {str(shown)!r}")
@@ -214,7 +239,8 @@ def _check_angle(key, value, path):
 def load_annotation(path) -> dict:
     """Reads and checks one annotation ``.npz``; raises DataError naming the file.
 
-    Every required field must be a finite number (a string or an array raises);
+    Every required field must be a finite number (a string, a boolean or an array
+    raises);
     azimuth and theta must lie in [-2 pi, 2 pi] and elevation in [-pi/2, pi/2]
     (radians: values beyond are refused as degrees stored by mistake); distance
     and focal * viewport must be positive.
@@ -237,7 +263,7 @@ def load_annotation(path) -> dict:
     for key, value in (("azimuth", a), ("elevation", e), ("theta", t)):
         _check_angle(key, value, path)
     raw_p = np.asarray(ann["principal"])
-    if raw_p.dtype.kind not in "biuf":
+    if raw_p.dtype.kind not in "iuf":
         raise DataError(f"{path}: annotation 'principal' must be 2 numbers, got {raw_p.dtype}")
     principal = raw_p.astype(np.float64).reshape(-1)
     if principal.size != 2 or not np.all(np.isfinite(principal)):
@@ -246,6 +272,15 @@ def load_annotation(path) -> dict:
         raise DataError(f"{path}: distance ({d}) and focal*viewport ({f * vp}) must be positive")
     return {"pose": np.array([a, e, t, d], np.float32), "focal": np.float32(f * vp),
             "principal": principal.astype(np.float32), "raw": ann}
+
+
+def _check_principal(principal, image_hw, path, img_path):
+    """Refuses a principal point (px, py) outside its image [0, W] x [0, H]."""
+    (px, py), (h, w) = principal, image_hw
+    if not (0 <= px <= w and 0 <= py <= h):
+        raise DataError(f"{path}: principal point ({px:g}, {py:g}) lies outside its image "
+                        f"{img_path} ({w}x{h}); expected screen coordinates (x = column, "
+                        "y = row) inside the image")
 
 
 def _mask(ann, key, shape, path, img_path):
@@ -266,7 +301,8 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
       ``FGLk_BGLk`` suffix). limit: the first ``limit`` names of the list (a
       positive integer; None = all).
     skip_bad: bad entries (missing/corrupt image, annotation missing keys,
-      non-numeric, non-finite or out of range, image or mask of another size)
+      non-numeric, non-finite or out of range, a principal point outside the
+      image, image or mask of another size)
       raise a DataError naming the file by default; with ``skip_bad=True`` they
       are logged and skipped, and the count is logged at the end.
     The images of one subset share one size: the most common one (ties: the
@@ -314,6 +350,7 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
                 raise DataError(f"{img_path}: image size {img.shape[:2]} differs from {common} "
                                 f"of {sizes.count(common)} other images (e.g. {first}); images "
                                 "of one root must share one size")
+            _check_principal(ann["principal"], img.shape[:2], ann_path, img_path)
             om = _mask(ann["raw"], "object_mask", img.shape[:2], ann_path, img_path)
             cm = _mask(ann["raw"], "occluder_mask", img.shape[:2], ann_path, img_path)
         except DataError as err:
@@ -341,11 +378,14 @@ def load_pose_set(root, category: str, occlusion="L0", *, limit: int | None = No
                    object_mask=stack(obj), occluder_mask=stack(occ))
 
 
-def load_model_mesh(root, category: str, cad_index: int = 1) -> meshes.Mesh:
+def load_model_mesh(root, category: str, cad_index: int = 1, *,
+                    pose_set: PoseSet | None = None) -> meshes.Mesh:
     """The category's model mesh ``{root}/CAD_single/{cat}/{cad_index:02d}.off``.
 
     Falls back to the sibling root (``../train`` or ``../test``) when this root
-    has no ``CAD_single`` folder.
+    has no ``CAD_single`` folder. With ``pose_set`` (the images it will be used
+    with), a camera inside the mesh's bounding sphere at any of their distances
+    raises MeshError naming the file (:func:`meshes.check_camera_outside`).
     """
     rel = os.path.join("CAD_single", category, f"{cad_index:02d}.off")
     path = os.path.join(root, rel)
@@ -357,6 +397,9 @@ def load_model_mesh(root, category: str, cad_index: int = 1) -> meshes.Mesh:
                 path = alt
                 break
     try:
-        return meshes.load_mesh(path)
+        mesh = meshes.load_mesh(path)
     except meshes.MeshError as err:
         raise DataError(str(err)) from err
+    if pose_set is not None:
+        meshes.check_camera_outside(mesh, pose_set.poses[:, 3], source=path, names=pose_set.names)
+    return mesh

@@ -80,6 +80,12 @@ class SynthConfig:
     cuboid_instances: int = 200
     workers: int = 2                          # host threads compositing / writing images
 
+    def __post_init__(self):
+        """Every field checked (``ConfigError`` naming each bad one): an empty set, a zero
+        batch or an impossible pose range is refused before anything is written."""
+        from nvsm_jax import config_checks    # imported here: it reads nvsm_jax.data
+        config_checks.check_synthetic_config(dataclasses.asdict(self))
+
     @classmethod
     def from_mapping(cls, cfg) -> "SynthConfig":
         """From a dict / ml_collections ConfigDict (unknown keys are ignored)."""

@@ -21,10 +21,11 @@ import time
 import jax
 import numpy as np
 
-from nvsm_jax import parallel, training
+from nvsm_jax import config_checks, parallel, training
 from nvsm_jax.mcss import data as mdata
 from nvsm_jax.mcss import h36m, mpi_inf_3dhp, retrieval
 from nvsm_jax.mcss import train as mtrain
+from nvsm_jax.workdir_lock import locked
 
 __all__ = ["train_and_evaluate", "report_markdown", "headline_markdown", "aggregate",
            "aggregate_markdown", "claims", "load_data", "HEADLINE", "BOOTSTRAP"]
@@ -80,6 +81,7 @@ def _row(method: str, level: str, metrics: dict, ret: dict, **extra) -> dict:
                 hit=ret["hit"], retrieval_xs=ret["pa_mpjpe_xs"], hit_xs=ret["hit_xs"], **extra)
 
 
+@locked     # one run per workdir (nvsm_jax.workdir_lock)
 def train_and_evaluate(config, workdir: str, log=None) -> dict:
     """The whole experiment; returns the results dict (also written to disk).
 
@@ -89,7 +91,9 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
     ``WORKDIR/seed<S>`` (its own data, split and training; resumable) and
     ``WORKDIR/report.md`` holds the mean +- SE over seeds (:func:`aggregate`); returns
     ``{"seeds", "summary", "per_seed"}``.
-    log: a callable taking one message (default: this module's logger at INFO)."""
+    log: a callable taking one message (default: this module's logger at INFO).
+    Every option is checked first (:func:`nvsm_jax.config_checks.check_mcss_config`)."""
+    config_checks.check_mcss_config(config)
     log = log or _log.info
     seeds = tuple(int(s) for s in (config.get("seeds", ()) or ()))
     if not seeds:

@@ -18,7 +18,9 @@ weight/bias -> ``params/.../scale, bias``, running mean/var ->
 shape. The converted tree is cached as ``.npz`` under :func:`cache_dir` and
 reused; a file whose SHA-256 does not start with the hash in its name, a
 truncated file, or a key/shape mismatch raises :class:`WeightsError` naming the
-file and the key.
+file and the key. The cache records the source file's SHA-256 and its own arrays'
+digest, and is checked on every read (:func:`read_cache`): a damaged cache is
+rebuilt from the source, with a warning naming it.
 
 :func:`imagenet_logits` (uint8 ``[N, H, W, 3]`` -> float32 ``[N, 1000]``, no
 resizing) exists to check the port against the reference implementation.
@@ -29,6 +31,8 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
+import json
+import logging
 import os
 import pickle
 import re
@@ -42,7 +46,10 @@ from nvsm_jax.errors import InputError
 from nvsm_jax.models import efficientnet
 
 __all__ = ["WeightsError", "read_legacy_torch", "pretrained_encoder", "checkpoint_path", "encoder_variables",
-           "load_imagenet", "cache_dir", "imagenet_logits", "normalize_lite", "verify_hash"]
+           "load_imagenet", "cache_dir", "imagenet_logits", "normalize_lite", "verify_hash",
+           "read_cache"]
+
+log = logging.getLogger(__name__)
 
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
@@ -68,7 +75,7 @@ KNOWN_SHA256 = {
         "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
 }
 
-CONVERTER_VERSION = 1   # bump when the conversion changes: invalidates the cache
+CONVERTER_VERSION = 2   # bump when the conversion or the cache changes: invalidates the cache
 
 
 class WeightsError(InputError):
@@ -200,15 +207,20 @@ def read_legacy_torch(path) -> dict[str, np.ndarray]:
     return out
 
 
+def file_sha256(path) -> str:
+    """The SHA-256 hex digest of the file at ``path``."""
+    h = hashlib.sha256()
+    with open(os.fspath(path), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def verify_hash(path) -> None:
     """Checks the file's SHA-256 against the digest its name carries (``-<hex>.pth``),
     or the full digest recorded for known files. Raises :class:`WeightsError`."""
     path = os.fspath(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    digest = h.hexdigest()
+    digest = file_sha256(path)
     base = os.path.basename(path)
     want = KNOWN_SHA256.get(base)
     if want is None:
@@ -340,33 +352,123 @@ def _unflatten(items):
     return out
 
 
+#: The cache entry (a JSON string) recording where its arrays came from.
+_CACHE_RECORD = "__record__"
+
+
+def _cache_layout(variant: str) -> dict[str, tuple]:
+    """Every array of ``variant``'s cache: ``"collection/.../leaf"`` -> its converted shape."""
+    out = {}
+    for coll, path, leaf, shape in _expected_keys(variant).values():
+        if leaf == "kernel" and len(shape) == 4:        # [O, I, kh, kw] -> [kh, kw, I, O]
+            shape = (shape[2], shape[3], shape[1], shape[0])
+        elif leaf == "kernel":
+            shape = shape[::-1]
+        out["/".join((coll,) + path + (leaf,))] = tuple(shape)
+    return out
+
+
+def _arrays_sha256(flat: Mapping[str, np.ndarray]) -> str:
+    """SHA-256 over the names, dtypes, shapes and bytes of ``flat``'s arrays (name order)."""
+    h = hashlib.sha256()
+    for name in sorted(flat):
+        a = np.ascontiguousarray(flat[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def read_cache(cache, variant: str, source_sha256: str | None = None) -> dict:
+    """The arrays of a converted-weights cache, ``{"collection/.../leaf": float32 array}``,
+    checked: every key of ``variant`` and no other, each with its shape and finite,
+    the arrays' digest recorded inside, and (when given) the source file's SHA-256
+    recorded inside equal to ``source_sha256``. Raises :class:`WeightsError` naming
+    the cache file and the key (or the record) that fails."""
+    cache = os.fspath(cache)
+    try:
+        with np.load(cache, allow_pickle=False) as z:
+            flat = {k: np.asarray(z[k]) for k in z.files}
+    except Exception as err:                                  # not an npz, truncated, ...
+        raise WeightsError(f"{cache}: unreadable weights cache ({type(err).__name__}: "
+                           f"{str(err)[:200]})") from err
+    record = flat.pop(_CACHE_RECORD, None)
+    layout = _cache_layout(variant)
+    missing = sorted(set(layout) - set(flat))
+    if missing:
+        raise WeightsError(f"{cache}: missing key {missing[0]!r} for {variant} "
+                           f"({len(missing)} missing)")
+    extra = sorted(set(flat) - set(layout))
+    if extra:
+        raise WeightsError(f"{cache}: unexpected key {extra[0]!r} for {variant}")
+    for name, shape in layout.items():
+        value = flat[name]
+        if value.shape != shape or value.dtype != np.float32:
+            raise WeightsError(f"{cache}: key {name!r} is {value.dtype} {value.shape}, "
+                               f"{variant} needs float32 {shape}")
+        if not np.all(np.isfinite(value)):
+            raise WeightsError(f"{cache}: key {name!r} holds non-finite values")
+    try:
+        record = json.loads(str(record)) if record is not None else None
+    except json.JSONDecodeError:
+        record = None
+    if not isinstance(record, dict):
+        raise WeightsError(f"{cache}: no readable {_CACHE_RECORD!r} entry (the record of its "
+                           "source); it was not written by this converter")
+    if record.get("arrays_sha256") != _arrays_sha256(flat):
+        raise WeightsError(f"{cache}: its arrays do not match the digest in its "
+                           f"{_CACHE_RECORD!r} entry (rewritten or damaged)")
+    if source_sha256 is not None and record.get("source_sha256") != source_sha256:
+        raise WeightsError(f"{cache}: converted from another file (source SHA-256 "
+                           f"{str(record.get('source_sha256'))[:16]}..., the source now has "
+                           f"{source_sha256[:16]}...)")
+    return flat
+
+
+def _write_cache(cache, flat: Mapping[str, np.ndarray], source_sha256: str) -> None:
+    """Writes ``flat`` and its record (source and arrays digests) atomically."""
+    record = json.dumps({"source_sha256": source_sha256, "arrays_sha256": _arrays_sha256(flat),
+                         "converter": CONVERTER_VERSION})
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npz")
+    with os.fdopen(fd, "wb") as f:
+        np.savez(f, **flat, **{_CACHE_RECORD: np.array(record)})
+    os.replace(tmp, cache)
+
+
 def load_imagenet(variant: str = "efficientnet_lite0", *, with_classifier: bool = False,
                   path: str | None = None, use_cache: bool = True) -> dict:
     """The converted ImageNet variables of ``variant`` (``{"params", "batch_stats"}``).
 
     path: a ``.pth`` to read instead of the installed package's. The first call
     converts and writes ``<cache_dir>/<file>.v<N>.npz`` (atomically); later calls
-    read that, after checking it is newer than the source file.
+    read that after :func:`read_cache` checks it against the source file's SHA-256.
+    A cache that fails a check is rebuilt from the source, with a warning naming it;
+    without the source, a good cache is used and a bad one is a :class:`WeightsError`.
     """
     src = os.fspath(path) if path is not None else checkpoint_path(variant)
     cache = os.path.join(cache_dir(), f"{os.path.basename(src)}.{variant}.v{CONVERTER_VERSION}.npz")
+    have_src = os.path.isfile(src)
+    src_sha256 = file_sha256(src) if have_src else None
     flat = None
-    if use_cache and os.path.isfile(cache) and os.path.getmtime(cache) >= os.path.getmtime(src):
+    if use_cache and os.path.isfile(cache):
         try:
-            with np.load(cache) as z:
-                flat = {tuple(k.split("/")): np.asarray(z[k]) for k in z.files}
-        except Exception:                                     # a damaged cache is rebuilt
-            flat = None
+            flat = {tuple(k.split("/")): v
+                    for k, v in read_cache(cache, variant, src_sha256).items()}
+        except WeightsError as err:
+            if not have_src:
+                raise WeightsError(f"{err}; its source {src} is missing, so it cannot be "
+                                   "rebuilt: reinstall the weights package, or delete the "
+                                   "cache file") from err
+            log.warning("%s; rebuilding it from %s", err, src)
     if flat is None:
+        if not have_src:
+            raise WeightsError(f"{src}: no such weights file (and no cache {cache})")
         verify_hash(src)
         tree = encoder_variables(read_legacy_torch(src), variant, source=src)
         flat = dict(_flatten(tree))
         if use_cache:
-            os.makedirs(os.path.dirname(cache), exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npz")
-            with os.fdopen(fd, "wb") as f:
-                np.savez(f, **{"/".join(k): v for k, v in flat.items()})
-            os.replace(tmp, cache)
+            _write_cache(cache, {"/".join(k): v for k, v in flat.items()},
+                         src_sha256 or file_sha256(src))
     if not with_classifier:
         flat = {k: v for k, v in flat.items() if k[1] != "fc"}
     return _unflatten(flat.items())

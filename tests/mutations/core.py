@@ -259,8 +259,8 @@ MUTATIONS = [
     Mutation(
         name="cfg_only_first_error",
         file="nvsm_jax/config_checks.py",
-        old='raise ValueError("invalid config: " + "; ".join(errors))',
-        new='raise ValueError("invalid config: " + errors[0])',
+        old='raise ConfigError("invalid config: " + "; ".join(errors))',
+        new='raise ConfigError("invalid config: " + errors[0])',
         tests=("tests/test_config_checks.py::test_every_bad_key_is_listed_in_one_error",),
         kind="dropped term"),
     Mutation(
