@@ -16,7 +16,7 @@ __all__ = ["Mutation", "KINDS", "AREAS", "MUTATIONS"]
 
 KINDS = ("sign", "dropped term", "swapped args", "off by one", "wrong axis",
          "stop_gradient", "inverted mask", "constant", "skipped step")
-AREAS = ("nemo", "nvsm", "learners", "core")
+AREAS = ("nemo", "nvsm", "learners", "core", "faults")
 
 
 @dataclasses.dataclass(frozen=True)
