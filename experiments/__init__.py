@@ -29,7 +29,7 @@ import sys
 def run(main) -> None:
     """``app.run(main)`` with the package's error handling: a bad input, config or run
     state (:class:`nvsm_jax.errors.InputError`) or a file-system error prints one short
-    message and exits 1; ``--debug`` shows the traceback (:func:`nvsm_jax.errors.guard`)."""
+    message and exits 2; ``--debug`` shows the traceback (:func:`nvsm_jax.errors.guard`)."""
     from absl import app, flags
 
     from nvsm_jax import errors

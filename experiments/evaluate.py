@@ -8,26 +8,23 @@
 Writes ``WORKDIR/results.json`` (``{"rows": [...]}``, accuracies in percent),
 ``results.md``, ``predictions_<level>.npz`` and ``error_distribution.png``.
 
-A missing ``--data`` folder, or one with none of the levels, exits 1 naming it and
+A missing ``--data`` folder, or one with none of the levels, exits 2 naming it and
 writes nothing; a level the root lacks is a row marked missing (with the reason)
-in ``results.md`` / ``results.json``. A bad test image or annotation exits 1
+in ``results.md`` / ``results.json``. A bad test image or annotation exits 2
 naming the file; ``--skip_bad`` skips it instead and lists it in the results.
 
 The latest checkpoint is evaluated. On a run stopped before its last step (killed,
 or still running) a warning names the step, and ``results.json`` (``checkpoint``)
 and ``results.md`` record it; ``results.json`` also records the test root's
 fingerprints (``test_data``). A model with NaN or infinite weights, or a missing or
-damaged ``config.json``, exits 1 naming the workdir or file.
+damaged ``config.json``, exits 2 naming the workdir or file.
 """
 
 from __future__ import annotations
 
-import sys
-
 from absl import flags
 
 from nvsm_jax import parallel, train, training
-from nvsm_jax.data import DataError
 
 from . import run
 
@@ -51,13 +48,9 @@ def main(argv):
     parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     training.quiet_checkpoint_logs()
-    try:
-        train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver,
-                               limit=FLAGS.limit, occlusions=FLAGS.occlusions,
-                               method=FLAGS.method, out_dir=FLAGS.out, top_k=FLAGS.top_k,
-                               skip_bad=FLAGS.skip_bad)
-    except (DataError, FileNotFoundError) as err:
-        sys.exit(f"experiments.evaluate: {err}")
+    train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
+                           occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
+                           top_k=FLAGS.top_k, skip_bad=FLAGS.skip_bad)
 
 
 if __name__ == "__main__":

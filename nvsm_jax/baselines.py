@@ -471,5 +471,5 @@ def predict_classifier(state_or_model, images, batch_size: int = 32, *,
         n = len(chunk)
         if n < bs:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-        out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])
+        out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])
     return np.asarray(bins_to_pose(np.concatenate(out), config), np.float32)

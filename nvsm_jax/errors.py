@@ -10,8 +10,9 @@ meshes (:class:`nvsm_jax.meshes.MeshError`), weights
 
 The binaries run their ``main`` under :func:`guard`: an ``InputError``, or an
 ``OSError`` from the file system (a missing file, no permission, a full disk),
-prints ``<binary>: error: <message>`` in at most a few lines and exits 1; with
-``--debug`` (or ``NVSM_DEBUG=1``) the traceback is shown instead. Anything else
+prints ``<binary>: error: <message>`` in at most a few lines and exits 2 (1 stays the
+status of a crash); with ``--debug`` (or ``NVSM_JAX_DEBUG=1``) the traceback is shown
+instead. Anything else
 is a bug and keeps its traceback.
 """
 
@@ -22,7 +23,7 @@ import functools
 import os
 import sys
 
-__all__ = ["InputError", "ConfigError", "RunStateError", "WorkdirLocked", "NonFiniteError",
+__all__ = ["EXIT_STATUS", "InputError", "ConfigError", "RunStateError", "WorkdirLocked", "NonFiniteError",
            "describe", "guard", "debug_requested"]
 
 
@@ -47,6 +48,9 @@ class NonFiniteError(InputError):
     """The training produced a non-finite loss or gradient."""
 
 
+#: The exit status of an expected error (a crash exits 1).
+EXIT_STATUS = 2
+
 #: Lines of a message printed without ``--debug``.
 MAX_LINES = 3
 
@@ -70,7 +74,7 @@ def describe(err: BaseException) -> str:
 
 def debug_requested(argv=None) -> bool:
     argv = sys.argv if argv is None else argv
-    return "--debug" in argv or os.environ.get("NVSM_DEBUG", "") not in ("", "0")
+    return "--debug" in argv or os.environ.get("NVSM_JAX_DEBUG", "") not in ("", "0")
 
 
 def _expected(err: BaseException) -> bool:
@@ -110,6 +114,6 @@ def guard(main, prog: str | None = None):
             message = describe(full if full is not None else err)
             sys.stderr.write(f"{name}: error: {message}\n")
             sys.stderr.flush()
-            sys.exit(1)
+            sys.exit(EXIT_STATUS)
 
     return wrapped

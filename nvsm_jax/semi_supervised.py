@@ -628,10 +628,14 @@ def _load_round(workdir, r) -> pseudo_labels.PseudoLabels:
         if pl.poses.shape != (len(pl), 4):
             raise ValueError(f"poses of shape {pl.poses.shape} for {len(pl)} labels")
     except Exception as err:  # noqa: BLE001 - any damage: name the file
+        missing = isinstance(err, FileNotFoundError)
+        # numpy reads random bytes as a pickle and suggests allow_pickle: never the fix here
+        cause = "" if missing or "pickle" in str(err) else f" ({type(err).__name__}: " \
+            f"{str(err)[:200]})"
         raise RunStateError(
             f"{path}: the pseudo-labels after round {r}, which progress.json records as "
-            f"finished, are {'missing' if isinstance(err, FileNotFoundError) else 'damaged'} "
-            f"({type(err).__name__}: {str(err)[:200]}); restore the file, or start the NVSM "
+            f"finished, are {'missing' if missing else 'damaged: not an npz file of this run'}"
+            f"{cause}; restore the file, or start the NVSM "
             "run over (delete progress.json, rounds.jsonl, pseudo_labels/ and checkpoints/)"
         ) from err
     return pl

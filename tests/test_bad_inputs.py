@@ -181,6 +181,7 @@ def test_evaluate_cli_exits_nonzero_naming_the_missing_root(tmp_path):
     res = subprocess.run([sys.executable, "-m", "experiments.evaluate", "--workdir",
                           str(tmp_path), "--data", missing], cwd=REPO, capture_output=True,
                          text=True, timeout=240, env=dict(os.environ, JAX_PLATFORMS="cpu"))
-    assert res.returncode == 1
-    assert f"experiments.evaluate: {missing}: test root not found" in res.stderr
+    assert res.returncode == 2
+    assert f"evaluate.py: error: {missing}: test root not found" in res.stderr
+    assert "Traceback" not in res.stderr
     assert os.listdir(tmp_path) == []

@@ -436,16 +436,16 @@ def test_synth_config_boundaries_pass():
 ])
 def test_make_synthetic_refuses_bad_flags_before_writing(tmp_path, capsys, monkeypatch, flags,
                                                          message):
-    """make_synthetic names the field and its flag in one short line, exits 1 and writes
+    """make_synthetic names the field and its flag in one short line, exits 2 and writes
     nothing (issue 30: --train 0 / --test -1 wrote empty sets, --batch 0 failed inside
     range()); --debug raises the ConfigError itself."""
     from experiments import make_synthetic
-    monkeypatch.delenv("NVSM_DEBUG", raising=False)
+    monkeypatch.delenv("NVSM_JAX_DEBUG", raising=False)
     out = tmp_path / "out"
     argv = ["--config=synthetic:tiny", "--out", str(out), *flags]
     with pytest.raises(SystemExit) as info:
         make_synthetic.main(argv)
-    assert info.value.code == 1
+    assert info.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not os.path.exists(out)
@@ -462,14 +462,14 @@ def test_make_synthetic_refuses_bad_flags_before_writing(tmp_path, capsys, monke
 def test_argparse_binaries_print_expected_errors_and_accept_debug(tmp_path, capsys, monkeypatch,
                                                                   module, flags, message):
     """The data tools run under errors.guard: a missing root is one line naming it and
-    exit status 1; --debug is accepted and shows the error itself."""
+    exit status 2; --debug is accepted and shows the error itself."""
     import importlib
     main = importlib.import_module(f"experiments.{module}").main
-    monkeypatch.delenv("NVSM_DEBUG", raising=False)
+    monkeypatch.delenv("NVSM_JAX_DEBUG", raising=False)
     argv = ["--root", str(tmp_path / "missing")] + [f.format(tmp=tmp_path) for f in flags]
     with pytest.raises(SystemExit) as info:
         main(argv)
-    assert info.value.code == 1
+    assert info.value.code == 2
     err = capsys.readouterr().err
     assert str(tmp_path / "missing") in err and message in err and "Traceback" not in err
     with pytest.raises(ValueError if module != "show_data" else OSError, match=message):

@@ -207,11 +207,19 @@ def test_damaged_round_files_are_named(tmp_path):
         ss._load_round(work, 2)
     with open(path, "wb") as f:
         f.write(b"PK\x03\x04 not a zip")
-    with pytest.raises(RunStateError, match=rf"round_002\.npz: .* are damaged "
-                                            r"\(BadZipFile.*restore the file, or start"):
+    with pytest.raises(RunStateError, match=rf"round_002\.npz: .* are damaged: not an npz "
+                                            r"file of this run \(BadZipFile.*restore the file, "
+                                            r"or start"):
         ss._load_round(work, 2)
+    with open(path, "wb") as f:                       # numpy reads random bytes as a pickle
+        f.write(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
+    with pytest.raises(RunStateError, match=r"round_002\.npz: .* damaged: not an npz file of "
+                                            r"this run; restore") as info:
+        ss._load_round(work, 2)
+    assert "pickle" not in str(info.value)
     np.savez(path, index=np.arange(3))                # a key missing
-    with pytest.raises(RunStateError, match=r"round_002\.npz: .* damaged \(KeyError"):
+    with pytest.raises(RunStateError, match=r"round_002\.npz: .* damaged: not an npz file of "
+                                            r"this run \(KeyError"):
         ss._load_round(work, 2)
     ss._savez_atomic(path, **_labels([4, 1]).to_dict())
     np.testing.assert_array_equal(ss._load_round(work, 2).index, [4, 1])
@@ -328,12 +336,12 @@ def _dev_full_tmp(path, suffix):
 def _guarded(fn, capsys):
     with pytest.raises(SystemExit) as info:
         errors.guard(fn, prog="nvsm_fewshot")()
-    assert info.value.code == 1
+    assert info.value.code == 2
     return capsys.readouterr().err
 
 
 def test_a_full_disk_names_the_run_state_file_in_one_line(tmp_path, capsys, monkeypatch):
-    monkeypatch.delenv("NVSM_DEBUG", raising=False)
+    monkeypatch.delenv("NVSM_JAX_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["nvsm_fewshot"])
     progress = str(tmp_path / "progress.json")
     _dev_full_tmp(progress, ".tmp")
@@ -352,7 +360,7 @@ def test_a_full_disk_inside_a_run_names_its_workdir_and_drops_orbax_noise(
     """Writers the run does not name (metrics, orbax) raise ENOSPC without a file name;
     the run's hold names its workdir, tensorstore's RESOURCE_EXHAUSTED too, and
     orbax's log records of it are dropped."""
-    monkeypatch.delenv("NVSM_DEBUG", raising=False)
+    monkeypatch.delenv("NVSM_JAX_DEBUG", raising=False)
     monkeypatch.setattr(sys, "argv", ["nvsm_fewshot"])
     work = str(tmp_path / "w")
     writer = training.MetricsWriter(work, tensorboard=False)

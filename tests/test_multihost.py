@@ -5,7 +5,8 @@ Two launches of this file as a script (``python tests/test_multihost.py TASK ROO
 OUT`` under :func:`experiments.launch.launch`):
 ``kill`` trains NeMo and SIGKILLs both processes right after their first
 checkpoint; ``resume`` resumes that run to the end, trains the same run
-uninterrupted in another workdir, runs one NVSM E-step and two MCSS steps. Each
+uninterrupted in another workdir, runs one NVSM E-step, two MCSS steps with their
+predictions and the pose classifier's predictions. Each
 process saves what it computed, and how many images it read, to ``OUT/TASK_p<i>.npz``;
 the test compares them with the same calls made here on one process.
 """
@@ -99,7 +100,9 @@ def _fake_mcss_set(**kw):
 
 
 def _mcss(mesh_axes):
-    """Two MCSS steps (pose + multi-view loss) on the mesh -> the second step's losses."""
+    """Two MCSS steps (pose + multi-view loss) on the mesh, each process gathering only
+    its rows of the batch -> the second step's losses, and the predictions (embedding,
+    joints) of 12 frames, gathered from every process."""
     import jax
     from experiments.configs import mcss as mcss_config
     from nvsm_jax import parallel, training
@@ -109,10 +112,25 @@ def _mcss(mesh_axes):
     ts = _fake_mcss_set()
     model, state = mtrain.init_state(cfg, mesh_axes, (32, 32), seed=0)
     step = mtrain.make_train_step(model, cfg, use_multiview=True)
-    batch = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, True, 0), mesh_axes)
+    batch = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, True, 0, mesh=mesh_axes),
+                                 mesh_axes, process_local=True)
     for s in range(2):
         state, out = step(state, batch, training.step_key(0, s))
-    return {k: float(v) for k, v in jax.device_get(out).items()}
+    emb, joints = mtrain.predict(model, state, ts.images[:12], mesh_axes, batch_size=8)
+    return {**{k: float(v) for k, v in jax.device_get(out).items()},
+            "pred_emb": emb, "pred_joints": joints}
+
+
+def _classifier(root, mesh_axes):
+    """The pose classifier's predictions (untrained, tiny) for 12 images, each process
+    computing its rows of every chunk -> poses [12, 4], on every process."""
+    from nvsm_jax import baselines
+    from nvsm_jax.data import load_pose_set
+
+    cfg = baselines.classifier_config("tiny")
+    images = load_pose_set(root, "car").images[:12]
+    state = baselines.init_classifier_state(cfg, images.shape[1:3], mesh_axes)
+    return {"poses": baselines.predict_classifier(state, images, 8, config=cfg)}
 
 
 # ---- the processes
@@ -155,6 +173,7 @@ def _process_main(task, root, work, out):
     print(f"estep {time.time() - t:.1f} s", flush=True)
     res.update({f"mcss_{k}": v for k, v in _mcss(mesh).items()})
     print(f"mcss {time.time() - t:.1f} s", flush=True)
+    res.update({f"cls_{k}": v for k, v in _classifier(root, mesh).items()})
     np.savez(os.path.join(out, f"{task}_p{pid}.npz"), **res)
 
 
@@ -339,7 +358,21 @@ def test_mcss_two_processes_match_one(runs, eight_devices):
         got = _part(p, "mcss_")
         assert set(got) == set(ref)
         for k, v in ref.items():
-            assert float(got[k]) == pytest.approx(v, rel=2e-3, abs=1e-5), k
+            if k.startswith("pred_"):       # gathered from both processes: every frame
+                assert got[k].shape == v.shape, k
+                np.testing.assert_allclose(got[k], v, rtol=2e-3, atol=1e-3 * np.abs(v).max(),
+                                           err_msg=k)
+            else:
+                assert float(got[k]) == pytest.approx(v, rel=2e-3, abs=1e-5), k
+
+
+def test_classifier_predictions_two_processes_match_one(runs, eight_devices):
+    """The few-shot experiment's first method on two processes: each computes its rows
+    of every chunk and the poses are gathered (a plain read of the sharded output
+    fails there)."""
+    ref = _classifier(runs["root"], parallel.make_mesh(8))["poses"]
+    for p in runs["procs"]:
+        np.testing.assert_array_equal(p["cls_poses"], ref)
 
 
 if __name__ == "__main__":      # one process of a launch: TASK ROOT WORK OUT

@@ -335,28 +335,35 @@ def _cached_step(model, cfg, use_multiview: bool):
 
 
 def _batch_for_step(ts: TrainSet, cfg, step: int, use_multiview: bool, seed: int,
-                    feats: np.ndarray | None = None) -> dict:
+                    feats: np.ndarray | None = None, mesh=None) -> dict:
     """The host batch of ``step``: images, or with ``feats`` (the encoder maps of
     ``ts.images``, [N, ...], or of ``C`` colour-augmented copies of them, [C, N, ...],
     :func:`encode_copies`) those maps, of the same frames (with copies, each frame's
-    copy drawn at random)."""
+    copy drawn at random). With ``mesh``, only this process's rows of each part
+    (:func:`nvsm_jax.parallel.process_rows`; all of them on one process): the draws
+    are made for the whole batch, so every process agrees, and only its own frames
+    are gathered (``shard_batch(..., process_local=True)`` assembles the batch)."""
     rng = np.random.default_rng([seed, step])
     name = "images" if feats is None else "feats"
 
+    def mine(x):
+        return x if mesh is None else x[parallel.process_rows(len(x), mesh)]
+
     def take(idx):
         if feats is None:
-            return ts.images[idx]
+            return ts.images[mine(idx)]
         if feats.ndim == 4:                          # one copy
-            return feats[idx]
-        return feats[rng.integers(0, len(feats), size=len(idx)), idx]   # a copy per frame
+            return feats[mine(idx)]
+        copy = rng.integers(0, len(feats), size=len(idx))    # a copy per frame
+        return feats[mine(copy), mine(idx)]
 
     sup = sample_supervised_batch(rng, ts, cfg.sup_batch)
-    batch = {f"sup_{name}": take(sup["idx"]), "sup_pose": sup["pose"]}
+    batch = {f"sup_{name}": take(sup["idx"]), "sup_pose": mine(sup["pose"])}
     if use_multiview:
         mvb = sample_multiview_batch(rng, ts, cfg.multiview.num_seqs, cfg.multiview.num_times,
                                      cfg.multiview.num_views)
-        batch.update({f"mv_{name}": take(mvb["idx"])}, mv_seq=mvb["seq"], mv_time=mvb["time"],
-                     mv_view=mvb["view"])
+        batch.update({f"mv_{name}": take(mvb["idx"])}, mv_seq=mine(mvb["seq"]),
+                     mv_time=mine(mvb["time"]), mv_view=mine(mvb["view"]))
     return batch
 
 
@@ -440,8 +447,8 @@ def encode(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
         chunk = images[start:start + batch_size]
         padded, n = parallel.pad_to_multiple(chunk, batch_size if len(images) > batch_size
                                              else n_dev)
-        out.append(np.asarray(fn(variables, parallel.shard_batch(padded, mesh),
-                                 jax.random.fold_in(key, start // batch_size)))[:n])
+        out.append(parallel.host_array(fn(variables, parallel.shard_batch(padded, mesh),
+                                          jax.random.fold_in(key, start // batch_size)))[:n])
     feats = np.concatenate(out).astype(np.float32)
     if cache_key is not None:
         _remember(cache_key, images, feats)
@@ -496,11 +503,11 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
         if uses_feature_cache(cfg) and start < cfg.steps else None
     mv = cfg.multiview
     batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)
-    state = training.fit(
-        state, step_fn, lambda s: _batch_for_step(ts, cfg, s, use_mv, seed, feats), mesh,
-        start=start, end=cfg.steps, seed=seed, batch_size=batch_size, log_every=cfg.log_every,
-        writer=writer, ckpt=ckpt, progress=cfg.get("progress", False),
-        desc=os.path.basename(workdir))
+    state = training.fit(         # each process gathers only its rows of each part
+        state, step_fn, lambda s, _rows: _batch_for_step(ts, cfg, s, use_mv, seed, feats, mesh),
+        mesh, start=start, end=cfg.steps, seed=seed, batch_size=batch_size,
+        log_every=cfg.log_every, writer=writer, ckpt=ckpt, progress=cfg.get("progress", False),
+        desc=os.path.basename(workdir), process_local=True)
     ckpt.close()
     if log and start < cfg.steps:
         last = writer.read()[-1]
@@ -550,8 +557,8 @@ def predict(model, state, images: np.ndarray, mesh=None, batch_size: int = 256,
         chunk = images[start:start + batch_size]
         padded, n = parallel.pad_to_multiple(chunk, batch_size if len(images) > batch_size else n_dev)
         e, p = fn(variables, parallel.shard_batch(padded, mesh))
-        embs.append(np.asarray(e)[:n])
-        poses.append(np.asarray(p)[:n] * 1000.0)
+        embs.append(parallel.host_array(e)[:n])
+        poses.append(parallel.host_array(p)[:n] * 1000.0)
     return np.concatenate(embs), np.concatenate(poses)
 
 

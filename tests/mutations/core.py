@@ -329,5 +329,19 @@ MUTATIONS = [
         new="out = out + z[:, j:j + H, i:i + W, t * f:(t + 1) * f]",
         tests=(_UPCONV + "[40-4-hw0-out_hw0]",),
         kind="swapped args"),
+    # ----------------------------------------------------------------- multi-process paths
+    Mutation(
+        name="classifier_reads_local_shards",
+        file="nvsm_jax/baselines.py",
+        old="out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
+        new="out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
+        tests=("tests/test_multihost.py::test_classifier_predictions_two_processes_match_one",),
+        kind="skipped step"),
+    Mutation(
+        name="mcss_batch_rows_not_process_local",
+        file="nvsm_jax/mcss/train.py",
+        old="        return x if mesh is None else x[parallel.process_rows(len(x), mesh)]",
+        new="        return x",
+        tests=("tests/test_multihost.py::test_mcss_two_processes_match_one",),
+        kind="skipped step"),
 ]
-
