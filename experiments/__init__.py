@@ -1,7 +1,7 @@
 """The project's binaries (thin absl/argparse front ends) and their configs.
 
-In the repository this package is ``experiments`` (``python -m experiments.nvsm_fewshot``
-from the repository root); ``pip install`` installs it as ``nvsm_jax_experiments``,
+In the repository this package is ``experiments`` (its modules also run with
+``python -m`` from the repository root); ``pip install`` installs it as ``nvsm_jax_experiments``,
 with the console scripts below, so it never claims the generic name. Binaries and
 configs import each other relatively and work under both names. The library
 (``nvsm_jax``, ``rasterizer``) never imports this package.
@@ -11,10 +11,14 @@ configs import each other relatively and work under both names. The library
 | ``nvsm-fewshot`` | ``nvsm_fewshot`` (default ``--config=nvsm:demo``) |
 | ``nvsm-train-nemo`` | ``train_nemo`` (default ``--config=nemo``) |
 | ``nvsm-evaluate`` | ``evaluate`` |
+| ``nvsm-predict`` | ``predict`` (poses of your own photos) |
 | ``nvsm-mcss`` | ``mcss`` (default ``--config=mcss:demo``) |
 | ``nvsm-make-synthetic`` | ``make_synthetic`` (default ``--config=synthetic``) |
 | ``nvsm-show-data`` | ``show_data`` |
 | ``nvsm-prepare-pascal3d``, ``nvsm-prepare-kitti`` | ``prepare_pascal3d``, ``prepare_kitti`` |
+| ``nvsm-prepare-h36m`` | ``prepare_h36m`` |
+| ``nvsm-report`` | ``report`` |
+| ``nvsm-launch`` | ``launch`` |
 """
 
 from __future__ import annotations
@@ -73,5 +77,18 @@ def evaluate_cli() -> None:
     _run_absl("evaluate")
 
 
+def predict_cli() -> None:
+    _run_absl("predict")
+
+
 def mcss_cli() -> None:
     _run_absl("mcss")
+
+
+def report_cli() -> None:
+    _run_absl("report")
+
+
+def launch_cli() -> int:
+    """``nvsm-launch``: :func:`launch.main`, its exit status returned."""
+    return importlib.import_module(f"{__name__}.launch").main()

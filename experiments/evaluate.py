@@ -1,9 +1,12 @@
 """Evaluates a trained NeMo workdir on a test root (all occlusion levels found).
 
-    python -m experiments.evaluate --workdir runs/nemo_car --data data/synthetic/test
-    python -m experiments.evaluate --workdir runs/nemo_car --data data/synthetic/test \\
+    nvsm-evaluate --workdir runs/nemo_car --data data/synthetic/test
+    nvsm-evaluate --workdir runs/nemo_car --data data/synthetic/test \\
         --solver reference --limit 50
-    python -m experiments.evaluate --workdir runs/nemo_car --top_k 3 --out runs/nemo_car/top3
+    nvsm-evaluate --workdir runs/nemo_car --top_k 3 --out runs/nemo_car/top3
+
+``runs/nemo_car`` is an ``nvsm-train-nemo`` workdir; ``nvsm-make-synthetic --out
+data/synthetic`` makes the test root ``data/synthetic/test``.
 
 Writes ``WORKDIR/results.json`` (``{"rows": [...]}``, accuracies in percent),
 ``results.md``, ``predictions_<level>.npz`` and ``error_distribution.png``.
@@ -51,6 +54,12 @@ def main(argv):
     train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
                            occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
                            top_k=FLAGS.top_k, skip_bad=FLAGS.skip_bad)
+    import os
+
+    out = FLAGS.out or FLAGS.workdir
+    print(f"[evaluate] results: {os.path.join(out, 'results.md')} and results.json; "
+          f"per-image poses: {os.path.join(out, 'predictions_<level>.npz')}; error curve: "
+          f"{os.path.join(out, 'error_distribution.png')}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Starts one training command as N cooperating jax processes on this machine.
 
-    python -m experiments.launch --num_processes 2 -- \\
-        python -m experiments.train_nemo --config=nemo:tiny --workdir /tmp/nemo_2p
+    nvsm-launch --num_processes 2 -- \\
+        nvsm-train-nemo --config=nemo:tiny --config.data_root=syn/train --workdir /tmp/nemo_2p
 
 Every process gets the variables :func:`nvsm_jax.parallel.initialize` reads
 (``JAX_COORDINATOR_ADDRESS`` = ``127.0.0.1:<free port>``, ``JAX_NUM_PROCESSES``,
@@ -11,11 +11,12 @@ the parent's ``--xla_force_host_platform_device_count`` divided by N, else 1),
 and its output prefixed with ``[p<i>]``. When one process fails the others are
 stopped (they would wait at the next collective until jax's timeout). The exit
 status is the first failure's, else 0. It is the one-machine stand-in for a
-pod or a multi-host GPU job (README, "Multi-host runs"), where the cluster
-starts the processes and sets these variables.
+pod or a multi-host GPU job (the project README, "Multi-host runs"), where the
+cluster starts the processes and sets these variables.
 
-The command after ``--`` is run as given; a leading ``python`` is this
-interpreter. :func:`launch` is the same as a library call (the tests use it).
+The command after ``--`` is run as given (``syn/train`` above: made by
+``nvsm-make-synthetic --config=synthetic:tiny --out syn``); a leading ``python`` is
+this interpreter. :func:`launch` is the same as a library call (the tests use it).
 """
 
 from __future__ import annotations
@@ -150,12 +151,8 @@ def _kill_all(procs) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if "--" not in argv:
-        print(__doc__, file=sys.stderr)
-        return 2
-    cut = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m experiments.launch",
-                                     description="N jax processes of one command on this machine")
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=None,
                         help="forced CPU devices per process (default: the parent's "
@@ -164,6 +161,10 @@ def main(argv=None) -> int:
                         help="JAX_PLATFORMS of the processes ('' keeps the environment's)")
     parser.add_argument("--timeout", type=float, default=None, help="seconds, then kill all")
     parser.add_argument("--log_dir", default=None, help="also write process_<i>.log here")
+    if "--" not in argv:          # --help prints the usage; anything else lacks the command
+        parser.parse_args(argv)
+        parser.error("no command given: put it after --")
+    cut = argv.index("--")
     args = parser.parse_args(argv[:cut])
     codes = launch(argv[cut + 1:], args.num_processes,
                    devices_per_process=args.devices_per_process, platform=args.platform,

@@ -1,12 +1,11 @@
 """Generates the synthetic PASCAL3D+-like data set (train and test roots).
 
-    python -m experiments.make_synthetic --out data/synthetic
-    python -m experiments.make_synthetic --out /tmp/syn --categories car,aeroplane --train 64 --test 16
-    python -m experiments.make_synthetic --config=synthetic:tiny --out /tmp/tiny
-    nvsm-make-synthetic --config=synthetic:tiny --out /tmp/tiny      # installed, from any folder
+    nvsm-make-synthetic --out data/synthetic
+    nvsm-make-synthetic --out /tmp/syn --categories car,aeroplane --train 64 --test 16
+    nvsm-make-synthetic --config=synthetic:tiny --out /tmp/tiny
 
-Flags override the config (default: the package's ``synthetic`` config,
-experiments/configs/synthetic.py; ``--config`` takes NAME[:ARG] or PATH[:ARG]).
+Flags override the config (default: the package's ``synthetic`` config; ``--config``
+takes NAME[:ARG], e.g. ``synthetic:tiny``, or a file PATH[:ARG]).
 Writes OUT/train (L0 pool) and OUT/test (L0..L3), each with README and dataset.json.
 """
 

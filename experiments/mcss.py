@@ -1,7 +1,7 @@
 """MCSS experiment binary (the experiment itself: :mod:`nvsm_jax.mcss.experiment`).
 
-    python -m experiments.mcss --config=mcss:demo --workdir runs/mcss_demo
-    nvsm-mcss --config=mcss:tiny --workdir /tmp/mcss_tiny     # installed, from any folder
+    nvsm-mcss --config=mcss:demo --workdir runs/mcss_demo
+    nvsm-mcss --config=mcss:tiny --workdir /tmp/mcss_tiny
 """
 
 from absl import flags, logging
@@ -26,6 +26,14 @@ def main(argv):
     training.quiet_checkpoint_logs()         # orbax logs every save at INFO
     parallel.initialize()
     train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    import os
+
+    w = FLAGS.workdir
+    print(f"[mcss] report: {os.path.join(w, 'report.md')}; results: "
+          f"{os.path.join(w, 'results.json')}; each method's checkpoints and metrics.jsonl: "
+          f"the folders under {w}")
+    print(f"[mcss] training curves: tensorboard --logdir {w}   "
+          "(pip install 'nvsm_jax[tensorboard]')")
 
 
 if __name__ == "__main__":

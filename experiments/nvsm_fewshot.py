@@ -1,7 +1,7 @@
-"""The NVSM few-shot experiment (see experiments/configs/nvsm.py for the commands).
+"""The NVSM few-shot experiment (variants: the ``nvsm`` config, ``nvsm:demo``, ``:paper``, ``:tiny``).
 
-    python -m experiments.nvsm_fewshot --config=nvsm:demo --workdir runs/nvsm_demo
-    nvsm-fewshot --config=nvsm:tiny --workdir /tmp/nvsm_tiny      # installed, from any folder
+    nvsm-fewshot --config=nvsm:demo --workdir runs/nvsm_demo
+    nvsm-fewshot --config=nvsm:tiny --workdir /tmp/nvsm_tiny
 
 Rows, trained and evaluated on the same splits: ``cls_baseline`` (pose-bin
 classifier on the labelled images), ``nemo`` (NeMo on the labelled images),
@@ -42,6 +42,11 @@ def main(argv):
     print(report)
     print(f"[nvsm_fewshot] done in {time.time() - start:.0f} s; results in "
           f"{os.path.join(FLAGS.workdir, 'results.json')} and report.md")
+    print(f"[nvsm_fewshot] report with tables and figures: "
+          f"{os.path.join(FLAGS.workdir, 'report.md')}; each run's checkpoints, "
+          f"metrics.jsonl and figures: the folders under {FLAGS.workdir}")
+    print(f"[nvsm_fewshot] training curves: tensorboard --logdir {FLAGS.workdir}   "
+          "(pip install 'nvsm_jax[tensorboard]')")
 
 
 if __name__ == "__main__":

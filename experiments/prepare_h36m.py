@@ -1,8 +1,8 @@
-"""Official Human3.6M archives -> the MCSS layout (see nvsm_jax/data/h36m_archives.py).
+"""Official Human3.6M archives -> the MCSS layout (see :mod:`nvsm_jax.data.h36m_archives`).
 
-    python -m experiments.prepare_h36m --root /path/to/h36m --out data/h36m \\
+    nvsm-prepare-h36m --root /path/to/h36m --out data/h36m \\
         --subjects S1,S5,S6,S7,S8,S9,S11 --size 64 --frame_step 5
-    nvsm-prepare-h36m --root /path/to/h36m --out data/h36m     # installed
+    nvsm-prepare-h36m --root /path/to/h36m --out data/h36m
 
 ROOT holds the extracted subject archives: S1/MyPoseFeatures/{D3_Positions,
 D3_Positions_mono,D2_Positions}/*.cdf and S1/Videos/*.mp4. Needs

@@ -1,7 +1,6 @@
-"""KITTI 3D object (training split layout) -> NeMo-format car crops (see nvsm_jax/data/kitti.py).
+"""KITTI 3D object (training split layout) -> NeMo-format car crops (see :mod:`nvsm_jax.data.kitti`).
 
-    python -m experiments.prepare_kitti --root KITTI/object/training --out data/kitti
-    nvsm-prepare-kitti --root KITTI/object/training --out data/kitti     # installed
+    nvsm-prepare-kitti --root KITTI/object/training --out data/kitti
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""Raw PASCAL3D+ release 1.1 -> NeMo format (see nvsm_jax/data/pascal3d.py).
+"""Raw PASCAL3D+ release 1.1 -> NeMo format (see :mod:`nvsm_jax.data.pascal3d`).
 
-    python -m experiments.prepare_pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d --categories car,aeroplane
-    nvsm-prepare-pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d     # installed
+    nvsm-prepare-pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d --categories car,aeroplane
+    nvsm-prepare-pascal3d --root PASCAL3D+_release1.1 --out data/pascal3d
 """
 
 from __future__ import annotations

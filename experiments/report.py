@@ -1,9 +1,10 @@
 """The report over a tracked results folder: every finished cell there, aggregated.
 
-    python -m experiments.report --results results/nvsm_demo_scale
-    python -m experiments.report --results results/nvsm_demo_scale --out /tmp/report.md
+    nvsm-report --results results/nvsm_demo_scale
+    nvsm-report --results results/nvsm_demo_scale --out /tmp/report.md
 
-Cells are recorded by the few-shot experiment run with ``--config.results_dir=DIR``
+Cells are recorded by the few-shot experiment (``nvsm-fewshot``) run with
+``--config.results_dir=DIR``
 (one ``<method>_<category>_<annotations>_seed<seed>/results.json`` each); cells
 from several sessions and seeds accumulate there. Writes ``DIR/report.md`` (or
 ``--out``) and prints it.

@@ -1,7 +1,8 @@
 """Contact sheet of a NeMo-format root with the model cuboid drawn at the annotated pose.
 
-    python -m experiments.show_data --root data/synthetic/test --out sheet.png
-    nvsm-show-data --root data/synthetic/test --out sheet.png     # installed
+    nvsm-show-data --root data/synthetic/test --out sheet.png
+
+(``data/synthetic/test``: made by ``nvsm-make-synthetic --out data/synthetic``.)
 
 One row per subset ({cat}{occ}); each tile shows an image with the cuboid's 12
 edges projected with geometry.project_pascal from the stored annotation fields

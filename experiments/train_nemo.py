@@ -1,9 +1,14 @@
-"""Trains NeMo on one category (see experiments/configs/nemo.py for the commands).
+"""Trains NeMo on one category (the ``nemo`` config: ``nemo:default``, ``nemo:tiny``).
 
-    python -m experiments.train_nemo --config=nemo:default --workdir runs/nemo_car
-    python -m experiments.train_nemo --config=nemo --workdir runs/nemo7 --config.num_labelled=7
+    nvsm-make-synthetic --out data/synthetic --categories car --train 1000 --test 200
+    nvsm-train-nemo --config=nemo:default --workdir runs/nemo_car
+    nvsm-train-nemo --config=nemo --workdir runs/nemo7 --config.num_labelled=7
+    nvsm-make-synthetic --config=synthetic:tiny --categories car --out syn
     nvsm-train-nemo --config=nemo:tiny --config.data_root=syn/train --config.test_root=syn/test \\
-        --workdir /tmp/nemo_tiny      # installed, from any folder (data: nvsm-make-synthetic)
+        --workdir /tmp/nemo_tiny
+
+The default data roots are ``data/synthetic/train`` and ``data/synthetic/test`` in
+the current folder (the first command makes them).
 
 A rerun with the same workdir resumes from the last checkpoint.
 """
@@ -35,6 +40,16 @@ def main(argv):
     if FLAGS.evaluate:
         config.eval_at_end = True
     train.train_and_evaluate(config, FLAGS.workdir)
+    import os
+
+    w = FLAGS.workdir
+    results = os.path.join(w, "results.md")
+    print(f"[train_nemo] checkpoints: {os.path.join(w, 'checkpoints')}; metrics: "
+          f"{os.path.join(w, 'metrics.jsonl')}"
+          + (f"; results: {results} and results.json" if os.path.exists(results) else
+             f"; evaluate it with: nvsm-evaluate --workdir {w} --data TEST_ROOT"))
+    print(f"[train_nemo] training curves: tensorboard --logdir {w}   "
+          "(pip install 'nvsm_jax[tensorboard]')")
 
 
 if __name__ == "__main__":

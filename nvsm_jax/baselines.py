@@ -374,7 +374,9 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     image_hw = train_set.image_size
-    state = init_classifier_state(config, image_hw, mesh_axes)
+    log.info("classifier: initialising the model (compiling its initialiser)")
+    with training.heartbeat("classifier: initialising the model"):
+        state = init_classifier_state(config, image_hw, mesh_axes)
     if pretrained is not None:
         state = pretrain.apply_pretrained(state, pretrained, subtree="encoder")
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,

@@ -169,21 +169,29 @@ def read_results(path) -> list[dict]:
 
 def plot_error_distribution(errors: Mapping[str, np.ndarray], path, *,
                             title: str = "rotation error") -> str:
-    """Cumulative distribution of errors (degrees) per label, with the pi/18 and
-    pi/6 thresholds marked, written to a PNG."""
+    """Cumulative distribution of errors (degrees) per label on a log axis from
+    0.5 to 180 deg (errors below 0.5 deg drawn at 0.5), with the pi/18 and pi/6
+    thresholds marked and labelled, written to a PNG."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    low = 0.5
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, e in errors.items():
-        d = np.sort(np.degrees(_clean(e)))
+        d = np.sort(np.maximum(np.degrees(_clean(e)), low))
         if d.size:
             ax.plot(d, np.arange(1, d.size + 1) / d.size * 100, label=f"{label} (n={d.size})")
-    for t in (10, 30):
+    for t, name in ((10, "π/18"), (30, "π/6")):
         ax.axvline(t, color="grey", ls="--", lw=0.8)
-    ax.set_xscale("symlog", linthresh=10)
-    ax.set_xlim(0, 180)
+        ax.text(t * 1.06, 3, f"{name} = {t}°", rotation=90, va="bottom", fontsize=8,
+                color="dimgrey")
+    ax.set_xscale("log")
+    ax.set_xlim(low, 180)
+    ticks = [1, 3, 10, 30, 90, 180]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.set_xticks([], minor=True)
+    ax.set_ylim(0, 102)
     ax.set_xlabel("rotation error (degrees)")
     ax.set_ylabel("images with error below (%)")
     ax.set_title(title)

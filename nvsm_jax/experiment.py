@@ -125,7 +125,9 @@ def ensure_data(config, workdir) -> tuple[str, str]:
 
     t0 = time.time()
     if parallel.is_main_process():      # one writer; the others wait, then read it
-        synthetic.generate(out, wanted, log=log.info)
+        log.info("generating the synthetic benchmark into %s", out)
+        with training.heartbeat("generating the synthetic benchmark"):
+            synthetic.generate(out, wanted, log=log.info)
         log.info("generated the synthetic benchmark in %.0f s", time.time() - t0)
     parallel.sync("synthetic benchmark generated")
     return train_root, test_root
@@ -262,6 +264,7 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
     """Pictures of one NVSM run (best effort: a failing plot never loses results)."""
 
     paths = {}
+    log.info("drawing the NVSM figures into %s", cell)
     try:
         paths["rounds"] = figures.plot_rounds(out["rounds"], os.path.join(cell, "rounds.png"))
         pl = out["pseudo_labels"]

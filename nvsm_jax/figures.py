@@ -11,7 +11,7 @@ and returns its path).
   few viewpoints, all through the *same* PCA (as on the NVSM poster);
   :func:`fit_pca` / :func:`pca_rgb` are the mapping itself;
 * :func:`draw_poses` predicted poses drawn as the mesh's outline over images
-  (green when the error < pi/6, else red; ground truth in faint white).
+  (green when the error < pi/6, else red; ground truth in faint white), with a legend.
 
 The error CDF lives in :func:`nvsm_jax.evaluation.plot_error_distribution`.
 Angles are radians in, degrees on the axes.
@@ -110,7 +110,8 @@ def plot_coverage(labelled_poses, pseudo_poses, pseudo_errors, pseudo_rounds, pa
     radians (NaN = unknown, drawn grey); pseudo_rounds: [M] int. Panel ``r`` shows
     the labelled images (black stars) and every pseudo-label accepted in rounds
     ``<= r``, coloured by error (0 .. ``max_error_deg``), the round's new ones
-    outlined. The pi/6 threshold is marked on the colour bar.
+    outlined. The pi/6 threshold is marked on the colour bar; a legend under the
+    panels names the marks.
     """
     plt = _plt()
     lab = np.asarray(labelled_poses, np.float64).reshape(-1, np.shape(labelled_poses)[-1])
@@ -120,7 +121,10 @@ def plot_coverage(labelled_poses, pseudo_poses, pseudo_errors, pseudo_rounds, pa
     rounds = sorted(set(rnd.tolist())) or [0]
     ncols = max(1, min(ncols, len(rounds)))
     nrows = math.ceil(len(rounds) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.8, 2.8 * nrows + 0.4),
+    key_cols = 4 if ncols > 1 else 2
+    key_h, bar_w = 0.35 if ncols > 1 else 0.55, 1.3    # inches: key under, colour bar right
+    width, height = 3.6 * ncols + bar_w, 2.8 * nrows + 0.4 + key_h
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height),
                              squeeze=False, sharex=True, sharey=True)
     cmap = plt.get_cmap("RdYlGn_r")
     sc = None
@@ -151,12 +155,26 @@ def plot_coverage(labelled_poses, pseudo_poses, pseudo_errors, pseudo_rounds, pa
         ax.set_xlabel("azimuth (°)")
     for ax in axes[:, 0]:
         ax.set_ylabel("elevation (°)")
-    fig.tight_layout(rect=(0, 0, 0.92, 1))
+    from matplotlib.lines import Line2D
+
+    fig.tight_layout(rect=(0, key_h / height, 1 - bar_w / width, 1))
     if sc is not None:
-        cax = fig.add_axes((0.935, 0.15, 0.015, 0.7))
+        bottom = key_h / height + 0.1
+        cax = fig.add_axes((1 - (bar_w - 0.15) / width, bottom, 0.15 / width, 0.9 - bottom))
         cb = fig.colorbar(sc, cax=cax)
-        cb.set_label("rotation error (°)")
+        cb.set_label("pseudo-label rotation error (°)", fontsize=8)
         cb.ax.axhline(30.0, color="k", lw=1)
+        cb.set_ticks([t for t in (0, 30, 60, 90, 120, 150, 180) if t <= max_error_deg])
+        cb.ax.set_yticklabels([f"{t:.0f}" + (" = π/6" if t == 30 else "")
+                               for t in cb.get_ticks()], fontsize=8)
+    key = [Line2D([], [], ls="", marker="*", ms=10, mfc="k", mec="w", mew=0.5),
+           Line2D([], [], ls="", marker="o", ms=4, mfc=cmap(0.25), mec="none"),
+           Line2D([], [], ls="", marker="o", ms=4, mfc="lightgrey", mec="none"),
+           Line2D([], [], ls="", marker="o", ms=5, mfc="none", mec="k", mew=0.5)]
+    fig.legend(key, ["labelled images (anchors)", "pseudo-labels (colour: error)",
+                     "pseudo-labels, error unknown", "new in this round"],
+               loc="lower center", ncol=key_cols, fontsize=8, frameon=False,
+               borderaxespad=0.2, columnspacing=1.2)
     return _save(fig, path)
 
 
@@ -308,7 +326,8 @@ def draw_poses(images, pred_poses, gt_poses, verts, faces, focal, principal, pat
     edges), ``"edges"`` (face edges, a random subset of ``max_edges``), or
     ``"auto"`` (box when the mesh has more than ``max_edges`` edges).
     Prediction in green when its error < ``threshold`` else red (blue without
-    GT); GT in faint white; titles give the error in degrees.
+    GT); GT in faint white; titles give the error in degrees; a legend under the
+    panels names the colours used.
     """
     plt = _plt()
     imgs = np.asarray(images)
@@ -322,9 +341,20 @@ def draw_poses(images, pred_poses, gt_poses, verts, faces, focal, principal, pat
     nrows = max(1, math.ceil(n / ncols))
     hh, ww = imgs.shape[1:3]
     scale = 2.6 / max(hh, ww)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(ww * scale * ncols + 0.2,
-                                                    hh * scale * nrows + 0.45 * nrows),
-                             squeeze=False)
+    errors = None if gt is None else geometry.pose_error(pred, gt, xnp=np)
+    deg = f"{np.degrees(threshold):.0f}°"
+    key = [("ground truth", "white")] if gt is not None else []
+    if gt is None:
+        key.append(("prediction", "#1f77b4"))
+    else:                                   # only the colours the panels use
+        if np.any(errors[:n] < threshold):
+            key.append((f"prediction, error < {deg}", "#2ca02c"))
+        if np.any(~(errors[:n] < threshold)):
+            key.append((f"prediction, error ≥ {deg}", "#d62728"))
+    key_cols = len(key) if ncols > 1 else 1
+    key_h = 0.22 * math.ceil(len(key) / key_cols) + 0.15      # inches under the panels
+    width, height = ww * scale * ncols + 0.2, hh * scale * nrows + 0.45 * nrows + key_h
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width, height), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
 
@@ -335,7 +365,6 @@ def draw_poses(images, pred_poses, gt_poses, verts, faces, focal, principal, pat
             if front[a] and front[b]:
                 ax.plot(scr[[a, b], 0], scr[[a, b], 1], **kw)
 
-    errors = None if gt is None else geometry.pose_error(pred, gt, xnp=np)
     for i in range(n):
         ax = axes.flat[i]
         ax.imshow(imgs[i], extent=(0, ww, hh, 0))
@@ -351,5 +380,10 @@ def draw_poses(images, pred_poses, gt_poses, verts, faces, focal, principal, pat
         draw(ax, pred[i], i, color=colour, lw=1.6)
         ax.set_xlim(0, ww)
         ax.set_ylim(hh, 0)
-    fig.tight_layout()
+    from matplotlib.lines import Line2D
+
+    fig.tight_layout(rect=(0, key_h / height, 1, 1))
+    fig.legend([Line2D([], [], color=c, lw=1.6) for _, c in key], [t for t, _ in key],
+               loc="lower center", ncol=key_cols, fontsize=7, facecolor="0.6", framealpha=1,
+               handlelength=1.5, columnspacing=1.0, borderaxespad=0.2)
     return _save(fig, path)

@@ -309,9 +309,10 @@ def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, st
         (chunk, fo, pr), m = parallel.pad_to_multiple(
             (np.asarray(maps[s0:s0 + batch]), np.asarray(focal[s0:s0 + batch], np.float32),
              np.asarray(principal[s0:s0 + batch], np.float32)), batch)
-        res = pose_solver.solve(jnp.asarray(chunk), solver.vertex_memory, solver.clutter, verts,
-                                faces, fo, pr, stride=stride, cfg=solver.config)
-        out.append(np.asarray(res.pose)[:m])
+        with training.heartbeat(f"E-step: solving images {s0 + 1}-{s0 + m} of {len(maps)}"):
+            res = pose_solver.solve(jnp.asarray(chunk), solver.vertex_memory, solver.clutter,
+                                    verts, faces, fo, pr, stride=stride, cfg=solver.config)
+            out.append(np.asarray(res.pose)[:m])
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
 
@@ -355,7 +356,11 @@ def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int
     use_masks = cfg.source_object == "mask" and sources.masks is not None
     use_memory = cfg.pseudo_object == "memory" and solver is not None
     for s0 in range(0, len(sources), chunk):
-        idx, m = parallel.pad_to_multiple(np.arange(s0, min(s0 + chunk, len(sources))), chunk)
+        s1 = min(s0 + chunk, len(sources))
+        log.info("E-step: synthesising %d views from sources %d-%d of %d, scoring them "
+                 "against %d pool images%s", (s1 - s0) * k, s0 + 1, s1, len(sources), n,
+                 " (first chunk: compiling)" if s0 == 0 else "")
+        idx, m = parallel.pad_to_multiple(np.arange(s0, s1), chunk)
         src = sources.take(idx)
         focal, principal = jnp.asarray(src.focal), jnp.asarray(src.principal)
         vf = feat.vertex_features(jnp.asarray(src.maps), verts, faces, normals,
@@ -402,8 +407,9 @@ def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: m
                                             cfg.distance_scales)              # [S, K, 4]
     k = targets.shape[1]
     pool_shard = matching.normalize_images(_padded_pool(pool, mesh_axes))  # once per round
-    scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates), map_hw, verts,
-                          faces, normals, stride, mesh_axes, solver)          # [S*K, N]
+    with training.heartbeat("E-step: scoring views"):       # a chunk's first call compiles
+        scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates), map_hw,
+                              verts, faces, normals, stride, mesh_axes, solver)   # [S*K, N]
     table = ScoreTable(scores, targets.reshape(-1, 4), np.repeat(np.asarray(sources.ids), k),
                        np.repeat(np.asarray(sources.is_labelled, bool), k))
     if cfg.novel_views_only:
@@ -500,6 +506,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     focal = np.asarray(pool.focal, np.float32) / stride               # the feature map's camera
     principal = np.asarray(pool.principal, np.float32) / stride
     if len(new) and agree > 0:
+        log.info("E-step: checking %d matches against the solver's grid search", len(new))
         grid_only = solver._replace(config=dataclasses.replace(solver.config, steps=0, top_k=1))
         grid_best = _solver_poses(pool.maps_at(new.index, mesh_axes), grid_only, verts, faces,
                                   pool.focal[new.index], pool.principal[new.index], stride, 32)
@@ -508,6 +515,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
             new = new.take(slice(0, int(cfg.max_new)))
     agreement = None
     if len(new) and gate > 0:
+        log.info("E-step: solving %d matched images for the agreement safeguard", len(new))
         solved = _solver_poses(pool.maps_at(new.index, mesh_axes), solver, verts, faces,
                                pool.focal[new.index], pool.principal[new.index], stride,
                                int(cfg.max_new))
@@ -518,6 +526,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     matched = None
     if len(new) and cfg.refine_steps > 0 and solver is not None:
         matched = np.array(new.poses, np.float32)
+        log.info("E-step: refining %d accepted poses", len(new))
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
         poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
                                          solver.vertex_memory,
@@ -728,6 +737,7 @@ def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: i
     round_end - 1`` on ``data``; batches are keyed by (seed, round, step in the
     round), so a resumed M-step sees the batches it would have seen."""
 
+    log.info("round %d M-step: steps %d -> %d on %d images", round_index, begin, end, len(data))
     augment = pipeline.augment_from_config(config.augment)
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
                                      augment=augment)
@@ -889,6 +899,8 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
             else:
                 nemo = train.nemo_model(config, model, state, model_mesh)
                 fn = train.feature_fn(nemo)
+                log.info("round %d E-step: feature maps of %d pool images", r,
+                         len(unlabelled))
                 # each process: the feature maps of its own rows of the pool
                 pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
                                                 mesh_axes)

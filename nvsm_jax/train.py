@@ -71,8 +71,15 @@ def labelled_images(config, pool):
 
 
 def load_train_set(config):
-    """(PoseSet of the labelled training images, Mesh) from ``config.data_root``."""
+    """(PoseSet of the labelled training images, Mesh) from ``config.data_root``.
 
+    A missing root raises DataError naming it and the command that makes one."""
+
+    if not config.data_root or not os.path.isdir(config.data_root):
+        raise loaders.DataError(
+            f"training root {config.data_root!r} not found (config.data_root, from "
+            f"{os.getcwd()!r}); make one with `nvsm-make-synthetic --out data/synthetic` "
+            "(the default data/synthetic/train) or pass --config.data_root=DIR")
     # several processes: each reads an image only when one of its batch rows needs it
     train = loaders.load_pose_set(config.data_root, config.category, "L0",
                                   lazy_images=jax.process_count() > 1)
@@ -121,9 +128,11 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     # schedule's horizon, the frozen stages) and the memory's shape: its cache key
     optim_key = json.dumps({"optim": config.optim.to_dict(), "num_steps": config.num_steps,
                             "frozen": config.model.frozen_stages}, sort_keys=True)
-    state = training.create_replicated(
-        init, jax.random.key(config.seed), mesh_axes,
-        cache_key=("nemo", model, tuple(image_hw), num_verts, lc.clutter_size, optim_key))
+    log.info("initialising the model (compiling its initialiser on first use)")
+    with training.heartbeat("initialising the model"):
+        state = training.create_replicated(
+            init, jax.random.key(config.seed), mesh_axes,
+            cache_key=("nemo", model, tuple(image_hw), num_verts, lc.clutter_size, optim_key))
     encoder = (weights.pretrained_encoder(model.encoder, config.model.pretrained)
                if pretrained else None)
     if encoder is not None:
@@ -287,6 +296,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     if start < end:
         log.info("training steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
+        log.info("compiling the train step (first call; about a minute on CPU)")
     keys = ("image", "pose", "focal", "principal")
     state = training.fit(        # each process reads only its rows of every batch
         state, train_step,
@@ -324,7 +334,9 @@ def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int)
     "pred" [N, 4], "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
     rows = {}
     for occ, test in test_sets.items():
-        res = predict(nemo, test, solver_cfg, batch_size=batch_size)
+        log.info("evaluating on %d %s test images", len(test), occ)
+        with training.heartbeat(f"evaluating on {occ}"):
+            res = predict(nemo, test, solver_cfg, batch_size=batch_size)
         err = evaluation.rotation_errors(res.pose, test.poses)
         rows[occ] = {"errors": err, "pred": res.pose, "score": res.score,
                      "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),
@@ -358,6 +370,7 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
         model_mesh = loaders.load_model_mesh(config.data_root, config.category)
     model = build_model(config)
     mesh_axes = parallel.make_mesh(1)
+    log.info("loading the model of %s", workdir)
     # image size only matters for shapes of nothing here (fully convolutional)
     state = init_state(config, model, len(model_mesh.verts), (64, 64), mesh_axes,
                        pretrained=False)
@@ -462,7 +475,8 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     out_dir = out_dir or workdir
     if not data_root or not os.path.isdir(data_root):
         raise FileNotFoundError(f"{data_root}: test root not found (pass --data, or set the "
-                                "config's test_root); nothing written")
+                                "config's test_root; `nvsm-make-synthetic --out data/synthetic` "
+                                "makes data/synthetic/test); nothing written")
     if solver == "config":
         scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
     elif solver == "reference":
@@ -498,6 +512,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         except loaders.DataError:       # skip_bad: a listed file is missing
             test_data[occ] = None
         t = time.perf_counter()
+        log.info("evaluating on %d %s test images", len(test), occ)
         res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
                             progress=True)
         timing[occ] = {"images": len(test), "seconds": time.perf_counter() - t}
@@ -535,6 +550,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     if notes:
         with open(md_path, "a") as f:
             f.write("\n" + "\n".join(notes) + "\n")
+    log.info("drawing %s", os.path.join(out_dir, "error_distribution.png"))
     evaluation.plot_error_distribution({k[3]: v for k, v in errors.items()},
                                        os.path.join(out_dir, "error_distribution.png"),
                                        title=f"{method} {cfg.category} ({annotations} labels)")

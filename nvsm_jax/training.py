@@ -18,7 +18,9 @@
   step if there is one.
 * :class:`MetricsWriter`: JSON lines (``{"step": ..., **metrics}``) in the
   workdir, written by process 0 only.
-* :func:`progress_bar`, :func:`save_config`, :class:`Throughput`.
+* :func:`progress_bar` (tqdm on a terminal, else :class:`LogProgress` lines),
+  :func:`heartbeat` (a line every few seconds during one long call),
+  :func:`save_config`, :class:`Throughput`.
 
 Example (a complete run)::
 
@@ -34,10 +36,13 @@ Example (a complete run)::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import sys
+import threading
 import time
 from typing import Any, Callable, Iterable
 
@@ -53,7 +58,8 @@ from nvsm_jax.errors import InputError, NonFiniteError
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "save_config", "read_json", "ConfigMismatchError", "config_differences",
+           "progress_bar", "LogProgress", "heartbeat", "save_config", "read_json",
+           "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "fit", "state_initializer", "DIVERGENCE_HINT", "nonfinite_leaf"]
 
@@ -485,15 +491,93 @@ class MetricsWriter:
             return [json.loads(line) for line in f if line.strip()]
 
 
+class LogProgress:
+    """Progress as one ``logging`` line every ``interval`` seconds (and at the end):
+    ``desc: 40/200 (20%), 12 s, 3.3/s, about 48 s left, loss=0.912``. For logs that
+    are not a terminal (SLURM files, notebooks, pipes), where tqdm's ``\\r`` updates
+    pile up into one long line. The first item's line comes as soon as it took
+    ``interval`` (a first call that compiles). Without any logging handler
+    configured (a plain notebook) the lines go to stderr."""
+
+    def __init__(self, iterable: Iterable, total: int | None = None, initial: int = 0,
+                 desc: str = "train", interval: float = 5.0):
+        self.iterable, self.desc, self.interval = iterable, desc, interval
+        if total is None and hasattr(iterable, "__len__"):
+            total = initial + len(iterable)
+        self.total, self.initial, self.postfix = total, initial, {}
+
+    def set_postfix(self, **values) -> None:
+        """Values appended to the next lines (as tqdm's ``set_postfix``)."""
+        self.postfix = values
+
+    def line(self, n: int, seconds: float) -> str:
+        """The text of the line after item ``n`` (counting from ``initial``)."""
+        done = n - self.initial
+        rate = done / seconds if seconds > 0 else 0.0
+        text = f"{self.desc}: {n}"
+        if self.total:
+            text += f"/{self.total} ({100.0 * n / self.total:.0f}%)"
+        text += f", {seconds:.0f} s, {rate:.3g}/s"
+        if self.total and 0 < rate and n < self.total:
+            text += f", about {(self.total - n) / rate:.0f} s left"
+        return text + "".join(f", {k}={v}" for k, v in self.postfix.items())
+
+    def __iter__(self):
+        emit = _emitter()
+        n, start = self.initial, time.monotonic()
+        last = start
+        for item in self.iterable:
+            with heartbeat(f"{self.desc}: {n + 1}/{self.total or '?'}"):  # a slow item
+                yield item
+            n += 1
+            now = time.monotonic()
+            if now - last >= self.interval or (self.total and n == self.total):
+                emit(self.line(n, now - start))
+                last = now
+
+
+def _emitter() -> Callable[[str], None]:
+    """``log.info``, or a stderr line when no logging handler is configured (a plain
+    notebook, where INFO records would be dropped)."""
+    if logging.getLogger().handlers:
+        return logging.getLogger(__name__).info
+    return lambda msg: print(msg, file=sys.stderr, flush=True)
+
+
+@contextlib.contextmanager
+def heartbeat(what: str, every: float = 8.0):
+    """Logs ``<what>: still running, 16 s`` every ``every`` seconds while the block
+    runs: one long call (a compilation) that no progress line can report."""
+    emit, stop, start = _emitter(), threading.Event(), time.monotonic()
+
+    def beat():
+        while not stop.wait(every):
+            emit(f"{what}: still running, {time.monotonic() - start:.0f} s")
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def progress_bar(iterable: Iterable, total: int | None = None, initial: int = 0,
                  desc: str = "train", disable: bool | None = None):
-    """tqdm over ``iterable`` (hidden on non-main processes or when ``disable``)."""
-    from tqdm.auto import tqdm
-
+    """Progress over ``iterable``: tqdm when stderr is a terminal, else a
+    :class:`LogProgress` line every 5 s; hidden (the bare iterable) on non-main
+    processes or when ``disable``."""
     if disable is None:
         disable = not parallel.is_main_process()
-    return tqdm(iterable, total=total, initial=initial, desc=desc, disable=disable,
-                dynamic_ncols=True, mininterval=2.0)
+    if disable:
+        return iterable
+    if not getattr(sys.stderr, "isatty", lambda: False)():
+        return LogProgress(iterable, total=total, initial=initial, desc=desc)
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                mininterval=2.0)
 
 
 class _DropCheckpointInfo(logging.Filter):

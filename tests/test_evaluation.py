@@ -149,3 +149,32 @@ def test_train_nemo_cli_evaluates_after_training(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.load(open(os.path.join(work, "results.json")))["rows"]
     assert rows[0]["occlusion"] == "L0" and rows[0]["num_images"] == 2
+
+
+def test_error_distribution_labels_thresholds_on_a_log_axis(tmp_path, monkeypatch):
+    """The error CDF: a log x axis from 0.5 deg (an error of 0 drawn there, no "0" tick),
+    both threshold lines labelled with their angle, one legend entry per level with its
+    image count, and the curve's y values the percent of images at or below each error."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    e = np.radians([0.0, 5.0, 20.0, 100.0])
+    evaluation.plot_error_distribution({"L0": e, "L1": e[1:]}, tmp_path / "err.png")
+    (fig,) = kept
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "log" and ax.get_xlim() == (0.5, 180)
+    ticks = [t.get_text() for t in ax.get_xticklabels()]
+    assert ticks == ["1", "3", "10", "30", "90", "180"]
+    texts = {t.get_text(): t.get_position()[0] for t in ax.texts}
+    assert set(texts) == {"π/18 = 10°", "π/6 = 30°"}
+    assert 10 < texts["π/18 = 10°"] < 12 and 30 < texts["π/6 = 30°"] < 35
+    assert sorted(line.get_xdata()[0] for line in ax.lines if line.get_linestyle() == "--") \
+        == [10, 30]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["L0 (n=4)", "L1 (n=3)"]
+    curve = ax.lines[0]
+    np.testing.assert_allclose(curve.get_xdata(), [0.5, 5.0, 20.0, 100.0], atol=1e-9)
+    np.testing.assert_allclose(curve.get_ydata(), [25.0, 50.0, 75.0, 100.0])
+    plt.close(fig)

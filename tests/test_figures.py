@@ -260,3 +260,65 @@ def test_fit_pca_matches_the_covariance_eigenvectors():
     np.testing.assert_allclose(rgb, np.clip((proj[:50] - lo) / (hi - lo), 0, 1), atol=1e-6)
     # the mean maps to the middle of each range (symmetric data): about 0.5
     np.testing.assert_allclose(figures.pca_rgb(pca, x.mean(0)), 0.5, atol=0.03)
+
+
+# --------------------------------------------------------------------------- keys a reader needs
+
+def _inside(fig, artist):
+    """Whether ``artist`` is drawn wholly inside the saved figure (nothing clipped)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    box = artist.get_window_extent(FigureCanvasAgg(fig).get_renderer())   # closed: re-attach
+    return (box.x0 >= 0 and box.y0 >= 0 and box.x1 <= fig.bbox.width
+            and box.y1 <= fig.bbox.height)
+
+
+def test_draw_poses_key_names_truth_and_prediction_colours(tmp_path, monkeypatch):
+    """The figure's legend says white = ground truth and which colour is a prediction
+    under / over the threshold, lists only the colours the panels use, and fits in the
+    figure (one column or several)."""
+    figs = _capture(monkeypatch)
+    verts, faces = _box()
+    images = np.full((3, 48, 64, 3), 90, np.uint8)
+    gt = np.array([[0.0, 0.2, 0.0, 5.0]] * 3)
+    pred = gt.copy()
+    pred[0, 0] += np.pi / 2                        # 90 deg wrong, two right
+    focal, principal = np.full(3, 80.0), np.tile([[32.0, 24.0]], (3, 1))
+    cases = [(pred, gt, ["ground truth", "prediction, error < 30°",
+                         "prediction, error ≥ 30°"], ["white", _GREEN, _RED]),
+             (pred[1:], gt[1:], ["ground truth", "prediction, error < 30°"], ["white", _GREEN]),
+             (pred[:1], gt[:1], ["ground truth", "prediction, error ≥ 30°"], ["white", _RED]),
+             (pred[:2], None, ["prediction"], [_BLUE])]
+    from matplotlib.colors import to_rgb
+    for k, (p, g, texts, colours) in enumerate(cases):
+        figures.draw_poses(images[:len(p)], p, g, verts, faces, focal[:len(p)],
+                           principal[:len(p)], tmp_path / f"key{k}.png", outline="box")
+        (legend,) = figs[-1].legends
+        assert [t.get_text() for t in legend.get_texts()] == texts, k
+        got = [tuple(round(255 * c) for c in to_rgb(h.get_color())) for h in legend.legend_handles]
+        assert got == [(255, 255, 255) if c == "white" else c for c in colours], k
+        assert _inside(figs[-1], legend), k
+
+
+def test_plot_coverage_key_and_colour_bar_label_fit(tmp_path, monkeypatch):
+    """The coverage figure explains its stars, dots and circles in a legend, marks pi/6 on
+    the colour bar's ticks, and its colour-bar label and legend are not clipped (one
+    round and four rounds)."""
+    figs = _capture(monkeypatch)
+    pse = np.array([[0.1, 0.1], [2.0, 0.3], [4.0, 0.0], [5.0, 0.2]])
+    for rounds in (np.zeros(4, int), np.arange(4)):
+        figures.plot_coverage(pse[:2], pse, np.radians([5.0, 40.0, np.nan, 80.0]), rounds,
+                              tmp_path / "cov.png")
+        fig = figs[-1]
+        (legend,) = fig.legends
+        assert [t.get_text() for t in legend.get_texts()] == [
+            "labelled images (anchors)", "pseudo-labels (colour: error)",
+            "pseudo-labels, error unknown", "new in this round"]
+        assert legend.legend_handles[0].get_marker() == "*"
+        cax = fig.axes[-1]                  # the colour bar, added last
+        label = cax.yaxis.label
+        assert label.get_text() == "pseudo-label rotation error (°)"
+        assert "30 = π/6" in [t.get_text() for t in cax.get_yticklabels()]
+        assert _inside(fig, label) and _inside(fig, legend)
+        for t in cax.get_yticklabels():
+            assert _inside(fig, t), t.get_text()

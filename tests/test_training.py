@@ -387,3 +387,33 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses
     assert all(b < a for a, b in zip(losses, losses[1:])), losses
+
+
+def test_progress_is_log_lines_off_a_terminal_with_a_heartbeat(monkeypatch, caplog):
+    """Off a terminal, progress_bar gives logging lines (no tqdm ``\\r``): one when an
+    item took ``interval``, the last at the total, with count, percent and set_postfix
+    values; an item slower than the heartbeat gets "still running" lines meanwhile."""
+    import io
+    import logging
+    import time
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())          # not a terminal
+    bar = training.progress_bar(range(3, 5), total=5, initial=3, desc="fit", disable=False)
+    assert isinstance(bar, training.LogProgress)
+    bar.interval = 0.0
+    caplog.set_level(logging.INFO, logger="nvsm_jax.training")
+    seen = []
+    for i in bar:
+        seen.append(i)
+        bar.set_postfix(loss="0.500")
+    assert seen == [3, 4]
+    lines = [r.getMessage() for r in caplog.records]
+    assert [line.split(",")[0] for line in lines] == ["fit: 4/5 (80%)", "fit: 5/5 (100%)"]
+    assert lines[0].endswith("left, loss=0.500") and "left" not in lines[1]
+    assert training.progress_bar(range(2), disable=True) == range(2)
+    caplog.clear()
+    with training.heartbeat("compiling", every=0.05):
+        time.sleep(0.18)
+    beats = [r.getMessage() for r in caplog.records]
+    assert 2 <= len(beats) <= 4 and all(b.startswith("compiling: still running, ")
+                                        for b in beats), beats

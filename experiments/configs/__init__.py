@@ -8,11 +8,10 @@ module's ``get_config(arg)`` (without ``:ARG``, ``get_config()`` uses its defaul
   and under both names of the package (``experiments.configs`` in the repository,
   ``nvsm_jax_experiments.configs`` once installed);
 * ``my_config.py:arg``, ``/abs/path/config.py``: a file (relative to the current
-  folder). A path that ends in ``experiments/configs/NAME.py`` and is not found
-  from the current folder (the repository's documented commands, run elsewhere)
-  means the package's own ``NAME``; a file that *is* one of this package's
-  (``experiments/configs/nvsm.py`` from the repository root) is imported as the
-  package module, so its relative imports work.
+  folder). A path that does not exist is an error (:class:`nvsm_jax.errors.ConfigError`
+  naming it), never the package's config of the same name; a file that *is* one of
+  this package's (``experiments/configs/nvsm.py`` from the repository root) is
+  imported as the package module, so its relative imports work.
 
 :func:`load_config` returns the config; :func:`DEFINE_config` defines an absl flag
 (``--config=nvsm:demo``, overrides ``--config.steps=3``) that resolves specs this way.
@@ -24,6 +23,8 @@ import importlib
 import importlib.util
 import os
 import types
+
+from nvsm_jax.errors import ConfigError
 
 __all__ = ["NAMES", "resolve", "load_config", "DEFINE_config"]
 
@@ -37,8 +38,8 @@ def _package_module(name: str) -> types.ModuleType:
     return importlib.import_module(f"{__name__}.{name}")
 
 
-def _legacy_name(path: str) -> str | None:
-    """``.../experiments/configs/NAME.py`` or ``.../configs/NAME.py`` -> NAME."""
+def _package_name_of(path: str) -> str | None:
+    """``.../configs/NAME.py`` with NAME one of the package's configs -> NAME (a hint)."""
     parts = os.path.normpath(path).replace("\\", "/").split("/")
     if len(parts) >= 2 and parts[-2] == "configs" and parts[-1].endswith(".py"):
         name = parts[-1][:-3]
@@ -50,17 +51,18 @@ def _legacy_name(path: str) -> str | None:
 def resolve(spec: str) -> tuple[types.ModuleType, str | None]:
     """``NAME[:ARG]`` or ``PATH[:ARG]`` -> ``(config module, ARG or None)``.
 
-    Raises ValueError (an unknown name, a missing file) naming what exists.
+    Raises ConfigError (a ValueError: an unknown name, a missing file) naming it and
+    what exists.
     """
     if not spec:
-        raise ValueError(f"empty config spec; use NAME[:ARG] with NAME in {NAMES} or PATH[:ARG]")
+        raise ConfigError(f"empty config spec; use NAME[:ARG] with NAME in {NAMES} or PATH[:ARG]")
     path, sep, arg = spec.partition(":")
     arg_or_none = arg if sep else None
     is_path = path.endswith(".py") or os.sep in path or "/" in path
     if not is_path:
         if path not in NAMES:
-            raise ValueError(f"unknown config {path!r} in {spec!r}: the package's configs are "
-                             f"{', '.join(NAMES)} (NAME[:ARG]), or give a file PATH[:ARG]")
+            raise ConfigError(f"unknown config {path!r} in {spec!r}: the package's configs are "
+                              f"{', '.join(NAMES)} (NAME[:ARG]), or give a file PATH[:ARG]")
         return _package_module(path), arg_or_none
     if os.path.isfile(path):
         if os.path.dirname(os.path.abspath(path)) == _DIR:
@@ -68,22 +70,21 @@ def resolve(spec: str) -> tuple[types.ModuleType, str | None]:
             if name in NAMES:
                 return _package_module(name), arg_or_none
         return _load_file(path), arg_or_none
-    name = _legacy_name(path)
-    if name is not None:
-        return _package_module(name), arg_or_none
-    raise ValueError(f"config file {path!r} not found (from {os.getcwd()!r}); the package's "
-                     f"configs are {', '.join(NAMES)} (e.g. --config=nvsm:demo)")
+    name = _package_name_of(path)
+    hint = (f"for the package's own {name!r} config write --config={name}{sep}{arg}"
+            if name else f"the package's configs are {', '.join(NAMES)} (e.g. --config=nvsm:demo)")
+    raise ConfigError(f"config file {path!r} not found (from {os.getcwd()!r}); {hint}")
 
 
 def _load_file(path: str) -> types.ModuleType:
     mod_name = "_nvsm_config_" + os.path.basename(path)[:-3].replace("-", "_").replace(".", "_")
     spec = importlib.util.spec_from_file_location(mod_name, path)
     if spec is None or spec.loader is None:
-        raise ValueError(f"cannot load config file {path!r}")
+        raise ConfigError(f"cannot load config file {path!r}")
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     if not callable(getattr(mod, "get_config", None)):
-        raise ValueError(f"config file {path!r} has no get_config()")
+        raise ConfigError(f"config file {path!r} has no get_config()")
     return mod
 
 

@@ -2,13 +2,13 @@
 
 Run (2-core CPU, minutes)::
 
-    .venv/bin/python -m experiments.mcss --config experiments/configs/mcss.py:demo --workdir runs/mcss_demo
+    nvsm-mcss --config=mcss:demo --workdir runs/mcss_demo
     # the protocol's 3 seeds, mean +- SE in runs/mcss_s1x3/report.md:
-    .venv/bin/python -m experiments.mcss --config=mcss:demo "--config.seeds=(0,1,2)" --workdir runs/mcss_s1x3
+    nvsm-mcss --config=mcss:demo "--config.seeds=(0,1,2)" --workdir runs/mcss_s1x3
 
 GPU / TPU::
 
-    python -m experiments.mcss --config experiments/configs/mcss.py:full --workdir runs/mcss_full
+    nvsm-mcss --config=mcss:full --workdir runs/mcss_full
 
 ``demo``: the frozen ImageNet EfficientNet-Lite0 encoder on 64x64 crops;
 ``demo_scratch``: the from-scratch ResNet on 32x32 crops; ``tiny`` is for tests

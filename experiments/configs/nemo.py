@@ -1,11 +1,12 @@
 """NeMo (fully or few-shot supervised) on one category.
 
-Generate data, train, evaluate::
+Generate data, train, evaluate (the default roots ``data/synthetic/train`` and
+``data/synthetic/test`` are the first command's, relative to the current folder;
+elsewhere set ``--config.data_root`` / ``--config.test_root``)::
 
-    python -m experiments.make_synthetic --out data/synthetic --categories car --train 1000 --test 200
-    python -m experiments.train_nemo --config experiments/configs/nemo.py:default \\
-        --workdir runs/nemo_car
-    python -m experiments.evaluate --workdir runs/nemo_car --data data/synthetic/test
+    nvsm-make-synthetic --out data/synthetic --categories car --train 1000 --test 200
+    nvsm-train-nemo --config=nemo:default --workdir runs/nemo_car
+    nvsm-evaluate --workdir runs/nemo_car --data data/synthetic/test
 
 Few-shot rows: ``--config.num_labelled=7`` (20, 50). ``:tiny`` is a seconds-long
 smoke run (tests, laptops).

@@ -2,16 +2,17 @@
 
 Run (the demo generates its own synthetic data under the workdir if missing)::
 
-    python -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:demo --workdir runs/nvsm_demo
-    python -m experiments.nvsm_fewshot --config experiments/configs/nvsm.py:paper --workdir runs/nvsm_paper
+    nvsm-fewshot --config=nvsm:demo --workdir runs/nvsm_demo
+    nvsm-fewshot --config=nvsm:paper --workdir runs/nvsm_paper
 
 Variants (``get_config(arg)``):
     "demo":  car, 7 annotations, L0-L3 test sets; fits the 2-core CPU machine.
     "paper": 12 categories x {7, 20, 50} annotations, all occlusion levels; meant for
              a GPU/TPU, resumable on CPU (every method and round checkpoints).
     "tiny":  seconds-long smoke run for tests.
-All NeMo/CoKe settings (model, loss, optimiser, solver) come from
-``experiments/configs/nemo.py`` so NeMo and NVSM train the same way.
+All NeMo/CoKe settings (model, loss, optimiser, solver) come from the ``nemo``
+config so NeMo and NVSM train the same way. ``nvsm-report --results DIR`` aggregates
+the cells recorded with ``--config.results_dir=DIR``.
 """
 
 import ml_collections
@@ -34,7 +35,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.methods = ("cls_baseline", "nemo", "nvsm", "nemo_full")
     c.data = ml_collections.ConfigDict()
     c.data.generate = True              # render the synthetic benchmark if data_root is missing
-    # the generator's settings (experiments/configs/synthetic.py); the fields below and
+    # the generator's settings (the synthetic config); the fields below and
     # config.categories / eval_occlusions override its counts, size, seed and levels
     c.data.synthetic = synthetic.get_config("tiny" if arg == "tiny" else "default")
     c.data.num_train = 1000
@@ -108,7 +109,7 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
 
     c.eval_limit = ml_collections.config_dict.placeholder(int)
     # a tracked folder (e.g. results/nvsm_car128) for each finished cell's small record;
-    # python -m experiments.report --results DIR aggregates whatever cells are there
+    # nvsm-report --results DIR aggregates whatever cells are there
     c.results_dir = ""
 
     if arg == "demo":

@@ -1,8 +1,8 @@
 """Synthetic PASCAL3D+-like data set (nvsm_jax.data.synthetic).
 
 Run:
-    python -m experiments.make_synthetic --config experiments/configs/synthetic.py --out data/synthetic
-    python -m experiments.make_synthetic --config experiments/configs/synthetic.py:tiny --out /tmp/tiny
+    nvsm-make-synthetic --config=synthetic --out data/synthetic
+    nvsm-make-synthetic --config=synthetic:tiny --out /tmp/tiny
 
 Variants (``get_config(arg)``):
     ""/"default": 12 categories x (1000 train L0 + 4 levels x 200 test), 128 px.

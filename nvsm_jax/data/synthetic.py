@@ -341,7 +341,7 @@ def _write_readme(root, split, config, counts):
     text = f"""Synthetic PASCAL3D+-like pose data ({split} root), made by nvsm_jax
 ({GENERATOR_VERSION}). Regenerate with:
 
-    python -m experiments.make_synthetic --out <DIR> --categories {','.join(config.categories)} \\
+    nvsm-make-synthetic --out <DIR> --categories {','.join(config.categories)} \\
         --train {config.num_train} --test {config.num_test} --size {config.image_size[0]} \\
         --seed {config.seed}
 

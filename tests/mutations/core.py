@@ -344,4 +344,40 @@ MUTATIONS = [
         new="        return x",
         tests=("tests/test_multihost.py::test_mcss_two_processes_match_one",),
         kind="skipped step"),
+    # ----------------------------------------------------------------- predictions and pictures
+    Mutation(
+        name="predict_wireframe_in_crop_pixels",
+        file="nvsm_jax/predict.py",
+        old="    xy = _to_photo(scr[:, :2], scale, offset) - 0.5",
+        new="    xy = scr[:, :2] - 0.5",
+        tests=("tests/test_predict.py::test_wireframe_falls_on_the_object_mask",),
+        kind="skipped step"),
+    Mutation(
+        name="predict_second_hypothesis_not_far",
+        file="nvsm_jax/predict.py",
+        old="    masked = np.where(far, losses, np.inf)",
+        new="    masked = losses",
+        tests=("tests/test_predict.py::test_second_hypothesis_is_far_from_the_prediction",),
+        kind="inverted mask"),
+    Mutation(
+        name="predict_box_corner_as_centre",
+        file="nvsm_jax/predict.py",
+        old="        centre = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])",
+        new="        centre = np.array([x0, y0])",
+        tests=("tests/test_predict.py::test_box_crop_reproduces_the_camera",),
+        kind="off by one"),
+    Mutation(
+        name="error_curve_not_log",
+        file="nvsm_jax/evaluation.py",
+        old='    ax.set_xscale("log")',
+        new='    ax.set_xscale("symlog", linthresh=10)',
+        tests=("tests/test_evaluation.py::test_error_distribution_labels_thresholds_on_a_log_axis",),
+        kind="constant"),
+    Mutation(
+        name="poses_key_without_truth",
+        file="nvsm_jax/figures.py",
+        old='    key = [("ground truth", "white")] if gt is not None else []',
+        new="    key = []",
+        tests=("tests/test_figures.py::test_draw_poses_key_names_truth_and_prediction_colours",),
+        kind="dropped term"),
 ]
