@@ -414,7 +414,7 @@ def check_synthetic_config(config, flags: dict | None = None) -> None:
 
 def check_mcss_config(config) -> None:
     """Raises :class:`~nvsm_jax.errors.ConfigError` listing every option of an MCSS
-    ``config`` (experiments/configs/mcss.py) with a bad value."""
+    ``config`` (the package's ``mcss`` config) with a bad value."""
     ck = _Checks(config)
     one_of, integer, number, flag = ck.one_of, ck.integer, ck.number, ck.flag
     integer("seed", 0)

@@ -17,7 +17,7 @@ composes the library; it computes nothing itself:
    rows fail) and pictures;
 4. with ``config.results_dir``: each finished cell's small record in that
    (tracked) folder, aggregated over seeds and sessions by :mod:`nvsm_jax.results`
-   (``python -m experiments.report``).
+   (``nvsm-report``).
 
 Each finished cell (method, category, annotations) writes ``rows.json`` in its
 own directory: its rows, the data roots and fingerprints
@@ -224,7 +224,7 @@ def _rows(method, category, annotations, results):
 def _cell_config(config, category, train_root, test_root):
     """The config of ``category``'s cells, with the fields they really use (category,
     data roots) filled in: each cell's ``config.json`` then rebuilds its run
-    (``python -m experiments.evaluate --workdir CELL``)."""
+    (``nvsm-evaluate --workdir CELL``)."""
     c = copy.deepcopy(config)
     c.category = category
     c.data_root, c.test_root = os.path.abspath(train_root), os.path.abspath(test_root)

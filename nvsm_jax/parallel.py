@@ -4,7 +4,7 @@ Every batch lives on a ``Mesh`` with a single ``data`` axis: the leading
 (batch) dimension is sharded over it, everything else (params, optimiser state,
 memory banks) is replicated. Jitted functions take and return such arrays and
 XLA inserts the collectives. Multi-process runs (a TPU pod, several GPU
-hosts, or ``python -m experiments.launch`` on one machine) call
+hosts, or ``nvsm-launch`` on one machine) call
 :func:`initialize` first; each process then reads and feeds only its own rows
 of each global batch (:func:`process_rows`, ``shard_batch(...,
 process_local=True)``), and :func:`host_array` brings a sharded result back to

@@ -13,7 +13,7 @@ JSON file (:func:`record_cell`)::
         the checkpoint step evaluated; absent in older records)
 
 Cells from different sessions, seeds and commands accumulate in one folder and
-:func:`format_report` (``python -m experiments.report --results RESULTS``)
+:func:`format_report` (``nvsm-report --results RESULTS``)
 aggregates whatever is there: mean over seeds with its standard error, the
 seed's table layout, per category, per occlusion level, the paired NVSM - NeMo
 difference on the same test images, and NVSM's per-round precision. Cells of

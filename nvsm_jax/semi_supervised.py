@@ -208,7 +208,7 @@ class SolverInputs(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class EStepConfig(training.DataclassConfig):
-    """The ``estep`` config block (``experiments/configs/nvsm.py`` documents each field).
+    """The ``estep`` config block (the package's ``nvsm`` config documents each field).
 
     Proposals: ``azimuth_steps`` / ``elevation_steps`` offsets of ``azimuth_step`` /
     ``elevation_step`` radians around every source, elevations clipped to

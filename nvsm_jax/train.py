@@ -1,7 +1,7 @@
 """NeMo training: a feature net + vertex/clutter memory trained with the CoKe loss.
 
 ``train_and_evaluate(config, workdir)`` (importable from a notebook; the CLI is
-``python -m experiments.train_nemo --config experiments/configs/nemo.py --workdir W``):
+``nvsm-train-nemo --config=nemo --workdir W``):
 
 1. loads the category's labelled images (all, or ``num_labelled`` of them via
    :func:`nvsm_jax.data.fewshot.make_fewshot_split`) and its model mesh;
@@ -13,7 +13,7 @@
    batches and keys are pure functions of ``(seed, step)``), metrics as JSON lines
    (``metrics.jsonl``), the config as ``config.json``;
 4. optionally evaluates on the test root (:func:`evaluate_workdir`; the CLI
-   ``python -m experiments.evaluate`` does the same from a workdir).
+   ``nvsm-evaluate`` does the same from a workdir).
 
 One train step: features = FeatureNet(images); vertex features read at the
 projected mesh vertices (visibility from the rasteriser); CoKe loss against the
@@ -449,7 +449,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
     """NeMo inference on every available level of ``data_root`` (default the config's
     ``test_root``); writes ``results.json`` / ``results.md``, ``predictions_<level>.npz``
     and ``error_distribution.png`` into ``out_dir`` (default the workdir) and returns
-    the rows. The CLI is ``python -m experiments.evaluate``.
+    the rows. The CLI is ``nvsm-evaluate``.
 
     A missing ``data_root`` raises FileNotFoundError; a level whose subset the root
     lacks is left out, and ``results.json`` (``"missing"``) and ``results.md`` say

@@ -2,7 +2,7 @@
 levels -> metrics, retrieval.
 
 ``train_and_evaluate(config, workdir)``; the CLI is
-``python -m experiments.mcss --config experiments/configs/mcss.py:demo --workdir runs/mcss_demo``.
+``nvsm-mcss --config=mcss:demo --workdir runs/mcss_demo``.
 
 Writes to WORKDIR: ``data/`` (synthetic benchmark, unless ``config.data.root``),
 ``runs/<method>_<level>/`` (checkpoints + metrics.jsonl; re-running resumes),
