@@ -24,16 +24,48 @@ configs import each other relatively and work under both names. The library
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 # The console scripts' functions are named ``<module>_cli``: a package attribute named
 # like a submodule would shadow ``from experiments import nvsm_fewshot``.
 
 
+def _parse_flags(argv):
+    """absl's flag parsing, with a ``--config.KEY=VALUE`` override of a key the config
+    lacks (ml_collections raises AttributeError, "Did you mean ...") or of a value it
+    cannot take said in one line, exit status 2, instead of a traceback."""
+    import re
+
+    from absl import flags
+
+    from nvsm_jax import errors
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        message = f"{err}; --helpshort lists the flags"
+    except (AttributeError, KeyError, TypeError, ValueError) as err:
+        if errors.debug_requested(argv):
+            raise
+        text = str(err.args[0] if err.args else err)
+        key = re.match(r"""^\W*([\w.]+)""", text)
+        hint = re.search(r"Did you mean [^?]*\?", text)
+        if isinstance(err, (AttributeError, KeyError)) and key:
+            message = f"unknown config key {key.group(1)!r} in the --config overrides"
+            message += f"; {hint.group(0)}" if hint else ""
+        else:
+            message = f"a --config override does not fit the config: {text.splitlines()[0]}"
+    name = os.path.basename(argv[0] if argv else "nvsm")
+    sys.stderr.write(f"{name}: error: {message}\n")
+    sys.exit(errors.EXIT_STATUS)
+
+
 def run(main) -> None:
     """``app.run(main)`` with the package's error handling: a bad input, config or run
     state (:class:`nvsm_jax.errors.InputError`) or a file-system error prints one short
-    message and exits 2; ``--debug`` shows the traceback (:func:`nvsm_jax.errors.guard`)."""
+    message and exits 2; ``--debug`` shows the traceback (:func:`nvsm_jax.errors.guard`);
+    a flag or ``--config`` override that cannot be parsed likewise (:func:`_parse_flags`)."""
     from absl import app, flags
 
     from nvsm_jax import errors
@@ -41,7 +73,7 @@ def run(main) -> None:
     if "debug" not in flags.FLAGS:
         flags.DEFINE_bool("debug", False, "Show the traceback of an expected error (a bad "
                           "input, config or run state) instead of a short message.")
-    app.run(errors.guard(main))
+    app.run(errors.guard(main), flags_parser=_parse_flags)
 
 
 def _run_absl(module: str) -> None:

@@ -113,7 +113,7 @@ class PretrainConfig(training.DataclassConfig):
 
 
 def pretrain_config(arg: str = "default") -> PretrainConfig:
-    """``"default"`` or ``"tiny"`` (a seconds-long smoke run)."""
+    """``"default"`` or ``"tiny"`` (a smoke run that only exercises the code)."""
     if arg in (None, "", "default"):
         return PretrainConfig()
     if arg == "tiny":

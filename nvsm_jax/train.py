@@ -354,7 +354,7 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
         path = os.path.join(workdir, "config.json")
         if not os.path.isfile(path):
             raise RunStateError(f"{path}: not found; is {workdir} the workdir of a NeMo or "
-                                "NVSM run (experiments.train_nemo, a few-shot cell)?")
+                                "NVSM run (nvsm-train-nemo, or a cell of nvsm-fewshot)?")
         recover = ("delete it and rerun the training command with the same config: it "
                    "writes it again and resumes from the checkpoints")
         try:

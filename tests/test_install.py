@@ -347,3 +347,21 @@ def test_backend_probe_line_is_dropped_and_nothing_else():
     assert kept(logging.WARNING, "Unable to initialize backend 'cuda': ...")
     assert kept(logging.WARNING, "A Google TPU may be present on this machine, but ...")
     assert kept(logging.INFO, "Some other message")
+
+
+@pytest.mark.parametrize("override, words", [
+    ("--config.num_round=3", ["unknown config key 'num_round'", 'Did you mean "num_rounds"']),
+    ("--config.num_rounds=abc", ["--config.num_rounds=abc", "invalid literal"]),
+])
+def test_a_config_override_typo_is_one_line_and_writes_nothing(tmp_path, override, words):
+    """A mistyped ``--config`` key or an ill-typed value: one line naming it, exit status
+    2, no traceback and no workdir (ml_collections raises it while absl parses)."""
+    work = tmp_path / "w"
+    proc = subprocess.run([sys.executable, "-m", "experiments.nvsm_fewshot", "--config=nvsm:tiny",
+                           override, f"--workdir={work}"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("nvsm_fewshot.py: error: "), proc.stderr
+    assert all(w in lines[0] for w in words), lines[0]
+    assert not work.exists()

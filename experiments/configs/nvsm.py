@@ -9,7 +9,8 @@ Variants (``get_config(arg)``):
     "demo":  car, 7 annotations, L0-L3 test sets; fits the 2-core CPU machine.
     "paper": 12 categories x {7, 20, 50} annotations, all occlusion levels; meant for
              a GPU/TPU, resumable on CPU (every method and round checkpoints).
-    "tiny":  seconds-long smoke run for tests.
+    "tiny":  a smoke run that only exercises the code (about 2.5 min on 2 CPU cores;
+             its accuracies are meaningless, 0 % is expected).
 All NeMo/CoKe settings (model, loss, optimiser, solver) come from the ``nemo``
 config so NeMo and NVSM train the same way. ``nvsm-report --results DIR`` aggregates
 the cells recorded with ``--config.results_dir=DIR``.

@@ -291,6 +291,18 @@ def _expected_keys(variant: str) -> dict[str, tuple[str, tuple[str, ...], str, t
     return out
 
 
+def _check_keys(source, variant: str, have, expected) -> None:
+    """WeightsError naming ``source`` and the first key of ``expected`` that ``have``
+    lacks, or the first key ``have`` holds beyond it."""
+    missing = sorted(set(expected) - set(have))
+    if missing:
+        raise WeightsError(f"{source}: missing key {missing[0]!r} for {variant} "
+                           f"({len(missing)} missing)")
+    extra = sorted(set(have) - set(expected))
+    if extra:
+        raise WeightsError(f"{source}: unexpected key {extra[0]!r} for {variant} "
+                           f"({len(extra)} unexpected)")
+
 def encoder_variables(state_dict: Mapping[str, Any], variant: str = "efficientnet_lite0", *,
                       source: str = "<state dict>") -> dict:
     """A reference EfficientNet-Lite state dict -> ``{"params", "batch_stats"}`` of
@@ -298,14 +310,7 @@ def encoder_variables(state_dict: Mapping[str, Any], variant: str = "efficientne
     classifier; :func:`load_imagenet` drops it unless asked)."""
     expected = _expected_keys(variant)
     state = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
-    missing = sorted(set(expected) - set(state))
-    if missing:
-        raise WeightsError(f"{source}: missing key {missing[0]!r} for {variant} "
-                           f"({len(missing)} missing)")
-    extra = sorted(set(state) - set(expected))
-    if extra:
-        raise WeightsError(f"{source}: unexpected key {extra[0]!r} for {variant} "
-                           f"({len(extra)} unexpected)")
+    _check_keys(source, variant, state, expected)
     out: dict = {"params": {}, "batch_stats": {}}
     for key, (coll, path, leaf, shape) in expected.items():
         value = np.asarray(state[key], np.float32)
@@ -393,13 +398,7 @@ def read_cache(cache, variant: str, source_sha256: str | None = None) -> dict:
                            f"{str(err)[:200]})") from err
     record = flat.pop(_CACHE_RECORD, None)
     layout = _cache_layout(variant)
-    missing = sorted(set(layout) - set(flat))
-    if missing:
-        raise WeightsError(f"{cache}: missing key {missing[0]!r} for {variant} "
-                           f"({len(missing)} missing)")
-    extra = sorted(set(flat) - set(layout))
-    if extra:
-        raise WeightsError(f"{cache}: unexpected key {extra[0]!r} for {variant}")
+    _check_keys(cache, variant, flat, layout)
     for name, shape in layout.items():
         value = flat[name]
         if value.shape != shape or value.dtype != np.float32:

@@ -380,4 +380,11 @@ MUTATIONS = [
         new="    key = []",
         tests=("tests/test_figures.py::test_draw_poses_key_names_truth_and_prediction_colours",),
         kind="dropped term"),
+    Mutation(
+        name="config_typo_traceback",
+        file="experiments/__init__.py",
+        old="    app.run(errors.guard(main), flags_parser=_parse_flags)",
+        new="    app.run(errors.guard(main))",
+        tests=("tests/test_install.py::test_a_config_override_typo_is_one_line_and_writes_nothing",),
+        kind="skipped step"),
 ]
