@@ -51,6 +51,9 @@ def _parse_flags(argv):
         text = str(err.args[0] if err.args else err)
         key = re.match(r"""^\W*([\w.]+)""", text)
         hint = re.search(r"Did you mean [^?]*\?", text)
+        overrides = [a for a in argv if a.startswith("--config.")]
+        if not overrides:           # the config file's own error (a bug in get_config)
+            raise
         if isinstance(err, (AttributeError, KeyError)) and key:
             message = f"unknown config key {key.group(1)!r} in the --config overrides"
             message += f"; {hint.group(0)}" if hint else ""

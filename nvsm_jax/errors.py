@@ -73,17 +73,34 @@ def describe(err: BaseException) -> str:
 
 
 def debug_requested(argv=None) -> bool:
+    """``--debug`` (also ``--debug=true`` / ``=1``; the last one given wins, as absl
+    reads it) or ``NVSM_JAX_DEBUG`` set to anything but ``0``."""
     argv = sys.argv if argv is None else argv
-    return "--debug" in argv or os.environ.get("NVSM_JAX_DEBUG", "") not in ("", "0")
+    wanted = None
+    for arg in argv:
+        if arg in ("--debug", "-debug"):
+            wanted = True
+        elif arg in ("--nodebug", "-nodebug"):
+            wanted = False
+        elif arg.startswith(("--debug=", "-debug=")):
+            wanted = arg.split("=", 1)[1].lower() in ("1", "true", "yes", "t", "y")
+    if wanted is not None:
+        return wanted
+    return os.environ.get("NVSM_JAX_DEBUG", "") not in ("", "0")
+
+
+#: File-system errors a user fixes (a missing file, a permission, a full disk, ...); other
+#: OSErrors (a refused connection, EINVAL from a bug, ENOMEM) keep their traceback.
+_FILE_SYSTEM_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.EPERM, errno.ENOSPC,
+                                 errno.EDQUOT, errno.EROFS, errno.EISDIR, errno.ENOTDIR,
+                                 errno.EEXIST, errno.ENOTEMPTY, errno.ENAMETOOLONG})
 
 
 def _expected(err: BaseException) -> bool:
     if isinstance(err, InputError):
         return True
-    if isinstance(err, OSError):        # missing file, permission, full disk, read-only
-        return err.errno is not None or isinstance(err, FileNotFoundError)
-    cause = err.__cause__ or err.__context__
-    return (isinstance(cause, OSError) and getattr(cause, "errno", None) == errno.ENOSPC)
+    return isinstance(err, OSError) and (err.errno in _FILE_SYSTEM_ERRNOS
+                                         or isinstance(err, FileNotFoundError))
 
 
 def _root_cause_enospc(err: BaseException) -> OSError | None:
@@ -98,7 +115,7 @@ def _root_cause_enospc(err: BaseException) -> OSError | None:
 
 def guard(main, prog: str | None = None):
     """``main`` wrapped for a binary: expected errors become one short message and exit
-    status 1 (see the module docstring); ``--debug`` keeps the traceback."""
+    status :data:`EXIT_STATUS` (see the module docstring); ``--debug`` keeps the traceback."""
     name = prog or os.path.basename(sys.argv[0] or "nvsm")
 
     @functools.wraps(main)

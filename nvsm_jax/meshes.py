@@ -107,27 +107,36 @@ def load_mesh(path: str | os.PathLike, **kwargs) -> Mesh:
     return validate_mesh(verts, faces, source=path, **kwargs)
 
 
-def check_camera_outside(mesh: Mesh, distances, *, source: str = "<mesh>", names=None) -> None:
-    """Refuses a mesh whose bounding sphere (about the origin, which the camera looks
-    at) holds the camera at some annotated distance: its scale does not match the data
-    (e.g. a mesh scaled x100 leaves a fraction of a percent of its vertices visible).
+def check_camera_outside(mesh: Mesh, poses, *, source: str = "<mesh>", names=None) -> None:
+    """Refuses a mesh whose box holds the camera for most images: its scale does not
+    match the data (a mesh scaled x100 leaves a fraction of a percent of its vertices
+    visible); warns when it does for a few (those annotations or the mesh may be off).
 
-    mesh: Mesh; distances: [N] camera distances of the images; names: [N] image
-    names (for the message) or None. Raises MeshError naming ``source``.
+    mesh: Mesh; poses: [N, 4] the images' poses (the camera centre from azimuth,
+    elevation and distance, :func:`nvsm_jax.geometry.camera_center`); names: [N] image
+    names (for the message) or None. The test is the mesh's axis-aligned bounding box,
+    so a long or off-centre mesh seen from close by passes. Raises MeshError naming
+    ``source``.
     """
-    d = np.asarray(distances, np.float64).reshape(-1)
-    if d.size == 0:
+    from nvsm_jax import geometry
+
+    p = np.asarray(poses, np.float64).reshape(-1, 4)
+    if len(p) == 0:
         return
-    radius = float(np.sqrt(np.max(np.sum(np.square(mesh.verts.astype(np.float64)), -1))))
-    inside = d <= radius
-    if inside.any():
-        k = int(np.argmin(d))
-        which = f" (image {names[k]})" if names is not None else ""
-        raise MeshError(f"{source}: the camera is inside the mesh's bounding sphere (radius "
-                        f"{radius:.4g} about the origin) for {int(inside.sum())} of {d.size} "
-                        f"images, nearest at distance {d[k]:.4g}{which}\nthe mesh's scale does "
-                        "not match the annotations' distances: rescale the mesh (or fix those "
-                        "annotations)")
+    centre = np.asarray(geometry.camera_center(p[:, 0], p[:, 1], p[:, 3], xnp=np))   # [N, 3]
+    lo, hi = mesh.verts.min(0).astype(np.float64), mesh.verts.max(0).astype(np.float64)
+    inside = np.all((centre >= lo) & (centre <= hi), axis=-1)
+    if not inside.any():
+        return
+    k = int(np.flatnonzero(inside)[np.argmin(p[inside, 3])])
+    which = f" (image {names[k]}, distance {p[k, 3]:.4g})" if names is not None else \
+        f" (distance {p[k, 3]:.4g})"
+    text = (f"{source}: the camera is inside the mesh's bounding box ({np.round(lo, 3)} .. "
+            f"{np.round(hi, 3)}) for {int(inside.sum())} of {len(p)} images{which}")
+    if inside.mean() > 0.5:
+        raise MeshError(text + "\nthe mesh's scale does not match the annotations' distances: "
+                        "rescale the mesh (or fix those annotations)")
+    log.warning("%s; those images see the mesh from inside", text)
 
 
 def save_off(path: str | os.PathLike, verts, faces) -> None:

@@ -74,12 +74,15 @@ class BoxError(DataError):
 
 
 class ModelCamera(NamedTuple):
-    """The camera of the model's training crops: image_hw (H, W); focal (pixels);
-    principal [2] (the crop's centre, screen coordinates)."""
+    """The camera of the model's training crops: image_hw (H, W); focal (pixels, their
+    median); principal [2] (the crop's centre, screen coordinates); size_focal: the
+    focal at which the object, at the solver's distance, has its training size (the
+    median of ``focal * D / d``; a box is scaled to the mesh's size at it)."""
 
     image_hw: tuple[int, int]
     focal: float
     principal: np.ndarray
+    size_focal: float
 
 
 class Crop(NamedTuple):
@@ -130,8 +133,12 @@ def load_predictor(workdir):
 
 
 def model_camera(config, *, limit: int = 64) -> ModelCamera:
-    """The training crops' camera: their size and median focal (pixels) over the first
-    ``limit`` images of ``config.data_root``'s L0 subset; principal at the centre."""
+    """The training crops' camera (:class:`ModelCamera`) over the first ``limit`` images
+    of ``config.data_root``'s L0 subset: their size and median focal, the principal at
+    the centre, and the focal at which the object at the solver's distance ``D`` has its
+    training size (median of ``focal * D / d``: prepared real crops fix the object's
+    size, so their focal grows with the distance ``d``; synthetic crops have ``d`` near
+    ``D``)."""
     from nvsm_jax.data import loaders
 
     root = config.data_root
@@ -140,8 +147,9 @@ def model_camera(config, *, limit: int = 64) -> ModelCamera:
                             "not found; predicting needs its crop size, camera and model mesh")
     train = loaders.load_pose_set(root, config.category, "L0", limit=limit, lazy_images=True)
     h, w = train.image_size
+    scale = float(config.solver.distance) / np.asarray(train.poses[:, 3], np.float64)
     return ModelCamera((int(h), int(w)), float(np.median(train.focal)),
-                       np.array([w / 2.0, h / 2.0]))
+                       np.array([w / 2.0, h / 2.0]), float(np.median(train.focal * scale)))
 
 
 def reference_diagonal(verts, focal: float, grid) -> float:
@@ -352,13 +360,18 @@ def read_boxes(path) -> dict:
 
 
 def _box_for(boxes, i, path):
+    """The box of image ``i`` (``path``): None without boxes; from a mapping (a boxes
+    file) by path, absolute path or file name, and an image the file does not name is
+    a BoxError (a misspelt name would otherwise crop the whole photo silently)."""
     if boxes is None:
         return None
     if isinstance(boxes, Mapping):
         for key in (path, os.path.abspath(path), os.path.basename(path)):
             if key in boxes:
                 return boxes[key]
-        return None
+        raise BoxError(f"{path}: the boxes file names no box for this image (by path or "
+                       f"file name; it names {len(boxes)} images, e.g. "
+                       f"{sorted(boxes)[:2]}); add it, or predict it without --boxes")
     return boxes[i]
 
 
@@ -412,7 +425,7 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
     scfg = {"config": pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()),
             "reference": pose_solver.REFERENCE, "fast": pose_solver.FAST}[solver]
     grid = scfg.grid()
-    ref_diag = reference_diagonal(nemo.mesh.verts, camera.focal, grid)
+    ref_diag = reference_diagonal(nemo.mesh.verts, camera.size_focal, grid)
     crops = [crop_for_box(photo, box, camera, ref_diag) for photo, box in zip(photos, checked)]
 
     stride = int(cfg.model.stride)

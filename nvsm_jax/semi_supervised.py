@@ -583,8 +583,9 @@ _START_OVER = ("delete it to restart the NVSM run from round 0 (and with it chec
 
 
 def load_progress(workdir) -> dict | None:
-    """``{"round": r, "step": s}`` of the last finished round, or None. A damaged
-    ``progress.json`` raises RunStateError naming it."""
+    """``{"round": r, "step": s}`` of the last finished round (with ``"stopped": True``
+    when the run ended there before ``num_rounds``: nothing new passed, or the pool was
+    used up), or None. A damaged ``progress.json`` raises RunStateError naming it."""
     path = os.path.join(os.fspath(workdir), "progress.json")
     if not os.path.exists(path):
         return None
@@ -703,6 +704,8 @@ def _resume_point(config, done: dict | None, latest: int | None,
     end of that round means the two do not belong together (progress.json lost or
     replaced): RunStateError."""
     next_round, step = (done["round"] + 1, done["step"]) if done else (0, 0)
+    if done and done.get("stopped"):        # ended early: a rerun runs no further round
+        next_round = config.num_rounds + 1
     mid_round = latest if latest is not None and latest > step else None
     round_end = step + (config.initial_steps if next_round == 0 else config.steps_per_round)
     if mid_round is not None and (mid_round > round_end or next_round > config.num_rounds):
@@ -715,10 +718,11 @@ def _resume_point(config, done: dict | None, latest: int | None,
 
 
 def _record_round(workdir, round_log, r: int, step: int, pl: pseudo_labels.PseudoLabels,
-                  entry: dict) -> None:
+                  entry: dict, stopped: bool = False) -> None:
     """Writes round ``r``'s run state (process 0), each file atomically and in this
     order: the pseudo-labels (``round_XXX.npz``), the ``rounds.jsonl`` entry, then
-    ``progress.json``, which makes the round finished; the staged E-step goes last. A
+    ``progress.json``, which makes the round finished (``stopped``: and the run, before
+    ``num_rounds``); the staged E-step goes last. A
     kill between any two leaves the round unfinished, redone on resume (which drops
     its early log entry, :func:`_round_log_entries`), so the report never loses it."""
     if not parallel.is_main_process():     # run state: one writer, read back by every process
@@ -726,7 +730,8 @@ def _record_round(workdir, round_log, r: int, step: int, pl: pseudo_labels.Pseud
     _savez_atomic(_round_path(workdir, r), **pl.to_dict())
     with workdir_lock.naming(round_log.path):
         round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
-    _write_json_atomic(os.path.join(workdir, "progress.json"), {"round": r, "step": step})
+    _write_json_atomic(os.path.join(workdir, "progress.json"),
+                       {"round": r, "step": step, **({"stopped": True} if stopped else {})})
     if os.path.exists(_staged_path(workdir, r)):
         os.remove(_staged_path(workdir, r))
 
@@ -964,16 +969,15 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
                                       {"L0": test_sets["L0"]}, solver_cfg, config.eval_batch_size)
             entry.update({f"test_{k}": v for k, v in res["L0"].items()
                           if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
+        stopped = r > 0 and (len(new) == 0 or len(pl) == len(unlabelled))
         ckpt.maybe_save(step, state, force=True)
         ckpt.wait()
-        _record_round(workdir, round_log, r, step, pl, entry)
+        _record_round(workdir, round_log, r, step, pl, entry, stopped=stopped)
         parallel.sync(f"nvsm round {r} recorded")
         rounds.append({**entry})
         finished_this_call += 1
         log.info("round %d: %s", r, _round_summary(entry))
-        if r > 0 and len(new) == 0:
-            break
-        if r > 0 and len(pl) == len(unlabelled):
+        if stopped:                 # nothing new passed, or the pool is used up
             break
     ckpt.close()
     out = {"rounds": rounds, "pseudo_labels": pl, "state": state, "labelled": labelled,

@@ -404,17 +404,18 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
 
 def _final_step(workdir, config) -> int:
     """The step a finished run of ``workdir`` ends at: ``config.num_steps``, or, for an
-    NVSM run whose last recorded round found nothing new (it stops there), that
-    round's step."""
+    NVSM run that ended early (``progress.json`` records ``stopped``: nothing new
+    passed, or the pool was used up; older records: a last round with nothing new),
+    that round's step."""
+    from nvsm_jax import semi_supervised
+
     final = int(config.get("num_steps") or 0)
-    progress = os.path.join(workdir, "progress.json")
-    if os.path.exists(progress):
-        done = training.read_json(progress, "record of the last finished NVSM round",
-                                  "delete it to restart the NVSM run from round 0")
+    done = semi_supervised.load_progress(workdir)
+    if done is not None:
         last = (training.MetricsWriter(workdir, "rounds.jsonl", tensorboard=False).read()
                 or [{}])[-1]
-        if (isinstance(done, dict) and last.get("round") == done.get("round")
-                and last.get("round", 0) > 0 and last.get("num_new") == 0):
+        if done.get("stopped") or (last.get("round") == done["round"] and done["round"] > 0
+                                   and last.get("num_new") == 0):
             final = int(done["step"])
     return final
 

@@ -485,10 +485,24 @@ class MetricsWriter:
             self._tb = None
 
     def read(self) -> list[dict]:
+        """The lines written so far. A last line cut short by a kill is left out; a
+        damaged line before it raises RunStateError naming the file and the line."""
+        from nvsm_jax.errors import RunStateError
+
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
-            return [json.loads(line) for line in f if line.strip()]
+            lines = [line for line in f if line.strip()]
+        rows = []
+        for i, line in enumerate(lines):
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if i == len(lines) - 1 and not line.endswith("\n"):
+                    break                       # a write cut short by a kill
+                raise RunStateError(f"{self.path}: line {i + 1} is damaged ({err.msg}); "
+                                    "delete that line to go on") from err
+        return rows
 
 
 class LogProgress:
@@ -526,14 +540,35 @@ class LogProgress:
         emit = _emitter()
         n, start = self.initial, time.monotonic()
         last = start
-        for item in self.iterable:
-            with heartbeat(f"{self.desc}: {n + 1}/{self.total or '?'}"):  # a slow item
+        current = {"what": None, "since": start}      # the item running now, for the beat
+        stop = threading.Event()
+
+        def beat():                                   # one thread for the whole loop
+            told = None
+            while not stop.wait(min(0.5, HEARTBEAT_SECONDS / 4)):
+                what, since = current["what"], current["since"]
+                now = time.monotonic()
+                if what is not None and now - since >= HEARTBEAT_SECONDS and (
+                        told is None or now - told >= HEARTBEAT_SECONDS):
+                    emit(f"{what}: still running, {now - since:.0f} s")
+                    told = now
+
+        thread = threading.Thread(target=beat, name="progress-heartbeat", daemon=True)
+        thread.start()
+        try:
+            for item in self.iterable:
+                current["what"] = f"{self.desc}: {n + 1}/{self.total or '?'}"
+                current["since"] = time.monotonic()
                 yield item
-            n += 1
-            now = time.monotonic()
-            if now - last >= self.interval or (self.total and n == self.total):
-                emit(self.line(n, now - start))
-                last = now
+                current["what"] = None
+                n += 1
+                now = time.monotonic()
+                if now - last >= self.interval or (self.total and n == self.total):
+                    emit(self.line(n, now - start))
+                    last = now
+        finally:
+            stop.set()
+            thread.join()
 
 
 def _emitter() -> Callable[[str], None]:
@@ -544,8 +579,13 @@ def _emitter() -> Callable[[str], None]:
     return lambda msg: print(msg, file=sys.stderr, flush=True)
 
 
+#: Seconds of one call without output after which :func:`heartbeat` (and the progress
+#: lines' beat) says it is still running.
+HEARTBEAT_SECONDS = 8.0
+
+
 @contextlib.contextmanager
-def heartbeat(what: str, every: float = 8.0):
+def heartbeat(what: str, every: float = HEARTBEAT_SECONDS):
     """Logs ``<what>: still running, 16 s`` every ``every`` seconds while the block
     runs: one long call (a compilation) that no progress line can report."""
     emit, stop, start = _emitter(), threading.Event(), time.monotonic()
@@ -716,14 +756,17 @@ def save_config(config, workdir, filename: str = "config.json", *,
 
 
 def read_json(path, what: str, recover: str):
-    """``json.load`` of a run-state file, or a ValueError naming the file, what it
+    """``json.load`` of a run-state file, or a RunStateError naming the file, what it
     records and how to recover (instead of a bare JSONDecodeError)."""
+    from nvsm_jax.errors import RunStateError
+
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: the {what} is damaged ({err.msg} at line {err.lineno}); "
-                         f"{recover}") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        where = f" at line {err.lineno}" if isinstance(err, json.JSONDecodeError) else ""
+        raise RunStateError(f"{path}: the {what} is damaged ({getattr(err, 'msg', err)}"
+                            f"{where}); {recover}") from err
 
 
 class Throughput:
@@ -740,8 +783,8 @@ class Throughput:
 
 
 #: What :func:`fit`'s divergence error suggests checking, unless the trainer passes its own.
-DIVERGENCE_HINT = ("likely config keys: optim.lr (too high or not finite), loss.temperature "
-                   "(must be > 0), and the data or initial weights (non-finite values)")
+DIVERGENCE_HINT = ("check the learning rate (too high or not finite), the loss's temperature "
+                   "or scale, and the data or initial weights (non-finite values)")
 
 
 @jax.jit

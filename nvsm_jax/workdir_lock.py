@@ -5,8 +5,11 @@ top-level runs) through the lock file ``WORKDIR/nvsm_run.lock``: JSON with the
 process id, host name and start time of the holder. A second run into the same
 workdir, or into a folder under it, refuses with :class:`nvsm_jax.errors.WorkdirLocked`
 naming the holder and the lock file. A lock whose process is gone (same host: a
-``kill -9``, a crash) is taken over with a warning; a lock held on another host
-cannot be checked and is refused with how to remove it.
+``kill -9``, a crash) is taken over with a warning. A holder touches its lock file
+every :data:`REFRESH_SECONDS`; a lock of another host (whose process cannot be
+checked from here) is refused while it is fresh, and taken over with a warning once
+it has gone :data:`STALE_SECONDS` without a touch (a preempted job requeued on
+another node resumes by itself).
 
 The hold is re-entrant within a process: a run that holds ``W`` may run others in
 ``W`` or below it (the few-shot experiment runs NeMo and NVSM cells in its
@@ -45,6 +48,11 @@ __all__ = ["LOCK_FILE", "hold", "locked", "holder", "naming"]
 LOCK_FILE = "nvsm_run.lock"
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+
+#: How often a holder touches its lock file, and how long without a touch makes a
+#: lock of another host stale.
+REFRESH_SECONDS = 60.0
+STALE_SECONDS = 600.0
 
 _mutex = threading.RLock()
 _held: dict[str, dict] = {}        # realpath -> {"depth", "record", "created_dir"}
@@ -116,12 +124,21 @@ def _describe(record: dict) -> str:
     return f"pid {record['pid']} on host {record['host']} since {record.get('since', '?')}"
 
 
+def _age(path: str) -> float:
+    """Seconds since the lock file was last touched (0 when it is gone)."""
+    try:
+        return max(0.0, time.time() - os.stat(path).st_mtime)
+    except FileNotFoundError:
+        return 0.0
+
+
 def _refusal(workdir: str, record: dict, path: str) -> errors.WorkdirLocked:
     if record["host"] != socket.gethostname():
         return errors.WorkdirLocked(
             f"{workdir} is in use by another run ({_describe(record)}; lock file {path}).\n"
             "This host cannot tell whether that run is alive: if it has ended, delete the "
-            "lock file and rerun")
+            f"lock file and rerun (it is taken over by itself {STALE_SECONDS:.0f} s after "
+            "its last refresh)")
     return errors.WorkdirLocked(
         f"{workdir} is in use by another run ({_describe(record)}; lock file {path}).\n"
         "Two runs in one workdir overwrite each other's files: wait for it to end, stop it, "
@@ -180,15 +197,19 @@ def _acquire(workdir: str) -> dict:
     text = json.dumps(own)
     for _ in range(5):
         if _create(path, text):
-            return {"depth": 1, "record": own, "created_dir": created_dir, "path": path}
+            return {"depth": 1, "record": own, "created_dir": created_dir, "path": path,
+                    "refresh": _refresher(path)}
         record = holder(workdir)
         if record is None:
             continue                # released meanwhile
         same_host = record["host"] == socket.gethostname()
-        if not same_host or (record["pid"] != os.getpid() and _alive(record)):
+        if not same_host and _age(path) < STALE_SECONDS:
             raise _refusal(workdir, record, path)
-        log.warning("%s: taking over the lock of a run that is gone (%s)", path,
-                    _describe(record))
+        if same_host and record["pid"] != os.getpid() and _alive(record):
+            raise _refusal(workdir, record, path)
+        log.warning("%s: taking over the lock of a run that is gone (%s%s)", path,
+                    _describe(record), "" if same_host else
+                    f"; not refreshed for {_age(path):.0f} s")
         _take_over(path, record)
     raise errors.WorkdirLocked(f"{path}: could not take the lock (other runs keep taking it); "
                                "make sure one run at a time uses the workdir")
@@ -204,14 +225,30 @@ def _check_enclosing(workdir: str) -> None:
                 record = holder(parent)
             except errors.RunStateError:
                 record = None
-            if record is not None and (record["host"] != socket.gethostname()
-                                       or (record["pid"] != os.getpid() and _alive(record))):
+            other_host = record is not None and record["host"] != socket.gethostname()
+            if record is not None and ((other_host and _age(path) < STALE_SECONDS) or (
+                    not other_host and record["pid"] != os.getpid() and _alive(record))):
                 raise _refusal(parent, record, path)
         workdir, parent = parent, os.path.dirname(parent)
 
 
+def _refresher(path: str) -> threading.Event:
+    """Touches ``path`` every REFRESH_SECONDS until the returned event is set, so that
+    other hosts see the lock is alive (:data:`STALE_SECONDS`)."""
+    stop = threading.Event()
+
+    def touch():
+        while not stop.wait(REFRESH_SECONDS):
+            with contextlib.suppress(OSError):
+                os.utime(path)
+
+    threading.Thread(target=touch, name="workdir-lock-refresh", daemon=True).start()
+    return stop
+
+
 def _release(key: str) -> None:
     entry = _held.pop(key)
+    entry["refresh"].set()
     try:
         record = holder(key)
     except errors.RunStateError:

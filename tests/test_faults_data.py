@@ -50,9 +50,26 @@ def test_mesh_scaled_x100_puts_the_camera_inside_and_is_refused(tmp_path):
     mesh = load_model_mesh(tmp_path, "car", pose_set=train)      # the tiny root is fine
     meshes.save_off(_mesh_path(tmp_path), mesh.verts * 100, mesh.faces)
     with pytest.raises(meshes.MeshError, match=r"01\.off: the camera is inside the mesh's "
-                       r"bounding sphere \(radius 5[0-9.]* .* for 4 of 4 images") as info:
+                       r"bounding box .* for 4 of 4 images") as info:
         load_model_mesh(tmp_path, "car", pose_set=train)
     assert "car_000" in str(info.value) and len(str(info.value).splitlines()) <= 3
+
+
+def test_a_long_mesh_seen_from_close_by_passes_and_a_few_inside_warn(caplog):
+    """The box, not a sphere about the origin: a bus-like box seen side-on from 1.0 (0.7
+    outside its side face) passes, though its farthest vertex is 1.3 away; one camera
+    of 4 inside is a warning naming it, 3 of 4 a refusal."""
+    bus = meshes.cuboid_mesh([-0.3, -1.2, -0.35], [0.3, 1.2, 0.35], 200)
+    side = np.array([[np.pi / 2, 0.0, 0.0, 1.0]])                    # camera at x = 1
+    meshes.check_camera_outside(bus, side, source="bus.off")
+    inside = np.array([[0.0, 0.0, 0.0, 0.5]])                        # camera at y = -0.5
+    with caplog.at_level("WARNING"):
+        meshes.check_camera_outside(bus, np.concatenate([side, side, side, inside]),
+                                    source="bus.off", names=["a", "b", "c", "d"])
+    assert "bus.off: the camera is inside" in caplog.text and "image d" in caplog.text
+    with pytest.raises(meshes.MeshError, match=r"for 3 of 4 images"):
+        meshes.check_camera_outside(bus, np.concatenate([side, inside, inside, inside]),
+                                    source="bus.off")
 
 
 def test_flattened_mesh_warns_with_the_count_of_dropped_faces(tmp_path, caplog):

@@ -4,6 +4,7 @@ lost by a kill between NVSM's run-state writes, and a full disk in one line (iss
 import errno
 import json
 import logging
+import time
 import os
 import socket
 import subprocess
@@ -104,7 +105,9 @@ def test_a_stale_lock_is_taken_over_with_a_warning(tmp_path, caplog):
         assert wl.holder(work)["pid"] == os.getpid()
 
 
-def test_a_lock_of_another_host_is_refused_with_how_to_remove_it(tmp_path):
+def test_a_lock_of_another_host_is_refused_until_it_goes_stale(tmp_path, caplog):
+    """A fresh lock of another host is refused with how to remove it; one not refreshed
+    for STALE_SECONDS (a preempted job, requeued on another node) is taken over."""
     work = str(tmp_path / "w")
     _write_lock(work, _record(1, host="gpu-node-7"))
     with pytest.raises(WorkdirLocked, match=r"pid 1 on host gpu-node-7(.|\n)*cannot tell "
@@ -112,6 +115,25 @@ def test_a_lock_of_another_host_is_refused_with_how_to_remove_it(tmp_path):
                                             r"delete the lock file"):
         with wl.hold(work):
             pass
+    lock = os.path.join(work, wl.LOCK_FILE)
+    old = time.time() - wl.STALE_SECONDS - 5
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING):
+        with wl.hold(work):
+            assert wl.holder(work)["pid"] == os.getpid()
+    assert "gpu-node-7" in caplog.text and "not refreshed for" in caplog.text
+    assert not os.path.exists(lock)
+
+
+def test_a_held_lock_is_refreshed(tmp_path, monkeypatch):
+    monkeypatch.setattr(wl, "REFRESH_SECONDS", 0.05)
+    work = str(tmp_path / "w")
+    with wl.hold(work):
+        lock = os.path.join(work, wl.LOCK_FILE)
+        old = time.time() - 1000
+        os.utime(lock, (old, old))
+        time.sleep(0.3)
+        assert time.time() - os.stat(lock).st_mtime < 5
 
 
 def test_a_damaged_lock_file_is_named(tmp_path):
@@ -248,6 +270,29 @@ def test_a_checkpoint_past_the_progress_record_is_refused():
         ss._resume_point(c, None, 6, "ck")                          # progress.json lost
     with pytest.raises(RunStateError, match=r"holds step 8, past the end of round 3"):
         ss._resume_point(c, {"round": 2, "step": 6}, 8, "ck")
+
+
+def test_a_run_that_stopped_early_runs_no_further_round(tmp_path):
+    """A round after which nothing new passed (or the pool ran out) ends the run, and
+    progress.json says so: evaluating the cell again (another test set) resumes past
+    the last round instead of running another E-step, and evaluate counts the run
+    as finished at that round's step."""
+    from experiments.configs import nvsm as nvsm_config
+    from nvsm_jax import train
+
+    c = nvsm_config.get_config("tiny")
+    c.initial_steps, c.steps_per_round, c.num_rounds = 2, 2, 4
+    log_writer = training.MetricsWriter(tmp_path, "rounds.jsonl", tensorboard=False)
+    os.makedirs(tmp_path / "pseudo_labels")
+    ss._record_round(str(tmp_path), log_writer, 0, 2, _labels([]), {"round": 0, "num_new": 0})
+    assert ss.load_progress(tmp_path) == {"round": 0, "step": 2}
+    ss._record_round(str(tmp_path), log_writer, 1, 4, _labels([3]),
+                     {"round": 1, "num_new": 1}, stopped=True)
+    done = ss.load_progress(tmp_path)
+    assert done == {"round": 1, "step": 4, "stopped": True}
+    assert ss._resume_point(c, done, 4, "ck") == (c.num_rounds + 1, 4, None)
+    c.num_steps = 10
+    assert train._final_step(str(tmp_path), c) == 4
 
 
 def test_damaged_round_log_lines_are_named_and_torn_ones_dropped(tmp_path, caplog):

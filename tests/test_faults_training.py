@@ -76,7 +76,7 @@ def test_nan_loss_stops_at_its_step_and_keeps_the_finite_checkpoints(tmp_path, l
     it is only read at the next save (step 6, log_every=100), and no later state is saved."""
     state, mesh = _state()
     with pytest.raises(NonFiniteError, match=r"non-finite loss at step 5; the last finite "
-                       r"checkpoint, step 4, is kept in .*ckpt.4\. likely config keys: optim\.lr"):
+                       r"checkpoint, step 4, is kept in .*ckpt.4\. check the learning rate"):
         _fit(tmp_path, _step_fn(bad_loss_at=5), state, mesh, log_every=log_every)
     assert _saved_steps(tmp_path) == [2, 4]
 
@@ -266,3 +266,25 @@ def test_a_good_cache_serves_without_its_source_and_a_foreign_record_is_rebuilt(
         f.write(b"not an npz")
     with pytest.raises(weights.WeightsError, match="unreadable weights cache"):
         weights.read_cache(path, "efficientnet_lite0")
+
+
+def test_an_unwritable_cache_still_serves_the_converted_weights(cache, monkeypatch, caplog):
+    """A cache folder that cannot be written (read-only, full disk): a warning naming it,
+    the weights converted in memory, and no temporary file left behind."""
+    import errno
+
+    src, path, first = cache
+    os.remove(path)
+    real_savez = np.savez
+
+    def full_disk(*args, **kwargs):
+        real_savez(*args, **kwargs)                 # half written, then the disk is full
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(weights.np, "savez", full_disk)
+    with caplog.at_level(logging.WARNING, logger="nvsm_jax.models.weights"):
+        again = weights.load_imagenet("efficientnet_lite0", path=src)
+    assert "could not write the weights cache" in caplog.text and os.path.dirname(path) in caplog.text
+    for a, b in zip(jax.tree_util.tree_leaves(first), jax.tree_util.tree_leaves(again)):
+        np.testing.assert_array_equal(a, b)
+    assert os.listdir(os.path.dirname(path)) == []

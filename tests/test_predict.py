@@ -11,7 +11,7 @@ from PIL import Image
 
 from nvsm_jax import errors, geometry, meshes, predict
 from nvsm_jax.pose_solver import SolverConfig
-from nvsm_jax.data import DataError, subset_name
+from nvsm_jax.data import DataError, loaders, subset_name
 from nvsm_jax.data.testing import write_tiny_root
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -91,8 +91,10 @@ def test_box_crop_reproduces_the_camera(workdir):
     nemo = predict.load_predictor(work)
     cam = predict.model_camera(nemo.config)
     assert cam.image_hw == (32, 32) and cam.focal == pytest.approx(200.0)
+    train = loaders.load_pose_set(nemo.config.data_root, "car", "L0")   # the size focal, by hand
+    assert cam.size_focal == pytest.approx(np.median(train.focal * 5.0 / train.poses[:, 3]))
     grid = SolverConfig.from_dict(nemo.config.solver.to_dict()).grid()
-    ref = predict.reference_diagonal(nemo.mesh.verts, cam.focal, grid)
+    ref = predict.reference_diagonal(nemo.mesh.verts, cam.size_focal, grid)
     photo = np.zeros((70, 90, 3), np.uint8)
     photo[20:52, 30:62] = img
     c = np.array([46.0, 36.0])                       # the crop's centre in the photo
@@ -197,6 +199,9 @@ def test_bad_inputs_give_errors_naming_the_file(workdir, tmp_path):
         predict.read_boxes(str(boxes))
     boxes.write_text("image,x0,y0,x1,y1\nbroken.png,1,2,3,4\n/a/b.png,0,0,5,5\n")
     assert predict.read_boxes(str(boxes)) == {"broken.png": [1, 2, 3, 4], "/a/b.png": [0, 0, 5, 5]}
+    with pytest.raises(predict.BoxError, match=rf"{os.path.basename(good)}: the boxes file "
+                                               r"names no box for this image"):
+        predict.predict_images(work, good, {"GOOD.PNG": [0, 0, 5, 5]}, progress=False)
 
 
 def test_cli_prints_one_line_errors(workdir, tmp_path):

@@ -417,3 +417,13 @@ def test_progress_is_log_lines_off_a_terminal_with_a_heartbeat(monkeypatch, capl
     beats = [r.getMessage() for r in caplog.records]
     assert 2 <= len(beats) <= 4 and all(b.startswith("compiling: still running, ")
                                         for b in beats), beats
+    # the loop's own beat (one thread for the loop): a slow item is said to be running
+    caplog.clear()
+    monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.2)
+    bar = training.progress_bar(range(2), total=2, desc="fit", disable=False)
+    bar.interval = 1e9
+    for i in bar:
+        time.sleep(0.7 if i == 0 else 0.0)
+    beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert 1 <= len(beats) <= 4 and all(b.startswith("fit: 1/2: still running, ")
+                                        for b in beats), beats

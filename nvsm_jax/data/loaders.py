@@ -384,8 +384,8 @@ def load_model_mesh(root, category: str, cad_index: int = 1, *,
 
     Falls back to the sibling root (``../train`` or ``../test``) when this root
     has no ``CAD_single`` folder. With ``pose_set`` (the images it will be used
-    with), a camera inside the mesh's bounding sphere at any of their distances
-    raises MeshError naming the file (:func:`meshes.check_camera_outside`).
+    with), a camera inside the mesh's bounding box for most of them raises MeshError
+    naming the file, for a few a warning (:func:`meshes.check_camera_outside`).
     """
     rel = os.path.join("CAD_single", category, f"{cad_index:02d}.off")
     path = os.path.join(root, rel)
@@ -401,5 +401,5 @@ def load_model_mesh(root, category: str, cad_index: int = 1, *,
     except meshes.MeshError as err:
         raise DataError(str(err)) from err
     if pose_set is not None:
-        meshes.check_camera_outside(mesh, pose_set.poses[:, 3], source=path, names=pose_set.names)
+        meshes.check_camera_outside(mesh, pose_set.poses, source=path, names=pose_set.names)
     return mesh

@@ -424,14 +424,24 @@ def read_cache(cache, variant: str, source_sha256: str | None = None) -> dict:
 
 
 def _write_cache(cache, flat: Mapping[str, np.ndarray], source_sha256: str) -> None:
-    """Writes ``flat`` and its record (source and arrays digests) atomically."""
+    """Writes ``flat`` and its record (source and arrays digests) atomically. A cache
+    that cannot be written (read-only folder, full disk) is a warning: the weights
+    were converted in memory and serve this run; no temporary file is left."""
     record = json.dumps({"source_sha256": source_sha256, "arrays_sha256": _arrays_sha256(flat),
                          "converter": CONVERTER_VERSION})
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npz")
-    with os.fdopen(fd, "wb") as f:
-        np.savez(f, **flat, **{_CACHE_RECORD: np.array(record)})
-    os.replace(tmp, cache)
+    tmp = None
+    try:
+        os.makedirs(os.path.dirname(cache), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(cache), suffix=".npz")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **flat, **{_CACHE_RECORD: np.array(record)})
+        os.replace(tmp, cache)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.remove(tmp)
+        log.warning("%s: could not write the weights cache (%s); the converted weights "
+                    "serve this run, the next one converts them again", cache,
+                    err.strerror or err)
 
 
 def load_imagenet(variant: str = "efficientnet_lite0", *, with_classifier: bool = False,

@@ -77,9 +77,9 @@ MUTATIONS = [
     Mutation(
         name="faults_camera_inside_mesh_passes",
         file="nvsm_jax/meshes.py",
-        old="    inside = d <= radius\n",
-        new="    inside = d <= -radius\n",
-        tests=(_DATA,), kind="sign"),
+        old="    if inside.mean() > 0.5:",
+        new="    if inside.mean() > 1.5:",
+        tests=(_DATA,), kind="constant"),
     Mutation(
         name="faults_principal_point_unchecked",
         file="nvsm_jax/data/loaders.py",
@@ -127,8 +127,8 @@ MUTATIONS = [
     Mutation(
         name="faults_live_lock_taken_over",
         file="nvsm_jax/workdir_lock.py",
-        old='if not same_host or (record["pid"] != os.getpid() and _alive(record)):',
-        new="if not same_host:",
+        old='        if same_host and record["pid"] != os.getpid() and _alive(record):',
+        new="        if False:",
         tests=(_STATE,), kind="dropped term"),
     Mutation(
         name="faults_stale_lock_kept",
@@ -148,4 +148,24 @@ MUTATIONS = [
         old="if err.errno in _FULL_DISK and not err.filename:",
         new="if err.errno in _FULL_DISK and False:",
         tests=(_STATE,), kind="skipped step"),
+    Mutation(
+        name="faults_other_host_lock_never_stale",
+        file="nvsm_jax/workdir_lock.py",
+        old="        if not same_host and _age(path) < STALE_SECONDS:",
+        new="        if not same_host:",
+        tests=(_STATE,), kind="dropped term"),
+    Mutation(
+        name="faults_stopped_run_resumes_rounds",
+        file="nvsm_jax/semi_supervised.py",
+        old="""    if done and done.get("stopped"):        # ended early: a rerun runs no further round
+        next_round = config.num_rounds + 1""",
+        new="",
+        tests=(_STATE,), kind="skipped step"),
+    Mutation(
+        name="faults_mesh_box_check_off",
+        file="nvsm_jax/meshes.py",
+        old="    inside = np.all((centre >= lo) & (centre <= hi), axis=-1)",
+        new="    inside = np.all((centre >= lo) | (centre <= hi), axis=-1)",
+        tests=(_DATA,), kind="inverted mask"),
 ]
+
