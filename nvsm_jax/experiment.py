@@ -161,10 +161,8 @@ def _save_rows(cell, rows, errors, inputs):
     if parallel.is_main_process():
         os.makedirs(cell, exist_ok=True)
         np.savez(os.path.join(cell, "errors.npz"), **errors)
-        tmp = os.path.join(cell, "rows.json.tmp")
-        with open(tmp, "w") as f:
-            json.dump({"rows": rows, "inputs": inputs}, f, indent=1)
-        os.replace(tmp, os.path.join(cell, "rows.json"))
+        training.write_atomic(os.path.join(cell, "rows.json"), lambda f: json.dump(
+            {"rows": rows, "inputs": inputs}, f, indent=1))
     parallel.sync(f"cell {cell} recorded")
 
 

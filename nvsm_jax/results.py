@@ -120,10 +120,8 @@ def record_cell(results_dir, *, method: str, category: str, annotations, seed: i
         "inputs": inputs,
     }
     path = os.path.join(cell, "results.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:       # compact: hundreds of cells live in the repository
-        json.dump(record, f, separators=(",", ":"), sort_keys=True)
-    os.replace(tmp, path)
+    training.write_atomic(path, lambda f: json.dump(          # compact: hundreds of cells
+        record, f, separators=(",", ":"), sort_keys=True))      # live in the repository
     return path
 
 

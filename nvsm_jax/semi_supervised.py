@@ -603,25 +603,16 @@ def load_progress(workdir) -> dict | None:
 def _write_json_atomic(path, obj):
     """``obj`` as JSON into ``path`` through a temporary file (a kill leaves the old
     file or the new one); a full disk names ``path``."""
-    tmp = path + ".tmp"
     with workdir_lock.naming(path):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        training.write_atomic(path, lambda f: json.dump(obj, f, indent=1), fsync=True)
 
 
 def _savez_atomic(path, **arrays):
     """``np.savez(path, **arrays)`` through a temporary file (a kill leaves the old
     file or the new one, never a torn one); a full disk names ``path``."""
-    tmp = path + ".tmp.npz"
     with workdir_lock.naming(path):
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        training.write_atomic(path, lambda f: np.savez(f, **arrays), binary=True, fsync=True,
+                              suffix=".tmp.npz")
 
 
 def _round_path(workdir, r):
@@ -688,11 +679,9 @@ def _round_log_entries(path, done: dict | None) -> list[dict]:
                     "the report leaves them out", path, missing)
     entries = [by_round[r] for r in sorted(by_round)]
     if dropped and parallel.is_main_process():
-        tmp = path + ".tmp"
         with workdir_lock.naming(path):
-            with open(tmp, "w") as f:
-                f.writelines(json.dumps(e) + "\n" for e in entries)
-            os.replace(tmp, path)
+            training.write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n"
+                                                               for e in entries))
     return entries
 
 

@@ -58,7 +58,7 @@ from nvsm_jax.errors import InputError, NonFiniteError
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
-           "progress_bar", "LogProgress", "heartbeat", "save_config", "read_json",
+           "progress_bar", "LogProgress", "heartbeat", "save_config", "read_json", "write_atomic",
            "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
            "fit", "state_initializer", "DIVERGENCE_HINT", "nonfinite_leaf"]
@@ -470,10 +470,7 @@ class MetricsWriter:
                 keep.append(line if line.endswith("\n") else line + "\n")
         dropped = len(lines) - len(keep)
         if dropped:
-            tmp = self.path + ".tmp"
-            with open(tmp, "w") as f:
-                f.writelines(keep)
-            os.replace(tmp, self.path)
+            write_atomic(self.path, lambda f: f.writelines(keep))
             logging.getLogger(__name__).info(
                 "%s: dropped %d line(s) after step %d (the resumed run writes them again)",
                 self.path, dropped, step)
@@ -747,12 +744,24 @@ def save_config(config, workdir, filename: str = "config.json", *,
             logging.getLogger(__name__).warning("config changed (%s): the previous run moved to %s",
                                                 "; ".join(diffs[:5]), aside)
     if parallel.is_main_process():
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        write_atomic(path, lambda f: f.write(text))
     parallel.sync("save_config")    # no process goes on before process 0 checked the record
     return path
+
+
+def write_atomic(path, write: Callable[[Any], None], *, binary: bool = False,
+                 fsync: bool = False, suffix: str = ".tmp") -> None:
+    """Fills ``path`` through ``path + suffix``: ``write(f)`` writes the open temporary
+    file (text, or ``binary``), then ``os.replace`` puts it in place, so a kill leaves
+    the old file or the new one, never a torn one. ``fsync``: the data reach the disk
+    before the replace."""
+    tmp = os.fspath(path) + suffix
+    with open(tmp, "wb" if binary else "w") as f:
+        write(f)
+        if fsync:
+            f.flush()
+            os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def read_json(path, what: str, recover: str):
