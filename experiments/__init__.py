@@ -50,18 +50,30 @@ def _parse_flags(argv):
             raise
         text = str(err.args[0] if err.args else err)
         key = re.match(r"""^\W*([\w.]+)""", text)
-        hint = re.search(r"Did you mean [^?]*\?", text)
         overrides = [a for a in argv if a.startswith("--config.")]
         if not overrides:           # the config file's own error (a bug in get_config)
             raise
         if isinstance(err, (AttributeError, KeyError)) and key:
-            message = f"unknown config key {key.group(1)!r} in the --config overrides"
-            message += f"; {hint.group(0)}" if hint else ""
+            guess = re.search(r'Did you mean "([\w.]+)"', text)
+            message = (f"did you mean --config.{_override_path(overrides, key.group(1), guess.group(1))}? "
+                       if guess else "")
+            message += f"unknown config key {key.group(1)!r} in the --config overrides"
         else:
             message = f"a --config override does not fit the config: {text.splitlines()[0]}"
     name = os.path.basename(argv[0] if argv else "nvsm")
     sys.stderr.write(f"{name}: error: {message}\n")
     sys.exit(errors.EXIT_STATUS)
+
+
+def _override_path(overrides, key: str, guess: str) -> str:
+    """The dotted path of the override that named ``key``, with ``key`` replaced by
+    ``guess`` (``estep.max_nw`` -> ``estep.max_new``); ``guess`` alone if none matches."""
+    for arg in overrides:
+        path = arg[len("--config."):].split("=", 1)[0].split(".")
+        if key in path:
+            path[path.index(key)] = guess
+            return ".".join(path)
+    return guess
 
 
 def run(main) -> None:

@@ -350,7 +350,8 @@ def test_backend_probe_line_is_dropped_and_nothing_else():
 
 
 @pytest.mark.parametrize("override, words", [
-    ("--config.num_round=3", ["unknown config key 'num_round'", 'Did you mean "num_rounds"']),
+    ("--config.num_round=3", ["error: did you mean --config.num_rounds? unknown config key 'num_round'"]),
+    ("--config.estep.max_nw=3", ["error: did you mean --config.estep.max_new? unknown config key 'max_nw'"]),
     ("--config.num_rounds=abc", ["--config.num_rounds=abc", "invalid literal"]),
 ])
 def test_a_config_override_typo_is_one_line_and_writes_nothing(tmp_path, override, words):
