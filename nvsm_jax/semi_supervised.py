@@ -1,6 +1,9 @@
 """NVSM semi-supervised training: EM rounds of view synthesis, matching and CoKe.
 
-``run_nvsm(config, workdir)`` composes the pieces; it computes nothing itself:
+``run_nvsm(config, workdir)`` composes the pieces and computes nothing itself: after
+:func:`start_run` (checks, data, model) and :func:`resume`, each round is
+:func:`e_step_for_round`, :func:`m_step_for_round`, :func:`record_round`; the run's
+files are :mod:`nvsm_jax.run_state`'s.
 
 * **Round 0 (initial M-step).** CoKe training (:mod:`nvsm_jax.train`) on the
   labelled images only; optionally starting from a self-supervised pre-trained
@@ -46,7 +49,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import logging
 import os
 import time
@@ -58,29 +60,18 @@ import numpy as np
 
 from nvsm_jax import features as feat
 from nvsm_jax import (config_checks, geometry, matching, meshes, parallel,
-                      pose_solver, pseudo_labels, synthesis, train, training, workdir_lock)
+                      pose_solver, pseudo_labels, run_state, synthesis, train, training,
+                      workdir_lock)
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 from nvsm_jax.errors import RunStateError
+from nvsm_jax.run_state import RoundResult, load_progress
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RoundResult", "extract_features", "e_step", "holdout_check", "HoldoutCheck",
-           "pool_features",
-           "mirrored_sources", "training_set",
-           "run_nvsm", "load_progress"]
-
-
-@dataclasses.dataclass
-class RoundResult:
-    """What one E-step produced (host arrays)."""
-
-    new: pseudo_labels.PseudoLabels
-    num_views: int
-    seconds: float
-    agreement: float | None = None    # the safeguard's agreement rate over the images it
-    #                                   checked (None: the safeguard is off)
-    matched_poses: np.ndarray | None = None   # [M, 4] the matched poses before refinement
-    #                                           (None: not refined)
+           "pool_features", "mirrored_sources", "training_set", "NVSMRun", "RunPosition",
+           "start_run", "resume", "e_step_for_round", "m_step_for_round", "round_entry",
+           "record_round", "run_nvsm", "load_progress"]
 
 
 def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
@@ -577,154 +568,6 @@ def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
                    np.concatenate([lab.principal, unlabelled.principal[idx]]))
 
 
-#: How to start an NVSM run over in its workdir (the run-state files go together).
-_START_OVER = ("delete it to restart the NVSM run from round 0 (and with it checkpoints/, "
-               "pseudo_labels/ and rounds.jsonl), or restore it")
-
-
-def load_progress(workdir) -> dict | None:
-    """``{"round": r, "step": s}`` of the last finished round (with ``"stopped": True``
-    when the run ended there before ``num_rounds``: nothing new passed, or the pool was
-    used up), or None. A damaged ``progress.json`` raises RunStateError naming it."""
-    path = os.path.join(os.fspath(workdir), "progress.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        done = training.read_json(path, "record of the last finished NVSM round", _START_OVER)
-    except ValueError as err:
-        raise RunStateError(str(err)) from err
-    if not (isinstance(done, dict) and {"round", "step"} <= set(done)
-            and all(type(done[k]) is int and done[k] >= 0 for k in ("round", "step"))):
-        raise RunStateError(f"{path}: expected {{'round': r, 'step': s}} (integers >= 0), got "
-                            f"{done!r}; {_START_OVER}")
-    return done
-
-
-def _write_json_atomic(path, obj):
-    """``obj`` as JSON into ``path`` through a temporary file (a kill leaves the old
-    file or the new one); a full disk names ``path``."""
-    with workdir_lock.naming(path):
-        training.write_atomic(path, lambda f: json.dump(obj, f, indent=1), fsync=True)
-
-
-def _savez_atomic(path, **arrays):
-    """``np.savez(path, **arrays)`` through a temporary file (a kill leaves the old
-    file or the new one, never a torn one); a full disk names ``path``."""
-    with workdir_lock.naming(path):
-        training.write_atomic(path, lambda f: np.savez(f, **arrays), binary=True, fsync=True,
-                              suffix=".tmp.npz")
-
-
-def _round_path(workdir, r):
-    return os.path.join(workdir, "pseudo_labels", f"round_{r:03d}.npz")
-
-
-def _load_round(workdir, r) -> pseudo_labels.PseudoLabels:
-    """The pseudo-labels after round ``r`` (``pseudo_labels/round_XXX.npz``); a missing
-    or damaged file raises RunStateError naming it."""
-    path = _round_path(workdir, r)
-    try:
-        with np.load(path) as d:
-            pl = pseudo_labels.PseudoLabels.from_dict(d)
-        if pl.poses.shape != (len(pl), 4):
-            raise ValueError(f"poses of shape {pl.poses.shape} for {len(pl)} labels")
-    except Exception as err:  # noqa: BLE001 - any damage: name the file
-        missing = isinstance(err, FileNotFoundError)
-        # numpy reads random bytes as a pickle and suggests allow_pickle: never the fix here
-        cause = "" if missing or "pickle" in str(err) else f" ({type(err).__name__}: " \
-            f"{str(err)[:200]})"
-        raise RunStateError(
-            f"{path}: the pseudo-labels after round {r}, which progress.json records as "
-            f"finished, are {'missing' if missing else 'damaged: not an npz file of this run'}"
-            f"{cause}; restore the file, or start the NVSM "
-            "run over (delete progress.json, rounds.jsonl, pseudo_labels/ and checkpoints/)"
-        ) from err
-    return pl
-
-
-def _round_log_entries(path, done: dict | None) -> list[dict]:
-    """The entries of ``rounds.jsonl`` that ``progress.json`` (``done``) covers, one per
-    round in round order: entries of rounds past ``done`` (written before a kill
-    stopped the round's progress.json) and a torn last line are dropped, and the file
-    is rewritten without them (process 0). A damaged line elsewhere raises
-    RunStateError naming the file and the line; a missing round is warned about."""
-    last = -1 if done is None else done["round"]
-    lines = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8", errors="replace") as f:
-            lines = [line for line in f.read().split("\n") if line.strip()]
-    by_round, dropped = {}, 0
-    for i, line in enumerate(lines):
-        try:
-            entry = json.loads(line)
-            if not (isinstance(entry, dict) and type(entry.get("round")) is int):
-                raise ValueError("not an object with an integer 'round'")
-        except ValueError as err:
-            if i == len(lines) - 1:             # torn by a kill while appending
-                log.warning("%s: dropping its damaged last line (a run killed while "
-                            "writing it)", path)
-                dropped += 1
-                continue
-            raise RunStateError(
-                f"{path}: line {i + 1} is damaged ({err}); fix or delete that line (the "
-                "report then lacks that round), or restore the file") from err
-        if entry["round"] > last:
-            dropped += 1
-            continue
-        dropped += entry["round"] in by_round
-        by_round[entry["round"]] = entry
-    missing = sorted(set(range(last + 1)) - set(by_round))
-    if missing:
-        log.warning("%s: no entry for round(s) %s, which progress.json records as finished; "
-                    "the report leaves them out", path, missing)
-    entries = [by_round[r] for r in sorted(by_round)]
-    if dropped and parallel.is_main_process():
-        with workdir_lock.naming(path):
-            training.write_atomic(path, lambda f: f.writelines(json.dumps(e) + "\n"
-                                                               for e in entries))
-    return entries
-
-
-def _resume_point(config, done: dict | None, latest: int | None,
-                  ckpt_dir: str) -> tuple[int, int, int | None]:
-    """``(next_round, step, mid_round)``: the round to run next, the step it starts
-    at, and the checkpoint inside its M-step to resume from (None: none), from
-    ``progress.json`` (``done``) and the latest checkpoint step. A checkpoint past the
-    end of that round means the two do not belong together (progress.json lost or
-    replaced): RunStateError."""
-    next_round, step = (done["round"] + 1, done["step"]) if done else (0, 0)
-    if done and done.get("stopped"):        # ended early: a rerun runs no further round
-        next_round = config.num_rounds + 1
-    mid_round = latest if latest is not None and latest > step else None
-    round_end = step + (config.initial_steps if next_round == 0 else config.steps_per_round)
-    if mid_round is not None and (mid_round > round_end or next_round > config.num_rounds):
-        raise RunStateError(
-            f"{ckpt_dir}: holds step {mid_round}, past the end of round {next_round} (step "
-            f"{round_end}) where progress.json ({'missing' if done is None else done}) resumes; "
-            "restore progress.json, or start the NVSM run over (delete progress.json, "
-            "rounds.jsonl, pseudo_labels/ and checkpoints/)")
-    return next_round, step, mid_round
-
-
-def _record_round(workdir, round_log, r: int, step: int, pl: pseudo_labels.PseudoLabels,
-                  entry: dict, stopped: bool = False) -> None:
-    """Writes round ``r``'s run state (process 0), each file atomically and in this
-    order: the pseudo-labels (``round_XXX.npz``), the ``rounds.jsonl`` entry, then
-    ``progress.json``, which makes the round finished (``stopped``: and the run, before
-    ``num_rounds``); the staged E-step goes last. A
-    kill between any two leaves the round unfinished, redone on resume (which drops
-    its early log entry, :func:`_round_log_entries`), so the report never loses it."""
-    if not parallel.is_main_process():     # run state: one writer, read back by every process
-        return
-    _savez_atomic(_round_path(workdir, r), **pl.to_dict())
-    with workdir_lock.naming(round_log.path):
-        round_log.write(step, **{k: v for k, v in entry.items() if k != "step"})
-    _write_json_atomic(os.path.join(workdir, "progress.json"),
-                       {"round": r, "step": step, **({"stopped": True} if stopped else {})})
-    if os.path.exists(_staged_path(workdir, r)):
-        os.remove(_staged_path(workdir, r))
-
-
 def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: int, end: int,
             round_index, mesh_axes, writer, ckpt, *, round_end: int, progress: bool):
     """CoKe steps ``begin .. end - 1`` of the M-step that spans ``round_start ..
@@ -770,39 +613,223 @@ def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
     return sources
 
 
-def _staged_path(workdir, r):
-    return os.path.join(workdir, "pseudo_labels", f"estep_{r:03d}.npz")
-
-
-def _stage_estep(workdir, r, result: RoundResult) -> None:
-    """Stores round ``r``'s E-step before its M-step, so a run killed in the M-step
-    resumes it from its last checkpoint instead of repeating the E-step."""
-    extra = {} if result.matched_poses is None else {"matched_poses": result.matched_poses}
-    _savez_atomic(_staged_path(workdir, r), **result.new.to_dict(), num_views=result.num_views,
-                  seconds=result.seconds,
-                  agreement=np.nan if result.agreement is None else result.agreement, **extra)
-
-
-def _load_staged_estep(workdir, r) -> RoundResult | None:
-    path = _staged_path(workdir, r)
-    if not os.path.exists(path):
-        return None
-    try:
-        d = dict(np.load(path))
-        agreement = float(d["agreement"]) if "agreement" in d else float("nan")
-        return RoundResult(pseudo_labels.PseudoLabels.from_dict(d), int(d["num_views"]),
-                           float(d["seconds"]), None if np.isnan(agreement) else agreement,
-                           d.get("matched_poses"))
-    except Exception as err:  # noqa: BLE001 - any damage means: redo the E-step
-        raise RunStateError(f"{path}: damaged stored E-step ({type(err).__name__}: "
-                            f"{str(err)[:200]}); delete it, and the checkpoints/ steps past "
-                            f"progress.json's, to redo the E-step of round {r}") from err
-
-
 def schedule_steps(config) -> int:
     """Optimiser steps of a whole NVSM run, the learning-rate schedule's horizon:
     round 0 (``initial_steps``) plus ``num_rounds`` M-steps of ``steps_per_round``."""
     return int(config.initial_steps) + int(config.num_rounds) * int(config.steps_per_round)
+
+
+@dataclasses.dataclass
+class NVSMRun:
+    """What every round of one NVSM run shares, set up once by :func:`start_run`."""
+
+    config: Any                     # the run's config (``num_steps`` = the whole schedule)
+    workdir: str
+    estep_cfg: EStepConfig
+    solver_cfg: pose_solver.SolverConfig
+    labelled: PoseSet               # the anchors, at their labels
+    unlabelled: PoseSet             # the pool (its poses are never read)
+    hidden: np.ndarray              # the pool's hidden poses [N, 4]: reports and oracle rows only
+    test_sets: dict                 # {"L0": PoseSet, ...}
+    model_mesh: meshes.Mesh
+    mesh_axes: Any                  # the device mesh
+    model: Any
+    train_step: Any
+    ckpt: training.Checkpointer
+    writer: training.MetricsWriter      # metrics.jsonl (per step)
+    round_log: training.MetricsWriter   # rounds.jsonl (per round)
+    progress: bool
+
+
+@dataclasses.dataclass
+class RunPosition:
+    """Where a run stands between rounds: changed by each round's E-, M- and record step."""
+
+    state: Any                      # the TrainState
+    pl: pseudo_labels.PseudoLabels  # every pseudo-label so far
+    step: int                       # the optimiser step the next M-step starts at
+    rounds: list                    # the rounds.jsonl entries so far
+    next_round: int
+    mid_round: int | None           # a checkpoint inside next_round's M-step to go on from
+
+
+def start_run(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
+              test_sets: dict | None = None, num_devices: int | None = None,
+              progress: bool = True) -> tuple[NVSMRun, Any]:
+    """Checks ``config``, loads the data (unless given), records ``config.json`` and
+    builds the model, its fresh TrainState, the checkpointer and the logs ->
+    ``(run, state)``."""
+    config_checks.check_config(config)
+    workdir = os.fspath(workdir)
+    config = copy.deepcopy(config)
+    config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
+    if train_set is None:
+        train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
+                                          lazy_images=jax.process_count() > 1)  # own rows only
+        model_mesh = loaders.load_model_mesh(config.data_root, config.category,
+                                             pose_set=train_set)
+    if test_sets is None:
+        test_sets = {}
+        if config.test_root:
+            for occ in config.eval_occlusions:
+                test_sets[occ] = loaders.load_pose_set(config.test_root, config.category, occ,
+                                                       limit=config.eval_limit)
+    split = fewshot.split_from_config(train_set, int(config.num_labelled), config)
+    hidden = fewshot.hidden_poses(train_set, split.unlabelled.names)   # reporting only
+    # the record, once the config and data are good (a failed run never blocks its rerun)
+    training.save_config(config, workdir, has_work=train.holds_work(workdir))
+    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
+
+    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
+    model = train.build_model(config)
+    image_hw = train_set.image_size
+    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
+    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
+    run = NVSMRun(
+        config=config, workdir=workdir, estep_cfg=EStepConfig.from_config(config.estep),
+        solver_cfg=pose_solver.SolverConfig.from_dict(config.solver.to_dict()),
+        labelled=split.labelled, unlabelled=split.unlabelled, hidden=hidden,
+        test_sets=test_sets, model_mesh=model_mesh, mesh_axes=mesh_axes, model=model,
+        train_step=train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
+                                         mesh_axes),
+        ckpt=training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
+                                   max_to_keep=max(1, int(config.keep_checkpoints))),
+        writer=training.MetricsWriter(workdir),
+        round_log=training.MetricsWriter(workdir, "rounds.jsonl"), progress=progress)
+    return run, state
+
+
+def resume(run: NVSMRun, state) -> RunPosition:
+    """Where the run in ``run.workdir`` stopped (:mod:`nvsm_jax.run_state`): after a
+    finished round, inside an M-step, or nowhere yet; ``state`` (fresh) is restored
+    from the matching checkpoint."""
+    done = run_state.load_progress(run.workdir)
+    rounds = run_state.round_log_entries(run.round_log.path, done)
+    next_round, step, mid_round = run_state.resume_point(run.config, done, run.ckpt.latest_step(),
+                                                         run.ckpt.directory)
+    pl = pseudo_labels.PseudoLabels.empty()
+    if done and done["round"] > 0:
+        pl = run_state.load_round(run.workdir, done["round"])
+    if mid_round is not None:       # killed inside round next_round's M-step
+        state = run.ckpt.restore(state, step=mid_round)
+        log.info("resuming round %d's M-step at step %d", next_round, mid_round)
+    elif done:
+        state = run.ckpt.restore(state, step=step)
+        log.info("resuming after round %d (step %d, %d pseudo-labels)", done["round"], step, len(pl))
+    return RunPosition(state, pl, step, rounds, next_round, mid_round)
+
+
+def e_step_for_round(run: NVSMRun, at: RunPosition, r: int) -> RoundResult:
+    """Round ``r``'s E-step (none in round 0): the stored one if the run was killed in
+    its M-step, else computed on the current model and stored before the M-step.
+    Its new pseudo-labels join ``at.pl``."""
+    if r == 0:
+        return RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
+    config, labelled, unlabelled, pl = run.config, run.labelled, run.unlabelled, at.pl
+    result = run_state.load_staged_estep(run.workdir, r)
+    if result is None and at.mid_round is not None:
+        raise RunStateError(f"{run.workdir}: checkpoint {at.mid_round} lies inside round {r}, "
+                            f"whose E-step is not stored ({run_state.staged_path(run.workdir, r)})"
+                            f"; delete checkpoints/{at.mid_round} to redo the round")
+    if result is None:
+        nemo = train.nemo_model(config, run.model, at.state, run.model_mesh)
+        fn = train.feature_fn(nemo)
+        log.info("round %d E-step: feature maps of %d pool images", r, len(unlabelled))
+        # each process: the feature maps of its own rows of the pool
+        pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
+                                        run.mesh_axes)
+        candidates = np.ones(len(unlabelled), bool)
+        candidates[pl.index] = False
+        pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
+        result = e_step(run.estep_cfg, round_sources(config, fn, labelled, unlabelled, pool, pl,
+                                                     run.mesh_axes),
+                        pool, model_mesh=run.model_mesh, stride=config.model.stride,
+                        round_index=r, mesh_axes=run.mesh_axes,
+                        solver=SolverInputs(at.state.aux.vertex,
+                                            feat.clutter_prototype(at.state.aux.clutter),
+                                            run.solver_cfg))
+        del pool_maps, pool
+        oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config
+        if oracle != "none":    # a diagnosis row: hidden poses change the round
+            result = dataclasses.replace(result, new=pseudo_labels.oracle_labels(
+                oracle, result.new, run.hidden, candidates,
+                np.random.default_rng([int(config.seed), r])))
+        if parallel.is_main_process():      # the same result on every process
+            run_state.stage_estep(run.workdir, r, result)
+        parallel.sync(f"nvsm round {r} E-step stored")
+    at.pl = pl.extend(result.new)
+    if len(result.new) == 0:
+        log.info("round %d: nothing new passes; stopping", r)
+    return result
+
+
+def m_step_for_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
+                     max_steps: int | None = None) -> int | None:
+    """Round ``r``'s M-step (none after an E-step that found nothing): CoKe on the
+    anchors and every pseudo-label so far, from ``at.step`` (or the checkpoint inside
+    it), at most ``max_steps`` steps -> the steps run, or None when it stopped short
+    of the round's end (a simulated kill)."""
+    if r > 0 and len(result.new) == 0:
+        return 0
+    config, labelled, unlabelled, pl, step = run.config, run.labelled, run.unlabelled, at.pl, at.step
+    data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
+    n_steps = config.initial_steps if r == 0 else config.steps_per_round
+    begin = at.mid_round if at.mid_round is not None else step
+    end = step + n_steps if max_steps is None else min(step + n_steps, begin + max_steps)
+    at.state = _m_step(config, at.state, run.train_step, data, step, begin, end, r,
+                       run.mesh_axes, run.writer, run.ckpt, round_end=step + n_steps,
+                       progress=run.progress)
+    at.mid_round = None
+    if end < step + n_steps:        # stopped inside the M-step (a simulated kill)
+        run.ckpt.wait()
+        return None
+    at.step = step + n_steps
+    return end - begin
+
+
+def round_entry(run: NVSMRun, at: RunPosition, r: int, result: RoundResult) -> dict:
+    """Round ``r``'s ``rounds.jsonl`` entry without its time and test scores: the
+    pseudo-labels' count, and their quality against the hidden poses (reporting only)."""
+    pl, new, hidden = at.pl, result.new, run.hidden
+    quality = pseudo_labels.label_quality(pl.poses, hidden[pl.index])
+    quality_new = pseudo_labels.label_quality(new.poses, hidden[new.index])
+    return {"round": r, "step": at.step, "num_pseudo": len(pl), "num_new": len(new),
+            "precision": quality["acc_pi_6"], "precision_new": quality_new["acc_pi_6"],
+            "median_err_deg": quality["median_err_deg"], "flip_rate": quality["flip_rate"],
+            "sectors_covered": quality["sectors_covered"],
+            "median_err_new_deg": quality_new["median_err_deg"],
+            "flip_rate_new": quality_new["flip_rate"],
+            "matched_median_err_new_deg": (
+                None if result.matched_poses is None or not len(new) else
+                pseudo_labels.label_quality(result.matched_poses,
+                                            hidden[new.index])["median_err_deg"]),
+            "coverage": pseudo_labels.coverage(np.concatenate([run.labelled.poses, pl.poses])),
+            "num_views": result.num_views, "estep_seconds": result.seconds,
+            "agreement": result.agreement}
+
+
+def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
+                 started: float) -> bool:
+    """Finishes round ``r`` (begun at time ``started``): its entry (and L0 test scores
+    with ``eval_every_round``), the checkpoint, then the run state
+    (:func:`nvsm_jax.run_state.record_round`). Returns True when the run stops here:
+    nothing new passed, or the pool is used up."""
+    config = run.config
+    entry = {**round_entry(run, at, r, result), "round_seconds": time.time() - started}
+    if config.eval_every_round and "L0" in run.test_sets:
+        res = train.evaluate_nemo(train.nemo_model(config, run.model, at.state, run.model_mesh),
+                                  {"L0": run.test_sets["L0"]}, run.solver_cfg,
+                                  config.eval_batch_size)
+        entry.update({f"test_{k}": v for k, v in res["L0"].items()
+                      if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
+    stopped = r > 0 and (len(result.new) == 0 or len(at.pl) == len(run.unlabelled))
+    run.ckpt.maybe_save(at.step, at.state, force=True)
+    run.ckpt.wait()
+    run_state.record_round(run.workdir, run.round_log, r, at.step, at.pl, entry, stopped=stopped)
+    parallel.sync(f"nvsm round {r} recorded")
+    at.rounds.append({**entry})
+    log.info("round %d: %s", r, _round_summary(entry))
+    return stopped
 
 
 @workdir_lock.locked
@@ -824,156 +851,30 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     or optimiser steps, in this call (simulates a kill). Returns ``{"rounds":
     [...], "pseudo_labels": PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
     """
-    config_checks.check_config(config)
-    workdir = os.fspath(workdir)
-    config = copy.deepcopy(config)
-    config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
-    estep_cfg = EStepConfig.from_config(config.estep)
-    oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config above
-    if train_set is None:
-        train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
-                                          lazy_images=jax.process_count() > 1)  # own rows only
-        model_mesh = loaders.load_model_mesh(config.data_root, config.category,
-                                             pose_set=train_set)
-    if test_sets is None:
-        test_sets = {}
-        if config.test_root:
-            for occ in config.eval_occlusions:
-                test_sets[occ] = loaders.load_pose_set(config.test_root, config.category, occ,
-                                                       limit=config.eval_limit)
-    split = fewshot.split_from_config(train_set, int(config.num_labelled), config)
-    labelled, unlabelled = split.labelled, split.unlabelled
-    hidden = fewshot.hidden_poses(train_set, unlabelled.names)   # reporting only
-    # the record, once the config and data are good (a failed run never blocks its rerun)
-    training.save_config(config, workdir, has_work=train.holds_work(workdir))
-    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
-
-    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
-    model = train.build_model(config)
-    image_hw = train_set.image_size
-    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
-    ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                                 max_to_keep=max(1, int(config.keep_checkpoints)))
-    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    train_step = train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
-                                       mesh_axes)
-    writer = training.MetricsWriter(workdir)
-    round_log = training.MetricsWriter(workdir, "rounds.jsonl")
-    stride = config.model.stride
-    solver_cfg = pose_solver.SolverConfig.from_dict(config.solver.to_dict())
-
-    done = load_progress(workdir)
-    pl = pseudo_labels.PseudoLabels.empty()
-    rounds = _round_log_entries(round_log.path, done)
-    next_round, step, mid_round = _resume_point(config, done, ckpt.latest_step(),
-                                                ckpt.directory)
-    if done and done["round"] > 0:
-        pl = _load_round(workdir, done["round"])
-    if mid_round is not None:       # killed inside round next_round's M-step
-        state = ckpt.restore(state, step=mid_round)
-        log.info("resuming round %d's M-step at step %d", next_round, mid_round)
-    elif done:
-        state = ckpt.restore(state, step=step)
-        log.info("resuming after round %d (step %d, %d pseudo-labels)", done["round"], step, len(pl))
-
-    finished_this_call, steps_this_call = 0, 0
-    for r in range(next_round, config.num_rounds + 1):
-        if stop_after_rounds is not None and finished_this_call >= stop_after_rounds:
+    run, state = start_run(config, workdir, train_set=train_set, model_mesh=model_mesh,
+                           test_sets=test_sets, num_devices=num_devices, progress=progress)
+    at = resume(run, state)
+    rounds_done, steps_done = 0, 0
+    for r in range(at.next_round, run.config.num_rounds + 1):
+        if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
             break
-        t0 = time.time()
-        result = RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
-        if r > 0:
-            staged = _load_staged_estep(workdir, r)
-            if staged is not None:
-                result = staged
-            elif mid_round is not None:
-                raise RunStateError(f"{workdir}: checkpoint {mid_round} lies inside round {r}, "
-                                    f"whose E-step is not stored ({_staged_path(workdir, r)})"
-                                    f"; delete checkpoints/{mid_round} to redo the round")
-            else:
-                nemo = train.nemo_model(config, model, state, model_mesh)
-                fn = train.feature_fn(nemo)
-                log.info("round %d E-step: feature maps of %d pool images", r,
-                         len(unlabelled))
-                # each process: the feature maps of its own rows of the pool
-                pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
-                                                mesh_axes)
-                candidates = np.ones(len(unlabelled), bool)
-                candidates[pl.index] = False
-                pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
-                result = e_step(estep_cfg, round_sources(config, fn, labelled, unlabelled,
-                                                          pool, pl, mesh_axes),
-                                pool,
-                                model_mesh=model_mesh, stride=stride, round_index=r,
-                                mesh_axes=mesh_axes,
-                                solver=SolverInputs(state.aux.vertex,
-                                                    feat.clutter_prototype(state.aux.clutter),
-                                                    solver_cfg))
-                del pool_maps, pool
-                if oracle != "none":    # a diagnosis row: hidden poses change the round
-                    result = dataclasses.replace(result, new=pseudo_labels.oracle_labels(
-                        oracle, result.new, hidden, candidates,
-                        np.random.default_rng([int(config.seed), r])))
-                if parallel.is_main_process():      # the same result on every process
-                    _stage_estep(workdir, r, result)
-                parallel.sync(f"nvsm round {r} E-step stored")
-            pl = pl.extend(result.new)
-            if len(result.new) == 0:
-                log.info("round %d: nothing new passes; stopping", r)
-        new = result.new
-        if r == 0 or len(new) > 0:
-            data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
-            n_steps = config.initial_steps if r == 0 else config.steps_per_round
-            begin = mid_round if mid_round is not None else step
-            end = step + n_steps
-            if stop_after_steps is not None:
-                end = min(end, begin + stop_after_steps - steps_this_call)
-            state = _m_step(config, state, train_step, data, step, begin, end, r, mesh_axes,
-                            writer, ckpt, round_end=step + n_steps, progress=progress)
-            steps_this_call += end - begin
-            mid_round = None
-            if end < step + n_steps:        # stopped inside the M-step (a simulated kill)
-                ckpt.wait()
-                break
-            step += n_steps
-        # record the round
-        quality = pseudo_labels.label_quality(pl.poses, hidden[pl.index])
-        quality_new = pseudo_labels.label_quality(new.poses, hidden[new.index])
-        entry = {"round": r, "step": step, "num_pseudo": len(pl), "num_new": len(new),
-                 "precision": quality["acc_pi_6"], "precision_new": quality_new["acc_pi_6"],
-                 "median_err_deg": quality["median_err_deg"], "flip_rate": quality["flip_rate"],
-                 "sectors_covered": quality["sectors_covered"],
-                 "median_err_new_deg": quality_new["median_err_deg"],
-                 "flip_rate_new": quality_new["flip_rate"],
-                 "matched_median_err_new_deg": (
-                     None if result.matched_poses is None or not len(new) else
-                     pseudo_labels.label_quality(result.matched_poses,
-                                                 hidden[new.index])["median_err_deg"]),
-                 "coverage": pseudo_labels.coverage(np.concatenate([labelled.poses, pl.poses])),
-                 "num_views": result.num_views, "estep_seconds": result.seconds,
-                 "agreement": result.agreement,
-                 "round_seconds": time.time() - t0}
-        if config.eval_every_round and "L0" in test_sets:
-            res = train.evaluate_nemo(train.nemo_model(config, model, state, model_mesh),
-                                      {"L0": test_sets["L0"]}, solver_cfg, config.eval_batch_size)
-            entry.update({f"test_{k}": v for k, v in res["L0"].items()
-                          if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
-        stopped = r > 0 and (len(new) == 0 or len(pl) == len(unlabelled))
-        ckpt.maybe_save(step, state, force=True)
-        ckpt.wait()
-        _record_round(workdir, round_log, r, step, pl, entry, stopped=stopped)
-        parallel.sync(f"nvsm round {r} recorded")
-        rounds.append({**entry})
-        finished_this_call += 1
-        log.info("round %d: %s", r, _round_summary(entry))
-        if stopped:                 # nothing new passed, or the pool is used up
+        started = time.time()
+        result = e_step_for_round(run, at, r)
+        steps = m_step_for_round(run, at, r, result, None if stop_after_steps is None
+                                 else stop_after_steps - steps_done)
+        if steps is None:           # stopped inside the M-step
             break
-    ckpt.close()
-    out = {"rounds": rounds, "pseudo_labels": pl, "state": state, "labelled": labelled,
-           "unlabelled": unlabelled, "hidden": hidden}
-    if stop_after_rounds is None and stop_after_steps is None and test_sets:
-        out["test"] = train.evaluate_nemo(train.nemo_model(config, model, state, model_mesh),
-                                          test_sets, solver_cfg, config.eval_batch_size)
+        steps_done += steps
+        rounds_done += 1
+        if record_round(run, at, r, result, started):
+            break
+    run.ckpt.close()
+    out = {"rounds": at.rounds, "pseudo_labels": at.pl, "state": at.state,
+           "labelled": run.labelled, "unlabelled": run.unlabelled, "hidden": run.hidden}
+    if stop_after_rounds is None and stop_after_steps is None and run.test_sets:
+        out["test"] = train.evaluate_nemo(
+            train.nemo_model(run.config, run.model, at.state, run.model_mesh), run.test_sets,
+            run.solver_cfg, run.config.eval_batch_size)
     return out
 
 

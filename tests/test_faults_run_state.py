@@ -13,7 +13,7 @@ import sys
 import numpy as np
 import pytest
 
-from nvsm_jax import errors, parallel, pseudo_labels, semi_supervised as ss, training
+from nvsm_jax import errors, parallel, pseudo_labels, run_state as rs, training
 from nvsm_jax import workdir_lock as wl
 from nvsm_jax.errors import RunStateError, WorkdirLocked
 
@@ -223,28 +223,28 @@ def _labels(index):
 def test_damaged_round_files_are_named(tmp_path):
     work = str(tmp_path)
     os.makedirs(os.path.join(work, "pseudo_labels"))
-    path = ss._round_path(work, 2)
+    path = rs.round_path(work, 2)
     with pytest.raises(RunStateError, match=rf"{path}: the pseudo-labels after round 2, .* "
                                             r"are missing"):
-        ss._load_round(work, 2)
+        rs.load_round(work, 2)
     with open(path, "wb") as f:
         f.write(b"PK\x03\x04 not a zip")
     with pytest.raises(RunStateError, match=rf"round_002\.npz: .* are damaged: not an npz "
                                             r"file of this run \(BadZipFile.*restore the file, "
                                             r"or start"):
-        ss._load_round(work, 2)
+        rs.load_round(work, 2)
     with open(path, "wb") as f:                       # numpy reads random bytes as a pickle
         f.write(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8)))
     with pytest.raises(RunStateError, match=r"round_002\.npz: .* damaged: not an npz file of "
                                             r"this run; restore") as info:
-        ss._load_round(work, 2)
+        rs.load_round(work, 2)
     assert "pickle" not in str(info.value)
     np.savez(path, index=np.arange(3))                # a key missing
     with pytest.raises(RunStateError, match=r"round_002\.npz: .* damaged: not an npz file of "
                                             r"this run \(KeyError"):
-        ss._load_round(work, 2)
-    ss._savez_atomic(path, **_labels([4, 1]).to_dict())
-    np.testing.assert_array_equal(ss._load_round(work, 2).index, [4, 1])
+        rs.load_round(work, 2)
+    rs.savez_atomic(path, **_labels([4, 1]).to_dict())
+    np.testing.assert_array_equal(rs.load_round(work, 2).index, [4, 1])
 
 
 def test_damaged_progress_is_named(tmp_path):
@@ -253,7 +253,7 @@ def test_damaged_progress_is_named(tmp_path):
         path.write_text(text)
         with pytest.raises(RunStateError, match=r"progress\.json: .*delete it to restart the "
                                                 r"NVSM run from round 0 \(and with it checkp"):
-            ss.load_progress(tmp_path)
+            rs.load_progress(tmp_path)
 
 
 def test_a_checkpoint_past_the_progress_record_is_refused():
@@ -261,15 +261,15 @@ def test_a_checkpoint_past_the_progress_record_is_refused():
 
     c = nvsm_config.get_config("tiny")
     c.initial_steps, c.steps_per_round, c.num_rounds = 2, 2, 2
-    assert ss._resume_point(c, None, None, "ck") == (0, 0, None)
-    assert ss._resume_point(c, None, 1, "ck") == (0, 0, 1)             # inside round 0
-    assert ss._resume_point(c, {"round": 1, "step": 4}, 5, "ck") == (2, 4, 5)
-    assert ss._resume_point(c, {"round": 1, "step": 4}, 4, "ck") == (2, 4, None)
+    assert rs.resume_point(c, None, None, "ck") == (0, 0, None)
+    assert rs.resume_point(c, None, 1, "ck") == (0, 0, 1)             # inside round 0
+    assert rs.resume_point(c, {"round": 1, "step": 4}, 5, "ck") == (2, 4, 5)
+    assert rs.resume_point(c, {"round": 1, "step": 4}, 4, "ck") == (2, 4, None)
     with pytest.raises(RunStateError, match=r"ck: holds step 6, past the end of round 0 "
                                             r"\(step 2\) where progress\.json \(missing\)"):
-        ss._resume_point(c, None, 6, "ck")                          # progress.json lost
+        rs.resume_point(c, None, 6, "ck")                          # progress.json lost
     with pytest.raises(RunStateError, match=r"holds step 8, past the end of round 3"):
-        ss._resume_point(c, {"round": 2, "step": 6}, 8, "ck")
+        rs.resume_point(c, {"round": 2, "step": 6}, 8, "ck")
 
 
 def test_a_run_that_stopped_early_runs_no_further_round(tmp_path):
@@ -284,13 +284,13 @@ def test_a_run_that_stopped_early_runs_no_further_round(tmp_path):
     c.initial_steps, c.steps_per_round, c.num_rounds = 2, 2, 4
     log_writer = training.MetricsWriter(tmp_path, "rounds.jsonl", tensorboard=False)
     os.makedirs(tmp_path / "pseudo_labels")
-    ss._record_round(str(tmp_path), log_writer, 0, 2, _labels([]), {"round": 0, "num_new": 0})
-    assert ss.load_progress(tmp_path) == {"round": 0, "step": 2}
-    ss._record_round(str(tmp_path), log_writer, 1, 4, _labels([3]),
+    rs.record_round(str(tmp_path), log_writer, 0, 2, _labels([]), {"round": 0, "num_new": 0})
+    assert rs.load_progress(tmp_path) == {"round": 0, "step": 2}
+    rs.record_round(str(tmp_path), log_writer, 1, 4, _labels([3]),
                      {"round": 1, "num_new": 1}, stopped=True)
-    done = ss.load_progress(tmp_path)
+    done = rs.load_progress(tmp_path)
     assert done == {"round": 1, "step": 4, "stopped": True}
-    assert ss._resume_point(c, done, 4, "ck") == (c.num_rounds + 1, 4, None)
+    assert rs.resume_point(c, done, 4, "ck") == (c.num_rounds + 1, 4, None)
     c.num_steps = 10
     assert train._final_step(str(tmp_path), c) == 4
 
@@ -302,21 +302,21 @@ def test_damaged_round_log_lines_are_named_and_torn_ones_dropped(tmp_path, caplo
         f.write(json.dumps(rows[0]) + "\n{\"step\": 4, \"rou\n" + json.dumps(rows[2]) + "\n")
     with pytest.raises(RunStateError, match=r"rounds\.jsonl: line 2 is damaged .*fix or delete "
                                             r"that line"):
-        ss._round_log_entries(path, {"round": 2, "step": 6})
+        rs.round_log_entries(path, {"round": 2, "step": 6})
     # a torn last line and an entry past progress.json: dropped, the file rewritten
     with open(path, "w") as f:
         f.write("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 8, "ro')
     with caplog.at_level(logging.WARNING):
-        assert ss._round_log_entries(path, {"round": 1, "step": 4}) == rows[:2]
+        assert rs.round_log_entries(path, {"round": 1, "step": 4}) == rows[:2]
     assert "dropping its damaged last line" in caplog.text
     assert training.MetricsWriter(tmp_path, "rounds.jsonl").read() == rows[:2]
     # no progress.json: nothing of the log counts
-    assert ss._round_log_entries(path, None) == [] and open(path).read() == ""
+    assert rs.round_log_entries(path, None) == [] and open(path).read() == ""
 
 
 def _record_rounds(work, log_writer, rounds):
     for r, step, index in rounds:
-        ss._record_round(work, log_writer, r, step, _labels(index),
+        rs.record_round(work, log_writer, r, step, _labels(index),
                          {"round": r, "step": step, "num_pseudo": len(index)})
 
 
@@ -337,7 +337,7 @@ def test_a_kill_between_run_state_writes_loses_no_round(tmp_path, monkeypatch, k
     os.makedirs(os.path.join(work, "pseudo_labels"))
     log_writer = training.MetricsWriter(work, "rounds.jsonl", tensorboard=False)
     _record_rounds(work, log_writer, ROUNDS[:2])
-    open(ss._staged_path(work, 2), "wb").close()
+    open(rs.staged_path(work, 2), "wb").close()
     calls = []
 
     def cut(fn):
@@ -349,23 +349,23 @@ def test_a_kill_between_run_state_writes_loses_no_round(tmp_path, monkeypatch, k
         return wrapped
 
     with monkeypatch.context() as mp:
-        mp.setattr(ss, "_savez_atomic", cut(ss._savez_atomic))
+        mp.setattr(rs, "savez_atomic", cut(rs.savez_atomic))
         mp.setattr(log_writer, "write", cut(log_writer.write))
-        mp.setattr(ss, "_write_json_atomic", cut(ss._write_json_atomic))
+        mp.setattr(rs, "write_json_atomic", cut(rs.write_json_atomic))
         mp.setattr(os, "remove", cut(os.remove))
         try:
             _record_rounds(work, log_writer, ROUNDS[2:])
         except _Killed:
             pass
-    done = ss.load_progress(work)
+    done = rs.load_progress(work)
     assert done["round"] == (2 if kill_at >= 3 else 1)
-    entries = ss._round_log_entries(log_writer.path, done)
+    entries = rs.round_log_entries(log_writer.path, done)
     assert [e["round"] for e in entries] == list(range(done["round"] + 1))
-    np.testing.assert_array_equal(ss._load_round(work, done["round"]).index, [3])
+    np.testing.assert_array_equal(rs.load_round(work, done["round"]).index, [3])
     if done["round"] < 2:           # the resumed run redoes round 2
         _record_rounds(work, log_writer, ROUNDS[2:])
     assert [e["round"] for e in log_writer.read()] == [0, 1, 2]
-    assert not os.path.exists(ss._staged_path(work, 2)) or kill_at == 3
+    assert not os.path.exists(rs.staged_path(work, 2)) or kill_at == 3
 
 
 # ---- a full disk
@@ -390,12 +390,12 @@ def test_a_full_disk_names_the_run_state_file_in_one_line(tmp_path, capsys, monk
     monkeypatch.setattr(sys, "argv", ["nvsm_fewshot"])
     progress = str(tmp_path / "progress.json")
     _dev_full_tmp(progress, ".tmp")
-    err = _guarded(lambda: ss._write_json_atomic(progress, {"round": 1, "step": 4}), capsys)
+    err = _guarded(lambda: rs.write_json_atomic(progress, {"round": 1, "step": 4}), capsys)
     assert err == f"nvsm_fewshot: error: no space left on the device while writing {progress}\n"
-    labels = ss._round_path(str(tmp_path), 1)
+    labels = rs.round_path(str(tmp_path), 1)
     os.makedirs(os.path.dirname(labels))
     _dev_full_tmp(labels, ".tmp.npz")
-    err = _guarded(lambda: ss._savez_atomic(labels, index=np.zeros(100_000)), capsys)
+    err = _guarded(lambda: rs.savez_atomic(labels, index=np.zeros(100_000)), capsys)
     assert err == f"nvsm_fewshot: error: no space left on the device while writing {labels}\n"
     assert not os.path.exists(labels)
 

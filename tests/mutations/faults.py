@@ -138,7 +138,7 @@ MUTATIONS = [
         tests=(_STATE,), kind="constant"),
     Mutation(
         name="faults_round_log_off_by_one",
-        file="nvsm_jax/semi_supervised.py",
+        file="nvsm_jax/run_state.py",
         old='if entry["round"] > last:',
         new='if entry["round"] > last + 1:',
         tests=(_STATE,), kind="off by one"),
@@ -156,7 +156,7 @@ MUTATIONS = [
         tests=(_STATE,), kind="dropped term"),
     Mutation(
         name="faults_stopped_run_resumes_rounds",
-        file="nvsm_jax/semi_supervised.py",
+        file="nvsm_jax/run_state.py",
         old="""    if done and done.get("stopped"):        # ended early: a rerun runs no further round
         next_round = config.num_rounds + 1""",
         new="",
