@@ -14,7 +14,8 @@ Modes (one record per row; ``frames_per_s = poses / median seconds per call``):
 
 * ``fwd``: ``interpolate(rasterize(verts), faces, attrs)`` -> ``[P, H, W, C]``.
 * ``grad``: ``value_and_grad`` of ``mean(features ** 2)`` w.r.t. the screen verts.
-* ``soft``: ``soft_rasterize(..., vertex_attrs, top_k=8)`` (silhouette + attributes).
+* ``soft``: ``soft_rasterize(..., vertex_attrs, SoftSettings(top_k=8))`` (silhouette +
+  attributes).
 * ``score``: NeMo's render-and-compare loss of every pose from a folded score
   table (``interpolate_score``), as in the 144-pose initial grid search.
 * ``fwd_cull``: ``fwd`` with ``cull_backfaces=True`` (exact for this closed mesh).
@@ -169,7 +170,10 @@ def measure_row(row):
     elif mode == "grad":
         fn = jax.jit(jax.value_and_grad(lambda sv: jnp.mean(features(sv) ** 2)))
     elif mode == "soft":
-        fn = jax.jit(lambda sv: R.soft_rasterize(sv, faces, hw, attrs, top_k=8))
+        if hasattr(R, "SoftSettings"):
+            fn = jax.jit(lambda sv: R.soft_rasterize(sv, faces, hw, attrs, R.SoftSettings(top_k=8)))
+        else:       # an older tree's rasteriser (keyword settings)
+            fn = jax.jit(lambda sv: R.soft_rasterize(sv, faces, hw, attrs, top_k=8))
     elif mode in ("score", "score_grad"):
         # NeMo: unit vertex features [V, C] and an observed feature map [H, W, C];
         # the score table is one matmul per image, the loss one value per pose.

@@ -23,12 +23,39 @@ configs import each other relatively and work under both names. The library
 
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
 
 # The console scripts' functions are named ``<module>_cli``: a package attribute named
 # like a submodule would shadow ``from experiments import nvsm_fewshot``.
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """The argparse binaries' parser: a bad flag or value is one line, ``<prog>: error:
+    <message>; --help shows the usage``, exit status 2 (argparse prints its whole usage
+    first), and ``debug=True`` adds ``--debug``, read by :meth:`run`. The docstring is
+    shown as written (``RawDescriptionHelpFormatter``)."""
+
+    def __init__(self, *, debug: bool = True, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
+        if debug:
+            self.add_argument("--debug", action="store_true",
+                              help="show the traceback of a bad input instead of a short message")
+
+    def error(self, message):
+        from nvsm_jax import errors
+
+        self.exit(errors.EXIT_STATUS, f"{self.prog}: error: {message}; --help shows the usage\n")
+
+    def run(self, fn, args, *fn_args):
+        """``fn(*fn_args)`` under :func:`nvsm_jax.errors.guard` (an expected error: one
+        short message, exit 2), or bare with ``args.debug`` (the traceback)."""
+        from nvsm_jax import errors
+
+        return (fn if args.debug else errors.guard(fn, prog=self.prog))(*fn_args)
 
 
 def _parse_flags(argv):
@@ -98,7 +125,7 @@ def _run_absl(module: str) -> None:
     describes the flags and the ``__doc__`` of the main module (``sys.argv[0]``), here
     the console script's wrapper.
     """
-    from absl import app, flags
+    from absl import flags
 
     from nvsm_jax import parallel
 

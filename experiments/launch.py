@@ -11,8 +11,9 @@ the parent's ``--xla_force_host_platform_device_count`` divided by N, else 1),
 and its output prefixed with ``[p<i>]``. When one process fails the others are
 stopped (they would wait at the next collective until jax's timeout). The exit
 status is the first failure's, else 0. It is the one-machine stand-in for a
-pod or a multi-host GPU job (the project README, "Multi-host runs"), where the
-cluster starts the processes and sets these variables.
+pod or a multi-host GPU job, where the cluster starts the processes and sets these
+variables (or jax finds them itself: a TPU pod, SLURM, Open MPI), and the workdir
+is one folder every host sees.
 
 The command after ``--`` is run as given (``syn/train`` above: made by
 ``nvsm-make-synthetic --config=synthetic:tiny --out syn``); a leading ``python`` is
@@ -21,7 +22,6 @@ this interpreter. :func:`launch` is the same as a library call (the tests use it
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import signal
@@ -30,6 +30,8 @@ import subprocess
 import sys
 import threading
 import time
+
+from . import ArgumentParser
 
 __all__ = ["launch", "free_port", "process_env", "main"]
 
@@ -151,8 +153,7 @@ def _kill_all(procs) -> None:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, debug=False)
     parser.add_argument("--num_processes", type=int, default=2)
     parser.add_argument("--devices_per_process", type=int, default=None,
                         help="forced CPU devices per process (default: the parent's "

@@ -11,13 +11,12 @@ Writes OUT/train (L0 pool) and OUT/test (L0..L3), each with README and dataset.j
 
 from __future__ import annotations
 
-import argparse
 import json
 
-from nvsm_jax import config_checks, errors, parallel
+from nvsm_jax import config_checks, parallel
 from nvsm_jax.data import synthetic
 
-from . import configs
+from . import ArgumentParser, configs
 
 
 def load_config(spec: str | None):
@@ -26,7 +25,7 @@ def load_config(spec: str | None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--out", required=True)
     p.add_argument("--config", default="synthetic",
                    help="config spec NAME[:ARG] (e.g. synthetic:tiny) or PATH[:ARG] (default: synthetic)")
@@ -37,10 +36,8 @@ def main(argv=None):
     p.add_argument("--supersample", type=int, default=None)
     p.add_argument("--batch", type=int, default=None, help="images per rasteriser call")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
-    (_generate if a.debug else errors.guard(_generate, prog=p.prog))(p, a)
+    p.run(_generate, a, p, a)
 
 
 def _generate(p, a):

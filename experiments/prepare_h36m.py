@@ -12,12 +12,13 @@ interrupted run continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
-from nvsm_jax import errors, parallel
-from nvsm_jax.data.h36m_archives import CAMERA_IDS, SUBJECTS, prepare_h36m
+from nvsm_jax import parallel
+from nvsm_jax.data.h36m_archives import CAMERA_IDS, SUBJECTS, PrepareOptions, prepare_h36m
+
+from . import ArgumentParser
 
 
 def _list(s):
@@ -25,8 +26,7 @@ def _list(s):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="folder with S1/, S5/, ... (extracted archives)")
     p.add_argument("--out", required=True)
     p.add_argument("--subjects", default=",".join(SUBJECTS))
@@ -44,10 +44,8 @@ def main(argv=None):
     p.add_argument("--intrinsics", default="", help="JSON file {camera id: [fx, fy, cx, cy]} "
                    "(pixels), for views without D2_Positions")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
-    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+    p.run(_run, a, a)
 
 
 def _run(a):
@@ -57,11 +55,12 @@ def _run(a):
     if a.intrinsics:
         with open(a.intrinsics) as f:
             intrinsics = json.load(f)
+    options = PrepareOptions(size=a.size, frame_step=a.frame_step, margin=a.margin,
+                             cameras=_list(a.cameras), min_cameras=a.min_cameras,
+                             max_frame_gap=a.max_frame_gap, intrinsics=intrinsics,
+                             skip_bad=not a.strict)
     counts = prepare_h36m(a.root, a.out, _list(a.subjects), _list(a.actions) or None,
-                          size=a.size, frame_step=a.frame_step, margin=a.margin,
-                          cameras=_list(a.cameras), min_cameras=a.min_cameras,
-                          max_frame_gap=a.max_frame_gap, intrinsics=intrinsics,
-                          skip_bad=not a.strict)
+                          options=options)
     print(json.dumps(counts, indent=1))
 
 

@@ -5,16 +5,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
-from nvsm_jax import errors, parallel
+from nvsm_jax import parallel
 from nvsm_jax.data.kitti import prepare_kitti
+
+from . import ArgumentParser
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="folder with label_2/, calib/, image_2/")
     p.add_argument("--out", required=True)
     p.add_argument("--split", default="train", help="root name under --out")
@@ -24,10 +25,8 @@ def main(argv=None):
     p.add_argument("--max_truncation", type=float, default=0.2)
     p.add_argument("--unit_m", type=float, default=4.0, help="metres per model unit")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
-    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+    p.run(_run, a, a)
 
 
 def _run(a):

@@ -6,17 +6,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 
-from nvsm_jax import errors, parallel
+from nvsm_jax import parallel
 from nvsm_jax.data.pascal3d import prepare_pascal3d
 from nvsm_jax.data.shapes import CATEGORIES
 
+from . import ArgumentParser
+
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True)
     p.add_argument("--out", required=True)
     p.add_argument("--categories", default=",".join(CATEGORIES))
@@ -26,10 +27,8 @@ def main(argv=None):
     p.add_argument("--keep_occluded", action="store_true")
     p.add_argument("--keep_difficult", action="store_true")
     p.add_argument("--strict", action="store_true", help="fail on bad input instead of skipping")
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
-    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+    p.run(_run, a, a)
 
 
 def _run(a):

@@ -13,7 +13,6 @@ from several sessions and seeds accumulate there. Writes ``DIR/report.md`` (or
 from __future__ import annotations
 
 import os
-import sys
 
 from absl import flags
 
@@ -27,13 +26,15 @@ flags.DEFINE_string("out", None, "Where to write the report (default RESULTS/rep
 def main(argv):
     del argv
     from nvsm_jax import results
+    from nvsm_jax.errors import InputError
 
-    try:
-        cells = results.load_cells(FLAGS.results)
-        report = results.format_report(cells)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"[report] {err}", file=sys.stderr)
-        return 1
+    cells = results.load_cells(FLAGS.results)       # a missing folder: one line, exit 2
+    if not cells:
+        raise InputError(
+            f"{FLAGS.results}: no finished cells (<method>_<category>_<annotations>_seed<seed>/"
+            "results.json); nothing written. nvsm-report reads the folder an nvsm-fewshot run "
+            "was given as --config.results_dir; a few-shot workdir has its own report.md")
+    report = results.format_report(cells)
     out = FLAGS.out or os.path.join(FLAGS.results, "report.md")
     with open(out, "w") as f:
         f.write(report)

@@ -12,15 +12,16 @@ the annotated box in yellow. With masks, occluder pixels are outlined in magenta
 
 from __future__ import annotations
 
-import argparse
 import os
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from nvsm_jax import errors, geometry, parallel
+from nvsm_jax import geometry, parallel
 from nvsm_jax.data.format import OCCLUSION_LEVELS, subset_name
 from nvsm_jax.data.loaders import list_names, load_annotation, load_image, load_model_mesh, _find_image
+
+from . import ArgumentParser
 
 _EDGES = [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7)]
 
@@ -95,16 +96,14 @@ def contact_sheet(root, out, *, per_row=8, tile=128, categories=None):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__)
     p.add_argument("--root", required=True, help="a train or test root")
     p.add_argument("--out", required=True)
     p.add_argument("--per_row", type=int, default=8)
     p.add_argument("--tile", type=int, default=128)
     p.add_argument("--categories", default=None)
-    p.add_argument("--debug", action="store_true",
-                   help="show the traceback of a bad input instead of a short message")
     a = p.parse_args(argv)
-    (_run if a.debug else errors.guard(_run, prog=p.prog))(a)
+    p.run(_run, a, a)
 
 
 def _run(a):

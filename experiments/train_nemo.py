@@ -47,7 +47,8 @@ def main(argv):
     print(f"[train_nemo] checkpoints: {os.path.join(w, 'checkpoints')}; metrics: "
           f"{os.path.join(w, 'metrics.jsonl')}"
           + (f"; results: {results} and results.json" if os.path.exists(results) else
-             f"; evaluate it with: nvsm-evaluate --workdir {w} --data TEST_ROOT"))
+             f"; evaluate it with: nvsm-evaluate --workdir {w}"
+             + ("" if config.get("test_root") else " --data TEST_ROOT")))
     print(f"[train_nemo] training curves: tensorboard --logdir {w}   "
           "(pip install 'nvsm_jax[tensorboard]')")
 

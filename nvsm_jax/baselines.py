@@ -260,17 +260,16 @@ def build_classifier(config: ClassifierConfig) -> PoseClassifier:
                           depthwise=net.depthwise)
 
 
-def _schedule(config: ClassifierConfig):
-    return training.make_schedule(config.lr, config.num_steps, warmup_steps=config.warmup_steps,
-                                  final_lr_fraction=config.final_lr_fraction)
-
-
 @functools.lru_cache(maxsize=16)
 def _optimizer(config: ClassifierConfig):
-    tx = training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
-                             grad_clip=config.grad_clip)
-    frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
-    return tx if frozen is None else training.freeze(tx, frozen)
+    """``(tx, schedule)`` of :func:`nvsm_jax.training.make_optimizer`, cached: the
+    same config gets the same ``tx`` object, a static field of the state, so the
+    cached train step sees the same state structure and does not compile again."""
+    return training.make_optimizer(
+        config.lr, config.num_steps, warmup_steps=config.warmup_steps,
+        final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip,
+        frozen=backbone.frozen_encoder_filter(config.backbone, config.frozen_stages))
 
 
 def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> training.TrainState:
@@ -282,7 +281,7 @@ def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> trai
     (seed aside) and image size, so resumed runs, seeds and tests reuse it.
     """
     model = build_classifier(config)
-    init = training.state_initializer(model, _optimizer(config), (1, *image_hw, 3))
+    init = training.state_initializer(model, _optimizer(config)[0], (1, *image_hw, 3))
     state = training.create_replicated(
         init, jax.random.key(config.seed), mesh_axes,
         cache_key=("classifier", config.replace(seed=0), tuple(image_hw)))
@@ -315,7 +314,7 @@ def make_train_step(config: ClassifierConfig, mesh_axes):
     batch: ``{"image": [B, H, W, 3] uint8, "pose": [B, 4]}`` sharded over ``data``.
     Cached on ``(config, mesh)`` so repeated runs (resume, tests) compile once.
     """
-    schedule = _schedule(config)
+    _, schedule = _optimizer(config)
     rep = parallel.replicated(mesh_axes)
     frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
 

@@ -26,7 +26,7 @@ import numpy as np
 from nvsm_jax import geometry
 
 __all__ = ["rotation_errors", "accuracy_at", "median_error_deg", "make_row", "mean_rows",
-           "rows_to_markdown", "write_results", "read_results", "plot_error_distribution",
+           "rows_to_markdown", "write_results", "plot_error_distribution",
            "accuracy_by_azimuth", "azimuth_table"]
 
 
@@ -160,11 +160,6 @@ def write_results(directory, rows: Sequence[Mapping], *, name: str = "results",
     with open(mpath, "w") as f:
         f.write(rows_to_markdown(rows))
     return jpath, mpath
-
-
-def read_results(path) -> list[dict]:
-    with open(path) as f:
-        return json.load(f)["rows"]
 
 
 def plot_error_distribution(errors: Mapping[str, np.ndarray], path, *,

@@ -1,6 +1,6 @@
 """The NVSM few-shot experiment, importable from a notebook.
 
-``train_and_evaluate(config, workdir)`` (the CLI is ``experiments/nvsm_fewshot.py``)
+``train_and_evaluate(config, workdir)`` (the CLI is ``nvsm-fewshot``)
 composes the library; it computes nothing itself:
 
 1. data: ``config.data_root`` and ``config.test_root`` (both or neither), or the

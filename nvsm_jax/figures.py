@@ -19,6 +19,7 @@ Angles are radians in, degrees on the axes.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from typing import Mapping, NamedTuple, Sequence
@@ -27,8 +28,8 @@ import numpy as np
 
 from nvsm_jax import geometry
 
-__all__ = ["plot_rounds", "plot_coverage", "PCA", "fit_pca", "pca_rgb", "feature_pca_rgb",
-           "mesh_edges", "box_edges", "draw_poses"]
+__all__ = ["plot_rounds", "plot_coverage", "PCA", "fit_pca", "pca_rgb", "PCALayout",
+           "feature_pca_rgb", "mesh_edges", "box_edges", "PoseDrawing", "draw_poses"]
 
 
 def _plt():
@@ -229,19 +230,35 @@ def _default_views():
                               geometry.NEMO_DISTANCE, xnp=np)
 
 
-def feature_pca_rgb(feature_maps, vertex_memory, verts, images, path, *, views=None,
-                    num_samples: int = 20000, seed: int = 0, max_images: int = 6,
-                    canvas: int = 160, return_colors: bool = False):
+@dataclasses.dataclass(frozen=True)
+class PCALayout:
+    """The panels of :func:`feature_pca_rgb`.
+
+    views: [K, 4] poses to show the mesh from (None: 4 azimuths at 20° elevation).
+    max_images: at most this many images (and their feature maps) are shown.
+    canvas: side of the square canvas the mesh is projected onto, pixels.
+    """
+
+    views: np.ndarray | None = None
+    max_images: int = 6
+    canvas: int = 160
+
+
+def feature_pca_rgb(feature_maps, vertex_memory, verts, images, path, *,
+                    layout: PCALayout = PCALayout(), num_samples: int = 20000, seed: int = 0,
+                    return_colors: bool = False):
     """Features as RGB through one PCA: images / feature maps / vertex memory on the mesh.
 
     feature_maps: [N, h, w, D]; vertex_memory: [V, D]; verts: [V, 3] (the mesh the
     memory belongs to); images: [N, H, W, 3] uint8 (or float in [0, 1]).
-    views: [K, 4] poses to show the mesh from (default 4 azimuths at 20° elevation).
-    The PCA is fitted on sampled feature-map pixels; the vertex memory goes
-    through the same mapping, so equal features get equal colours in every panel.
+    layout: :class:`PCALayout` (views [K, 4] to show the mesh from, max_images,
+    canvas). The PCA is fitted on at most ``num_samples`` feature-map pixels
+    (sampled with ``seed``, :func:`fit_pca`); the vertex memory goes through the
+    same mapping, so equal features get equal colours in every panel.
     Returns the PNG path, or with ``return_colors`` ``(path, map_rgb [N, h, w, 3],
     vertex_rgb [V, 3])``.
     """
+    views, max_images, canvas = layout.views, layout.max_images, layout.canvas
     plt = _plt()
     fm = np.asarray(feature_maps, np.float64)
     mem = np.asarray(vertex_memory, np.float64)
@@ -314,21 +331,40 @@ def _outline(verts, faces, outline: str, max_edges: int):
     raise ValueError(f"outline must be 'auto', 'box' or 'edges', got {outline!r}")
 
 
+@dataclasses.dataclass(frozen=True)
+class PoseDrawing:
+    """How :func:`draw_poses` draws.
+
+    threshold: rotation error (radians) under which a prediction is green, else red.
+    outline: ``"box"`` (the 12 edges of the bounding box: a NeMo cuboid's outer
+    edges), ``"edges"`` (face edges, a random subset of ``max_edges``), or
+    ``"auto"`` (box when the mesh has more than ``max_edges`` edges).
+    max_edges: see ``outline``.
+    ncols: panels per row (at most the number of images shown).
+    max_images: at most this many images are drawn (the first ones).
+    """
+
+    threshold: float = np.pi / 6
+    outline: str = "auto"
+    max_edges: int = 300
+    ncols: int = 4
+    max_images: int = 16
+
+
 def draw_poses(images, pred_poses, gt_poses, verts, faces, focal, principal, path, *,
-               threshold: float = np.pi / 6, outline: str = "auto", max_edges: int = 300,
-               ncols: int = 4, max_images: int = 16) -> str:
+               style: PoseDrawing = PoseDrawing()) -> str:
     """Predicted poses as mesh outlines over images.
 
     images: [N, H, W, 3]; pred_poses: [N, 4]; gt_poses: [N, 4] or None; verts:
     [V, 3]; faces: [F, 3]; focal: [N] pixels; principal: [N, 2] screen
     coordinates (x = column, pixel centres at +0.5).
-    outline: ``"box"`` (the 12 edges of the bounding box: a NeMo cuboid's outer
-    edges), ``"edges"`` (face edges, a random subset of ``max_edges``), or
-    ``"auto"`` (box when the mesh has more than ``max_edges`` edges).
-    Prediction in green when its error < ``threshold`` else red (blue without
+    style: :class:`PoseDrawing` (threshold, outline, max_edges, ncols, max_images).
+    Prediction in green when its error < ``style.threshold`` else red (blue without
     GT); GT in faint white; titles give the error in degrees; a legend under the
     panels names the colours used.
     """
+    threshold, outline, max_edges = style.threshold, style.outline, style.max_edges
+    ncols, max_images = style.ncols, style.max_images
     plt = _plt()
     imgs = np.asarray(images)
     pred = np.asarray(pred_poses, np.float64)

@@ -46,11 +46,19 @@ def _squared_distances(p, q):
     return dx * dx + dy * dy
 
 
-def neighbor_mask(xy, radius: float):
-    """``[..., V, V]`` True where vertices i != j project within ``radius`` pixels."""
-    d2 = _squared_distances(xy, xy)
+def neighbor_mask(xy, radius: float, anchors=None):
+    """``[..., V, V]`` True where vertices i != j project within ``radius`` pixels.
+
+    xy: [..., V, 2]. anchors: optional [..., N] vertex ids: only their rows,
+    ``[..., N, V]`` (row n is vertex ``anchors[..., n]``'s neighbours), the mask
+    :func:`coke_loss` removes from the softmax.
+    """
     v = xy.shape[-2]
-    return (d2 <= radius ** 2) & ~jnp.eye(v, dtype=bool)
+    if anchors is None:
+        rows, ids = xy, jnp.arange(v)
+    else:
+        rows, ids = jnp.take_along_axis(xy, anchors[..., None], axis=-2), anchors
+    return (_squared_distances(rows, xy) <= radius ** 2) & (ids[..., :, None] != jnp.arange(v))
 
 
 def sample_anchors(key, visible, num: int):
@@ -84,14 +92,12 @@ def coke_loss(features, visible, xy, vertex_memory, clutter_memory, clutter_feat
     if anchors is None:
         anchors = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
     fa = jnp.take_along_axis(features, anchors[..., None], axis=1)       # [B, N, D]
-    xa = jnp.take_along_axis(xy, anchors[..., None], axis=1)             # [B, N, 2]
     va = jnp.take_along_axis(visible, anchors, axis=1)                   # [B, N]
     hp = jax.lax.Precision.HIGHEST
     lv = jnp.einsum("bnd,ud->bnu", fa, vm, precision=hp) / temperature  # [B, N, V]
-    d2 = _squared_distances(xa, xy)                                      # [B, N, V]
     is_self = anchors[..., None] == jnp.arange(v)
     target = jnp.sum(jnp.where(is_self, lv, 0.0), axis=-1)              # [B, N]
-    lv = jnp.where((d2 <= neighbor_radius ** 2) & ~is_self, -jnp.inf, lv)
+    lv = jnp.where(neighbor_mask(xy, neighbor_radius, anchors), -jnp.inf, lv)  # [B, N, V]
     lc = jnp.einsum("bnd,kd->bnk", fa, cm, precision=hp) / temperature + np.log(clutter_weight)
     lse = jnp.logaddexp(jax.nn.logsumexp(lv, axis=-1), jax.nn.logsumexp(lc, axis=-1))
     ce = lse - target

@@ -78,8 +78,7 @@ def match_scores(syn_feats, syn_mask, image_feats, chunk: int = 256, normalized:
     feats = feats.reshape(-1, chunk, *image_feats.shape[1:])
 
     def one(_, block):
-        b = block.astype(jnp.float32)
-        b = (b if normalized else normalize(b)).reshape(chunk, -1)
+        b = normalize(block.astype(jnp.float32)).reshape(chunk, -1)
         return None, jnp.einsum("kp,np->kn", a, b, precision=jax.lax.Precision.DEFAULT)
 
     _, scores = jax.lax.scan(one, None, feats)          # [num_chunks, K, chunk]

@@ -44,6 +44,7 @@ import numpy as np
 import optax
 
 from nvsm_jax import geometry, parallel
+from nvsm_jax.errors import ConfigError
 from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
@@ -58,8 +59,7 @@ class SolverConfig:
     num_azimuth/elevations/thetas/distance: the initial grid (12 x 4 x 3 = 144).
     top_k: grid hypotheses refined per image. steps/lr/b1/b2: Adam refinement;
     the lr is multiplied by ``decay_factor`` every ``decay_every`` steps.
-    render_stride: render at ``feature_stride`` (None) - the score table's
-    resolution. refine_distance: whether the distance is optimised too.
+    refine_distance: whether the distance is optimised too.
     cull_backfaces: skip faces turned away from the camera in every render;
     exact for closed meshes seen from outside (the NeMo cuboid), off by default
     (an open mesh would lose its inside faces). Speed gain at 16 x 16 within
@@ -86,12 +86,22 @@ class SolverConfig:
 
     @classmethod
     def from_dict(cls, d) -> "SolverConfig":
+        """From a config's ``solver`` block (a mapping; ``elevations`` and ``thetas``
+        become tuples of floats). Keys it leaves out keep the defaults; a key that is
+        no field is a :class:`nvsm_jax.errors.ConfigError` naming it and the known
+        keys (no solver key was ever renamed or dropped, so a recorded config.json
+        carries none)."""
         d = dict(d)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ConfigError(f"unknown solver config keys "
+                              f"{', '.join('solver.' + k for k in unknown)}; "
+                              f"known: {', '.join(names)}")
         for k in ("elevations", "thetas"):
             if k in d and d[k] is not None:
                 d[k] = tuple(float(x) for x in d[k])
-        fields = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in fields})
+        return cls(**d)
 
 
 REFERENCE = SolverConfig()

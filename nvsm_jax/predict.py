@@ -35,8 +35,9 @@ solver's ``top_k`` best grid poses, as the evaluation does), means an ambiguous 
 
 Outputs (``out_dir``): ``predictions.jsonl`` (one record per image, angles in
 degrees), ``overlays/NNNN_<name>.png`` (the cuboid's wireframe at the predicted pose
-on the photo, the object's x / y / z axes as red / green / blue arrows, key in the
-corner) and ``contact_sheet.png``.
+on the photo, yellow, the object's x / y / z axes as red / green / blue arrows, a key
+in the corner; a photo under :data:`OVERLAY_MIN_SIZE` px is drawn enlarged) and
+``contact_sheet.png``.
 
 A bad input is an :class:`nvsm_jax.errors.InputError` naming the file: an unreadable
 image (:class:`nvsm_jax.data.DataError`), a box outside the image or of zero area
@@ -270,11 +271,33 @@ def draw_wireframe(image, pose, verts, focal: float, principal, *, scale: float 
             font = ImageFont.load_default(size=size)
         except TypeError:                   # Pillow < 10.1: one bitmap size
             font, size = ImageFont.load_default(), 10
-        draw.rectangle([0, 0, int(4.8 * size), int(1.3 * size)], fill=(0, 0, 0))
+        draw.rectangle([0, 0, int(8.4 * size), int(1.3 * size)], fill=(0, 0, 0))
+        draw.text((0.3 * size, 0.1 * size), "pose", fill=WIRE_COLOR, font=font)
         for k, name in enumerate("xyz"):
-            draw.text((0.3 * size + 1.5 * size * k, 0.1 * size), name, fill=AXIS_COLORS[k],
+            draw.text((3.3 * size + 1.5 * size * k, 0.1 * size), name, fill=AXIS_COLORS[k],
                       font=font)
     return np.asarray(out)
+
+
+#: Overlays of photos smaller than this (pixels, longer side) are drawn on the photo
+#: enlarged by a whole factor, so that the key and the lines stay small beside the object.
+OVERLAY_MIN_SIZE = 256
+
+
+def overlay(photo, pose, verts, focal: float, principal, crop: "Crop") -> np.ndarray:
+    """:func:`draw_wireframe` of ``pose`` on ``photo`` [h, w, 3] uint8, the photo first
+    enlarged ``k`` times (nearest pixel; ``k`` the least whole factor that brings its
+    longer side to :data:`OVERLAY_MIN_SIZE`, 1 for larger photos) -> [k h, k w, 3]."""
+    from PIL import Image
+
+    h, w = photo.shape[:2]
+    k = max(1, -(-OVERLAY_MIN_SIZE // max(h, w)))
+    if k > 1:
+        photo = np.asarray(Image.fromarray(np.asarray(photo, np.uint8)).resize(
+            (w * k, h * k), Image.NEAREST))
+    # x_big = k x_photo = (x_crop + o) / (s / k)
+    return draw_wireframe(photo, pose, verts, focal, principal, scale=crop.scale / k,
+                          offset=crop.offset)
 
 
 def contact_sheet(images: Sequence[np.ndarray], captions: Sequence[str], path, *,
@@ -487,8 +510,8 @@ def _write_outputs(out_dir, records, photos, crops, best, score, nemo, camera):
     os.makedirs(over_dir, exist_ok=True)
     overlays, captions = [], []
     for i, rec in enumerate(records):
-        ov = draw_wireframe(photos[i], best[i], nemo.mesh.verts, camera.focal, camera.principal,
-                            scale=crops[i].scale, offset=crops[i].offset)
+        ov = overlay(photos[i], best[i], nemo.mesh.verts, camera.focal, camera.principal,
+                     crops[i])
         name = os.path.splitext(os.path.basename(rec["image"]))[0]
         path = os.path.join(over_dir, f"{i:04d}_{name}.png")
         Image.fromarray(ov).save(path)

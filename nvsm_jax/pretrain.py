@@ -310,17 +310,12 @@ def resolve_model(model_config_or_model) -> backbone.FeatureNet:
                                      encoder_norm=get("encoder_norm"), depthwise=get("depthwise"))
 
 
-def _schedule(config: PretrainConfig):
-    return training.make_schedule(config.lr, config.num_steps, warmup_steps=config.warmup_steps,
-                                  final_lr_fraction=config.final_lr_fraction)
-
-
 def init_state(config: PretrainConfig, model: backbone.FeatureNet, image_hw,
                mesh_axes) -> training.TrainState:
     """TrainState (FeatureNet params, Adam, batch_stats if any) replicated on ``mesh_axes``,
     through :func:`nvsm_jax.training.create_replicated` (compiled once per config,
     seed aside, model and image size)."""
-    init = training.state_initializer(model, _optimizer(config), (1, *image_hw, 3))
+    init = training.state_initializer(model, _optimizer(config)[0], (1, *image_hw, 3))
     return training.create_replicated(
         init, jax.random.key(config.seed), mesh_axes,
         cache_key=("pretrain", config.replace(seed=0), model, tuple(image_hw)))
@@ -328,8 +323,13 @@ def init_state(config: PretrainConfig, model: backbone.FeatureNet, image_hw,
 
 @functools.lru_cache(maxsize=16)
 def _optimizer(config: PretrainConfig):
-    return training.make_adamw(_schedule(config), weight_decay=config.weight_decay,
-                               grad_clip=config.grad_clip)
+    """``(tx, schedule)`` of :func:`nvsm_jax.training.make_optimizer`, cached: the
+    same config gets the same ``tx`` object, a static field of the state, so the
+    cached train step sees the same state structure and does not compile again."""
+    return training.make_optimizer(
+        config.lr, config.num_steps, warmup_steps=config.warmup_steps,
+        final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay,
+        grad_clip=config.grad_clip)
 
 
 @functools.lru_cache(maxsize=8)
@@ -339,7 +339,7 @@ def make_train_step(config: PretrainConfig, model: backbone.FeatureNet, mesh_axe
     batch: ``view1``, ``view2`` [B, H, W, 3] uint8 and ``idx1``, ``idx2``,
     ``valid`` [B, K], ``cell`` [B, K, 2], sharded over ``data``.
     """
-    schedule = _schedule(config)
+    _, schedule = _optimizer(config)
     rep = parallel.replicated(mesh_axes)
 
     def step(state: training.TrainState, batch, key):

@@ -35,6 +35,7 @@ import numpy as np
 from nvsm_jax import training
 from nvsm_jax.data import loaders
 from nvsm_jax.data.format import DataError, subset_name
+from nvsm_jax.errors import RunStateError
 
 __all__ = ["cell_name", "recorded_method", "record_cell", "load_cells", "aggregate",
            "paired_differences", "format_report", "rounds_table", "SETTINGS_FREE_KEYS",
@@ -140,7 +141,8 @@ def load_cells(results_dir) -> list[dict]:
         missing = [k for k in ("method", "category", "annotations", "seed", "rows", "config")
                    if k not in cell]
         if missing:
-            raise ValueError(f"{path}: not a cell record (missing {missing})")
+            raise RunStateError(f"{path}: not a cell record (missing {missing}); delete the "
+                                "cell's folder, or rerun the cell to rewrite it")
         cell["path"] = path
         cells.append(cell)
     return cells

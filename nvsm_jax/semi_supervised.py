@@ -96,7 +96,8 @@ def pool_features(feature_fn, images, batch_size: int, mesh_axes) -> tuple[np.nd
     """
     rows, _ = parallel.local_rows(len(images), mesh_axes)
     if rows.stop > rows.start:
-        return extract_features(feature_fn, images[rows], batch_size), rows
+        with training.heartbeat(f"E-step: feature maps of {rows.stop - rows.start} pool images"):
+            return extract_features(feature_fn, images[rows], batch_size), rows
     shape = jax.eval_shape(feature_fn, jax.ShapeDtypeStruct((1, *images.shape[1:]), np.uint8))
     return np.zeros((0, *shape.shape[1:]), np.float32), rows
 
@@ -337,11 +338,18 @@ def source_vertex_mask(vf: feat.VertexFeatures, normals_cos, object_masks, is_la
     return valid
 
 
-def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int, map_hw,
-                 verts, faces, normals, stride: int, mesh_axes,
+def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int,
+                 model_mesh: meshes.Mesh, *, stride: int, mesh_axes,
                  solver: "SolverInputs | None" = None) -> np.ndarray:
-    """Scores of every synthesised view against the pool: targets [S, K, 4] -> [S*K, N]."""
+    """Scores of every synthesised view against the pool: targets [S, K, 4] -> [S*K, N].
+
+    pool_shard: the pool's normalised maps [Np, h, w, D] (padded; the first ``n`` real).
+    """
     k = targets.shape[1]
+    map_hw = tuple(pool_shard.shape[1:3])
+    verts = jnp.asarray(model_mesh.verts, jnp.float32)
+    faces = jnp.asarray(model_mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
     scores = []
     chunk = max(1, int(cfg.source_chunk))
     use_masks = cfg.source_object == "mask" and sources.masks is not None
@@ -387,10 +395,6 @@ def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: m
     """The E-step's score table: proposals around every source, their synthesised
     views, each view's score against every pool image (``cfg.novel_views_only``
     drops pseudo-labelled sources' own poses)."""
-    map_hw = tuple(pool.maps.shape[1:3])
-    verts = jnp.asarray(model_mesh.verts, jnp.float32)
-    faces = jnp.asarray(model_mesh.faces, jnp.int32)
-    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
     offsets = pseudo_labels.offset_grid(cfg.azimuth_step, cfg.azimuth_steps, cfg.elevation_step,
                                         cfg.elevation_steps)
     targets = pseudo_labels.propose_targets(sources.poses, offsets,
@@ -399,8 +403,9 @@ def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: m
     k = targets.shape[1]
     pool_shard = matching.normalize_images(_padded_pool(pool, mesh_axes))  # once per round
     with training.heartbeat("E-step: scoring views"):       # a chunk's first call compiles
-        scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates), map_hw,
-                              verts, faces, normals, stride, mesh_axes, solver)   # [S*K, N]
+        scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates),
+                              model_mesh, stride=stride, mesh_axes=mesh_axes,
+                              solver=solver)                                  # [S*K, N]
     table = ScoreTable(scores, targets.reshape(-1, 4), np.repeat(np.asarray(sources.ids), k),
                        np.repeat(np.asarray(sources.is_labelled, bool), k))
     if cfg.novel_views_only:
@@ -519,12 +524,13 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
         matched = np.array(new.poses, np.float32)
         log.info("E-step: refining %d accepted poses", len(new))
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
-        poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
-                                         solver.vertex_memory,
-                                         solver.clutter, verts, faces, focal[new.index],
-                                         principal[new.index], jnp.asarray(new.poses)[:, None],
-                                         solver_cfg)
-        new.poses = np.asarray(poses[:, 0], np.float32)
+        with training.heartbeat(f"E-step: refining {len(new)} accepted poses"):
+            poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
+                                             solver.vertex_memory,
+                                             solver.clutter, verts, faces, focal[new.index],
+                                             principal[new.index],
+                                             jnp.asarray(new.poses)[:, None], solver_cfg)
+            new.poses = np.asarray(poses[:, 0], np.float32)
     return RoundResult(new, int(scores.shape[0]), time.time() - start, agreement, matched)
 
 
@@ -568,25 +574,25 @@ def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
                    np.concatenate([lab.principal, unlabelled.principal[idx]]))
 
 
-def _m_step(config, state, train_step, data: PoseSet, round_start: int, begin: int, end: int,
-            round_index, mesh_axes, writer, ckpt, *, round_end: int, progress: bool):
-    """CoKe steps ``begin .. end - 1`` of the M-step that spans ``round_start ..
-    round_end - 1`` on ``data``; batches are keyed by (seed, round, step in the
-    round), so a resumed M-step sees the batches it would have seen."""
-
+def _m_step(run: "NVSMRun", state, data: PoseSet, round_index: int, round_start: int,
+            begin: int, end: int, round_end: int):
+    """CoKe steps ``begin .. end - 1`` of round ``round_index``'s M-step, which spans
+    ``round_start .. round_end - 1``, on ``data``; batches are keyed by (seed, round,
+    step in the round), so a resumed M-step sees the batches it would have seen."""
+    config = run.config
     log.info("round %d M-step: steps %d -> %d on %d images", round_index, begin, end, len(data))
     augment = pipeline.augment_from_config(config.augment)
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
                                      augment=augment)
     keys = ("image", "pose", "focal", "principal")
     return training.fit(          # each process reads only its rows of every batch
-        state, train_step,
+        state, run.train_step,
         lambda s, rows: {k: v for k, v in batches.batch(s - round_start, rows).items()
                          if k in keys},
-        mesh_axes, start=begin, end=end, num_steps=round_end, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress, desc=f"round {round_index} M-step", extra={"round": round_index},
-        process_local=True)
+        run.mesh_axes, start=begin, end=end, num_steps=round_end, seed=config.seed,
+        batch_size=config.batch_size, log_every=config.log_every, writer=run.writer,
+        ckpt=run.ckpt, progress=run.progress, desc=f"round {round_index} M-step",
+        extra={"round": round_index}, process_local=True)
 
 
 def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
@@ -776,9 +782,7 @@ def m_step_for_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
     n_steps = config.initial_steps if r == 0 else config.steps_per_round
     begin = at.mid_round if at.mid_round is not None else step
     end = step + n_steps if max_steps is None else min(step + n_steps, begin + max_steps)
-    at.state = _m_step(config, at.state, run.train_step, data, step, begin, end, r,
-                       run.mesh_axes, run.writer, run.ckpt, round_end=step + n_steps,
-                       progress=run.progress)
+    at.state = _m_step(run, at.state, data, r, step, begin, end, step + n_steps)
     at.mid_round = None
     if end < step + n_steps:        # stopped inside the M-step (a simulated kill)
         run.ckpt.wait()

@@ -98,15 +98,12 @@ def make_optimizer(config):
 
     Returns (tx, schedule)."""
     o = config.optim
-    schedule = training.make_schedule(o.lr, config.num_steps, warmup_steps=o.warmup_steps,
-                                      final_lr_fraction=o.final_lr_fraction, kind=o.schedule)
-    tx = training.make_adamw(schedule, weight_decay=o.weight_decay, b1=o.b1, b2=o.b2,
-                             grad_clip=o.grad_clip, decoupled=o.decoupled)
-    frozen = backbone.frozen_encoder_filter(config.model.backbone,
-                                            config.model.frozen_stages)
-    if frozen is not None:
-        tx = training.freeze(tx, frozen)
-    return tx, schedule
+    return training.make_optimizer(
+        o.lr, config.num_steps, warmup_steps=o.warmup_steps,
+        final_lr_fraction=o.final_lr_fraction, kind=o.schedule, weight_decay=o.weight_decay,
+        betas=(o.b1, o.b2), grad_clip=o.grad_clip, decoupled=o.decoupled,
+        frozen=backbone.frozen_encoder_filter(config.model.backbone,
+                                              config.model.frozen_stages))
 
 
 def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
@@ -366,6 +363,11 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
         if not isinstance(config, dict):
             raise RunStateError(f"{path}: the run's config is not a JSON object; {recover}")
         config = ml_collections.ConfigDict(config)
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if not (os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))):
+        raise RunStateError(f"no checkpoint in {ckpt_dir}; is {workdir} a trained NeMo or NVSM "
+                            "run (nvsm-train-nemo, or a cell of nvsm-fewshot such as "
+                            "W/nvsm_car_7)?")
     if model_mesh is None:
         model_mesh = loaders.load_model_mesh(config.data_root, config.category)
     model = build_model(config)

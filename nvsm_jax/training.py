@@ -10,7 +10,8 @@
 * :func:`fit`: the one step loop (metrics, the multi-device CPU wait,
   checkpoints, progress, a stop at the first non-finite loss or gradient norm)
   every trainer runs; :func:`make_schedule`: the one
-  warm-up + cosine/constant learning-rate builder.
+  warm-up + cosine/constant learning-rate builder; :func:`make_optimizer`: the one
+  optimiser builder (that schedule, :func:`make_adamw`, :func:`freeze`).
 * :func:`step_key`: ``fold_in(PRNGKey(seed), step)``; keys are never carried
   in state, so a resumed run draws the same numbers.
 * :class:`Checkpointer`: a thin wrapper over orbax ``CheckpointManager``
@@ -60,7 +61,8 @@ __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gra
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "LogProgress", "heartbeat", "save_config", "read_json", "write_atomic",
            "ConfigMismatchError", "config_differences",
-           "RESUME_FREE_KEYS", "Throughput", "make_adamw", "quiet_checkpoint_logs",
+           "RESUME_FREE_KEYS", "Throughput", "make_adamw", "make_optimizer",
+           "quiet_checkpoint_logs",
            "fit", "state_initializer", "DIVERGENCE_HINT", "nonfinite_leaf"]
 
 
@@ -184,6 +186,27 @@ def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: fl
         parts.append(optax.add_decayed_weights(weight_decay))
     parts.append(optax.scale_by_learning_rate(learning_rate))
     return optax.chain(*parts)
+
+
+def make_optimizer(lr: float, num_steps: int, *, warmup_steps: int = 0,
+                   final_lr_fraction: float = 0.05, kind: str = "cosine",
+                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
+                   grad_clip: float | None = None, decoupled: bool = False,
+                   frozen: Callable[[tuple[str, ...]], bool] | None = None):
+    """The optimiser every trainer uses: ``(tx, schedule)``.
+
+    schedule: :func:`make_schedule` ``(lr, num_steps, warmup_steps,
+    final_lr_fraction, kind)``; tx: :func:`make_adamw` over it (``weight_decay``,
+    Adam's ``betas`` = (b1, b2), ``grad_clip``, ``decoupled``), wrapped in
+    :func:`freeze` when ``frozen`` (a path predicate, e.g.
+    ``backbone.frozen_encoder_filter``) is given.
+    """
+    schedule = make_schedule(lr, num_steps, warmup_steps=warmup_steps,
+                             final_lr_fraction=final_lr_fraction, kind=kind)
+    b1, b2 = betas
+    tx = make_adamw(schedule, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,
+                    decoupled=decoupled)
+    return (tx if frozen is None else freeze(tx, frozen)), schedule
 
 
 def _key_names(path) -> tuple[str, ...]:
@@ -876,7 +899,12 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
             batch = parallel.shard_batch(host_batch(s, rows), mesh, process_local=True)
         else:
             batch = parallel.shard_batch(host_batch(s), mesh)
-        state, metrics = train_step(state, batch, step_key(seed, s))
+        if s == start and not progress:     # the progress bar beats for itself
+            with heartbeat(f"{desc}: step {s + 1} (the first call compiles)"):
+                state, metrics = train_step(state, batch, step_key(seed, s))
+                jax.block_until_ready(metrics)
+        else:
+            state, metrics = train_step(state, batch, step_key(seed, s))
         carry = _note_nonfinite(carry, metrics.get("loss", 0.0), metrics.get("grad_norm", 0.0))
         parallel.wait_if_cpu_collectives((state, metrics), mesh)
         since += batch_size

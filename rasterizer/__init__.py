@@ -9,7 +9,8 @@ Public API (all jit-able and vmap-able; batch poses as leading dims):
   (NeMo's feature folding; 3 gathers per pixel whatever the feature width).
 * :func:`vertex_visibility`: vertices of faces that win a pixel.
 * :func:`soft_rasterize`: SoftRas-style soft silhouette and attribute
-  aggregation over the K nearest candidate faces per pixel.
+  aggregation over the K nearest candidate faces per pixel, configured by one
+  :class:`SoftSettings`.
 
 Screen space everywhere: x = column, y = row in pixels (pixel ``(r, c)`` is
 centred at ``(c + 0.5, r + 0.5)``), z = camera depth. This package depends
@@ -18,7 +19,7 @@ on jax only.
 
 from .hard import (DEFAULT_BLOCK, DEFAULT_JOBS_PER_PASS, Fragments, interpolate,
                    interpolate_score, rasterize, vertex_visibility)
-from .soft import SoftFragments, soft_rasterize
+from .soft import SoftFragments, SoftSettings, soft_rasterize
 
 __all__ = [
     "Fragments",
@@ -27,6 +28,7 @@ __all__ = [
     "interpolate_score",
     "vertex_visibility",
     "SoftFragments",
+    "SoftSettings",
     "soft_rasterize",
     "DEFAULT_BLOCK",
     "DEFAULT_JOBS_PER_PASS",

@@ -46,7 +46,7 @@ from jax import lax
 from . import _sharding, _splat
 from .hard import DEFAULT_BLOCK, DEFAULT_JOBS_PER_PASS, _check_image_size, _chunked
 
-__all__ = ["SoftFragments", "soft_rasterize"]
+__all__ = ["SoftFragments", "SoftSettings", "soft_rasterize"]
 
 
 class SoftFragments(NamedTuple):
@@ -63,12 +63,44 @@ class SoftFragments(NamedTuple):
     face_ids: jax.Array
 
 
-def soft_rasterize(verts, faces, image_size: Sequence[int], vertex_attrs=None, *,
-                   sigma: float = 0.2, gamma: float = 1e-4, top_k: int = 8,
-                   znear: float = 1.0, zfar: float = 100.0, eps: float = 1e-3,
-                   dist_eps: float = 1e-4, near: float = 1e-3,
-                   cull_backfaces: bool = False, block: Sequence[int] = DEFAULT_BLOCK,
-                   jobs_per_pass: int = DEFAULT_JOBS_PER_PASS) -> SoftFragments:
+class SoftSettings(NamedTuple):
+    """Settings of :func:`soft_rasterize` (hashable when its fields are).
+
+    sigma: coverage sharpness in px^2 (``D = sigmoid(s * d^2 / sigma)``).
+    gamma: depth-blend temperature of the colour weights.
+    top_k: candidate faces per pixel (static); the nearest are kept.
+    znear, zfar: depth normalisation of the colour weights (SoftRas'
+      ``(zfar - z) / (zfar - znear)``), in camera depth units.
+    eps: background depth term (its weight is ``exp(eps / gamma)``).
+    dist_eps: faces farther than where ``D < dist_eps`` are not candidates.
+    near: faces with a vertex at ``z <= near`` are discarded, as for
+      :func:`rasterize`.
+    cull_backfaces: drop back faces, as for :func:`rasterize` (static).
+    block: ``(by, bx)`` pixel block per job, as for :func:`rasterize`
+      (static; speed only).
+    jobs_per_pass: jobs per pass, as for :func:`rasterize` (static; speed
+      and memory only).
+
+    sigma, gamma, znear, zfar, eps, dist_eps and near are traced (changing them
+    does not recompile; they may be tracers inside a caller's jit); the others
+    are static.
+    """
+
+    sigma: float = 0.2
+    gamma: float = 1e-4
+    top_k: int = 8
+    znear: float = 1.0
+    zfar: float = 100.0
+    eps: float = 1e-3
+    dist_eps: float = 1e-4
+    near: float = 1e-3
+    cull_backfaces: bool = False
+    block: Sequence[int] = DEFAULT_BLOCK
+    jobs_per_pass: int = DEFAULT_JOBS_PER_PASS
+
+
+def soft_rasterize(verts, faces, image_size: Sequence[int], vertex_attrs=None,
+                   settings: SoftSettings = SoftSettings()) -> SoftFragments:
     """Soft silhouette and attribute aggregation over the top-K candidate faces.
 
     verts: [..., V, 3] screen space (x column, y row, z depth), as for
@@ -76,16 +108,14 @@ def soft_rasterize(verts, faces, image_size: Sequence[int], vertex_attrs=None, *
     faces: [F, 3] int.
     image_size: ``(H, W)``, static.
     vertex_attrs: optional [V, C] or [..., V, C] (batch dims broadcast).
-    sigma: coverage sharpness in px^2. gamma: depth-blend temperature.
-    top_k: candidate faces per pixel (static); the nearest are kept.
-    znear, zfar: depth normalisation of the colour weights (SoftRas'
-      ``(zfar - z) / (zfar - znear)``). eps: background depth term.
-    dist_eps: faces farther than where ``D < dist_eps`` are not candidates.
-    near, cull_backfaces, block, jobs_per_pass: as for :func:`rasterize`.
+    settings: :class:`SoftSettings` (sigma, gamma, top_k, znear, zfar, eps,
+      dist_eps, near, cull_backfaces, block, jobs_per_pass).
     Returns: SoftFragments(silhouette [..., H, W], attrs [..., H, W, C] or
       None, face_ids [..., H, W, top_k]). Differentiable w.r.t. verts and
       vertex_attrs.
     """
+    sigma, gamma, top_k, znear, zfar, eps, dist_eps, near, cull_backfaces, block, \
+        jobs_per_pass = settings
     faces = jnp.asarray(faces, jnp.int32)
     if vertex_attrs is not None:
         vertex_attrs = jnp.asarray(vertex_attrs)

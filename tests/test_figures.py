@@ -88,7 +88,8 @@ def test_draw_poses_and_edges(tmp_path):
     _png(figures.draw_poses(images, pred, gt, mesh.verts, mesh.faces, focal, principal,
                             tmp_path / "poses.png"), (500, 250))
     _png(figures.draw_poses(images[:2], pred[:2], None, mesh.verts, mesh.faces, focal[:2],
-                            principal[:2], tmp_path / "poses_nogt.png", outline="edges"),
+                            principal[:2], tmp_path / "poses_nogt.png",
+                            style=figures.PoseDrawing(outline="edges")),
          (250, 100))
 
 
@@ -159,7 +160,8 @@ def test_draw_poses_outline_at_hand_projected_pixels_in_the_error_colour(tmp_pat
              ("blue", None, _BLUE, _GREEN)]
     for name, gt, colour, other in cases:
         path = figures.draw_poses(images, pred, gt, verts, faces, focal, principal,
-                                  tmp_path / f"{name}.png", outline="box")
+                                  tmp_path / f"{name}.png",
+                                  style=figures.PoseDrawing(outline="box"))
         arr, box = _panel(path, bg)
         assert box[1] - box[0] > 150 and box[3] - box[2] > 150, box   # the 64 px panel
         for x, y in pts:
@@ -292,7 +294,8 @@ def test_draw_poses_key_names_truth_and_prediction_colours(tmp_path, monkeypatch
     from matplotlib.colors import to_rgb
     for k, (p, g, texts, colours) in enumerate(cases):
         figures.draw_poses(images[:len(p)], p, g, verts, faces, focal[:len(p)],
-                           principal[:len(p)], tmp_path / f"key{k}.png", outline="box")
+                           principal[:len(p)], tmp_path / f"key{k}.png",
+                           style=figures.PoseDrawing(outline="box"))
         (legend,) = figs[-1].legends
         assert [t.get_text() for t in legend.get_texts()] == texts, k
         got = [tuple(round(255 * c) for c in to_rgb(h.get_color())) for h in legend.legend_handles]

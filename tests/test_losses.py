@@ -61,6 +61,9 @@ def test_neighbour_mask_and_gradient_only_from_visible():
     xy = jnp.array([[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]]])
     m = np.asarray(losses.neighbor_mask(xy, 2.0))[0]
     np.testing.assert_array_equal(m, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
+    # the anchors' rows (what coke_loss masks) are those rows of the full mask
+    np.testing.assert_array_equal(
+        np.asarray(losses.neighbor_mask(xy, 2.0, jnp.array([[2, 0, 1, 0]])))[0], m[[2, 0, 1, 0]])
     rng = np.random.default_rng(1)
     f = jnp.asarray(_unit(rng.normal(size=(1, 3, 4))), jnp.float32)
     mem = jnp.asarray(_unit(rng.normal(size=(3, 4))), jnp.float32)

@@ -206,3 +206,21 @@ def test_reference_setting_is_nemos():
     assert (r.steps, r.lr, r.b1, r.b2, r.decay_every, r.decay_factor, r.top_k) == \
         (300, 0.05, 0.4, 0.6, 100, 0.2, 1)
     assert r.grid().shape == (144, 4) and r.refine_distance and not r.cull_backfaces
+
+
+def test_solver_config_from_dict_refuses_unknown_keys_and_reads_every_shipped_config():
+    import pytest
+
+    from experiments.configs import nemo as nemo_config
+    from experiments.configs import nvsm as nvsm_config
+    from nvsm_jax.errors import ConfigError
+
+    for name, get, variants in (("nemo", nemo_config.get_config, ("default", "tiny")),
+                                ("nvsm", nvsm_config.get_config, ("demo", "paper", "tiny"))):
+        for v in variants:
+            block = get(v).solver.to_dict()
+            cfg = ps.SolverConfig.from_dict(block)
+            assert cfg.steps == block["steps"] and cfg.thetas == tuple(block["thetas"]), (name, v)
+    block = nemo_config.get_config("tiny").solver.to_dict()
+    with pytest.raises(ConfigError, match=r"solver\.num_azimuths.*known: num_azimuth, "):
+        ps.SolverConfig.from_dict({**block, "num_azimuths": 8})

@@ -76,7 +76,7 @@ def test_predict_images_equals_evaluation_and_writes_outputs(workdir, tmp_path):
     lines = open(os.path.join(out, "predictions.jsonl")).read().splitlines()
     assert [json.loads(x)["azimuth"] for x in lines] == [r["azimuth"] for r in recs]
     ov = np.asarray(Image.open(recs[0]["overlay"]))
-    assert ov.shape == (32, 32, 3)
+    assert ov.shape == (256, 256, 3)                # 32 px crops drawn 8x larger
     sheet = Image.open(os.path.join(out, "contact_sheet.png"))
     assert sheet.size[0] == 4 * 208 and sheet.size[1] > 200    # 4 thumbnails of 200 px
 
@@ -158,6 +158,27 @@ def test_wireframe_falls_on_the_object_mask():
     assert (np.all(wrong == predict.WIRE_COLOR, -1) & ~_dilate(mask, 2)).sum() > 20
     keyed = predict.draw_wireframe(photo, pose, mesh.verts, focal, principal, scale=0.5)
     assert np.all(keyed[2:10, 3:7] == 0, -1).any() and (keyed[:13, :48] != 0).any()
+
+
+def test_overlay_of_a_small_photo_is_enlarged_and_stays_on_the_object():
+    """A 96 x 128 photo is drawn 2x larger (256 px): the wireframe still lies on the
+    silhouette rendered at that size, and the key names the box ("pose", yellow)."""
+    mesh = meshes.cuboid_mesh([-0.25, -0.5, -0.2], [0.25, 0.5, 0.2], 200)
+    pose = np.array([np.radians(30), np.radians(20), np.radians(5), 5.0])
+    focal, principal = 200.0, np.array([32.0, 24.0])
+    crop = predict.Crop(np.zeros((48, 64, 3), np.uint8), 0.5, np.zeros(2))
+    over = predict.overlay(np.zeros((96, 128, 3), np.uint8), pose, mesh.verts, focal,
+                           principal, crop)
+    assert over.shape == (192, 256, 3)
+    mask = _silhouette(mesh.verts, mesh.faces, pose, 4 * focal, 4 * principal, (192, 256))
+    wire = np.all(over == predict.WIRE_COLOR, -1)
+    wire[:14, :90] = False                                        # the key's "pose"
+    assert wire.sum() > 300 and not (wire & ~_dilate(mask, 3)).any()
+    key = over[:14, :30].astype(int)                                # "pose" in yellow
+    assert ((key[..., 0] > 150) & (key[..., 1] > 120) & (key[..., 2] < 80)).sum() > 10
+    big = predict.overlay(np.zeros((300, 400, 3), np.uint8), pose, mesh.verts, focal,
+                          principal, crop)
+    assert big.shape == (300, 400, 3)                               # large photos as they are
 
 
 def test_second_hypothesis_is_far_from_the_prediction():

@@ -174,8 +174,8 @@ def test_mp4_archive_end_to_end(tmp_path, mp4, caplog):
     truth = make_archive(str(tmp_path / "h36m"), video=mp4)
     out = str(tmp_path / "out")
     caplog.set_level(logging.WARNING)
-    counts = ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], size=32, frame_step=5,
-                             cameras=CAMS2, skip_bad=False)
+    counts = ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], options=ha.PrepareOptions(
+        size=32, frame_step=5, cameras=CAMS2, skip_bad=False))
     assert counts == {"written": ["S1/Walking 1"], "existing": [], "skipped": [], "frames": 10}
     assert not caplog.records
     _check_prepared(out, truth, CAMS2, 32, 5, 23)
@@ -188,13 +188,13 @@ def test_mp4_archive_end_to_end(tmp_path, mp4, caplog):
     # idempotent: a second run leaves the finished action alone
     png = os.path.join(out, "S1", "Walking 1", "cam1", "000010.png")
     stamp = os.stat(png).st_mtime_ns
-    again = ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], size=32, frame_step=5,
-                            cameras=CAMS2)
+    again = ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], options=ha.PrepareOptions(
+        size=32, frame_step=5, cameras=CAMS2))
     assert again["existing"] == ["S1/Walking 1"] and again["written"] == []
     assert os.stat(png).st_mtime_ns == stamp
     with pytest.raises(DataError, match=r"prepare\.json.*size 32, now 48"):
-        ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], size=48, frame_step=5,
-                        cameras=CAMS2)
+        ha.prepare_h36m(str(tmp_path / "h36m"), out, ["S1"], options=ha.PrepareOptions(
+            size=48, frame_step=5, cameras=CAMS2))
 
 
 def test_frame_folders_and_action_filter(tmp_path):
@@ -202,8 +202,8 @@ def test_frame_folders_and_action_filter(tmp_path):
     truth = make_archive(root, action="Walking 1", video="folder")
     make_archive(root, action="Eating", video="folder", t_len=7, seed=1)
     out = str(tmp_path / "out")
-    counts = ha.prepare_h36m(root, out, ["S1"], actions=["Walking"], size=24, frame_step=3,
-                             cameras=CAMS2, skip_bad=False)
+    counts = ha.prepare_h36m(root, out, ["S1"], actions=["Walking"], options=ha.PrepareOptions(
+        size=24, frame_step=3, cameras=CAMS2, skip_bad=False))
     assert counts["written"] == ["S1/Walking 1"] and counts["frames"] == 2 * 8
     assert sorted(os.listdir(os.path.join(out, "S1"))) == ["Walking 1"]
     _check_prepared(out, truth, CAMS2, 24, 3, 23)
@@ -223,8 +223,9 @@ def test_pluggable_reader_and_intrinsics_without_d2(tmp_path):
         return ha.read_video_frames(path, step)
 
     out = str(tmp_path / "out")
-    ha.prepare_h36m(root, out, ["S1"], size=32, frame_step=5, cameras=CAMS2, skip_bad=False,
-                    intrinsics={c: (FOCAL, FOCAL, CX, CY) for c in CAMS2}, frame_reader=reader)
+    ha.prepare_h36m(root, out, ["S1"], options=ha.PrepareOptions(
+        size=32, frame_step=5, cameras=CAMS2, skip_bad=False,
+        intrinsics={c: (FOCAL, FOCAL, CX, CY) for c in CAMS2}, frame_reader=reader))
     assert calls == [f"Walking 1.{c}" for c in CAMS2]
     _check_prepared(out, truth, CAMS2, 32, 5, 23)
 
@@ -247,7 +248,8 @@ def test_cli_all_four_cameras(tmp_path, capsys):
 
 def _prepare(root, out, **kw):
     kw.setdefault("cameras", CAMS2)
-    return ha.prepare_h36m(root, out, ["S1"], size=16, frame_step=5, **kw)
+    return ha.prepare_h36m(root, out, ["S1"],
+                           options=ha.PrepareOptions(size=16, frame_step=5, **kw))
 
 
 def test_truncated_cdf_names_the_file(tmp_path, caplog):
@@ -336,7 +338,8 @@ def test_bad_pose_shapes_and_values(tmp_path):
     with pytest.raises(DataError, match=r"x\.cdf: .*non-finite.*frame 2, joint 7"):
         ha.read_pose_cdf(path, 3)
     with pytest.raises(DataError, match=r"S2: subject folder not found"):
-        ha.prepare_h36m(str(tmp_path), str(tmp_path / "o"), ["S2"], skip_bad=False)
+        ha.prepare_h36m(str(tmp_path), str(tmp_path / "o"), ["S2"],
+                        options=ha.PrepareOptions(skip_bad=False))
 
 
 def test_crop_geometry():

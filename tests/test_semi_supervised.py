@@ -44,12 +44,11 @@ def reference(tiny_data, tmp_path_factory):
     seen = []
     real = semi_supervised._m_step
 
-    def spy(config, state, train_step, data, round_start, begin, end, round_index, *a, **kw):
+    def spy(run, state, data, round_index, *a, **kw):
         seen.append({"round": round_index, "names": tuple(data.names),
                      "poses": np.array(data.poses), "images": np.array(data.images),
                      "focal": np.array(data.focal)})
-        return real(config, state, train_step, data, round_start, begin, end, round_index,
-                    *a, **kw)
+        return real(run, state, data, round_index, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(semi_supervised, "_m_step", spy)

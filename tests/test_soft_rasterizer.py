@@ -34,7 +34,7 @@ def _screen(verts, pose):
 
 @jax.jit
 def _soft(sv, faces, attrs, sigma):
-    return R.soft_rasterize(sv, faces, (H, W), attrs, sigma=sigma, top_k=TOP_K)
+    return R.soft_rasterize(sv, faces, (H, W), attrs, R.SoftSettings(sigma=sigma, top_k=TOP_K))
 
 
 def test_sharp_limit_matches_hard_rasteriser_and_candidates_are_ordered():
@@ -85,7 +85,8 @@ def test_silhouette_gradients_are_finite_and_nonzero_at_the_outline():
     @jax.jit
     def grads(pose):
         def silhouette_at_edges(pose):
-            out = R.soft_rasterize(_screen(verts, pose), faces, (H, W), sigma=0.3, top_k=TOP_K)
+            out = R.soft_rasterize(_screen(verts, pose), faces, (H, W),
+                                   settings=R.SoftSettings(sigma=0.3, top_k=TOP_K))
             return jnp.sum(out.silhouette * edge), out.silhouette
         return jax.grad(silhouette_at_edges, has_aux=True)(pose)
 
@@ -107,7 +108,7 @@ def test_gradient_matches_finite_differences_float64():
 
         def loss(pose):
             sv = geometry.project_to_screen(v64, pose, FOCAL, PRINCIPAL.astype(jnp.float64))
-            out = R.soft_rasterize(sv, faces, (H, W), v64, sigma=0.5, top_k=TOP_K)
+            out = R.soft_rasterize(sv, faces, (H, W), v64, R.SoftSettings(sigma=0.5, top_k=TOP_K))
             return jnp.sum(out.silhouette * w) + jnp.sum(out.attrs[..., 0] * w)
 
         pose = jnp.asarray([0.3, 0.4, 0.1, 3.5], jnp.float64)
@@ -130,7 +131,8 @@ def test_near_plane_faces_give_no_nan():
     @jax.jit
     def run(sv):
         def loss(sv):
-            out = R.soft_rasterize(sv, faces, (16, 16), attrs, sigma=0.5, top_k=TOP_K)
+            out = R.soft_rasterize(sv, faces, (16, 16), attrs,
+                                   R.SoftSettings(sigma=0.5, top_k=TOP_K))
             return jnp.sum(out.silhouette) + jnp.sum(out.attrs), out
         return jax.grad(loss, has_aux=True)(sv)
 
@@ -167,7 +169,8 @@ def _numpy_coverage(tri, sigma):
 @jax.jit
 def _soft_pair(sv, attrs):
     faces = np.array([[0, 1, 2], [3, 4, 5]], np.int32)
-    return R.soft_rasterize(sv, faces, (16, 16), attrs, sigma=0.5, gamma=0.05, top_k=TOP_K)
+    return R.soft_rasterize(sv, faces, (16, 16), attrs,
+                            R.SoftSettings(sigma=0.5, gamma=0.05, top_k=TOP_K))
 
 
 def test_silhouette_and_depth_blend_match_the_closed_form():

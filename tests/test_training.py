@@ -255,6 +255,51 @@ def test_create_replicated_compiles_once_per_cache_key():
     assert b.params["w"].sharding.is_fully_replicated
 
 
+@pytest.mark.parametrize("decoupled", [False, True])
+def test_make_optimizer_is_adam_with_clip_l2_warmup_cosine_and_frozen_leaves(decoupled):
+    """The one optimiser builder of every trainer against Adam written out in float64:
+    global-norm clipping (over the trained leaves only), then torch-style L2 (``wd * p``
+    added to the gradient) or, ``decoupled``, AdamW (``wd * p`` added to Adam's step),
+    warm-up from 0 over 2 steps, cosine to ``lr * final_lr_fraction`` at step 10; the
+    frozen leaf gets zero updates."""
+    lr, wd, clip, b1, b2 = 0.1, 0.1, 1.0, 0.8, 0.9
+    tx, schedule = training.make_optimizer(
+        lr, 10, warmup_steps=2, final_lr_fraction=0.5, weight_decay=wd, grad_clip=clip,
+        betas=(b1, b2), decoupled=decoupled, frozen=lambda path: path[0] == "enc")
+
+    def lr_at(c):
+        if c < 2:
+            return lr * c / 2
+        return 0.05 + 0.05 * 0.5 * (1 + np.cos(np.pi * (c - 2) / 8))
+
+    for c in (0, 1, 2, 5, 10):
+        np.testing.assert_allclose(float(schedule(c)), lr_at(c), rtol=1e-6)
+    rng = np.random.default_rng(0)
+    params = {"enc": {"w": np.array([1.0, -2.0], np.float32)},
+              "head": {"w": rng.normal(size=3).astype(np.float32)}}
+    p = params["head"]["w"].astype(np.float64)
+    m = v = np.zeros(3)
+    opt = tx.init(params)
+    for t in range(1, 5):
+        g = rng.normal(size=3) * (2.0 if t % 2 else 0.3)     # clipped on odd steps only
+        grads = {"enc": {"w": np.ones(2, np.float32)}, "head": {"w": g.astype(np.float32)}}
+        updates, opt = tx.update(grads, opt, params)
+        params = jax.tree_util.tree_map(lambda a, u: np.asarray(a + u, np.float32),
+                                        params, updates)
+        np.testing.assert_array_equal(np.asarray(updates["enc"]["w"]), 0.0)
+        g = g * min(1.0, clip / np.linalg.norm(g))
+        if not decoupled:
+            g = g + wd * p
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        step = (m / (1 - b1 ** t)) / (np.sqrt(v / (1 - b2 ** t)) + 1e-8)
+        if decoupled:
+            step = step + wd * p
+        p = p - lr_at(t - 1) * step
+        np.testing.assert_allclose(params["head"]["w"], p, rtol=0, atol=2e-6)
+    np.testing.assert_array_equal(params["enc"]["w"], [1.0, -2.0])
+
+
 def test_save_config_refuses_a_changed_config_and_restart_moves_the_old_run(tmp_path):
     import ml_collections
 

@@ -91,6 +91,7 @@ imageio-ffmpeg``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -103,7 +104,8 @@ import numpy as np
 from nvsm_jax.data.format import IMAGE_EXTENSIONS, DataError, save_npz, save_png
 
 __all__ = ["CAMERA_IDS", "SUBJECTS", "FPS", "read_pose_cdf", "read_video_frames",
-           "find_actions", "crop_boxes", "crop_frame", "prepare_action", "prepare_h36m"]
+           "find_actions", "crop_boxes", "crop_frame", "PrepareOptions", "prepare_action",
+           "prepare_h36m"]
 
 log = logging.getLogger(__name__)
 
@@ -326,16 +328,47 @@ def _check_lengths(world, mono, path, tol_mm=5.0):
                     "(median); is it another action's file?", path, err)
 
 
-def prepare_action(root: str, out: str, subject: str, action: str, *, size: int = 64,
-                   frame_step: int = 5, margin: float = 0.2,
-                   cameras: Sequence[str] = CAMERA_IDS, min_cameras: int | None = None,
-                   max_frame_gap: int = 10, intrinsics: Mapping[str, Sequence[float]] | None = None,
-                   skip_bad: bool = True, frame_reader: FrameReader | None = None) -> dict:
+@dataclasses.dataclass(frozen=True)
+class PrepareOptions:
+    """How :func:`prepare_action` / :func:`prepare_h36m` prepare an action.
+
+    size: crop side, pixels. frame_step: keep frames ``0, frame_step, ...``
+    (50 fps / frame_step). margin: crop side = 2 (1 + margin) x the 2-D
+    skeleton's half extent. cameras: camera ids, in view order (``cam<k>`` = the
+    k-th); an action needs ``min_cameras`` of them (default: all).
+    max_frame_gap: how many frames a video or feature file may lack against
+    ``D3_Positions``. intrinsics: camera id -> (fx, fy, cx, cy) pixels, used for
+    views without ``D2_Positions``. skip_bad: drop a bad camera / skip a bad
+    action or subject with a warning (False: raise). frame_reader(path, step):
+    yields frames 0, step, ... (default :func:`read_video_frames`).
+    size, frame_step, margin and cameras change the output: a finished action
+    prepared with others raises.
+    """
+
+    size: int = 64
+    frame_step: int = 5
+    margin: float = 0.2
+    cameras: Sequence[str] = CAMERA_IDS
+    min_cameras: int | None = None
+    max_frame_gap: int = 10
+    intrinsics: Mapping[str, Sequence[float]] | None = None
+    skip_bad: bool = True
+    frame_reader: FrameReader | None = None
+
+
+def prepare_action(root: str, out: str, subject: str, action: str, *,
+                   options: PrepareOptions = PrepareOptions()) -> dict:
     """Prepares ``root/<subject>``'s ``action`` into ``out/<subject>/<action>``.
 
+    options: :class:`PrepareOptions`.
     Returns ``{"status": "written" | "existing" | "skipped", "views": V, "frames": T}``.
     See the module docstring for the files, the checks and ``skip_bad``.
     """
+    size, frame_step, margin, cameras = (options.size, options.frame_step, options.margin,
+                                         options.cameras)
+    min_cameras, max_frame_gap, intrinsics = (options.min_cameras, options.max_frame_gap,
+                                              options.intrinsics)
+    skip_bad, frame_reader = options.skip_bad, options.frame_reader
     if size < 1 or frame_step < 1 or margin < 0 or max_frame_gap < 0:
         raise ValueError(f"size {size} and frame_step {frame_step} must be >= 1, margin "
                          f"{margin} and max_frame_gap {max_frame_gap} >= 0")
@@ -471,23 +504,18 @@ def prepare_action(root: str, out: str, subject: str, action: str, *, size: int 
 # --- everything ---------------------------------------------------------------------------
 
 def prepare_h36m(root: str, out: str, subjects: Sequence[str] = SUBJECTS,
-                 actions: Sequence[str] | None = None, *, size: int = 64, frame_step: int = 5,
-                 margin: float = 0.2, cameras: Sequence[str] = CAMERA_IDS,
-                 min_cameras: int | None = None, max_frame_gap: int = 10,
-                 intrinsics: Mapping[str, Sequence[float]] | None = None, skip_bad: bool = True,
-                 frame_reader: FrameReader | None = None) -> dict:
+                 actions: Sequence[str] | None = None, *,
+                 options: PrepareOptions = PrepareOptions()) -> dict:
     """Prepares every action of ``subjects`` (or those ``actions`` select, see
     :func:`find_actions`) from ``root`` into ``out``.
 
-    ``cameras``: camera ids, in view order (``cam<k>`` = the k-th); an action needs
-    ``min_cameras`` of them (default: all). ``max_frame_gap``: how many frames a
-    video or feature file may lack against ``D3_Positions``. ``intrinsics``: camera
-    id -> (fx, fy, cx, cy) pixels, used for views without ``D2_Positions``.
-    ``frame_reader(path, step)``: yields frames 0, step, ... (default
-    :func:`read_video_frames`). Returns counts: ``written``, ``existing``,
+    options: :class:`PrepareOptions` (size, frame_step, margin, cameras,
+    min_cameras, max_frame_gap, intrinsics, skip_bad, frame_reader), the same for
+    every action. Returns counts: ``written``, ``existing``,
     ``skipped`` (lists of ``subject/action``; a subject that could not be read is
     listed in ``skipped`` by name) and ``frames`` (images written).
     """
+    skip_bad = options.skip_bad
     counts = {"written": [], "existing": [], "skipped": [], "frames": 0}
     for subject in subjects:
         sdir = os.path.join(root, subject)
@@ -505,10 +533,7 @@ def prepare_h36m(root: str, out: str, subjects: Sequence[str] = SUBJECTS,
             counts["skipped"].append(subject)
             continue
         for action in names:
-            r = prepare_action(root, out, subject, action, size=size, frame_step=frame_step,
-                               margin=margin, cameras=cameras, min_cameras=min_cameras,
-                               max_frame_gap=max_frame_gap, intrinsics=intrinsics,
-                               skip_bad=skip_bad, frame_reader=frame_reader)
+            r = prepare_action(root, out, subject, action, options=options)
             counts[r["status"]].append(f"{subject}/{action}")
             if r["status"] == "written":
                 counts["frames"] += r["views"] * r["frames"]

@@ -51,7 +51,7 @@ from nvsm_jax.data import appearance, shapes
 from nvsm_jax.data.format import (OCCLUSION_LEVELS, save_npz, save_png, subset_name,
                                   write_list)
 
-__all__ = ["SynthConfig", "generate", "render_instances", "category_cuboid",
+__all__ = ["SynthConfig", "generate", "RenderOptions", "render_instances", "category_cuboid",
            "category_viewport", "sample_pose", "GENERATOR_VERSION", "OCCLUSION_RANGES",
            "image_name", "render_silhouettes", "max_mesh_size"]
 
@@ -220,18 +220,38 @@ def _pad_batch(arrays, n):
     return out
 
 
+@dataclasses.dataclass(frozen=True)
+class RenderOptions:
+    """How :func:`render_instances` renders (not what it renders).
+
+    supersample: visibility is rasterised at ``supersample`` x the resolution
+      (coverage = the fraction of covered sub-samples).
+    batch_size: images per jitted call (default: all N in one call); the last
+      batch is padded by repeating its first image.
+    pad_to: ``(V, F)`` to pad vertices / faces to (default: the next multiple
+      of 256); padding faces are degenerate and never drawn.
+    fetch: False (one batch only) returns the device arrays without waiting,
+      so the caller can overlap host work with rendering.
+    """
+
+    supersample: int = 2
+    batch_size: int | None = None
+    pad_to: tuple[int, int] | None = None
+    fetch: bool = True
+
+
 def render_instances(instances, poses, focal, principal, lights, textures, colors,
-                     image_size, supersample=2, batch_size=None, pad_to=None, fetch=True):
+                     image_size, options: RenderOptions = RenderOptions()):
     """Renders instances of ONE category (shared topology) at the given poses.
 
     instances: list of shapes.Instance; poses [N, 4]; focal [N]; principal [N, 2];
-    lights [N, 4]; textures [N, 8]; colors: list of [V, 4] (rgb, texture weight).
-    pad_to: (V, F) to pad vertices / faces to (default: the next multiple of
-    256); padding faces are degenerate and never drawn. With ``fetch=False``
-    (one batch only) the device arrays are returned without waiting, so the
-    caller can overlap host work with rendering.
+    lights [N, 4]; textures [N, 8]; colors: list of [V, 4] (rgb, texture weight);
+    image_size: (H, W); options: :class:`RenderOptions` (supersample, batch_size,
+    pad_to, fetch).
     Returns (rgb [N, H, W, 3] float32 premultiplied by coverage, coverage [N, H, W]).
     """
+    supersample, batch_size, pad_to, fetch = (options.supersample, options.batch_size,
+                                              options.pad_to, options.fetch)
     n = len(instances)
     b = batch_size or n
     faces = instances[0].faces
@@ -470,8 +490,9 @@ def generate(out_dir, config: SynthConfig = SynthConfig(), *, log=print) -> dict
                     b = _prepare_batch(category, *chunk, config, vp)
                     handles = render_instances(b["insts"], b["poses"], b["focal"], b["principal"],
                                                b["lights"], b["textures"], b["colors"],
-                                               config.image_size, config.supersample,
-                                               config.batch_size, pad_to=pad, fetch=False)
+                                               config.image_size,
+                                               RenderOptions(config.supersample, config.batch_size,
+                                                             pad_to=pad, fetch=False))
                     nxt = (b, handles)
                 if in_flight is not None:
                     b, (rgb, cov) = in_flight

@@ -23,7 +23,8 @@ Calibration is stored for evaluation and tests only: nothing in training reads
 ``cameras.npz`` or the 3D joints of unlabelled frames.
 
 Public API: :func:`capsule_template`, :func:`attached_offsets`,
-:func:`render_points`, :func:`body_mesh`, :func:`render_frames` (batched, jitted),
+:func:`render_points`, :func:`body_mesh`, :func:`render_frames` (batched, jitted;
+its per-frame looks in one :class:`Appearance`),
 :func:`render_subject`, :func:`sample_cameras`, :func:`generate_sequence`,
 :func:`generate_dataset` (writes ``ROOT``), :func:`front_back_sheet`,
 ``TRAIN_SUBJECTS``, ``TEST_SUBJECTS``, ``APPEARANCE_VERSION``. A picture sheet of
@@ -37,7 +38,7 @@ from __future__ import annotations
 import functools
 import json
 import os
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +50,8 @@ from nvsm_jax.mcss import skeleton as sk
 
 __all__ = ["TRAIN_SUBJECTS", "TEST_SUBJECTS", "APPEARANCE_VERSION", "ATTACHED_POINTS",
            "NUM_RENDER_POINTS", "CAPSULES", "capsule_template", "attached_offsets",
-           "render_points", "body_mesh", "render_frames", "render_subject", "sample_cameras",
+           "render_points", "body_mesh", "Appearance", "render_frames", "render_subject",
+           "sample_cameras",
            "generate_sequence", "generate_dataset", "dataset_subject", "write_sequence",
            "front_back_sheet"]
 
@@ -219,19 +221,35 @@ def body_mesh(points, radii, unit, faces):
     return verts.reshape(-1, 3), normals.reshape(-1, 3), all_faces
 
 
+class Appearance(NamedTuple):
+    """What a batch of :func:`render_frames` frames looks like (a pytree of arrays).
+
+    radii: [N, K] capsule radii, mm; colours: [N, K, 3] capsule colours in [0, 1]
+    (K = ``len(CAPSULES)``, its order); light: [N, 3] unit direction towards the
+    light in camera coordinates; background: [N, 2, 3] top and bottom colour of a
+    vertical gradient in [0, 1].
+    """
+
+    radii: jax.Array
+    colours: jax.Array
+    light: jax.Array
+    background: jax.Array
+
+
 @functools.partial(jax.jit, static_argnames=("image_size", "segments"))
-def render_frames(points_world, radii, colours, cam_pose, focal, principal, light, background,
-                  noise_key, noise_std: float = 0.02, image_size=(64, 64), segments: int = 8):
+def render_frames(points_world, appearance: Appearance, cam_pose, focal, principal, noise_key,
+                  noise_std: float = 0.02, image_size=(64, 64), segments: int = 8):
     """Renders a batch of frames in one call.
 
-    points_world: [N, NUM_RENDER_POINTS, 3] mm (:func:`render_points`); radii: [N, K]
-    mm; colours: [N, K, 3] in [0, 1] (K = ``len(CAPSULES)``); cam_pose: [N, 4]
-    (azimuth, elevation, theta, distance mm) looking at the origin; focal: [N] px;
-    principal: [N, 2]; light: [N, 3] unit direction towards the light in camera
-    coordinates; background: [N, 2, 3] (top and bottom colour of a vertical
-    gradient); noise_key: PRNG key.
+    points_world: [N, NUM_RENDER_POINTS, 3] mm (:func:`render_points`); appearance:
+    :class:`Appearance` (radii [N, K] mm, colours [N, K, 3], light [N, 3],
+    background [N, 2, 3]); cam_pose: [N, 4] (azimuth, elevation, theta, distance
+    mm) looking at the origin; focal: [N] px; principal: [N, 2]; noise_key: PRNG
+    key; noise_std: pixel noise in [0, 1] units; image_size: (H, W) and segments
+    (capsule template resolution) are static.
     Returns uint8 images [N, H, W, 3].
     """
+    radii, colours, light, background = appearance
     unit_np, faces_np = capsule_template(segments)
     unit = jnp.asarray(unit_np)
     h, w = image_size
@@ -315,14 +333,14 @@ def render_subject(subject: dict, angles, cam_pose, image_size=(64, 64), *, fill
     _, points = render_points(subject, angles)
     radii, colours = _capsule_style(subject)
     light = np.asarray(light, np.float32) / np.linalg.norm(light)
+    look = Appearance(np.broadcast_to(radii, (n,) + radii.shape),
+                      np.broadcast_to(colours, (n,) + colours.shape), np.tile(light, (n, 1)),
+                      np.broadcast_to(np.asarray(background, np.float32), (n, 2, 3)))
     out = render_frames(
-        points, np.broadcast_to(radii, (n,) + radii.shape),
-        np.broadcast_to(colours, (n,) + colours.shape),
+        points, look,
         cam_pose, (fill * min(h, w) / 2 * cam_pose[:, 3] / 1000.0).astype(np.float32),
         np.tile(np.asarray((w / 2, h / 2) if principal is None else principal, np.float32), (n, 1)),
-        np.tile(light, (n, 1)),
-        np.broadcast_to(np.asarray(background, np.float32), (n, 2, 3)), jax.random.key(seed),
-        noise_std=noise_std, image_size=(h, w))
+        jax.random.key(seed), noise_std=noise_std, image_size=(h, w))
     return np.asarray(out), points
 
 
@@ -363,7 +381,9 @@ def generate_sequence(subject: dict, action: str, num_frames: int, num_views: in
         m = len(part["focal"])
         if m < chunk and n > chunk:   # pad so every call has the same shape (one trace)
             part = {k: np.concatenate([v, np.repeat(v[-1:], chunk - m, 0)]) for k, v in part.items()}
-        out = render_frames(**part, noise_key=jax.random.fold_in(jax.random.key(seed), i),
+        look = Appearance(**{k: part.pop(k) for k in Appearance._fields})
+        out = render_frames(**part, appearance=look,
+                            noise_key=jax.random.fold_in(jax.random.key(seed), i),
                             noise_std=noise_std, image_size=tuple(image_size))
         images.append(np.asarray(out)[:m])
     images = np.concatenate(images).reshape(num_views, num_frames, *image_size, 3)

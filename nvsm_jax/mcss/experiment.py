@@ -57,7 +57,7 @@ def load_data(config, root: str):
     ``"3dhp"`` (MPI-INF-3DHP, :mod:`nvsm_jax.mcss.mpi_inf_3dhp`, settings in
     ``config.data.mpi``)."""
     size = tuple(config.data.image_size)
-    if config.data.get("format", "h36m") == "3dhp":
+    if config.data.format == "3dhp":
         m = config.data.mpi
         kw = dict(sequences=tuple(m.sequences), cameras=tuple(m.cameras), image_size=size,
                   frame_step=int(m.frame_step), max_frames=int(m.max_frames or 0) or None,
@@ -95,7 +95,7 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
     Every option is checked first (:func:`nvsm_jax.config_checks.check_mcss_config`)."""
     config_checks.check_mcss_config(config)
     log = log or _log.info
-    seeds = tuple(int(s) for s in (config.get("seeds", ()) or ()))
+    seeds = tuple(int(s) for s in (config.seeds or ()))
     if not seeds:
         return _run_seed(config, workdir, log)
     os.makedirs(workdir, exist_ok=True)
@@ -123,12 +123,12 @@ def _run_seed(config, workdir: str, log) -> dict:
     t0 = time.time()
     os.makedirs(workdir, exist_ok=True)
     training.save_config(config, workdir)
-    if config.get("compilation_cache", ""):
+    if config.compilation_cache:
         jax.config.update("jax_compilation_cache_dir", config.compilation_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
     mesh = parallel.make_mesh(config.num_devices or None)
     root = config.data.root or os.path.join(workdir, "data")
-    fmt = config.data.get("format", "h36m")
+    fmt = config.data.format
     if fmt not in ("h36m", "3dhp"):
         raise ValueError(f"data.format must be 'h36m' or '3dhp', got {fmt!r}")
     if fmt == "3dhp" and not config.data.root:
@@ -151,8 +151,7 @@ def _run_seed(config, workdir: str, log) -> dict:
                                     seed=config.seed, log=log)
         # The baseline's embedding head gets no gradient (and Adam-normalised L2 decay
         # shrinks it to zero); by default it is judged by the features it did learn.
-        emb_kind = config.eval.get("baseline_embedding", "features") \
-            if method == "baseline" else "head"
+        emb_kind = config.eval.baseline_embedding if method == "baseline" else "head"
         m, ret = _eval_model(model, state, test, mesh, config, embedding=emb_kind)
         row = _row(name, level, m, ret, embedding=emb_kind, labelled_frames=len(ts.labelled_idx),
                    labelled_fraction=len(ts.labelled_idx) / len(train_data),
@@ -180,7 +179,7 @@ def _run_seed(config, workdir: str, log) -> dict:
             rows.append(row)
             if method == "mcss" and figure_src is None:
                 figure_src = (ret, level)
-            rounds = int(config.train.multiview_pseudo.get("rounds", 0)) if method == "mcss" else 0
+            rounds = int(config.train.multiview_pseudo.rounds) if method == "mcss" else 0
             if rounds <= 0:
                 continue
             t1, boots, before = time.time(), [], row["mpjpe"]
@@ -206,7 +205,7 @@ def _run_seed(config, workdir: str, log) -> dict:
             rows.append(row)
             _log_row(log, row)
 
-    if config.get("ceiling", False):      # the same network on every training label
+    if config.ceiling:      # the same network on every training label
         _, _, row, _ = run("baseline", "all", mtrain.make_train_set(
             train_data, np.ones(len(train_data), bool)), "ceiling")
         rows.append(row)
@@ -365,14 +364,14 @@ def aggregate_markdown(summary: dict, config) -> str:
 
 
 def _test_subjects(config):
-    if config.data.get("format", "h36m") == "3dhp":
+    if config.data.format == "3dhp":
         return tuple(config.data.mpi.test_subjects)
     return tuple(config.data.test_subjects)
 
 
 def report_markdown(results: dict, config) -> str:
     ks = [str(k) for k in config.eval.ks]
-    name = ("MPI-INF-3DHP" if config.data.get("format", "h36m") == "3dhp"
+    name = ("MPI-INF-3DHP" if config.data.format == "3dhp"
             else "the synthetic multi-view benchmark" if config.data.generate
             else "the Human3.6M layout")
     lines = [f"# MCSS on {name}", "",

@@ -159,16 +159,14 @@ def init_state(cfg, mesh, image_size, seed: int):
     (config, image size, mesh), so runs that differ only in seed or data do not
     recompile."""
     model = make_model(cfg.model)
-    sched = training.make_schedule(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
-                                   final_lr_fraction=cfg.optim.final_lr_fraction)
-    tx = training.make_adamw(sched, cfg.optim.weight_decay, grad_clip=cfg.optim.grad_clip)
-    frozen = frozen_filter(cfg.model)
-    if frozen is not None:
-        tx = training.freeze(tx, frozen)
+    tx, _ = training.make_optimizer(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
+                                    final_lr_fraction=cfg.optim.final_lr_fraction,
+                                    weight_decay=cfg.optim.weight_decay,
+                                    grad_clip=cfg.optim.grad_clip, frozen=frozen_filter(cfg.model))
     init = training.state_initializer(model, tx, (1, *image_size, 3))
     state = training.create_replicated(init, jax.random.key(seed), mesh,
                                        cache_key=("mcss", _cfg_key(cfg), tuple(image_size)))
-    encoder = weights.pretrained_encoder(model.encoder_kind, cfg.model.get("pretrained", ""))
+    encoder = weights.pretrained_encoder(model.encoder_kind, cfg.model.pretrained)
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
     return model, state
@@ -177,8 +175,8 @@ def init_state(cfg, mesh, image_size, seed: int):
 def tap_stage(model_cfg) -> int:
     """The last encoder stage (:func:`nvsm_jax.models.backbone.encoder_stage` numbering)
     that the tap ``model_cfg.tap`` reads."""
-    tap = int(model_cfg.get("tap", 32))
-    if model_cfg.get("encoder", "resnet") in efficientnet.VARIANTS:
+    tap = int(model_cfg.tap)
+    if model_cfg.encoder in efficientnet.VARIANTS:
         return efficientnet.TAP_STAGES.get(tap, 8)
     return {4: 1, 8: 2, 16: 3, 32: 4}[tap]
 
@@ -207,16 +205,16 @@ def feature_cache_stage(cfg) -> int | None:
     stride 16 (stage 5), 5 KiB for stage 4's output, 10 KiB for stage 3's, 24 KiB
     for stage 2's, 64 KiB for stage 1's, 128 KiB for the stem's.
     """
-    mode = cfg.get("cache_features", "auto")
+    mode = cfg.cache_features
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"cache_features must be 'auto', 'on' or 'off', got {mode!r}")
     if mode == "off":
         return None
     model_cfg = cfg.model
-    k = int(model_cfg.get("frozen_stages", 0) or 0)
+    k = int(model_cfg.frozen_stages or 0)
     tap = tap_stage(model_cfg)
-    norm = model_cfg.get("norm", "group")
-    lite = model_cfg.get("encoder", "resnet") in efficientnet.VARIANTS
+    norm = model_cfg.norm
+    lite = model_cfg.encoder in efficientnet.VARIANTS
     stage = None
     if norm != "batch" and k > tap:
         stage = tap
@@ -226,11 +224,11 @@ def feature_cache_stage(cfg) -> int | None:
         if lite:
             raise ValueError(f"cache_features='on' needs frozen encoder stages whose maps "
                              f"can be computed once: frozen_stages >= 1 (got "
-                             f"{model_cfg.get('frozen_stages', 0)}; the output of the last "
+                             f"{model_cfg.frozen_stages}; the output of the last "
                              f"frozen stage is cached) and norm != 'batch' (got {norm!r})")
         raise ValueError(f"cache_features='on' needs the encoder frozen up to the tap: "
                          f"frozen_stages > {tap} (got "
-                         f"{model_cfg.get('frozen_stages', 0)}) and norm != 'batch'")
+                         f"{model_cfg.frozen_stages}) and norm != 'batch'")
     return stage
 
 
@@ -256,10 +254,10 @@ def _cache_split(cfg) -> tuple[int | None, int | None]:
 def frozen_filter(model_cfg):
     """``is_frozen(path)`` for the encoder stages ``0 .. frozen_stages - 1``
     (:func:`nvsm_jax.models.backbone.encoder_stage`), or None when nothing is frozen."""
-    k = int(model_cfg.get("frozen_stages", 0) or 0)
+    k = int(model_cfg.frozen_stages or 0)
     if k <= 0:
         return None
-    kind = model_cfg.get("encoder", "resnet")
+    kind = model_cfg.encoder
     return lambda path: path[0] == "encoder" and encoder_stage(path[1:], kind) < k
 
 
@@ -305,7 +303,7 @@ def make_train_step(model, cfg, use_multiview: bool):
                 squared=mv.squared, cross_sequence=mv.cross_sequence)
             total = total + w_mv * l_mv
             out["loss_mv"] = l_mv
-            w_pc = float(mv.get("pose_consistency", 0.0))
+            w_pc = float(mv.pose_consistency)
             if w_pc > 0:        # the regressor's own multi-view term (DESIGN.md)
                 l_pc = losses.pose_consistency_loss(pose[n_sup:], batch["mv_seq"],
                                                     batch["mv_time"], batch["mv_view"])
@@ -465,7 +463,7 @@ def encode_copies(model, state, images: np.ndarray, cfg, mesh=None, seed: int = 
     draw afresh each step is drawn C - 1 times, once."""
     stage = _cache_split(cfg)[0]
     plain = encode(model, state, images, mesh, stage=stage)
-    copies = int(cfg.get("cache_copies", 1) or 1)
+    copies = int(cfg.cache_copies or 1)
     if copies <= 1 or float(cfg.augment) <= 0:
         return plain
     cache_key = ("copies", copies, float(cfg.augment), int(seed),
@@ -506,7 +504,7 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     state = training.fit(         # each process gathers only its rows of each part
         state, step_fn, lambda s, _rows: _batch_for_step(ts, cfg, s, use_mv, seed, feats, mesh),
         mesh, start=start, end=cfg.steps, seed=seed, batch_size=batch_size,
-        log_every=cfg.log_every, writer=writer, ckpt=ckpt, progress=cfg.get("progress", False),
+        log_every=cfg.log_every, writer=writer, ckpt=ckpt, progress=cfg.progress,
         desc=os.path.basename(workdir), process_local=True)
     ckpt.close()
     if log and start < cfg.steps:
@@ -594,7 +592,7 @@ def bootstrap_train_set(model, state, ts: TrainSet, cfg, mesh=None
     _, pred = predict_frames(model, state, ts.images, cfg, mesh)
     pose = fusion.pseudo_labels(pred / 1000.0, ts.seq_offset, ts.seq_views, ts.seq_frames,
                                 ts.labelled_idx, ts.labelled_pose,
-                                how=cfg.multiview_pseudo.get("fuse", "median"))
+                                how=cfg.multiview_pseudo.fuse)
     return dataclasses.replace(ts, labelled_idx=np.arange(len(ts.images)),
                                labelled_pose=pose.astype(np.float32)), pred
 

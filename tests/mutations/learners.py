@@ -215,5 +215,14 @@ MUTATIONS = [
         new='(_P["band_r"], _P["band_l"], 90, 0, "g"), (_P["stripe_top"], _P["stripe_low"], 56, 0, "g")',
         tests=("tests/test_mcss_data.py::test_front_and_back_views_differ_at_head_and_chest",),
         kind="constant"),
+    # ------------------------------------------------------- the trainers' one optimiser
+    Mutation(
+        name="optimizer_weight_decay_dropped",
+        file="nvsm_jax/training.py",
+        old="tx = make_adamw(schedule, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,",
+        new="tx = make_adamw(schedule, weight_decay=0.0, b1=b1, b2=b2, grad_clip=grad_clip,",
+        tests=("tests/test_training.py::"
+               "test_make_optimizer_is_adam_with_clip_l2_warmup_cosine_and_frozen_leaves",),
+        kind="dropped term"),
 
 ]

@@ -59,8 +59,8 @@ MUTATIONS = [
     Mutation(
         name="coke_neighbours_not_removed",
         file="nvsm_jax/losses.py",
-        old="lv = jnp.where((d2 <= neighbor_radius ** 2) & ~is_self, -jnp.inf, lv)",
-        new="lv = jnp.where((d2 > neighbor_radius ** 2) & ~is_self, -jnp.inf, lv)",
+        old="return (_squared_distances(rows, xy) <= radius ** 2) & (ids[..., :, None] != jnp.arange(v))",
+        new="return (_squared_distances(rows, xy) > radius ** 2) & (ids[..., :, None] != jnp.arange(v))",
         tests=(_COKE_HAND,),
         kind="inverted mask"),
     Mutation(

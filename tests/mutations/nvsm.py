@@ -112,8 +112,8 @@ MUTATIONS = [
     Mutation(
         name="matching_raw_images_not_normalised",
         file="nvsm_jax/matching.py",
-        old="b = (b if normalized else normalize(b)).reshape(chunk, -1)",
-        new="b = b.reshape(chunk, -1)",
+        old="b = normalize(block.astype(jnp.float32)).reshape(chunk, -1)",
+        new="b = block.astype(jnp.float32).reshape(chunk, -1)",
         tests=(f"{_MATCH}::test_each_image_finds_the_view_it_was_made_from",),
         kind="skipped step"),
     Mutation(
