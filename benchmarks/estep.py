@@ -6,7 +6,7 @@ after round 0, e.g. ``python -m experiments.train_nemo --config nemo
 the same split NVSM uses, extracts the pool's feature maps once, and for every
 variant (an override of the ``estep`` block) computes the round-1 table (the
 anchors and their mirror images x the whole pool) and
-:func:`nvsm_jax.pseudo_labels.table_report`: top-k precision, best-view accuracy
+:func:`nvsm_jax.nvsm.pseudo_labels.table_report`: top-k precision, best-view accuracy
 per 30-degree azimuth sector, the score gap between the right view and the chosen
 wrong one, precision by the chosen view's distance error. Hidden poses are read
 for the report only.
@@ -39,7 +39,7 @@ flags.DEFINE_integer("solver_steps", -1, "also the model's own render-and-compar
                      "per pool image: -1 off, 0 grid search only, > 0 Adam steps after it; "
                      "the report then gives the agreement rule's precision")
 flags.DEFINE_bool("holdout", False, "also the E-step on its own anchors, each held out "
-                  "(semi_supervised.holdout_check), and the pool precision above its scores")
+                  "(estep.holdout_check), and the pool precision above its scores")
 flags.DEFINE_float("agree_deg", 30.0, "match and solver agree within this angle (degrees)")
 
 DEFAULT_VARIANTS = "base:"
@@ -98,8 +98,10 @@ def main(argv):
     del argv
     import ml_collections
 
-    from nvsm_jax import features as feat
-    from nvsm_jax import parallel, pose_solver, pseudo_labels, semi_supervised, train
+    from nvsm_jax.nemo import features as feat
+    from nvsm_jax import parallel
+    from nvsm_jax.nemo import pose_solver, train
+    from nvsm_jax.nvsm import pseudo_labels, estep
     from nvsm_jax.data import fewshot, loaders
     from experiments.configs import nvsm as nvsm_config
 
@@ -115,11 +117,11 @@ def main(argv):
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)
     fn = train.feature_fn(nemo)
     t0 = time.time()
-    pool_maps = semi_supervised.extract_features(fn, unlabelled.images, 16)
+    pool_maps = estep.extract_features(fn, unlabelled.images, 16)
     extract_s = time.time() - t0
     base = nvsm_config.get_config("demo").estep            # the experiment's estep block
     mesh_axes = parallel.make_mesh()
-    solver = semi_supervised.SolverInputs(
+    solver = estep.SolverInputs(
         nemo.memory.vertex, feat.clutter_prototype(nemo.memory.clutter),
         pose_solver.SolverConfig.from_dict(config.solver.to_dict()))
     solver_poses, solver_s = None, 0.0
@@ -133,15 +135,15 @@ def main(argv):
         solver_s = time.time() - t0
     results, rows = {}, []
     for name, changes in parse_variants(FLAGS.variants):
-        cfg = dataclasses.replace(semi_supervised.EStepConfig.from_config(base),
+        cfg = dataclasses.replace(estep.EStepConfig.from_config(base),
                                   max_new=30, **changes)
         run_cfg = ml_collections.ConfigDict({"eval_batch_size": 16, "estep": cfg.to_dict()})
-        sources = semi_supervised.round_sources(run_cfg, fn, labelled, unlabelled, pool_maps,
+        sources = estep.round_sources(run_cfg, fn, labelled, unlabelled, pool_maps,
                                                 pseudo_labels.PseudoLabels.empty())
-        pool = semi_supervised.Pool(pool_maps, unlabelled.focal, unlabelled.principal,
+        pool = estep.Pool(pool_maps, unlabelled.focal, unlabelled.principal,
                                     np.ones(len(unlabelled), bool))
         t0 = time.time()
-        table = semi_supervised.score_views(cfg, sources, pool, model_mesh=mesh,
+        table = estep.score_views(cfg, sources, pool, model_mesh=mesh,
                                             stride=config.model.stride, mesh_axes=mesh_axes,
                                             solver=solver)
         seconds = time.time() - t0
@@ -150,7 +152,7 @@ def main(argv):
                                          agree_angle=float(np.radians(FLAGS.agree_deg)))
         rep.update(num_views=int(table.scores.shape[0]), seconds=seconds, changes=changes)
         if FLAGS.holdout:
-            hc = semi_supervised.holdout_check(cfg, sources, model_mesh=mesh,
+            hc = estep.holdout_check(cfg, sources, model_mesh=mesh,
                                                stride=config.model.stride, mesh_axes=mesh_axes,
                                                solver=solver)
             rep.update(holdout_report(hc, table.scores, table.view_poses, hidden))

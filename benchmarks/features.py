@@ -7,7 +7,7 @@ For every category under ``DATA/train`` (references: the first ``--references``
 L0 training images) and every occlusion level of ``DATA/test`` (queries: the
 first ``--queries`` of each level), each query takes the pose of the reference
 whose feature map matches it best, with NVSM's matching score (the mean cosine
-over the reference's object pixels, :func:`nvsm_jax.matching.match_scores`).
+over the reference's object pixels, :func:`nvsm_jax.nvsm.matching.match_scores`).
 No pose label is used to build the features. One JSON record per backbone,
 tap stride, category and level: ``retrieval_acc_pi_6`` (percent within 30 deg,
 geodesic), ``median_err_deg``, ``flip_rate`` (percent more than 150 deg off)
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks.common import machine_load, print_table, write_json
-from nvsm_jax import evaluation, matching
+from nvsm_jax import evaluation
+from nvsm_jax.nvsm import matching
 from nvsm_jax.data import loaders
 from nvsm_jax.models import backbone, efficientnet, weights
 

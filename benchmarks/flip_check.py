@@ -4,7 +4,7 @@ Reads a finished NVSM workdir (one cell, e.g. ``runs/v/nvsm_car_7``): its record
 config, the pseudo-labels of every round (``pseudo_labels/round_RRR.npz``) and the
 checkpoints kept. For each checkpoint and each accepted pseudo-label it scores the
 label's pose and its three symmetric poses
-(:func:`nvsm_jax.pseudo_labels.symmetric_poses`: the opposite view and the two
+(:func:`nvsm_jax.nvsm.pseudo_labels.symmetric_poses`: the opposite view and the two
 mirrors) with NeMo's loss on the image's own features, as they are (``--steps 0``)
 and after refining each start by render-and-compare (``--steps N``). Reported for
 the labels first accepted in the last round, those of the earlier rounds, and all:
@@ -58,8 +58,10 @@ def main(argv):
     del argv
     import jax.numpy as jnp
 
-    from nvsm_jax import features, geometry, parallel, pose_solver, pseudo_labels, train, training
-    from nvsm_jax import semi_supervised as ss
+    from nvsm_jax.nemo import features, pose_solver, train
+    from nvsm_jax import geometry, parallel, training
+    from nvsm_jax.nvsm import pseudo_labels
+    from nvsm_jax.nvsm import estep
     from nvsm_jax.data import fewshot, loaders
 
     training.quiet_checkpoint_logs()
@@ -96,7 +98,7 @@ def main(argv):
     rows = []
     for ck in steps:
         s = ckpt.restore(state, step=ck)
-        maps = ss.extract_features(train.feature_fn(train.nemo_model(config, model, s, model_mesh)),
+        maps = estep.extract_features(train.feature_fn(train.nemo_model(config, model, s, model_mesh)),
                                    unlabelled.images[pl.index], int(config.eval_batch_size))
         clutter = features.clutter_prototype(s.aux.clutter)
         for n in [int(x) for x in FLAGS.steps.split(",")]:

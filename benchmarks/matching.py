@@ -3,7 +3,7 @@
     python -m benchmarks.matching --json runs/bench/matching.json [--quick]
 
 Each row scores K synthesised views against N images of ``h x w x D`` features
-with :func:`nvsm_jax.matching.match_scores_sharded` (all local devices) and
+with :func:`nvsm_jax.nvsm.matching.match_scores_sharded` (all local devices) and
 reports ``pairs_per_s`` and ``fraction_of_matmul``: the achieved FLOP rate
 (``2 K N h w D`` per call) over the machine's float32 matmul rate measured in
 the same run (the first record, ``name: "matmul_gflops"``).
@@ -21,7 +21,8 @@ import jax
 import numpy as np
 
 from benchmarks import common
-from nvsm_jax import matching, parallel
+from nvsm_jax.nvsm import matching
+from nvsm_jax import parallel
 
 FULL = [  # (views K, images N, map h = w, channels D)
     (64, 512, 16, 128),

@@ -6,7 +6,7 @@
     python -m benchmarks.nvsm_cell --size 32 --train 24 --test 4 --rounds 1 \
         --fewshot_steps 4 --steps_per_round 2                                   # smoke run
 
-The cell is ``nvsm_jax.experiment.train_and_evaluate`` with the ``nvsm`` config's
+The cell is ``nvsm_jax.nvsm.experiment.train_and_evaluate`` with the ``nvsm`` config's
 ``paper`` settings restricted to car, 7 annotations and the methods ``nemo`` and
 ``nvsm`` (``--size``, ``--train``, ``--test``, ``--rounds`` scale it down), on a
 synthetic set rendered first (not timed as training). Phases are timed by wrapping
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import os
 import shutil
@@ -42,15 +43,29 @@ from benchmarks.common import (machine_load, matmul_gflops, print_table, run_as_
                                write_json)
 from benchmarks.train import ROOT, export_tree
 
+#: The modules' paths before the package layout (a --baseline commit may predate it).
+OLD_MODULES = {"nvsm_jax.nvsm.experiment": "nvsm_jax.experiment",
+               "nvsm_jax.nvsm.rounds": "nvsm_jax.semi_supervised",
+               "nvsm_jax.nemo.train": "nvsm_jax.train"}
+
+
+def _import(module: str):
+    """``module``, or its path before the package layout in an older tree."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return importlib.import_module(OLD_MODULES[module])
+
+
 PHASES = {                  # phase -> (module, attribute)
-    "nemo_row": ("nvsm_jax.experiment", "_run_nemo"),
-    "nvsm_row": ("nvsm_jax.experiment", "_run_nvsm"),
-    "m_step": ("nvsm_jax.semi_supervised", "_m_step"),
-    "e_step": ("nvsm_jax.semi_supervised", "e_step"),
-    "pool_features": ("nvsm_jax.semi_supervised", "pool_features"),
-    "round_sources": ("nvsm_jax.semi_supervised", "round_sources"),
-    "evaluation": ("nvsm_jax.train", "evaluate_nemo"),
-    "figures": ("nvsm_jax.experiment", "_nvsm_figures"),
+    "nemo_row": ("nvsm_jax.nvsm.experiment", "_run_nemo"),
+    "nvsm_row": ("nvsm_jax.nvsm.experiment", "_run_nvsm"),
+    "m_step": ("nvsm_jax.nvsm.rounds", "_m_step"),
+    "e_step": ("nvsm_jax.nvsm.rounds", "e_step"),
+    "pool_features": ("nvsm_jax.nvsm.rounds", "pool_features"),
+    "round_sources": ("nvsm_jax.nvsm.rounds", "round_sources"),
+    "evaluation": ("nvsm_jax.nemo.train", "evaluate_nemo"),
+    "figures": ("nvsm_jax.nvsm.experiment", "_nvsm_figures"),
 }
 
 
@@ -88,9 +103,8 @@ def cell_config(args):
 
 def run_cell(args) -> dict:
     """Generates the data (untimed), then runs and times the cell in this process."""
-    import importlib
 
-    from nvsm_jax import experiment
+    experiment = _import("nvsm_jax.nvsm.experiment")
     config = cell_config(args)
     data_dir = os.path.join(args.workdir, "data")
     if not os.path.isdir(os.path.join(data_dir, "test")):
@@ -99,7 +113,7 @@ def run_cell(args) -> dict:
     config.test_root = os.path.join(data_dir, "test")
     totals: dict = {}
     for name, (module, attr) in PHASES.items():
-        mod = importlib.import_module(module)
+        mod = _import(module)
         setattr(mod, attr, _timed(getattr(mod, attr), totals, name))
     cell = os.path.join(args.workdir, f"cell{args.suffix}")
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
     python -m benchmarks.pose_solver --json runs/bench/pose_solver.json
     python -m benchmarks.pose_solver --workdir runs/nemo_car_full --data data/synthetic/test
     python -m benchmarks.pose_solver --workdir runs/solver_model --eval_images 200 \
-        --baseline /tmp/solver_base/nvsm_jax/pose_solver.py --json runs/bench/pose_solver.json
+        --baseline /tmp/solver_base/nvsm_jax/nemo/pose_solver.py --json runs/bench/pose_solver.json
 
 Records (first: the machine's matmul GFLOP/s): for each solver setting
 (``reference`` = NeMo's 300 Adam steps, ``fast`` = 60 steps / faster decay),
@@ -20,7 +20,7 @@ refinement step costs exactly one differentiable render per hypothesis.
 
 With a workdir and data, also the median error of each setting on the timed
 batch, and with ``--eval_images N`` the accuracy of the full solve
-(:func:`nvsm_jax.pose_solver.solve_batched`, batches of ``--batch``) on the
+(:func:`nvsm_jax.nemo.pose_solver.solve_batched`, batches of ``--batch``) on the
 first N images of ``--level``: ``acc_pi_6``, ``acc_pi_18`` (percent),
 ``med_err_deg`` and that pass's ``eval_images_per_s``. ``--baseline FILE``
 loads another ``pose_solver.py`` (e.g. the previous commit's, from a
@@ -72,8 +72,8 @@ except ImportError:  # benchmarks/common.py is another engineer's; minimal stand
             json.dump(records, f, indent=2)
 
 from nvsm_jax import evaluation, meshes
-from nvsm_jax import pose_solver as ps
-from nvsm_jax.features import clutter_prototype
+from nvsm_jax.nemo import pose_solver as ps
+from nvsm_jax.nemo.features import clutter_prototype
 
 
 def _timed(fn, *args, repeats=1):
@@ -165,7 +165,7 @@ def main():
     records = [{"name": "matmul_gflops", "value": matmul_gflops()}]
     b = args.batch
     if args.workdir:
-        from nvsm_jax import train
+        from nvsm_jax.nemo import train
         from nvsm_jax.data import loaders
         nemo = train.load_model(args.workdir)
         test = loaders.load_pose_set(args.data, nemo.config.category, args.level, limit=b)

@@ -107,7 +107,7 @@ def nemo_score_loss(sv, faces, table, s_clutter, hw):
     s_clutter: [H*W] or [P, H*W] -> [P].
     """
     import rasterizer as R
-    from nvsm_jax.pose_solver import nemo_loss
+    from nvsm_jax.nemo.pose_solver import nemo_loss
     frags = R.rasterize(sv, faces, hw)
     s_obj = R.interpolate_score(frags, faces, table).reshape(sv.shape[0], -1)
     return nemo_loss(s_obj, s_clutter)

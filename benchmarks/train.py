@@ -84,7 +84,10 @@ def time_row(row: dict) -> dict:
 
     from experiments.configs import nemo as nemo_config
     from nvsm_jax import meshes, parallel
-    from nvsm_jax import train as nemo_train
+    try:
+        from nvsm_jax.nemo import train as nemo_train
+    except ImportError:                              # a baseline before the package layout
+        from nvsm_jax import train as nemo_train
     from nvsm_jax.models import backbone
 
     model_mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)

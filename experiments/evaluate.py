@@ -27,7 +27,8 @@ from __future__ import annotations
 
 from absl import flags
 
-from nvsm_jax import parallel, train, training
+from nvsm_jax import parallel, training
+from nvsm_jax.nemo import evaluate as nemo_evaluate
 
 from . import run
 
@@ -51,9 +52,10 @@ def main(argv):
     parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()
     training.quiet_checkpoint_logs()
-    train.evaluate_workdir(FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
-                           occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out,
-                           top_k=FLAGS.top_k, skip_bad=FLAGS.skip_bad)
+    nemo_evaluate.evaluate_workdir(
+        FLAGS.workdir, FLAGS.data, solver=FLAGS.solver, limit=FLAGS.limit,
+        occlusions=FLAGS.occlusions, method=FLAGS.method, out_dir=FLAGS.out, top_k=FLAGS.top_k,
+        skip_bad=FLAGS.skip_bad)
     import os
 
     out = FLAGS.out or FLAGS.workdir

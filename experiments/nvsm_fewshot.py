@@ -30,7 +30,7 @@ flags.DEFINE_string("workdir", None, "Everything the run writes goes here.", req
 def main(argv):
     del argv
     from nvsm_jax import parallel, training
-    from nvsm_jax.experiment import train_and_evaluate
+    from nvsm_jax.nvsm.experiment import train_and_evaluate
 
     parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()

@@ -15,7 +15,7 @@ around it as the real-data preparation does.
 Writes ``OUT/predictions.jsonl`` (per image: azimuth, elevation, theta in degrees,
 distance, score and the second-best hypothesis), ``OUT/overlays/*.png`` (the model's
 cuboid at the predicted pose, the object's x / y / z axes in red / green / blue) and
-``OUT/contact_sheet.png``. See ``nvsm_jax.predict``.
+``OUT/contact_sheet.png``. See ``nvsm_jax.nemo.predict``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ flags.DEFINE_integer("batch_size", None, "Images per solver call (default the co
 
 
 def main(argv):
-    from nvsm_jax import parallel, predict, training
+    from nvsm_jax import parallel, training
+    from nvsm_jax.nemo import predict
     from nvsm_jax.data import DataError
 
     images = argv[1:]

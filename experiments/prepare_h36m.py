@@ -1,4 +1,4 @@
-"""Official Human3.6M archives -> the MCSS layout (see :mod:`nvsm_jax.data.h36m_archives`).
+"""Official Human3.6M archives -> the MCSS layout (see :mod:`nvsm_jax.mcss.h36m_archives`).
 
     nvsm-prepare-h36m --root /path/to/h36m --out data/h36m \\
         --subjects S1,S5,S6,S7,S8,S9,S11 --size 64 --frame_step 5
@@ -16,7 +16,7 @@ import json
 import logging
 
 from nvsm_jax import parallel
-from nvsm_jax.data.h36m_archives import CAMERA_IDS, SUBJECTS, PrepareOptions, prepare_h36m
+from nvsm_jax.mcss.h36m_archives import CAMERA_IDS, SUBJECTS, PrepareOptions, prepare_h36m
 
 from . import ArgumentParser
 

@@ -29,7 +29,8 @@ flags.DEFINE_bool("evaluate", False, "Evaluate on config.test_root after trainin
 
 def main(argv):
     del argv
-    from nvsm_jax import train, training
+    from nvsm_jax.nemo import train
+    from nvsm_jax import training
 
     parallel.reexec_with_huge_pages()
     parallel.quiet_backend_probe_logs()

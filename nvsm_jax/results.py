@@ -1,7 +1,7 @@
 """A tracked folder of finished few-shot cells, and the report over whatever is in it.
 
 Runs live in ``runs/`` and are lost with the machine; their results should not be.
-With ``config.results_dir`` set, :func:`nvsm_jax.experiment.train_and_evaluate`
+With ``config.results_dir`` set, :func:`nvsm_jax.nvsm.experiment.train_and_evaluate`
 records every finished (method, category, annotations, seed) cell as one small
 JSON file (:func:`record_cell`)::
 
@@ -100,7 +100,7 @@ def record_cell(results_dir, *, method: str, category: str, annotations, seed: i
 
     rows: the cell's result rows (one per occlusion level); errors: {level: [N]
     radians}; config: the cell's config (ml_collections or dict); rounds: NVSM's
-    round entries (``semi_supervised.run_nvsm``'s ``rounds.jsonl``), or None;
+    round entries (``rounds.run_nvsm``'s ``rounds.jsonl``), or None;
     inputs: what the rows were computed from (``{"train_root", "test_root",
     "train": {level: fingerprint}, "test": {level: fingerprint}, "checkpoint_step"}``,
     :func:`data_fingerprint`), or None when unknown.

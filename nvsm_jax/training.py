@@ -736,7 +736,7 @@ def save_config(config, workdir, filename: str = "config.json", *,
     previous files (all but a generated ``data/`` folder) move to
     ``replaced-<UTC time>/`` first and the run starts over; nothing is deleted.
     ``has_work=False`` (the caller found no checkpoint and no finished result there,
-    :func:`nvsm_jax.train.holds_work`: the run failed before any work) does the same
+    :func:`nvsm_jax.nemo.train.holds_work`: the run failed before any work) does the same
     without ``restart``, so a failed run never blocks its corrected rerun.
     """
     workdir = os.fspath(workdir)

@@ -13,6 +13,7 @@ import pytest
 
 from nvsm_jax.data import DataError
 from nvsm_jax.data.testing import write_tiny_root
+from nvsm_jax.nemo import evaluate as nemo_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,7 +94,7 @@ def test_other_unraisable_errors_still_reported():
 def nemo():
     from experiments.configs import nemo as nemo_config
     from nvsm_jax import meshes, parallel
-    from nvsm_jax import train as nemo_train
+    from nvsm_jax.nemo import train as nemo_train
 
     cfg = nemo_config.get_config("tiny")
     cfg.eval_batch_size = 4
@@ -117,24 +118,22 @@ def _files(out):
 
 
 def test_evaluate_missing_data_dir_raises_and_writes_nothing(tmp_path, nemo):
-    from nvsm_jax import train as nemo_train
 
     out = str(tmp_path / "eval")
     before = _old_outputs(out)
     missing = str(tmp_path / "no_such_root")
     with pytest.raises(FileNotFoundError, match=f"{missing}: test root not found"):
-        nemo_train.evaluate_workdir(str(tmp_path), missing, nemo=nemo, out_dir=out)
+        nemo_evaluate.evaluate_workdir(str(tmp_path), missing, nemo=nemo, out_dir=out)
     # a root that exists but holds none of the levels: also an error, nothing written
     os.makedirs(tmp_path / "empty_root")
     with pytest.raises(DataError, match=r"no level of car to evaluate \(L0: .* has no car "
                                         r"subset.*nothing written"):
-        nemo_train.evaluate_workdir(str(tmp_path), str(tmp_path / "empty_root"), nemo=nemo,
+        nemo_evaluate.evaluate_workdir(str(tmp_path), str(tmp_path / "empty_root"), nemo=nemo,
                                     out_dir=out, occlusions=["L0"])
     assert _files(out) == before
 
 
 def test_evaluate_truncated_test_image_fails_naming_it_or_is_listed(tmp_path, nemo):
-    from nvsm_jax import train as nemo_train
 
     root = str(tmp_path / "test")
     names = write_tiny_root(root, "car", num=3, size=(32, 32))
@@ -144,11 +143,11 @@ def test_evaluate_truncated_test_image_fails_naming_it_or_is_listed(tmp_path, ne
     out = str(tmp_path / "eval")
     before = _old_outputs(out)
     with pytest.raises(DataError, match="cannot decode image") as err:
-        nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+        nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                     occlusions=["L0"])
     assert str(err.value).startswith(png)
     assert _files(out) == before
-    rows = nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+    rows = nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                        occlusions=["L0"], skip_bad=True)
     assert rows[0]["occlusion"] == "L0" and rows[0]["num_images"] == 2
     saved = json.load(open(os.path.join(out, "results.json")))
@@ -159,13 +158,12 @@ def test_evaluate_truncated_test_image_fails_naming_it_or_is_listed(tmp_path, ne
 
 
 def test_evaluate_missing_level_is_said_in_the_table_and_stale_predictions_go(tmp_path, nemo):
-    from nvsm_jax import train as nemo_train
 
     root = str(tmp_path / "test")
     write_tiny_root(root, "car", num=3, size=(32, 32))
     out = str(tmp_path / "eval")
     _old_outputs(out)
-    rows = nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+    rows = nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                        occlusions=["L0", "L3"])
     assert [r["occlusion"] for r in rows if r["category"] != "Mean"] == ["L0"]
     saved = json.load(open(os.path.join(out, "results.json")))

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from nvsm_jax import baselines, geometry
+from nvsm_jax.baselines import classifier
+from nvsm_jax import geometry
 from nvsm_jax.data import PoseSet
 
 
@@ -26,33 +27,33 @@ def _tiny_pose_set(n=8, size=(32, 32), seed=0):
 
 
 def test_bin_centres_round_trip_and_wrap():
-    cfg = baselines.ClassifierConfig()
-    specs = baselines.bin_specs(cfg)
+    cfg = classifier.ClassifierConfig()
+    specs = classifier.bin_specs(cfg)
     for spec in specs:
-        c = baselines.bin_centers(spec)
-        np.testing.assert_array_equal(baselines.encode_angle(c, spec), np.arange(spec.num))
-        np.testing.assert_allclose(baselines.decode_angle(np.arange(spec.num), spec), c, atol=1e-6)
+        c = classifier.bin_centers(spec)
+        np.testing.assert_array_equal(classifier.encode_angle(c, spec), np.arange(spec.num))
+        np.testing.assert_allclose(classifier.decode_angle(np.arange(spec.num), spec), c, atol=1e-6)
     az, el, th = specs
     assert az.num == 36 and np.isclose(az.width, np.deg2rad(10))
     # azimuth wraps at 2 pi: 359.9 deg and 2 pi itself are bin 0; 4.9 deg is bin 0, 5.1 deg bin 1, 355.1 bin 0
     np.testing.assert_array_equal(
-        baselines.encode_angle(np.deg2rad([359.9, 360.0, 4.9, 5.1, 355.1, 354.9]), az), [0, 0, 0, 1, 0, 35])
+        classifier.encode_angle(np.deg2rad([359.9, 360.0, 4.9, 5.1, 355.1, 354.9]), az), [0, 0, 0, 1, 0, 35])
     # theta wraps at +-pi; 0 is a bin centre
-    np.testing.assert_array_equal(baselines.encode_angle(np.array([np.pi, -np.pi, 0.0]), th),
+    np.testing.assert_array_equal(classifier.encode_angle(np.array([np.pi, -np.pi, 0.0]), th),
                                   [0, 0, 18])
     # elevation clips at the ends of its interval
-    np.testing.assert_array_equal(baselines.encode_angle(np.array([-2.0, 2.0]), el), [0, 17])
+    np.testing.assert_array_equal(classifier.encode_angle(np.array([-2.0, 2.0]), el), [0, 17])
     # a pose at bin centres decodes to itself (distance = 5)
-    grid = np.stack(np.meshgrid(*(baselines.bin_centers(s) for s in specs), indexing="ij"),
+    grid = np.stack(np.meshgrid(*(classifier.bin_centers(s) for s in specs), indexing="ij"),
                     -1).reshape(-1, 3)
     poses = np.concatenate([grid, np.full((len(grid), 1), 5.0)], 1).astype(np.float32)
-    back = baselines.bins_to_pose(baselines.pose_to_bins(poses, cfg), cfg)
+    back = classifier.bins_to_pose(classifier.pose_to_bins(poses, cfg), cfg)
     np.testing.assert_allclose(back, poses, atol=1e-5)
     # any pose decodes within half a bin on each angle -> small rotation error
     rng = np.random.default_rng(0)
     p = np.stack([rng.uniform(0, 2 * np.pi, 500), rng.uniform(-1.4, 1.4, 500),
                   rng.uniform(-np.pi, np.pi, 500), np.full(500, 5.0)], 1)
-    q = baselines.bins_to_pose(baselines.pose_to_bins(p, cfg), cfg)
+    q = classifier.bins_to_pose(classifier.pose_to_bins(p, cfg), cfg)
     for i, spec in enumerate(specs):
         d = np.angle(np.exp(1j * (q[:, i] - p[:, i])))
         assert np.all(np.abs(d) <= spec.width / 2 + 1e-5)
@@ -60,23 +61,23 @@ def test_bin_centres_round_trip_and_wrap():
 
 
 def test_jax_encoding_matches_numpy_and_smoothing():
-    cfg = baselines.ClassifierConfig(label_smoothing=0.2)
+    cfg = classifier.ClassifierConfig(label_smoothing=0.2)
     rng = np.random.default_rng(1)
     p = np.stack([rng.uniform(-1, 7, 64), rng.uniform(-2, 2, 64), rng.uniform(-4, 4, 64),
                   np.full(64, 5.0)], 1).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(baselines.pose_to_bins(jax.numpy.asarray(p), cfg)),
-                                  baselines.pose_to_bins(p, cfg))
-    az = baselines.bin_specs(cfg)[0]
-    t = np.asarray(baselines.smooth_targets(np.array([0, 5]), az, 0.2))
+    np.testing.assert_array_equal(np.asarray(classifier.pose_to_bins(jax.numpy.asarray(p), cfg)),
+                                  classifier.pose_to_bins(p, cfg))
+    az = classifier.bin_specs(cfg)[0]
+    t = np.asarray(classifier.smooth_targets(np.array([0, 5]), az, 0.2))
     np.testing.assert_allclose(t.sum(-1), 1.0, atol=1e-6)
     np.testing.assert_allclose(t[0, [35, 0, 1]], [0.1, 0.8, 0.1], atol=1e-6)  # wraps
-    el = baselines.bin_specs(cfg)[1]
-    t = np.asarray(baselines.smooth_targets(np.array([0]), el, 0.2))
+    el = classifier.bin_specs(cfg)[1]
+    t = np.asarray(classifier.smooth_targets(np.array([0]), el, 0.2))
     np.testing.assert_allclose(t[0, [0, 1]], [0.9, 0.1], atol=1e-6)
 
 
 def _cfg(**kw):
-    return baselines.classifier_config("tiny").replace(num_steps=6, checkpoint_every=3,
+    return classifier.classifier_config("tiny").replace(num_steps=6, checkpoint_every=3,
                                                        lr=1e-2, **kw)
 
 
@@ -85,7 +86,7 @@ def full_run(tmp_path_factory):
     data = _tiny_pose_set()
     n_dev = jax.device_count()
     workdir = tmp_path_factory.mktemp("clf_full")
-    state = baselines.train_classifier(_cfg(), data, workdir, num_devices=n_dev, progress=False)
+    state = classifier.train_classifier(_cfg(), data, workdir, num_devices=n_dev, progress=False)
     return data, n_dev, workdir, state
 
 
@@ -98,24 +99,24 @@ def test_tiny_training_decreases_loss_and_predicts(full_run, eight_devices):
     assert np.all(np.isfinite(losses))
     assert np.mean(losses[-2:]) < losses[0] - 0.3, losses
     cfg = _cfg()
-    pred = baselines.predict_classifier(state, data.images[:5], batch_size=8, config=cfg)
+    pred = classifier.predict_classifier(state, data.images[:5], batch_size=8, config=cfg)
     assert pred.shape == (5, 4) and pred.dtype == np.float32
     np.testing.assert_allclose(pred[:, 3], 5.0)
     # predictions sit on bin centres
-    np.testing.assert_allclose(baselines.bins_to_pose(baselines.pose_to_bins(pred, cfg), cfg),
+    np.testing.assert_allclose(classifier.bins_to_pose(classifier.pose_to_bins(pred, cfg), cfg),
                                pred, atol=1e-5)
     # the restored workdir predicts the same
-    loaded = baselines.load_classifier(workdir)
-    np.testing.assert_allclose(baselines.predict_classifier(loaded, data.images[:5], 4), pred)
+    loaded = classifier.load_classifier(workdir)
+    np.testing.assert_allclose(classifier.predict_classifier(loaded, data.images[:5], 4), pred)
 
 
 def test_resume_after_kill_reproduces_params(full_run, tmp_path):
     data, n_dev, _, state_full = full_run
     cfg = _cfg()
-    baselines.train_classifier(cfg, data, tmp_path, num_devices=n_dev, progress=False,
+    classifier.train_classifier(cfg, data, tmp_path, num_devices=n_dev, progress=False,
                                stop_after=4)  # "killed" after step 4; last checkpoint at 3
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "3"
-    state = baselines.train_classifier(cfg, data, tmp_path, num_devices=n_dev, progress=False)
+    state = classifier.train_classifier(cfg, data, tmp_path, num_devices=n_dev, progress=False)
     assert int(state.step) == 6
     for a, b in zip(jax.tree_util.tree_leaves(jax.device_get(state_full.params)),
                     jax.tree_util.tree_leaves(jax.device_get(state.params))):
@@ -123,15 +124,15 @@ def test_resume_after_kill_reproduces_params(full_run, tmp_path):
 
 
 def test_pretrained_encoder_starts_the_run_and_heads_stay_fresh(tmp_path):
-    from nvsm_jax import pretrain
+    from nvsm_jax.baselines import pretrain
 
     data = _tiny_pose_set()
     cfg = _cfg()
-    model, x = baselines.build_classifier(cfg), np.zeros((1, 32, 32, 3), np.float32)
+    model, x = classifier.build_classifier(cfg), np.zeros((1, 32, 32, 3), np.float32)
     other = jax.device_get(model.init(jax.random.key(1), x, train=False))
     fresh = jax.device_get(model.init(jax.random.key(cfg.seed), x, train=False))
     given = pretrain.Pretrained(other["params"], {k: v for k, v in other.items() if k != "params"})
-    state = jax.device_get(baselines.train_classifier(cfg, data, tmp_path / "pre", num_devices=1,
+    state = jax.device_get(classifier.train_classifier(cfg, data, tmp_path / "pre", num_devices=1,
                                                       progress=False, stop_after=0,
                                                       pretrained=given))
     for a, b in zip(jax.tree_util.tree_leaves(state.params["encoder"]),
@@ -153,15 +154,15 @@ def test_bins_and_smoothed_cross_entropy_by_hand():
     ends keep the mass), computed with plain numpy log-softmax."""
     import jax.numpy as jnp
 
-    cfg = baselines.ClassifierConfig(azimuth_bins=4, elevation_bins=2, theta_bins=4,
+    cfg = classifier.ClassifierConfig(azimuth_bins=4, elevation_bins=2, theta_bins=4,
                                      label_smoothing=0.2)
     poses = np.array([[np.radians(100), np.radians(-10), np.radians(170), 5.0],
                       [np.radians(350), np.radians(30), np.radians(-80), 5.0]], np.float32)
     # az 100 -> bin 1, 350 -> bin 0 (wraps past 315); el -10 -> 0, 30 -> 1;
     # theta 170 -> bin 0 (past 135 it wraps to the -180 centre), -80 -> bin 1 (-90 centre)
-    bins = baselines.pose_to_bins(poses, cfg)
+    bins = classifier.pose_to_bins(poses, cfg)
     np.testing.assert_array_equal(bins, [[1, 0, 0], [0, 1, 1]])
-    np.testing.assert_allclose(baselines.bins_to_pose(bins, cfg),
+    np.testing.assert_allclose(classifier.bins_to_pose(bins, cfg),
                                [[np.pi / 2, -np.pi / 4, -np.pi, 5.0],
                                 [0.0, np.pi / 4, -np.pi / 2, 5.0]], atol=1e-6)
     logits = {"azimuth": np.array([[0.0, 2.0, 0.0, -1.0], [1.0, 0.0, 0.0, 0.0]]),
@@ -171,10 +172,10 @@ def test_bins_and_smoothed_cross_entropy_by_hand():
                "elevation": np.array([[0.9, 0.1], [0.1, 0.9]]),
                "theta": np.array([[0.8, 0.1, 0.0, 0.1], [0.1, 0.8, 0.1, 0.0]])}
     want_acc = {"azimuth": 1.0, "elevation": 1.0, "theta": 0.5}   # theta row 0 argmax is 3
-    total, m = jax.jit(baselines.classification_loss, static_argnums=2)(
+    total, m = jax.jit(classifier.classification_loss, static_argnums=2)(
         {k: jnp.asarray(v, jnp.float32) for k, v in logits.items()}, jnp.asarray(bins), cfg)
     want_total = 0.0
-    for head in baselines.HEADS:
+    for head in classifier.HEADS:
         z = logits[head]
         logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
         ce = float(np.mean(-(targets[head] * logp).sum(-1)))
@@ -189,7 +190,7 @@ def test_predict_decodes_the_argmax_bin_of_each_head():
     theta bin 20 (and a runner-up elsewhere) predict those bins' centres for every image:
     7 * 10 = 70 deg, -90 + 10.5 * 10 = 15 deg, -180 + 20 * 10 = 20 deg, distance 5."""
     cfg = _cfg()
-    model = baselines.build_classifier(cfg)
+    model = classifier.build_classifier(cfg)
     variables = jax.device_get(model.init(jax.random.key(0), np.zeros((1, 32, 32, 3),
                                                                       np.float32), train=False))
     params = dict(variables["params"])
@@ -198,7 +199,7 @@ def test_predict_decodes_the_argmax_bin_of_each_head():
         bias[k], bias[(k + 5) % n] = 3.0, 2.0
         kernel = np.zeros_like(params[f"head_{head}"]["kernel"])
         params[f"head_{head}"] = {"kernel": kernel, "bias": bias}
-    bundle = baselines.ClassifierModel(model, {**variables, "params": params}, cfg)
-    pred = baselines.predict_classifier(bundle, _tiny_pose_set().images[:5], batch_size=8)
+    bundle = classifier.ClassifierModel(model, {**variables, "params": params}, cfg)
+    pred = classifier.predict_classifier(bundle, _tiny_pose_set().images[:5], batch_size=8)
     np.testing.assert_allclose(pred, np.tile(np.r_[np.radians([70.0, 15.0, 20.0]), 5.0], (5, 1)),
                                atol=1e-5)

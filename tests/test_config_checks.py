@@ -9,19 +9,22 @@ import pytest
 from experiments.configs import nemo as nemo_config
 from experiments.configs import nvsm as nvsm_config
 from experiments.configs import load_config
-from nvsm_jax import config_checks, experiment, semi_supervised
+from nvsm_jax import config_checks
+from nvsm_jax.mcss import config_checks as mcss_checks
+from nvsm_jax.nvsm import config_checks as nvsm_checks
+from nvsm_jax.nvsm import experiment, rounds
 from nvsm_jax.errors import ConfigError
-from nvsm_jax import train as nemo_train
+from nvsm_jax.nemo import train as nemo_train
 
 
 @pytest.mark.parametrize("arg", ["demo", "paper", "tiny"])
 def test_shipped_nvsm_configs_pass(arg):
-    config_checks.check_config(nvsm_config.get_config(arg))
+    nvsm_checks.check_config(nvsm_config.get_config(arg))
 
 
 @pytest.mark.parametrize("arg", ["default", "tiny"])
 def test_shipped_nemo_configs_pass(arg):
-    config_checks.check_config(nemo_config.get_config(arg))
+    nvsm_checks.check_config(nemo_config.get_config(arg))
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -49,7 +52,7 @@ def test_each_bad_option_is_named(key, value, message):
     with node.ignore_type():
         node[leaf] = value
     with pytest.raises(ConfigError, match=re.escape(message)):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
 
 
 def test_every_bad_key_is_listed_in_one_error():
@@ -60,7 +63,7 @@ def test_every_bad_key_is_listed_in_one_error():
     c.model.stride = 2
     c.eval_occlusions = ("L0", "L5")
     with pytest.raises(ValueError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     msg = str(info.value)
     assert msg.startswith("invalid config: anchor_rule='ring' (expected one of ")
     assert msg.count("; ") == 2
@@ -80,19 +83,19 @@ def test_boundary_and_optional_values_pass():
     c.categories = "car,bus"
     for stride in (4, 8, 16, 32):
         c.model.stride = stride
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     c.model.frozen_stages = -1
     with pytest.raises(ValueError, match=r"^invalid config: model.frozen_stages=-1 \(expected >= 0\)$"):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
 
 
 def test_imagenet_weights_need_a_lite_backbone():
     c = nemo_config.get_config("default")
     c.model.backbone = "small"
     with pytest.raises(ValueError, match="pretrained=''"):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     c.model.pretrained = ""
-    config_checks.check_config(c)
+    nvsm_checks.check_config(c)
 
 
 def test_trainers_refuse_before_any_work(tmp_path):
@@ -102,7 +105,7 @@ def test_trainers_refuse_before_any_work(tmp_path):
         experiment.train_and_evaluate(c, str(tmp_path / "exp"))
     assert not os.path.exists(tmp_path / "exp")              # no data rendered, nothing written
     with pytest.raises(ValueError, match="anchor_rule"):
-        semi_supervised.run_nvsm(c, str(tmp_path / "nvsm"))
+        rounds.run_nvsm(c, str(tmp_path / "nvsm"))
     assert not os.path.exists(tmp_path / "nvsm")
     n = nemo_config.get_config("tiny")
     n.model.backbone = "resnet34"
@@ -210,7 +213,7 @@ def test_each_impossible_value_is_refused(key, value, message):
     checkpoints or fail late)."""
     c = _with(nvsm_config.get_config("tiny"), key, value)
     with pytest.raises(ConfigError, match="^invalid config: " + re.escape(message)):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
 
 
 @pytest.mark.parametrize("key,value", [
@@ -230,7 +233,7 @@ def test_each_impossible_value_is_refused(key, value, message):
 def test_boundary_values_pass(key, value):
     """The edge of every allowed range is accepted (0 rounds: round 0 only, 0 solver
     steps: the grid's best pose, None: the documented default)."""
-    config_checks.check_config(_with(nvsm_config.get_config("tiny"), key, value))
+    nvsm_checks.check_config(_with(nvsm_config.get_config("tiny"), key, value))
 
 
 def test_nemo_config_ranges():
@@ -238,10 +241,10 @@ def test_nemo_config_ranges():
     num_labelled None (every label) passes and 0 is refused."""
     c = nemo_config.get_config("tiny")
     assert c.num_labelled is None
-    config_checks.check_config(c)
+    nvsm_checks.check_config(c)
     c.num_labelled, c.keep_checkpoints, c.loss.temperature = 0, 0, 0.0
     with pytest.raises(ConfigError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     msg = str(info.value)
     assert "num_labelled=0" in msg and "keep_checkpoints=0" in msg and "loss.temperature=0.0" in msg
     assert msg.count("; ") == 3      # the num_labelled note adds one
@@ -254,17 +257,17 @@ def test_linked_fields_are_named_once_and_own_values_are_checked():
     c = nvsm_config.get_config("tiny")
     c.keep_checkpoints = 0
     with pytest.raises(ConfigError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     assert str(info.value) == "invalid config: keep_checkpoints=0 (expected an integer >= 1)"
     c = nvsm_config.get_config("tiny")
     c.fewshot_steps = 0                  # initial_steps refers to it
     with pytest.raises(ConfigError, match=r"^invalid config: fewshot_steps=0 \(expected an integer >= 1\)$"):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     c = nvsm_config.get_config("tiny")
     c.cls = ml_collections.ConfigDict(c.cls.to_dict())          # no references left
     c.cls.keep_checkpoints, c.cls.lr = 0, -1.0
     with pytest.raises(ConfigError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     assert "cls.keep_checkpoints=0" in str(info.value) and "cls.lr=-1.0" in str(info.value)
     assert "invalid config: cls." in str(info.value)     # NeMo's own fields are fine
 
@@ -274,7 +277,7 @@ def test_a_bool_is_not_a_number():
     built as a mapping keeps it, and it is refused (issue 30: azimuth True read as 1)."""
     c = {"optim": {"lr": True}, "loss": {"temperature": False}, "log_every": True}
     with pytest.raises(ConfigError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     assert str(info.value) == (
         "invalid config: log_every=True (expected an integer >= 1); optim.lr=True (expected a "
         "finite number > 0); loss.temperature=False (expected a finite number > 0)")
@@ -287,11 +290,11 @@ def test_estep_combinations_are_checked():
     assert c.estep.agreement_rate > 0
     c.estep.max_new = None
     with pytest.raises(ConfigError, match=r"estep: estep.agreement_rate > 0 needs estep.max_new"):
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     c.estep.agreement_rate = 0.0
     for max_new in (None, 0):
         c.estep.max_new = max_new
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
 
 
 def test_range_errors_join_the_enumeration_errors():
@@ -300,7 +303,7 @@ def test_range_errors_join_the_enumeration_errors():
     c.keep_checkpoints = 0
     c.estep.azimuth_steps = -1
     with pytest.raises(ConfigError) as info:
-        config_checks.check_config(c)
+        nvsm_checks.check_config(c)
     msg = str(info.value)
     assert msg.index("anchor_rule='ring'") < msg.index("keep_checkpoints=0") \
         < msg.index("estep.azimuth_steps=-1")
@@ -310,7 +313,7 @@ def test_range_errors_join_the_enumeration_errors():
 
 @pytest.mark.parametrize("arg", ["demo", "demo_scratch", "tiny", "full"])
 def test_shipped_mcss_configs_pass(arg):
-    config_checks.check_mcss_config(load_config(f"mcss:{arg}"))
+    mcss_checks.check_mcss_config(load_config(f"mcss:{arg}"))
 
 
 @pytest.mark.parametrize("key,value,message", [
@@ -358,7 +361,7 @@ def test_shipped_mcss_configs_pass(arg):
 def test_each_bad_mcss_value_is_refused(key, value, message):
     c = _with(load_config("mcss:tiny"), key, value)
     with pytest.raises(ConfigError, match="^invalid MCSS config: " + re.escape(message)):
-        config_checks.check_mcss_config(c)
+        mcss_checks.check_mcss_config(c)
 
 
 def test_mcss_boundary_values_pass():
@@ -370,7 +373,7 @@ def test_mcss_boundary_values_pass():
                        ("train.optim.grad_clip", None), ("data.mpi.max_frames", 0)):
         _with(c, key, value)
     c.data.num_views = 4
-    config_checks.check_mcss_config(c)
+    mcss_checks.check_mcss_config(c)
 
 
 def test_mcss_experiment_refuses_before_writing(tmp_path):
@@ -485,7 +488,7 @@ def test_trainers_refuse_impossible_values_before_any_work(tmp_path):
         experiment.train_and_evaluate(c, str(tmp_path / "exp"))
     assert not os.path.exists(tmp_path / "exp") or os.listdir(tmp_path / "exp") == []
     with pytest.raises(ConfigError, match="estep.azimuth_steps=-1"):
-        semi_supervised.run_nvsm(c, str(tmp_path / "nvsm"))
+        rounds.run_nvsm(c, str(tmp_path / "nvsm"))
     assert not os.path.exists(tmp_path / "nvsm") or os.listdir(tmp_path / "nvsm") == []
     n = nemo_config.get_config("tiny")
     n.keep_checkpoints = 0

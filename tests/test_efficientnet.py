@@ -349,7 +349,7 @@ def test_feature_net_encoder_is_the_port_on_imagenet_normalised_input():
 def test_nemo_state_starts_from_imagenet_and_frozen_stages_do_not_move():
     from experiments.configs import nemo as nemo_config
     from nvsm_jax import meshes
-    from nvsm_jax import train as nemo_train
+    from nvsm_jax.nemo import train as nemo_train
 
     cfg = nemo_config.get_config("tiny")
     cfg.model.backbone = "efficientnet_lite0"

@@ -93,14 +93,15 @@ def test_rotation_errors_and_rows(tmp_path):
 
 
 def test_evaluate_cli_rows_files_and_top_k(tmp_path):
-    """``train.evaluate_workdir`` (the ``experiments.evaluate`` CLI) on a test root: a row
+    """``nemo_evaluate.evaluate_workdir`` (the ``experiments.evaluate`` CLI) on a test root: a row
     per level plus the mean, the predictions of every image, the solver actually used
     (``--top_k`` override)."""
     import os
 
     from experiments.configs import nemo as nemo_config
     from nvsm_jax import meshes, parallel
-    from nvsm_jax import train as nemo_train
+    from nvsm_jax.nemo import train as nemo_train
+    from nvsm_jax.nemo import evaluate as nemo_evaluate
     from nvsm_jax.data.testing import write_tiny_root
 
     root = str(tmp_path / "test")
@@ -112,7 +113,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     state = nemo_train.init_state(cfg, model, len(mesh.verts), (32, 32), parallel.make_mesh(1))
     nemo = nemo_train.nemo_model(cfg, model, state, mesh)
     out = str(tmp_path / "eval")
-    rows = nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
+    rows = nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                          occlusions=["L0", "L3"], top_k=2)
     assert (rows[0]["method"], rows[0]["occlusion"]) == ("NeMo", "L0")
     assert not any(r["occlusion"] == "L3" for r in rows)   # missing level: skipped, not fatal
@@ -122,7 +123,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     assert pred["pred"].shape == (3, 4) and np.isfinite(pred["error"]).all()
     assert os.path.exists(os.path.join(out, "error_distribution.png"))
     with np.testing.assert_raises(ValueError):
-        nemo_train.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out, top_k=0)
+        nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out, top_k=0)
 
 
 def test_train_nemo_cli_evaluates_after_training(tmp_path):

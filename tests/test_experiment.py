@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from experiments.configs import nvsm as nvsm_config
-from nvsm_jax import experiment, pretrain, training
+from nvsm_jax.nvsm import experiment
+from nvsm_jax.baselines import pretrain
+from nvsm_jax import training
 
 
 def _tiny(**overrides):

@@ -19,8 +19,12 @@ import pytest
 
 from experiments.configs import nemo as nemo_config
 from experiments.configs import nvsm as nvsm_config
-from nvsm_jax import errors, experiment, parallel, pose_solver, results, semi_supervised
-from nvsm_jax import train, training
+from nvsm_jax import errors, parallel, results
+from nvsm_jax.nvsm import experiment, rounds
+from nvsm_jax.nemo import pose_solver
+from nvsm_jax.nemo import evaluate as nemo_evaluate
+from nvsm_jax.nemo import train
+from nvsm_jax import training
 from nvsm_jax.data import DataError, load_model_mesh
 from nvsm_jax.data.testing import write_tiny_root
 
@@ -95,7 +99,7 @@ def test_a_missing_root_or_subset_is_named_and_leaves_no_config(roots):
     nvsm = _config(roots, test_root=str(roots / "empty"))
     nvsm.category = "car"
     with pytest.raises(DataError, match=r"empty/lists/car"):
-        semi_supervised.run_nvsm(nvsm, roots / "nvsm")
+        rounds.run_nvsm(nvsm, roots / "nvsm")
     for run in ("nemo", "nvsm"):
         assert not (roots / run / "config.json").exists(), run
 
@@ -179,7 +183,7 @@ def test_a_finished_cell_records_its_data_and_is_evaluated_again_on_another_test
     assert len(fake_cls) == 1
 
     c.test_root = str(roots / "testset_b")                     # may change on a rerun
-    with caplog.at_level(logging.WARNING, logger="nvsm_jax.experiment"):
+    with caplog.at_level(logging.WARNING, logger="nvsm_jax.nvsm.experiment"):
         report = experiment.train_and_evaluate(c, work)
     assert fake_cls[-1] == (str(roots / "testset_b"), {"L0": 6})
     assert f"evaluated on {roots / 'testset_a'} (L0: 4 images" in caplog.text
@@ -206,7 +210,7 @@ def test_an_old_cell_record_without_data_is_evaluated_again(roots, fake_cls, cap
     experiment.train_and_evaluate(c, work)
     path = work / "cls_baseline_car_7" / "rows.json"
     path.write_text(json.dumps(json.load(open(path))["rows"]))     # the old format: rows only
-    with caplog.at_level(logging.WARNING, logger="nvsm_jax.experiment"):
+    with caplog.at_level(logging.WARNING, logger="nvsm_jax.nvsm.experiment"):
         experiment.train_and_evaluate(c, work)
     assert "its record names no data" in caplog.text and len(fake_cls) == 2
     assert "inputs" in json.load(open(path))
@@ -292,10 +296,10 @@ def _fake_predict(nemo, test, cfg=None, *, batch_size=16, progress=False):
 def test_evaluate_names_the_checkpoint_of_a_killed_run_and_refuses_a_diverged_one(
         roots, monkeypatch, caplog):
     work, state = _nemo_workdir(roots)
-    monkeypatch.setattr(train, "predict", _fake_predict)       # the bookkeeping, not the solver
-    monkeypatch.setattr(train.evaluation, "plot_error_distribution", lambda *a, **k: None)
-    with caplog.at_level(logging.WARNING, logger="nvsm_jax.train"):
-        rows = train.evaluate_workdir(work)
+    monkeypatch.setattr(nemo_evaluate, "predict", _fake_predict)       # the bookkeeping, not the solver
+    monkeypatch.setattr(nemo_evaluate.evaluation, "plot_error_distribution", lambda *a, **k: None)
+    with caplog.at_level(logging.WARNING, logger="nvsm_jax.nemo.evaluate"):
+        rows = nemo_evaluate.evaluate_workdir(work)
     assert "evaluating checkpoint step 2, before the run's last step 4" in caplog.text
     assert rows[0]["acc_pi_6"] == 100.0
     saved = json.load(open(os.path.join(work, "results.json")))
@@ -316,13 +320,13 @@ def test_evaluate_names_the_checkpoint_of_a_killed_run_and_refuses_a_diverged_on
     ckpt.close()
     with pytest.raises(errors.NonFiniteError, match=r"nemo: the model of checkpoint step 3 "
                                                     r"holds NaN or infinite values \(.*\]\)"):
-        train.evaluate_workdir(work)
+        nemo_evaluate.evaluate_workdir(work)
 
 
 def test_evaluate_names_a_missing_or_truncated_config(tmp_path):
     with pytest.raises(errors.RunStateError, match=r"config\.json: not found; is .* the workdir"):
-        train.evaluate_workdir(tmp_path)
+        nemo_evaluate.evaluate_workdir(tmp_path)
     (tmp_path / "config.json").write_text('{"category": "car", "mod')
     with pytest.raises(errors.RunStateError, match=r"config\.json: the run's config is damaged "
                                                    r".*delete it and rerun the training"):
-        train.evaluate_workdir(tmp_path)
+        nemo_evaluate.evaluate_workdir(tmp_path)

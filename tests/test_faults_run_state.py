@@ -13,9 +13,11 @@ import sys
 import numpy as np
 import pytest
 
-from nvsm_jax import errors, parallel, pseudo_labels, run_state as rs, training
+from nvsm_jax import errors, parallel, training
+from nvsm_jax.nvsm import pseudo_labels, run_state as rs
 from nvsm_jax import workdir_lock as wl
 from nvsm_jax.errors import RunStateError, WorkdirLocked
+from nvsm_jax.nemo import evaluate as nemo_evaluate
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -67,7 +69,6 @@ def test_a_live_holder_is_named_and_the_run_refused(tmp_path, sleeper):
 
 
 def test_the_decorated_runs_refuse_a_held_workdir(tmp_path, sleeper):
-    from nvsm_jax import train
 
     work = str(tmp_path / "w")
     _write_lock(work, _record(sleeper.pid))
@@ -83,10 +84,10 @@ def test_the_decorated_runs_refuse_a_held_workdir(tmp_path, sleeper):
         run(None, workdir=work)
     # evaluate_workdir locks the folder it writes into: its out_dir when given
     with pytest.raises(WorkdirLocked, match="in use by another run"):
-        train.evaluate_workdir(work, str(tmp_path / "no_root"))
+        nemo_evaluate.evaluate_workdir(work, str(tmp_path / "no_root"))
     out = str(tmp_path / "elsewhere")
     with pytest.raises(FileNotFoundError, match="test root not found"):
-        train.evaluate_workdir(work, str(tmp_path / "no_root"), out_dir=out)
+        nemo_evaluate.evaluate_workdir(work, str(tmp_path / "no_root"), out_dir=out)
     assert calls == [] and not os.path.exists(out)      # refused before writing anything
 
 
@@ -278,7 +279,6 @@ def test_a_run_that_stopped_early_runs_no_further_round(tmp_path):
     the last round instead of running another E-step, and evaluate counts the run
     as finished at that round's step."""
     from experiments.configs import nvsm as nvsm_config
-    from nvsm_jax import train
 
     c = nvsm_config.get_config("tiny")
     c.initial_steps, c.steps_per_round, c.num_rounds = 2, 2, 4
@@ -292,7 +292,7 @@ def test_a_run_that_stopped_early_runs_no_further_round(tmp_path):
     assert done == {"round": 1, "step": 4, "stopped": True}
     assert rs.resume_point(c, done, 4, "ck") == (c.num_rounds + 1, 4, None)
     c.num_steps = 10
-    assert train._final_step(str(tmp_path), c) == 4
+    assert nemo_evaluate.final_step(str(tmp_path), c) == 4
 
 
 def test_damaged_round_log_lines_are_named_and_torn_ones_dropped(tmp_path, caplog):

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvsm_jax import features as feat
+from nvsm_jax.nemo import features as feat
 from nvsm_jax import geometry, meshes
 
 

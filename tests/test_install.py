@@ -300,7 +300,7 @@ def test_generated_dataset_readme_names_the_console_script(tmp_path):
 def test_missing_default_data_root_says_which_command_makes_it(tmp_path, monkeypatch):
     """``nvsm-train-nemo --config=nemo:tiny`` from a folder without ``data/synthetic``:
     one DataError naming the root and ``nvsm-make-synthetic``; nothing written."""
-    from nvsm_jax import train
+    from nvsm_jax.nemo import train
     from nvsm_jax.data.format import DataError
     monkeypatch.chdir(tmp_path)
     config = nemo_config.get_config("tiny")

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from nvsm_jax import losses
+from nvsm_jax.nemo import losses
 
 
 def _unit(x):

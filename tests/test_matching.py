@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nvsm_jax import matching, parallel
+from nvsm_jax.nvsm import matching
+from nvsm_jax import parallel
 
 
 def naive_match_scores(syn_feats, syn_mask, image_feats) -> np.ndarray:

@@ -43,7 +43,7 @@ def _nemo_config():
 def _nemo(workdir, data_root, **kw):
     """NeMo on the lazily read root -> ({"params_<i>", "aux_<i>": leaves}, images read)."""
     import jax
-    from nvsm_jax import train
+    from nvsm_jax.nemo import train
     from nvsm_jax.data import load_model_mesh, load_pose_set
 
     data = load_pose_set(data_root, "car", lazy_images=True)
@@ -59,8 +59,9 @@ def _nemo(workdir, data_root, **kw):
 def _estep(data_root, mesh_axes):
     """One NVSM E-step of the initial model: score table, pseudo-labels, pool reads."""
     from experiments.configs import nvsm as nvsm_config
-    from nvsm_jax import features as feat
-    from nvsm_jax import pose_solver, pseudo_labels, semi_supervised as ss, train
+    from nvsm_jax.nemo import features as feat
+    from nvsm_jax.nemo import pose_solver, train
+    from nvsm_jax.nvsm import pseudo_labels, estep
     from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set
 
     cfg = _nemo_config()            # the NeMo run's model: its initialiser is compiled already
@@ -74,19 +75,19 @@ def _estep(data_root, mesh_axes):
     model = train.build_model(cfg)
     state = train.init_state(cfg, model, len(mesh.verts), data.image_size, mesh_axes)
     fn = train.feature_fn(train.nemo_model(cfg, model, state, mesh))
-    maps, rows = ss.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh_axes)
+    maps, rows = estep.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh_axes)
     pool_reads = sorted(p for p in data.images.read_paths if p in set(unlabelled.images.paths))
     candidates = np.ones(len(unlabelled), bool)
     candidates[[1, 5]] = False
-    pool = ss.Pool(maps, unlabelled.focal, unlabelled.principal, candidates, rows)
-    est = ss.EStepConfig.from_config(cfg.estep)
-    sources = ss.round_sources(cfg, fn, labelled, unlabelled, pool,
+    pool = estep.Pool(maps, unlabelled.focal, unlabelled.principal, candidates, rows)
+    est = estep.EStepConfig.from_config(cfg.estep)
+    sources = estep.round_sources(cfg, fn, labelled, unlabelled, pool,
                                pseudo_labels.PseudoLabels.empty(), mesh_axes)
-    solver = ss.SolverInputs(state.aux.vertex, feat.clutter_prototype(state.aux.clutter),
+    solver = estep.SolverInputs(state.aux.vertex, feat.clutter_prototype(state.aux.clutter),
                              pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()))
     kw = dict(model_mesh=mesh, stride=cfg.model.stride, mesh_axes=mesh_axes, solver=solver)
-    table = ss.score_views(est, sources, pool, **kw)
-    new = ss.e_step(est, sources, pool, round_index=1, **kw).new
+    table = estep.score_views(est, sources, pool, **kw)
+    new = estep.e_step(est, sources, pool, round_index=1, **kw).new
     own = np.asarray(unlabelled.images.paths)[rows]
     return {"scores": table.scores, "view_poses": table.view_poses, "index": new.index,
             "poses": new.poses, "score": new.score, "all_maps": pool.maps_at(
@@ -124,13 +125,13 @@ def _mcss(mesh_axes):
 def _classifier(root, mesh_axes):
     """The pose classifier's predictions (untrained, tiny) for 12 images, each process
     computing its rows of every chunk -> poses [12, 4], on every process."""
-    from nvsm_jax import baselines
+    from nvsm_jax.baselines import classifier
     from nvsm_jax.data import load_pose_set
 
-    cfg = baselines.classifier_config("tiny")
+    cfg = classifier.classifier_config("tiny")
     images = load_pose_set(root, "car").images[:12]
-    state = baselines.init_classifier_state(cfg, images.shape[1:3], mesh_axes)
-    return {"poses": baselines.predict_classifier(state, images, 8, config=cfg)}
+    state = classifier.init_classifier_state(cfg, images.shape[1:3], mesh_axes)
+    return {"poses": classifier.predict_classifier(state, images, 8, config=cfg)}
 
 
 # ---- the processes

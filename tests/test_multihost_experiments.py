@@ -55,7 +55,7 @@ def _rows(workdir):
 
 def test_fewshot_experiment_on_two_processes_killed_and_resumed_equals_one(tmp_path):
     from experiments.configs import nvsm as nvsm_config
-    from nvsm_jax.experiment import train_and_evaluate
+    from nvsm_jax.nvsm.experiment import train_and_evaluate
 
     one = str(tmp_path / "one")
     train_and_evaluate(nvsm_config.get_config("tiny"), one)

@@ -29,11 +29,12 @@ def test_every_mutation_applies_once_and_names_existing_tests():
     assert {m.kind for m in MUTATIONS} <= set(KINDS)
     # every module the issue lists has at least one mutation
     files = {m.file for m in MUTATIONS}
-    for must in ("nvsm_jax/train.py", "nvsm_jax/losses.py", "nvsm_jax/features.py",
-                 "nvsm_jax/pose_solver.py", "nvsm_jax/semi_supervised.py",
-                 "nvsm_jax/synthesis.py", "nvsm_jax/matching.py", "nvsm_jax/pseudo_labels.py",
-                 "nvsm_jax/baselines.py", "nvsm_jax/pretrain.py", "nvsm_jax/mcss/train.py",
+    for must in ("nvsm_jax/nemo/train.py", "nvsm_jax/nemo/losses.py", "nvsm_jax/nemo/features.py",
+                 "nvsm_jax/nemo/pose_solver.py", "nvsm_jax/nvsm/rounds.py",
+                 "nvsm_jax/nvsm/synthesis.py", "nvsm_jax/nvsm/matching.py", "nvsm_jax/nvsm/pseudo_labels.py",
+                 "nvsm_jax/baselines/classifier.py", "nvsm_jax/baselines/pretrain.py", "nvsm_jax/mcss/train.py",
                  "nvsm_jax/mcss/losses.py", "nvsm_jax/figures.py", "rasterizer/hard.py",
                  "rasterizer/soft.py", "nvsm_jax/geometry.py", "nvsm_jax/data/pipeline.py",
-                 "nvsm_jax/evaluation.py", "nvsm_jax/config_checks.py"):
+                 "nvsm_jax/evaluation.py", "nvsm_jax/nvsm/config_checks.py",
+                 "nvsm_jax/nemo/config_checks.py", "nvsm_jax/nvsm/estep.py"):
         assert must in files, must

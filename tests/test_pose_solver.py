@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from nvsm_jax import geometry, meshes
-from nvsm_jax import pose_solver as ps
+from nvsm_jax.nemo import pose_solver as ps
 import rasterizer
 
 MESH = meshes.cuboid_mesh([-0.8, -1.6, -0.6], [0.8, 1.6, 0.6], 500)

@@ -1,4 +1,4 @@
-"""``nvsm-predict`` (nvsm_jax.predict): poses of image files from a trained workdir."""
+"""``nvsm-predict`` (nvsm_jax.nemo.predict): poses of image files from a trained workdir."""
 
 import json
 import os
@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from nvsm_jax import errors, geometry, meshes, predict
-from nvsm_jax.pose_solver import SolverConfig
+from nvsm_jax import errors, geometry, meshes
+from nvsm_jax.nemo import predict
+from nvsm_jax.nemo.pose_solver import SolverConfig
 from nvsm_jax.data import DataError, loaders, subset_name
 from nvsm_jax.data.testing import write_tiny_root
 
@@ -23,7 +24,8 @@ def workdir(tmp_path_factory):
     a test root of 6 images; the model is not trained (its poses are still a
     deterministic function of the images, which is what is compared)."""
     from experiments.configs import nemo as nemo_config
-    from nvsm_jax import parallel, train, training
+    from nvsm_jax import parallel, training
+    from nvsm_jax.nemo import train
 
     base = tmp_path_factory.mktemp("predict")
     train_root, test_root = str(base / "train"), str(base / "test")
@@ -54,7 +56,7 @@ def test_predict_images_equals_evaluation_and_writes_outputs(workdir, tmp_path):
     """Plain PNG crops of the test root, no box: the same poses as ``train.predict`` on
     the loaded test set (the evaluation's path) to 0.1 deg; the records, overlays and
     contact sheet are written."""
-    from nvsm_jax import train
+    from nvsm_jax.nemo import train
     from nvsm_jax.data import loaders
 
     work, test_root = workdir

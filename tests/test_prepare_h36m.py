@@ -1,4 +1,4 @@
-"""Human3.6M archive preparation (nvsm_jax.data.h36m_archives, experiments.prepare_h36m).
+"""Human3.6M archive preparation (nvsm_jax.mcss.h36m_archives, experiments.prepare_h36m).
 
 Each test writes a tiny fake release: D3_Positions / D3_Positions_mono /
 D2_Positions CDFs made from one world motion seen by synthetic cameras, and
@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from nvsm_jax.data import DataError
-from nvsm_jax.data import h36m_archives as ha
+from nvsm_jax.mcss import h36m_archives as ha
 from nvsm_jax.mcss import h36m
 
 W, H = 96, 80                          # video frames (multiples of 16 for the encoder)

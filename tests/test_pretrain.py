@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvsm_jax import pretrain
+from nvsm_jax.baselines import pretrain
 from nvsm_jax.data import UnlabelledSet
 from nvsm_jax.models import backbone
 

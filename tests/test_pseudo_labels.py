@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from nvsm_jax import geometry, pseudo_labels as pl
+from nvsm_jax import geometry
+from nvsm_jax.nvsm import pseudo_labels as pl
 
 
 def test_offset_grid_and_targets():

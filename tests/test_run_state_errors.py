@@ -7,19 +7,20 @@ import numpy as np
 import pytest
 
 import rasterizer
-from nvsm_jax import experiment, semi_supervised, training
+from nvsm_jax.nvsm import experiment, rounds
+from nvsm_jax import training
 
 
 def test_truncated_progress_and_rows_name_the_file(tmp_path):
     (tmp_path / "progress.json").write_text('{"round": 2, "st')
     with pytest.raises(ValueError, match=r"progress\.json: the record of the last finished"
                                          r".*delete it to restart"):
-        semi_supervised.load_progress(tmp_path)
+        rounds.load_progress(tmp_path)
     (tmp_path / "progress.json").write_text('[1, 2]')
     with pytest.raises(ValueError, match=r"progress\.json: expected"):
-        semi_supervised.load_progress(tmp_path)
+        rounds.load_progress(tmp_path)
     (tmp_path / "progress.json").write_text(json.dumps({"round": 1, "step": 4}))
-    assert semi_supervised.load_progress(tmp_path) == {"round": 1, "step": 4}
+    assert rounds.load_progress(tmp_path) == {"round": 1, "step": 4}
     cell = tmp_path / "nemo_car_7"
     cell.mkdir()
     (cell / "rows.json").write_text('[{"method": "ne')

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from experiments.configs import nvsm as nvsm_config
-from nvsm_jax import semi_supervised, training
+from nvsm_jax.nvsm import estep, rounds
+from nvsm_jax import training
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set
 from nvsm_jax.data.testing import write_tiny_root
 
@@ -31,7 +32,7 @@ def _config():
 
 def _run(tiny_data, workdir, config=None, **kw):
     train_set, mesh, tests = tiny_data
-    return semi_supervised.run_nvsm(config or _config(), workdir, train_set=train_set,
+    return rounds.run_nvsm(config or _config(), workdir, train_set=train_set,
                                     model_mesh=mesh, test_sets=tests, num_devices=8,
                                     progress=False, **kw)
 
@@ -42,7 +43,7 @@ def reference(tiny_data, tmp_path_factory):
     round and the training set ``_m_step`` was given (what CoKe trained on)."""
     workdir = tmp_path_factory.mktemp("nvsm_reference")
     seen = []
-    real = semi_supervised._m_step
+    real = rounds._m_step
 
     def spy(run, state, data, round_index, *a, **kw):
         seen.append({"round": round_index, "names": tuple(data.names),
@@ -51,7 +52,7 @@ def reference(tiny_data, tmp_path_factory):
         return real(run, state, data, round_index, *a, **kw)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(semi_supervised, "_m_step", spy)
+        mp.setattr(rounds, "_m_step", spy)
         out = _run(tiny_data, workdir)
     return {**out, "workdir": workdir, "m_step_data": seen}
 
@@ -145,7 +146,7 @@ def test_resume_after_kill_gives_the_same_result(tiny_data, reference, tmp_path)
     full = reference
     part = _run(tiny_data, tmp_path / "killed", stop_after_rounds=2)
     assert [r["round"] for r in part["rounds"]] == [0, 1]
-    assert semi_supervised.load_progress(tmp_path / "killed") == {"round": 1, "step": 4}
+    assert rounds.load_progress(tmp_path / "killed") == {"round": 1, "step": 4}
     resumed = _run(tiny_data, tmp_path / "killed")
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2]
     np.testing.assert_array_equal(resumed["pseudo_labels"].index, full["pseudo_labels"].index)
@@ -168,8 +169,8 @@ def test_a_run_killed_inside_an_m_step_resumes_there(tiny_data, reference, tmp_p
     assert (tmp_path / "killed" / "pseudo_labels" / "estep_001.npz").exists()
     assert training.Checkpointer(tmp_path / "killed" / "checkpoints").latest_step() == 3
     rounds_run = []
-    real = semi_supervised.e_step
-    monkeypatch.setattr(semi_supervised, "e_step",
+    real = estep.e_step
+    monkeypatch.setattr(rounds, "e_step",
                         lambda *a, **kw: rounds_run.append(kw["round_index"]) or real(*a, **kw))
     resumed = _run(tiny_data, tmp_path / "killed", config=c)
     assert rounds_run == [2]
@@ -182,22 +183,22 @@ def test_a_run_killed_inside_an_m_step_resumes_there(tiny_data, reference, tmp_p
 
 
 def _sources(maps, poses, focal, principal, ids, is_labelled):
-    return semi_supervised.Sources(np.asarray(maps), np.asarray(poses), np.asarray(focal),
+    return estep.Sources(np.asarray(maps), np.asarray(poses), np.asarray(focal),
                                    np.asarray(principal), np.asarray(ids),
                                    np.asarray(is_labelled, bool))
 
 
 def _estep(**changes):
-    return semi_supervised.EStepConfig.from_config(_config().estep).replace(**changes)
+    return estep.EStepConfig.from_config(_config().estep).replace(**changes)
 
 
 def test_e_step_rejects_empty_sources(tiny_data):
     _, mesh, _ = tiny_data
     with pytest.raises(ValueError, match="no sources"):
-        semi_supervised.e_step(
+        estep.e_step(
             _estep(), _sources(np.zeros((0, 8, 8, 4)), np.zeros((0, 4)), np.zeros(0),
                                np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool)),
-            semi_supervised.Pool(np.zeros((3, 8, 8, 4)), np.ones(3), np.zeros((3, 2)),
+            estep.Pool(np.zeros((3, 8, 8, 4)), np.ones(3), np.zeros((3, 2)),
                                  np.ones(3, bool)),
             model_mesh=mesh, stride=4, round_index=1, mesh_axes=None)
 
@@ -215,7 +216,7 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     pool = np.concatenate([maps[1:], rng.normal(size=(3, 8, 8, 16)).astype(np.float32)])
     sources = _sources(maps, train_set.poses[:2], train_set.focal[:2], train_set.principal[:2],
                        [0, 100], [True, False])
-    pool_set = semi_supervised.Pool(pool, np.full(4, train_set.focal[0]),
+    pool_set = estep.Pool(pool, np.full(4, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 4, axis=0),
                                     np.ones(4, bool))
     kw = dict(model_mesh=mesh, stride=4, round_index=2, mesh_axes=parallel.make_mesh(1))
@@ -226,7 +227,7 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
         assert len(rows) == 1
         return result.new.poses[rows[0]].astype(np.float64), result.new.source[rows[0]]
 
-    base = semi_supervised.e_step(cfg, sources, pool_set, **kw)
+    base = estep.e_step(cfg, sources, pool_set, **kw)
     pose, source = pose_of_image_0(base)
     own = train_set.poses[1].astype(np.float64)
     assert source == 100 and geometry.pose_error(pose, own) < 1e-4
@@ -238,13 +239,13 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     assert score_0 > 0.6 and np.all(np.abs(base.new.score[base.new.index != 0]) < 0.3), \
         base.new.score
     # image 0 no longer a candidate (pseudo-labelled in an earlier round): never again
-    rest = semi_supervised.e_step(cfg, sources, pool_set._replace(candidates=np.array(
+    rest = estep.e_step(cfg, sources, pool_set._replace(candidates=np.array(
         [False, True, True, True])), **kw)
     assert 0 not in rest.new.index and len(rest.new) == 3
     for i in (1, 2, 3):         # the others keep their best view
         np.testing.assert_array_equal(rest.new.poses[rest.new.index == i],
                                       base.new.poses[base.new.index == i])
-    novel = semi_supervised.e_step(cfg.replace(novel_views_only=True), sources, pool_set, **kw)
+    novel = estep.e_step(cfg.replace(novel_views_only=True), sources, pool_set, **kw)
     assert novel.num_views == base.num_views - 1
     pose, _ = pose_of_image_0(novel)
     assert geometry.pose_error(pose, own) > np.radians(5)
@@ -267,7 +268,7 @@ def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
         return np.asarray(x, np.float32).sum(-1, keepdims=True)
 
     maps = feature_fn(images)
-    out = semi_supervised.mirrored_sources(
+    out = estep.mirrored_sources(
         feature_fn, 2, images, _sources(maps, train_set.poses[rows], train_set.focal[rows],
                                         train_set.principal[rows], [4, 5, 6], [True, False, True]))
     m_maps, m_poses, m_focal, m_principal, m_ids, m_lab = (
@@ -294,7 +295,7 @@ def _camera(pose, focal, principal):
 def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data):
     """Against independent numpy readings: the mask at each vertex's pixel, |n . v|
     from the camera centre, and the memory-vs-clutter comparison."""
-    from nvsm_jax import features as feat
+    from nvsm_jax.nemo import features as feat
     from nvsm_jax import geometry, meshes
 
     train_set, model_mesh, _ = tiny_data
@@ -308,7 +309,7 @@ def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data
     masks = np.zeros((3, 32, 32), bool)
     masks[:, :, :16] = True                                   # the left half is "object"
     cos = feat.view_weights(verts, normals, poses)
-    out = np.asarray(semi_supervised.source_vertex_mask(
+    out = np.asarray(estep.source_vertex_mask(
         vf, cos, masks, np.array([True, True, False]), min_view_cos=0.3))
     xy = np.asarray(vf.xy)
     centre = np.asarray(geometry.camera_center(poses[:, 0], poses[:, 1], poses[:, 3]))
@@ -325,7 +326,7 @@ def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data
     clutter = np.eye(d, dtype=np.float32)[2]
     feats = np.where((np.arange(len(verts)) % 3 == 0)[None, :, None], clutter, memory[None])
     vf2 = vf._replace(features=np.broadcast_to(feats, (3, len(verts), d)).astype(np.float32))
-    out2 = np.asarray(semi_supervised.source_vertex_mask(
+    out2 = np.asarray(estep.source_vertex_mask(
         vf2, cos, None, np.array([True, False, False]), memory=memory, clutter=clutter))
     background = np.arange(len(verts)) % 3 == 0
     np.testing.assert_array_equal(out2[0], np.asarray(vf.visible)[0])
@@ -360,13 +361,13 @@ def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(t
     views_per_source = offsets * (2 * cfg.elevation_steps + 1)
     for turn, right in [(np.radians(15.0), True), (np.pi, False)]:
         src, poses, geometry = _look_alike_anchors(train_set, turn)
-        hc = semi_supervised.holdout_check(cfg, src, **kw)
+        hc = estep.holdout_check(cfg, src, **kw)
         assert hc.right.shape == (3,)
         np.testing.assert_array_equal(hc.views, 2 * views_per_source)   # the other two
         assert bool(hc.right[0]) is right
         # the oracle: anchor 0's best view is anchor 1's own pose (the identical map)
-        table = semi_supervised.score_views(
-            cfg, src.take([1, 2]), semi_supervised.Pool(src.maps[:1], src.focal[:1],
+        table = estep.score_views(
+            cfg, src.take([1, 2]), estep.Pool(src.maps[:1], src.focal[:1],
                                                         src.principal[:1], np.ones(1, bool)),
             **kw)
         # views come source-major, K per source, each within the offset grid of the
@@ -388,12 +389,13 @@ def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_
     pose for every image: with the anchor at azimuth 0 every match agrees and the
     safeguard keeps the plain E-step's result; with the anchor at 180 deg none does
     and the round accepts nothing."""
-    from nvsm_jax import geometry, parallel, pose_solver
+    from nvsm_jax import geometry, parallel
+    from nvsm_jax.nemo import pose_solver
     train_set, mesh, _ = tiny_data
     rng = np.random.default_rng(3)
     maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
     pool = np.repeat(maps[:1], 6, axis=0) + 0.05 * rng.normal(size=(6, 8, 8, 16))
-    pool_set = semi_supervised.Pool(pool.astype(np.float32), np.full(6, train_set.focal[0]),
+    pool_set = estep.Pool(pool.astype(np.float32), np.full(6, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 6, axis=0),
                                     np.ones(6, bool))
     kw = dict(model_mesh=mesh, stride=4, round_index=1, mesh_axes=parallel.make_mesh(1))
@@ -403,32 +405,32 @@ def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_
     solver_cfg = pose_solver.SolverConfig(num_azimuth=1, elevations=(float(elevation),),
                                           thetas=(0.0,), steps=0)
     memory = rng.normal(size=(len(mesh.verts), 16)).astype(np.float32)
-    solver = semi_supervised.SolverInputs(memory, memory.mean(0), solver_cfg)
+    solver = estep.SolverInputs(memory, memory.mean(0), solver_cfg)
     for azimuth, kept in [(0.0, 4), (np.pi, 0)]:
         poses = np.array(train_set.poses[:2], np.float32)
         poses[0, :3] = (azimuth, elevation, 0.0)
         poses[1, :3] = (np.mod(azimuth + np.pi / 2, 2 * np.pi), elevation, 0.0)
         sources = _sources(maps, poses, train_set.focal[:2], train_set.principal[:2], [0, 1],
                            [True, True])
-        plain = semi_supervised.e_step(cfg, sources, pool_set, **kw)
+        plain = estep.e_step(cfg, sources, pool_set, **kw)
         assert len(plain.new) == 4 and plain.agreement is None
         # the oracle of "agrees": each plain match against the solver's one grid pose
         err = geometry.pose_error(plain.new.poses.astype(np.float64),
                                   solver_cfg.grid()[:1].astype(np.float64))
         assert np.all(err < np.radians(40.0)) if kept else np.all(err > np.radians(40.0))
-        gated = semi_supervised.e_step(cfg.replace(agreement_rate=0.75), sources, pool_set,
+        gated = estep.e_step(cfg.replace(agreement_rate=0.75), sources, pool_set,
                                        solver=solver, **kw)
         assert len(gated.new) == kept
         np.testing.assert_array_equal(gated.new.index, plain.new.index[:kept])
         assert gated.agreement == pytest.approx(1.0 if kept else 0.0)
     with pytest.raises(ValueError, match="needs the solver"):
-        semi_supervised.e_step(cfg.replace(agreement_rate=0.5), sources, pool_set, **kw)
+        estep.e_step(cfg.replace(agreement_rate=0.5), sources, pool_set, **kw)
     with pytest.raises(ValueError, match="agreement_rate"):
         _estep(agreement_rate=1.5)
 
 
 def _pseudo(index, poses, round_index=1):
-    from nvsm_jax import pseudo_labels
+    from nvsm_jax.nvsm import pseudo_labels
     m = len(index)
     return pseudo_labels.PseudoLabels(np.asarray(index, np.int64), np.asarray(poses, np.float32),
                                       np.linspace(0.9, 0.5, m).astype(np.float32),
@@ -449,7 +451,7 @@ def test_training_set_repeats_the_anchors_to_their_minimum_fraction(tiny_data):
     poses = np.stack([rng.uniform(0, 6, 10), rng.uniform(0, 0.5, 10), np.zeros(10),
                       np.full(10, 5.0)], -1)
     pl = _pseudo(idx, poses)
-    data = semi_supervised.training_set(lab, unl, pl, 0.5)
+    data = rounds.training_set(lab, unl, pl, 0.5)
     assert len(data) == 22
     assert data.names[:12] == lab.names * 4
     np.testing.assert_array_equal(data.poses[:12], np.tile(lab.poses, (4, 1)))
@@ -459,11 +461,11 @@ def test_training_set_repeats_the_anchors_to_their_minimum_fraction(tiny_data):
     np.testing.assert_array_equal(data.focal[12:], unl.focal[idx])
     np.testing.assert_array_equal(data.principal[12:], unl.principal[idx])
     # no minimum: each anchor once; 0.2: want 2.5 anchor rows -> still once
-    assert len(semi_supervised.training_set(lab, unl, pl)) == 13
-    assert len(semi_supervised.training_set(lab, unl, pl, 0.2)) == 13
+    assert len(rounds.training_set(lab, unl, pl)) == 13
+    assert len(rounds.training_set(lab, unl, pl, 0.2)) == 13
     # 0.8: want 40 anchor rows -> ceil(40 / 3) = 14 repeats, 42 + 10 rows
-    assert len(semi_supervised.training_set(lab, unl, pl, 0.8)) == 52
-    assert semi_supervised.training_set(lab, unl, _pseudo([], np.zeros((0, 4))), 0.5).names \
+    assert len(rounds.training_set(lab, unl, pl, 0.8)) == 52
+    assert rounds.training_set(lab, unl, _pseudo([], np.zeros((0, 4))), 0.5).names \
         == lab.names
 
 
@@ -491,7 +493,7 @@ def test_round_sources_are_the_anchors_then_the_pseudo_labels_then_their_mirrors
 
     pool_maps = fn(unl.images) + 1000.0 * np.arange(n)[:, None, None, None]   # row-tagged
     pl_poses = np.array([[1.0, 0.2, 0.1, 5.0], [4.0, 0.3, -0.2, 4.5]], np.float32)
-    src = semi_supervised.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
+    src = estep.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
     m = 7 + 2
     assert len(src) == 2 * m
     np.testing.assert_array_equal(src.maps[:7], fn(lab.images))
@@ -513,7 +515,7 @@ def test_round_sources_are_the_anchors_then_the_pseudo_labels_then_their_mirrors
     np.testing.assert_allclose(src.principal[m:, 0], 32 - src.principal[:m, 0])
     np.testing.assert_array_equal(src.masks[m:], src.masks[:m, :, ::-1])
     c.estep.mirror_sources = False
-    plain = semi_supervised.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
+    plain = estep.round_sources(c, fn, lab, unl, pool_maps, _pseudo([5, 2], pl_poses))
     assert len(plain) == m
     np.testing.assert_array_equal(plain.maps, src.maps[:m])
 

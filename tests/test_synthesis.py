@@ -10,7 +10,9 @@ import jax.numpy as jnp
 import numpy as np
 
 import rasterizer
-from nvsm_jax import features, geometry, meshes, synthesis
+from nvsm_jax.nemo import features
+from nvsm_jax import geometry, meshes
+from nvsm_jax.nvsm import synthesis
 
 MAP_HW = (32, 32)
 FOCAL = 160.0            # the cuboid spans ~2/3 of the 32 x 32 map at distance 5

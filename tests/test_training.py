@@ -9,7 +9,7 @@ import pytest
 
 from experiments.configs import nemo as nemo_config
 from nvsm_jax import meshes, parallel, training
-from nvsm_jax import train as nemo_train
+from nvsm_jax.nemo import train as nemo_train
 from nvsm_jax.data.loaders import PoseSet
 
 
@@ -361,7 +361,7 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
       below 0.8 x its start, falling at every step (measured: 8.27 -> 6.14, 0.74; with
       gradient ascent it rises to 12.2; a dropped update leaves it where it is).
     """
-    from nvsm_jax import features as feat
+    from nvsm_jax.nemo import features as feat
     from nvsm_jax.models import backbone
 
     data = _toy_set()

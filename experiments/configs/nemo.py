@@ -47,7 +47,7 @@ def get_config(arg: str = "default") -> ml_collections.ConfigDict:
     c.model.norm = "group"              # "group" | "batch" | "frozen_batch"
 
     c.render_stride = 2                 # visibility render at H / render_stride
-    c.pretrain_workdir = ""             # a nvsm_jax.pretrain workdir: start the backbone from it
+    c.pretrain_workdir = ""             # a nvsm_jax.baselines.pretrain workdir: start the backbone from it
 
     c.num_steps = 2000
     c.batch_size = 16

@@ -19,7 +19,8 @@ the cells recorded with ``--config.results_dir=DIR``.
 import ml_collections
 import numpy as np
 
-from nvsm_jax import baselines, semi_supervised
+from nvsm_jax.baselines import classifier
+from nvsm_jax.nvsm import estep
 
 from . import nemo, synthetic  # relative: works under both package names
 
@@ -62,11 +63,11 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     c.pretrain_batch = 32                #   pre-training on the pool first, shared by the rows
     c.eval_every_round = True
 
-    # the E-step: every field and its default in nvsm_jax.semi_supervised.EStepConfig
+    # the E-step: every field and its default in nvsm_jax.nvsm.estep.EStepConfig
     # (offsets of 15 deg x +-2 in azimuth and 10 deg x +-1 in elevation around each
     # source; the 30 best-scoring images per round; no threshold or margin; mirrored
     # sources; no solver agreement or refinement)
-    c.estep = ml_collections.ConfigDict(semi_supervised.EStepConfig().to_dict())
+    c.estep = ml_collections.ConfigDict(estep.EStepConfig().to_dict())
     # the label-free safeguard (issue 9): > 0 = the model's own render-and-compare on the
     # round's max_new best candidates; the longest score-ranked prefix agreeing with it
     # (within agreement_angle) at this rate is accepted, none -> the run stops
@@ -90,10 +91,10 @@ def get_config(arg: str = "demo") -> ml_collections.ConfigDict:
     # round drawn uniformly from the pool at their true poses
     c.nvsm_oracle = "none"
 
-    # ---- classification baseline (Res50-Gene row): nvsm_jax.baselines.ClassifierConfig;
+    # ---- classification baseline (Res50-Gene row): nvsm_jax.baselines.classifier.ClassifierConfig;
     # its encoder, optimiser, batch, augmentation and seed are the NeMo rows' (references:
     # --config.model.backbone=... changes both)
-    c.cls = ml_collections.ConfigDict(baselines.ClassifierConfig().to_dict())
+    c.cls = ml_collections.ConfigDict(classifier.ClassifierConfig().to_dict())
     c.cls.num_steps = 600
     c.cls.azimuth_bins = 36
     c.cls.elevation_bins = 18

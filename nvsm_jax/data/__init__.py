@@ -11,7 +11,7 @@ Public API (see each module's docstring for the details):
 * testing: ``write_tiny_root`` (tiny fixture roots)
 * synthetic (imported lazily, needs the rasteriser): ``nvsm_jax.data.synthetic``
 * real-data preparation: ``nvsm_jax.data.pascal3d``, ``nvsm_jax.data.kitti``,
-  ``nvsm_jax.data.h36m_archives`` (Human3.6M archives -> the MCSS layout)
+  ``nvsm_jax.mcss.h36m_archives`` (Human3.6M archives -> the MCSS layout)
 """
 
 from nvsm_jax.data.format import (OCCLUSION_LEVELS, DataError, occlusion_suffix,

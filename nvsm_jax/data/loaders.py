@@ -65,7 +65,7 @@ class ImageFiles:
     ``load_pose_set(..., lazy_images=True)`` gives a PoseSet whose ``images`` is one,
     so a process of a multi-process run reads only the images it uses: its rows of
     each batch (``BatchIterator.batch(step, rows)``) and its share of the E-step's
-    pool (``semi_supervised.pool_features``). Indexing the first axis with a slice or
+    pool (``estep.pool_features``). Indexing the first axis with a slice or
     an index array gives another ImageFiles (nothing read yet: ``PoseSet.subset``,
     few-shot splits); an integer, ``np.asarray`` or ``np.concatenate`` read the files.
     Nothing is cached. ``reads`` (shared by every ImageFiles indexed from one) counts

@@ -83,7 +83,7 @@ class SynthConfig:
     def __post_init__(self):
         """Every field checked (``ConfigError`` naming each bad one): an empty set, a zero
         batch or an impossible pose range is refused before anything is written."""
-        from nvsm_jax import config_checks    # imported here: it reads nvsm_jax.data
+        from nvsm_jax import config_checks  # imported here: it reads nvsm_jax.data
         config_checks.check_synthetic_config(dataclasses.asdict(self))
 
     @classmethod

@@ -21,7 +21,8 @@ import time
 import jax
 import numpy as np
 
-from nvsm_jax import config_checks, parallel, training
+from nvsm_jax import parallel, training
+from nvsm_jax.mcss import config_checks as mcss_checks
 from nvsm_jax.mcss import data as mdata
 from nvsm_jax.mcss import h36m, mpi_inf_3dhp, retrieval
 from nvsm_jax.mcss import train as mtrain
@@ -92,8 +93,8 @@ def train_and_evaluate(config, workdir: str, log=None) -> dict:
     ``WORKDIR/report.md`` holds the mean +- SE over seeds (:func:`aggregate`); returns
     ``{"seeds", "summary", "per_seed"}``.
     log: a callable taking one message (default: this module's logger at INFO).
-    Every option is checked first (:func:`nvsm_jax.config_checks.check_mcss_config`)."""
-    config_checks.check_mcss_config(config)
+    Every option is checked first (:func:`nvsm_jax.mcss.config_checks.check_mcss_config`)."""
+    mcss_checks.check_mcss_config(config)
     log = log or _log.info
     seeds = tuple(int(s) for s in (config.seeds or ()))
     if not seeds:

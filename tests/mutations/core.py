@@ -237,7 +237,7 @@ MUTATIONS = [
     # ----------------------------------------------------------------- config checks
     Mutation(
         name="cfg_stride_allows_2",
-        file="nvsm_jax/config_checks.py",
+        file="nvsm_jax/nemo/config_checks.py",
         old='one_of("model.stride", (4, 8, 16, 32))',
         new='one_of("model.stride", (2, 4, 8, 16, 32))',
         tests=("tests/test_config_checks.py::test_each_bad_option_is_named",),
@@ -251,21 +251,21 @@ MUTATIONS = [
         kind="inverted mask"),
     Mutation(
         name="cfg_frozen_stages_boundary",
-        file="nvsm_jax/config_checks.py",
+        file="nvsm_jax/nemo/config_checks.py",
         old="int(frozen) < 0",
         new="int(frozen) <= 0",
         tests=("tests/test_config_checks.py::test_boundary_and_optional_values_pass",),
         kind="off by one"),
     Mutation(
         name="cfg_only_first_error",
-        file="nvsm_jax/config_checks.py",
+        file="nvsm_jax/nvsm/config_checks.py",
         old='raise ConfigError("invalid config: " + "; ".join(errors))',
         new='raise ConfigError("invalid config: " + errors[0])',
         tests=("tests/test_config_checks.py::test_every_bad_key_is_listed_in_one_error",),
         kind="dropped term"),
     Mutation(
         name="cfg_depthwise_not_optional",
-        file="nvsm_jax/config_checks.py",
+        file="nvsm_jax/nemo/config_checks.py",
         old='one_of("model.depthwise", ("auto", "shift", "conv"), optional=True)',
         new='one_of("model.depthwise", ("auto", "shift", "conv"))',
         tests=("tests/test_config_checks.py::test_boundary_and_optional_values_pass",),
@@ -332,7 +332,7 @@ MUTATIONS = [
     # ----------------------------------------------------------------- multi-process paths
     Mutation(
         name="classifier_reads_local_shards",
-        file="nvsm_jax/baselines.py",
+        file="nvsm_jax/baselines/classifier.py",
         old="out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
         new="out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
         tests=("tests/test_multihost.py::test_classifier_predictions_two_processes_match_one",),
@@ -347,21 +347,21 @@ MUTATIONS = [
     # ----------------------------------------------------------------- predictions and pictures
     Mutation(
         name="predict_wireframe_in_crop_pixels",
-        file="nvsm_jax/predict.py",
+        file="nvsm_jax/nemo/predict.py",
         old="    xy = _to_photo(scr[:, :2], scale, offset) - 0.5",
         new="    xy = scr[:, :2] - 0.5",
         tests=("tests/test_predict.py::test_wireframe_falls_on_the_object_mask",),
         kind="skipped step"),
     Mutation(
         name="predict_second_hypothesis_not_far",
-        file="nvsm_jax/predict.py",
+        file="nvsm_jax/nemo/predict.py",
         old="    masked = np.where(far, losses, np.inf)",
         new="    masked = losses",
         tests=("tests/test_predict.py::test_second_hypothesis_is_far_from_the_prediction",),
         kind="inverted mask"),
     Mutation(
         name="predict_box_corner_as_centre",
-        file="nvsm_jax/predict.py",
+        file="nvsm_jax/nemo/predict.py",
         old="        centre = np.array([(x0 + x1) / 2.0, (y0 + y1) / 2.0])",
         new="        centre = np.array([x0, y0])",
         tests=("tests/test_predict.py::test_box_crop_reproduces_the_camera",),
@@ -379,6 +379,13 @@ MUTATIONS = [
         old='    key = [("ground truth", "white")] if gt is not None else []',
         new="    key = []",
         tests=("tests/test_figures.py::test_draw_poses_key_names_truth_and_prediction_colours",),
+        kind="dropped term"),
+    Mutation(
+        name="core_imports_a_method",
+        file="nvsm_jax/results.py",
+        old="from nvsm_jax.errors import RunStateError\n",
+        new="from nvsm_jax.errors import RunStateError\nfrom nvsm_jax.nvsm import pseudo_labels  # noqa\n",
+        tests=("tests/test_layout.py::test_the_core_imports_no_method",),
         kind="dropped term"),
     Mutation(
         name="config_typo_traceback",

@@ -20,7 +20,7 @@ MUTATIONS = [
     # ----------------------------------------------------------------- config ranges
     Mutation(
         name="faults_rounds_minus_one_allowed",
-        file="nvsm_jax/config_checks.py",
+        file="nvsm_jax/nvsm/config_checks.py",
         old='ck.integer("num_rounds", 0, note="; 0 = round 0 only")',
         new='ck.integer("num_rounds", -1, note="; 0 = round 0 only")',
         tests=(_CFG,), kind="off by one"),
@@ -101,19 +101,19 @@ MUTATIONS = [
     # ----------------------------------------------------------------- results match inputs
     Mutation(
         name="faults_other_test_set_not_reevaluated",
-        file="nvsm_jax/experiment.py",
+        file="nvsm_jax/nvsm/experiment.py",
         old='    if stored.get("test") != data["test"]:',
         new="    if False:",
         tests=(_RESULTS,), kind="skipped step"),
     Mutation(
         name="faults_failed_run_blocks_rerun",
-        file="nvsm_jax/experiment.py",
+        file="nvsm_jax/nvsm/experiment.py",
         old="training.save_config(config, workdir, has_work=train.holds_work(workdir))",
         new="training.save_config(config, workdir, has_work=True)",
         tests=(_RESULTS,), kind="constant"),
     Mutation(
         name="faults_evaluate_accepts_nan_model",
-        file="nvsm_jax/train.py",
+        file="nvsm_jax/nemo/evaluate.py",
         old='    leaf = training.nonfinite_leaf({"variables": nemo.variables, "memory": nemo.memory})',
         new="    leaf = None",
         tests=(_RESULTS,), kind="skipped step"),
@@ -138,7 +138,7 @@ MUTATIONS = [
         tests=(_STATE,), kind="constant"),
     Mutation(
         name="faults_round_log_off_by_one",
-        file="nvsm_jax/run_state.py",
+        file="nvsm_jax/nvsm/run_state.py",
         old='if entry["round"] > last:',
         new='if entry["round"] > last + 1:',
         tests=(_STATE,), kind="off by one"),
@@ -156,7 +156,7 @@ MUTATIONS = [
         tests=(_STATE,), kind="dropped term"),
     Mutation(
         name="faults_stopped_run_resumes_rounds",
-        file="nvsm_jax/run_state.py",
+        file="nvsm_jax/nvsm/run_state.py",
         old="""    if done and done.get("stopped"):        # ended early: a rerun runs no further round
         next_round = config.num_rounds + 1""",
         new="",

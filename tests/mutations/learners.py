@@ -70,7 +70,7 @@ MUTATIONS = [
     # ------------------------------------------------------------------ classifier baseline
     Mutation(
         name="classifier_grad_ascent",
-        file="nvsm_jax/baselines.py",
+        file="nvsm_jax/baselines/classifier.py",
         old="state = state.apply_gradients(grads=grads).replace(model_state=new_ms)",
         new="state = state.apply_gradients(grads=jax.tree_util.tree_map(lambda g: -g, grads)"
             ").replace(model_state=new_ms)",
@@ -78,21 +78,21 @@ MUTATIONS = [
         kind="sign"),
     Mutation(
         name="classifier_loss_last_head_only",
-        file="nvsm_jax/baselines.py",
+        file="nvsm_jax/baselines/classifier.py",
         old="total = total + ce",
         new="total = ce",
         tests=("tests/test_baselines.py::test_bins_and_smoothed_cross_entropy_by_hand",),
         kind="dropped term"),
     Mutation(
         name="classifier_periodic_bins_not_centred",
-        file="nvsm_jax/baselines.py",
+        file="nvsm_jax/baselines/classifier.py",
         old="k = xnp.mod(xnp.floor(t + 0.5), spec.num)",
         new="k = xnp.mod(xnp.floor(t), spec.num)",
         tests=("tests/test_baselines.py::test_bins_and_smoothed_cross_entropy_by_hand",),
         kind="constant"),
     Mutation(
         name="classifier_predicts_argmin",
-        file="nvsm_jax/baselines.py",
+        file="nvsm_jax/baselines/classifier.py",
         old="jnp.stack([jnp.argmax(logits[h], -1) for h in HEADS], axis=-1)",
         new="jnp.stack([jnp.argmin(logits[h], -1) for h in HEADS], axis=-1)",
         tests=("tests/test_baselines.py::test_predict_decodes_the_argmax_bin_of_each_head",),
@@ -100,7 +100,7 @@ MUTATIONS = [
     # ------------------------------------------------------------------ pre-training
     Mutation(
         name="pretrain_grad_ascent",
-        file="nvsm_jax/pretrain.py",
+        file="nvsm_jax/baselines/pretrain.py",
         old="state = state.apply_gradients(grads=grads).replace(model_state=new_ms)",
         new="state = state.apply_gradients(grads=jax.tree_util.tree_map(lambda g: -g, grads)"
             ").replace(model_state=new_ms)",
@@ -108,14 +108,14 @@ MUTATIONS = [
         kind="sign"),
     Mutation(
         name="pretrain_infonce_one_direction",
-        file="nvsm_jax/pretrain.py",
+        file="nvsm_jax/baselines/pretrain.py",
         old="return 0.5 * (_masked_ce(logits, valid, valid) + _masked_ce(logits.T, valid, valid))",
         new="return _masked_ce(logits, valid, valid)",
         tests=("tests/test_pretrain.py::test_dense_infonce_hand_case",),
         kind="dropped term"),
     Mutation(
         name="pretrain_view2_gathers_view1_cells",
-        file="nvsm_jax/pretrain.py",
+        file="nvsm_jax/baselines/pretrain.py",
         old='f2 = jnp.take_along_axis(flat2, batch["idx2"][..., None], axis=1)',
         new='f2 = jnp.take_along_axis(flat2, batch["idx1"][..., None], axis=1)',
         tests=("tests/test_pretrain.py::"
@@ -123,7 +123,7 @@ MUTATIONS = [
         kind="swapped args"),
     Mutation(
         name="pretrain_global_not_normalised",
-        file="nvsm_jax/pretrain.py",
+        file="nvsm_jax/baselines/pretrain.py",
         old="g2 = g2 / jnp.linalg.norm(g2, axis=-1, keepdims=True).clip(1e-6)",
         new="g2 = g2",
         tests=("tests/test_pretrain.py::"

@@ -28,7 +28,7 @@ Design
 * **Global term** (``global_weight``, default 0.25): InfoNCE between the
   L2-normalised mean features of the two views of each image against the other
   images of the batch. Total ``(1 - g) * dense + g * global``.
-* Training follows :mod:`nvsm_jax.train`: one ``Mesh`` with a ``data`` axis
+* Training follows :mod:`nvsm_jax.nemo.train`: one ``Mesh`` with a ``data`` axis
   (views sharded on the batch axis; the ``N x N`` matrix spans the global batch,
   XLA inserts the gathers), a jitted donated step, Adam with warm-up + cosine,
   orbax checkpoints (a killed run resumes exactly), ``metrics.jsonl``.
@@ -40,9 +40,9 @@ Using the result
 back (or the latest checkpoint of an unfinished run), and
 :func:`apply_pretrained` puts it into a NeMo :class:`nvsm_jax.training.TrainState`
 (``state = apply_pretrained(state, load_pretrained_params(workdir))`` right
-after :func:`nvsm_jax.train.init_state`, before restoring NeMo checkpoints).
+after :func:`nvsm_jax.nemo.train.init_state`, before restoring NeMo checkpoints).
 The encoder part (``params["encoder"]``) also fits
-:class:`nvsm_jax.baselines.PoseClassifier`.
+:class:`nvsm_jax.baselines.classifier.PoseClassifier`.
 
 Public API: :class:`PretrainConfig`, :func:`make_views`, :func:`view_correspondence`,
 :func:`dense_infonce`, :func:`global_infonce`, :func:`pretrain_loss`,
@@ -462,10 +462,10 @@ def apply_pretrained(state: training.TrainState, pretrained: Pretrained | Any, *
                      subtree: str | None = None) -> training.TrainState:
     """A TrainState whose params (and matching ``model_state``) are the pre-trained ones.
 
-    state: e.g. the NeMo state of :func:`nvsm_jax.train.init_state` (fresh, step 0).
+    state: e.g. the NeMo state of :func:`nvsm_jax.nemo.train.init_state` (fresh, step 0).
     pretrained: :class:`Pretrained` or a bare params tree.
     subtree: copy only this top-level entry (e.g. ``"encoder"`` for
-      :class:`nvsm_jax.baselines.PoseClassifier`); default all params.
+      :class:`nvsm_jax.baselines.classifier.PoseClassifier`); default all params.
     The structure and shapes must match (ValueError otherwise); each leaf keeps
     the sharding of the leaf it replaces. The optimiser state is untouched
     (Adam's moments are zeros at step 0, whatever the params are).

@@ -28,7 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nvsm_jax import parallel
-from nvsm_jax.features import l2_normalize as normalize
+from nvsm_jax.nemo.features import l2_normalize as normalize
 
 __all__ = ["prepare_views", "normalize_images", "match_scores", "match_scores_sharded"]
 

@@ -22,7 +22,7 @@ at ``s x - o``, ``o = s p - (W/2, H/2)``:
   median projected box diagonal over the solver's grid poses at the grid distance):
   the object gets the size it has in the training crops.
 
-The pose is NeMo's render-and-compare solution (:func:`nvsm_jax.pose_solver.solve`,
+The pose is NeMo's render-and-compare solution (:func:`nvsm_jax.nemo.pose_solver.solve`,
 the workdir's solver settings, as the evaluation). ``distance`` is in the crop's
 camera (model units for the training focal), not metres.
 
@@ -54,7 +54,9 @@ from typing import Mapping, NamedTuple, Sequence
 
 import numpy as np
 
-from nvsm_jax import geometry, pose_solver
+from nvsm_jax import geometry
+from nvsm_jax.nemo import pose_solver
+from nvsm_jax.nemo import evaluate as nemo_evaluate
 from nvsm_jax.data.format import IMAGE_EXTENSIONS, DataError
 from nvsm_jax.errors import RunStateError
 
@@ -107,11 +109,11 @@ def _trained_cells(workdir) -> list[str]:
 
 
 def load_predictor(workdir):
-    """The :class:`nvsm_jax.train.NemoModel` of a trained NeMo workdir or NVSM / NeMo
+    """The :class:`nvsm_jax.nemo.train.NemoModel` of a trained NeMo workdir or NVSM / NeMo
     cell (latest checkpoint). A folder without ``config.json`` or checkpoints, a
     few-shot experiment's top folder (its cells are named), or non-finite weights
     raise :class:`RunStateError` / ``NonFiniteError`` naming the folder."""
-    from nvsm_jax import train
+    from nvsm_jax.nemo import train
 
     workdir = os.fspath(workdir)
     hint = ("pass the --workdir of nvsm-train-nemo, or a cell folder of nvsm-fewshot "
@@ -129,7 +131,7 @@ def load_predictor(workdir):
         raise RunStateError(f"{workdir}: not a trained model (no config.json and checkpoint); "
                             f"{hint}")
     nemo = train.load_model(workdir)
-    train._checkpoint_record(workdir, nemo)        # refuses NaN / infinite weights
+    nemo_evaluate.checkpoint_record(workdir, nemo)        # refuses NaN / infinite weights
     return nemo
 
 
@@ -425,8 +427,9 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
     import jax
     import jax.numpy as jnp
 
-    from nvsm_jax import features as feat
-    from nvsm_jax import parallel, train, training
+    from nvsm_jax.nemo import features as feat
+    from nvsm_jax import parallel, training
+    from nvsm_jax.nemo import train
     from nvsm_jax.data import loaders
 
     paths = list_images(images)

@@ -12,7 +12,7 @@ records it and its measured effect):
   after an M-step has fitted them, their own, unsynthesised views win nearly all
   matches, so the E-step stops expanding).
 * **Scores.** Views are synthesised from each source's features and matched
-  against the unlabelled pool (:mod:`nvsm_jax.synthesis`, :mod:`nvsm_jax.matching`)
+  against the unlabelled pool (:mod:`nvsm_jax.nvsm.synthesis`, :mod:`nvsm_jax.nvsm.matching`)
   -> a ``[num_views, num_images]`` score table.
 * **Acceptance** (:func:`select`, settings in one :class:`Selection`). Each
   unlabelled image takes its best view, which gives a candidate pose. It is

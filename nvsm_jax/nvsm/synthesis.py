@@ -4,7 +4,7 @@ Given the feature map ``F_A`` of an image with a known pose ``theta_A`` and the
 object's model mesh:
 
 1. project the mesh at ``theta_A`` and read ``F_A`` at the vertices visible
-   under ``theta_A`` (:func:`nvsm_jax.features.sample_vertex_features`), giving
+   under ``theta_A`` (:func:`nvsm_jax.nemo.features.sample_vertex_features`), giving
    vertex features ``[V, D]`` and a validity mask ``[V]``;
 2. rasterise the mesh under each target pose ``theta_A + dtheta``;
 3. interpolate the valid vertex features with the barycentrics of the winning
@@ -14,7 +14,7 @@ A pixel's validity weight is the barycentric mass of its face's *valid*
 vertices (1 when all three were seen under ``theta_A``); the feature there is
 the valid vertices' features averaged with the renormalised barycentrics, and
 the pixel counts as valid when the weight reaches ``min_weight``. The output
-is what :mod:`nvsm_jax.matching` compares against unlabelled images.
+is what :mod:`nvsm_jax.nvsm.matching` compares against unlabelled images.
 
 Everything is pure and jit-compiled; :func:`synthesize_views` renders K target
 poses of one anchor in one call and vmaps over anchors.

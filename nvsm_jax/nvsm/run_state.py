@@ -25,7 +25,8 @@ import os
 
 import numpy as np
 
-from nvsm_jax import parallel, pseudo_labels, training, workdir_lock
+from nvsm_jax import parallel, training, workdir_lock
+from nvsm_jax.nvsm import pseudo_labels
 from nvsm_jax.errors import RunStateError
 
 log = logging.getLogger(__name__)

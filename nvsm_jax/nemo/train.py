@@ -6,14 +6,15 @@
 1. loads the category's labelled images (all, or ``num_labelled`` of them via
    :func:`nvsm_jax.data.fewshot.make_fewshot_split`) and its model mesh;
 2. builds a :class:`nvsm_jax.training.TrainState` whose ``aux`` is the
-   :class:`nvsm_jax.features.MemoryBank`, replicated on a Mesh with a ``data``
+   :class:`nvsm_jax.nemo.features.MemoryBank`, replicated on a Mesh with a ``data``
    axis; batches are sharded over it;
 3. runs the jitted, donated train step, saving orbax checkpoints every
    ``checkpoint_every`` steps and at the end (a killed run resumes exactly:
    batches and keys are pure functions of ``(seed, step)``), metrics as JSON lines
    (``metrics.jsonl``), the config as ``config.json``;
-4. optionally evaluates on the test root (:func:`evaluate_workdir`; the CLI
-   ``nvsm-evaluate`` does the same from a workdir).
+4. optionally evaluates on the test root
+   (:func:`nvsm_jax.nemo.evaluate.evaluate_workdir`; the CLI ``nvsm-evaluate`` does
+   the same from a workdir).
 
 One train step: features = FeatureNet(images); vertex features read at the
 projected mesh vertices (visibility from the rasteriser); CoKe loss against the
@@ -24,11 +25,9 @@ clutter ring.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import time
 from typing import Any, NamedTuple
 
 import jax
@@ -37,12 +36,13 @@ import ml_collections
 import numpy as np
 import optax
 
-from nvsm_jax import (config_checks, evaluation, losses, meshes, parallel, pose_solver, pretrain,
-                      training)
-from nvsm_jax import features as feat
-from nvsm_jax import results
+from nvsm_jax import evaluation, meshes, parallel, training
+from nvsm_jax.nemo import config_checks as nemo_checks
+from nvsm_jax.nemo import losses, pose_solver
+from nvsm_jax.baselines import pretrain
+from nvsm_jax.nemo import features as feat
 from nvsm_jax.data import fewshot, loaders, pipeline
-from nvsm_jax.errors import ConfigError, InputError, NonFiniteError, RunStateError
+from nvsm_jax.errors import ConfigError, InputError, RunStateError
 from nvsm_jax.models import backbone, weights
 from nvsm_jax.workdir_lock import locked
 
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 __all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
            "make_optimizer", "init_state", "make_loss_fn", "make_train_step",
            "train_and_evaluate", "NemoModel", "load_model", "feature_fn", "predict",
-           "evaluate_workdir", "nemo_model", "evaluate_nemo", "holds_work"]
+           "nemo_model", "evaluate_nemo", "holds_work"]
 
 
 def build_model(config) -> backbone.FeatureNet:
@@ -113,7 +113,7 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     With ``pretrained``, the encoder starts from ``config.model.pretrained``
     (``"imagenet"``: :func:`nvsm_jax.models.weights.pretrained_encoder`) and, with
     ``config.pretrain_workdir`` set, the backbone from that self-supervised run's
-    weights (:mod:`nvsm_jax.pretrain`); restoring a checkpoint afterwards
+    weights (:mod:`nvsm_jax.baselines.pretrain`); restoring a checkpoint afterwards
     overrides them as usual.
     """
     tx, _ = make_optimizer(config)
@@ -266,7 +266,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
       loading ``config.data_root`` (tests, notebooks, the few-shot experiment).
     Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
     """
-    config_checks.check_config(config)
+    nemo_checks.check_nemo_config(config)
     workdir = os.fspath(workdir)
     if train_set is None:
         train_set, model_mesh = load_train_set(config)
@@ -304,6 +304,8 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     ckpt.close()
     if (stop_after is None and config.eval_at_end and config.test_root
             and parallel.is_main_process()):     # one process evaluates and writes results
+        from nvsm_jax.nemo.evaluate import evaluate_workdir   # it imports this module
+
         evaluate_workdir(workdir, config.test_root)
     return state
 
@@ -392,7 +394,7 @@ def feature_fn(nemo: NemoModel):
 
 def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
             progress: bool = False):
-    """NeMo inference on a PoseSet -> :class:`nvsm_jax.pose_solver.SolveResult`."""
+    """NeMo inference on a PoseSet -> :class:`nvsm_jax.nemo.pose_solver.SolveResult`."""
 
     if solver_cfg is None:
         solver_cfg = pose_solver.SolverConfig.from_dict(nemo.config.solver.to_dict())
@@ -402,160 +404,3 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
         feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.mesh.verts,
         nemo.mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
         cfg=solver_cfg, batch_size=batch_size, progress=bar)
-
-
-def _final_step(workdir, config) -> int:
-    """The step a finished run of ``workdir`` ends at: ``config.num_steps``, or, for an
-    NVSM run that ended early (``progress.json`` records ``stopped``: nothing new
-    passed, or the pool was used up; older records: a last round with nothing new),
-    that round's step."""
-    from nvsm_jax import semi_supervised
-
-    final = int(config.get("num_steps") or 0)
-    done = semi_supervised.load_progress(workdir)
-    if done is not None:
-        last = (training.MetricsWriter(workdir, "rounds.jsonl", tensorboard=False).read()
-                or [{}])[-1]
-        if done.get("stopped") or (last.get("round") == done["round"] and done["round"] > 0
-                                   and last.get("num_new") == 0):
-            final = int(done["step"])
-    return final
-
-
-def _checkpoint_record(workdir, nemo: NemoModel) -> dict:
-    """``{"step", "final_step", "finished"}`` of the model to evaluate (all None for a
-    live model). Logs which checkpoint is evaluated, with a warning when the run
-    stopped before its last step; refuses non-finite weights (NonFiniteError)."""
-    step = nemo.step
-    leaf = training.nonfinite_leaf({"variables": nemo.variables, "memory": nemo.memory})
-    if leaf is not None:
-        raise NonFiniteError(
-            f"{workdir}: the model of checkpoint step {step} holds NaN or infinite values "
-            f"({leaf}): its training diverged; nothing evaluated. Train again in a new "
-            "workdir with a lower optim.lr or a higher loss.temperature")
-    if step is None:
-        return {"step": None, "final_step": None, "finished": None}
-    final = _final_step(workdir, nemo.config)
-    if step < final:
-        log.warning("%s: evaluating checkpoint step %d, before the run's last step %d: the "
-                    "run was stopped (or is still running); rerun its training command to "
-                    "finish it", workdir, step, final)
-    else:
-        log.info("%s: evaluating checkpoint step %d, the run's last step", workdir, step)
-    return {"step": int(step), "final_step": final, "finished": bool(step >= final)}
-
-
-@locked(arg=("out_dir", "workdir"))     # one run per workdir: the folder it writes into
-def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=None,
-                     occlusions=None, method: str = "NeMo", out_dir=None,
-                     nemo=None, top_k: int | None = None, skip_bad: bool = False) -> list[dict]:
-    """NeMo inference on every available level of ``data_root`` (default the config's
-    ``test_root``); writes ``results.json`` / ``results.md``, ``predictions_<level>.npz``
-    and ``error_distribution.png`` into ``out_dir`` (default the workdir) and returns
-    the rows. The CLI is ``nvsm-evaluate``.
-
-    A missing ``data_root`` raises FileNotFoundError; a level whose subset the root
-    lacks is left out, and ``results.json`` (``"missing"``) and ``results.md`` say
-    which and why; a bad test image or annotation raises DataError naming the file
-    (``skip_bad``: it is skipped with a warning and listed under ``"skipped"``).
-    With no level evaluated nothing is written (DataError). Outputs are written only
-    after every level ran; ``predictions_*.npz`` of levels not in this run are removed
-    so the folder never mixes runs.
-
-    The latest checkpoint is evaluated: a run stopped before its last step (killed,
-    or still running) is evaluated with a warning naming the step, and
-    ``results.json`` records ``checkpoint`` (``step``, ``final_step``, ``finished``)
-    and ``test_data`` (the root and each level's
-    :func:`nvsm_jax.results.data_fingerprint`). A model with a NaN or infinite
-    weight is refused (NonFiniteError naming the workdir and step)."""
-
-    if data_root and not os.path.isdir(data_root):
-        raise FileNotFoundError(f"{data_root}: test root not found; nothing written")
-    nemo = nemo or load_model(workdir)
-    cfg = nemo.config
-    checkpoint = _checkpoint_record(workdir, nemo)
-    data_root = data_root or cfg.test_root
-    out_dir = out_dir or workdir
-    if not data_root or not os.path.isdir(data_root):
-        raise FileNotFoundError(f"{data_root}: test root not found (pass --data, or set the "
-                                "config's test_root; `nvsm-make-synthetic --out data/synthetic` "
-                                "makes data/synthetic/test); nothing written")
-    if solver == "config":
-        scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
-    elif solver == "reference":
-        scfg = pose_solver.REFERENCE
-    elif solver == "fast":
-        scfg = pose_solver.FAST
-    else:
-        raise ValueError(f"unknown solver setting {solver!r}")
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scfg = dataclasses.replace(scfg, top_k=top_k)
-    annotations = cfg.get("num_labelled") or "all"
-    limit = limit if limit is not None else cfg.get("eval_limit")
-    rows, errors, timing, missing, skipped, preds = [], {}, {}, {}, {}, {}
-    test_data = {}
-    levels = list(occlusions or cfg.get("eval_occlusions") or ("L0",))
-    subsets = {occ: loaders.subset_name(cfg.category, occ) for occ in levels}  # bad names raise
-    for occ in levels:
-        sub = subsets[occ]
-        if not any(os.path.isdir(os.path.join(data_root, d, sub)) for d in ("lists", "annotations")):
-            missing[occ] = f"{data_root} has no {sub} subset (no lists/{sub} or annotations/{sub})"
-            log.warning("row %s %s missing: %s", cfg.category, occ, missing[occ])
-            continue
-        test = loaders.load_pose_set(data_root, cfg.category, occ, limit=limit, skip_bad=skip_bad)
-        if skip_bad:
-            listed = loaders.list_names(data_root, cfg.category, occ)
-            listed = listed[:limit] if limit is not None else listed
-            kept = set(test.names)
-            skipped[occ] = [n for n in listed if n not in kept]
-        try:
-            test_data[occ] = results.data_fingerprint(data_root, cfg.category, occ, limit)
-        except loaders.DataError:       # skip_bad: a listed file is missing
-            test_data[occ] = None
-        t = time.perf_counter()
-        log.info("evaluating on %d %s test images", len(test), occ)
-        res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
-                            progress=True)
-        timing[occ] = {"images": len(test), "seconds": time.perf_counter() - t}
-        err = evaluation.rotation_errors(res.pose, test.poses)
-        errors[(method, cfg.category, annotations, occ)] = err
-        rows.append(evaluation.make_row(method, cfg.category, annotations, occ, err))
-        log.info("%s %s: %s", cfg.category, occ, rows[-1])
-        preds[occ] = dict(names=np.asarray(test.names), pred=res.pose, gt=test.poses,
-                          score=res.score, init=res.init_pose, error=err)
-    if not rows:
-        raise loaders.DataError(f"{data_root}: no level of {cfg.category} to evaluate ("
-                                + "; ".join(f"{k}: {v}" for k, v in missing.items())
-                                + "); nothing written")
-    os.makedirs(out_dir, exist_ok=True)
-    written = {f"predictions_{occ}.npz" for occ in preds}
-    for name in sorted(os.listdir(out_dir)):
-        if name.startswith("predictions_") and name.endswith(".npz") and name not in written:
-            log.warning("removing %s: its level is not in this evaluation",
-                        os.path.join(out_dir, name))
-            os.remove(os.path.join(out_dir, name))
-    for occ, arrays in preds.items():
-        np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), **arrays)
-    rows += evaluation.mean_rows(rows, errors)
-    _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
-        "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": timing,
-        "missing": missing, "skipped": {k: v for k, v in skipped.items() if v},
-        "checkpoint": checkpoint,
-        "test_data": {"root": os.path.abspath(data_root), "levels": test_data}})
-    notes = [f"- row {occ} missing: {why}" for occ, why in missing.items()]
-    if checkpoint["step"] is not None and not checkpoint["finished"]:
-        notes.insert(0, f"- checkpoint step {checkpoint['step']}, before the run's last step "
-                        f"{checkpoint['final_step']}: the run had not finished")
-    notes += [f"- {occ}: {len(v)} bad image(s) skipped: {', '.join(v[:10])}"
-              + (" ..." if len(v) > 10 else "") for occ, v in skipped.items() if v]
-    if notes:
-        with open(md_path, "a") as f:
-            f.write("\n" + "\n".join(notes) + "\n")
-    log.info("drawing %s", os.path.join(out_dir, "error_distribution.png"))
-    evaluation.plot_error_distribution({k[3]: v for k, v in errors.items()},
-                                       os.path.join(out_dir, "error_distribution.png"),
-                                       title=f"{method} {cfg.category} ({annotations} labels)")
-    print(evaluation.rows_to_markdown(rows) + ("\n" + "\n".join(notes) if notes else ""))
-    return rows

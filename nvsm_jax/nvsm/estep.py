@@ -1,56 +1,30 @@
-"""NVSM semi-supervised training: EM rounds of view synthesis, matching and CoKe.
+"""The NVSM E-step: synthesised views of the pose space matched against the pool.
 
-``run_nvsm(config, workdir)`` composes the pieces and computes nothing itself: after
-:func:`start_run` (checks, data, model) and :func:`resume`, each round is
-:func:`e_step_for_round`, :func:`m_step_for_round`, :func:`record_round`; the run's
-files are :mod:`nvsm_jax.run_state`'s.
+* **Sources** (:class:`Sources`, :func:`round_sources`): the anchors at their labels and
+  the pseudo-labelled images at theirs; with ``estep.mirror_sources`` also their mirror
+  images (:func:`mirrored_sources`).
+* **Views**: each source's vertex features at its pose
+  (:func:`nvsm_jax.nemo.features.vertex_features`), target poses a small step away
+  (:mod:`nvsm_jax.nvsm.pseudo_labels`), feature maps synthesised there
+  (:mod:`nvsm_jax.nvsm.synthesis`).
+* **Scores** of every view against every pool image (:func:`score_views`,
+  :mod:`nvsm_jax.nvsm.matching`, the pool sharded over the devices of every process:
+  :class:`Pool`, :func:`pool_features`).
+* **Acceptance** (:func:`e_step`): by threshold, margin over distant poses, per-round,
+  per-source and per-sector caps (:class:`nvsm_jax.nvsm.pseudo_labels.Selection`);
+  accepted poses optionally refined by the NeMo pose solver (``estep.refine_steps``).
+  With ``estep.novel_views_only`` a pseudo-labelled source proposes only poses away
+  from its own. :func:`holdout_check` runs the same on the anchors, each held out.
 
-* **Round 0 (initial M-step).** CoKe training (:mod:`nvsm_jax.train`) on the
-  labelled images only; optionally starting from a self-supervised pre-trained
-  backbone (``config.pretrain_workdir``).
-* **E-step** (:func:`e_step`). Feature maps of the sources (labelled +
-  pseudo-labelled images) and of the unlabelled pool; the sources' vertex
-  features at their poses (:func:`nvsm_jax.features.vertex_features`); target
-  poses a small step away (:mod:`nvsm_jax.pseudo_labels`); synthesised views
-  (:mod:`nvsm_jax.synthesis`); scores of every view against the pool
-  (:mod:`nvsm_jax.matching`, sharded over devices); acceptance by threshold,
-  margin over distant poses and a per-round cap. Accepted poses may be refined
-  with the NeMo pose solver (``config.estep.refine_steps``). With
-  ``estep.mirror_sources`` every source also synthesises from its mirror image
-  (:func:`mirrored_sources`). With ``estep.novel_views_only`` a pseudo-labelled
-  source proposes only poses away from its own (its zero-offset view is its
-  own fitted feature map). Pseudo-labels accumulate and pseudo-labelled
-  images become sources. The E-step's interfaces are typed: :class:`Sources`,
-  :class:`Pool` (each image's own intrinsics), :class:`EStepConfig` (the
-  ``estep`` block, its acceptance part a :class:`nvsm_jax.pseudo_labels.Selection`).
-* **M-step.** CoKe training on labelled + pseudo-labelled images, continuing the
-  same TrainState (params, Adam state and the vertex/clutter memory).
-* Expansion continues from the newly covered poses until ``num_rounds`` is
-  reached, the pool is exhausted, or nothing new passes.
-
-Every round is checkpointed: the TrainState with orbax at the round's last
-step (and every ``checkpoint_every`` steps inside an M-step), the round's E-step
-result before its M-step (``pseudo_labels/estep_XXX.npz``), the pseudo-labels as
-``pseudo_labels/round_XXX.npz``, the round's ``rounds.jsonl`` entry, and
-``progress.json`` (written last, each file atomically) naming the finished round and
-its step. A killed run resumes at the last checkpoint, inside an M-step if it was
-killed there, and ends with the same result (batches and keys are functions of
-``(seed, round, step)``); no kill loses a round from ``rounds.jsonl``. A damaged
-run-state file raises :class:`nvsm_jax.errors.RunStateError` naming it. The run holds
-its workdir (:mod:`nvsm_jax.workdir_lock`): a second run into it is refused.
-
-Per round ``rounds.jsonl`` logs the pseudo-label count, their precision against
-the hidden truth (fraction within pi/6, computed for reporting only: the hidden
-poses never reach training), pose-space coverage and test accuracy.
+The interfaces are typed: :class:`Sources`, :class:`Pool` (each image's own
+intrinsics), :class:`EStepConfig` (the config's ``estep`` block).
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import functools
 import logging
-import os
 import time
 from typing import Any, NamedTuple
 
@@ -58,20 +32,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvsm_jax import features as feat
-from nvsm_jax import (config_checks, geometry, matching, meshes, parallel,
-                      pose_solver, pseudo_labels, run_state, synthesis, train, training,
-                      workdir_lock)
-from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
-from nvsm_jax.errors import RunStateError
-from nvsm_jax.run_state import RoundResult, load_progress
+from nvsm_jax.nemo import features as feat
+from nvsm_jax import geometry, meshes, parallel, training
+from nvsm_jax.nvsm import matching, pseudo_labels, synthesis
+from nvsm_jax.nemo import pose_solver
+from nvsm_jax.data import PoseSet, pipeline
+from nvsm_jax.nvsm.run_state import RoundResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RoundResult", "extract_features", "e_step", "holdout_check", "HoldoutCheck",
-           "pool_features", "mirrored_sources", "training_set", "NVSMRun", "RunPosition",
-           "start_run", "resume", "e_step_for_round", "m_step_for_round", "round_entry",
-           "record_round", "run_nvsm", "load_progress"]
+__all__ = ["Sources", "Pool", "SolverInputs", "EStepConfig", "ScoreTable", "HoldoutCheck",
+           "extract_features", "pool_features", "round_sources", "mirrored_sources",
+           "source_vertex_mask", "score_views", "holdout_check", "e_step"]
 
 
 def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
@@ -191,7 +163,7 @@ class Pool(NamedTuple):
 
 class SolverInputs(NamedTuple):
     """What the E-step's solver checks need: the vertex memory [V, D], the clutter
-    prototype [D] and the :class:`nvsm_jax.pose_solver.SolverConfig`."""
+    prototype [D] and the :class:`nvsm_jax.nemo.pose_solver.SolverConfig`."""
 
     vertex_memory: Any
     clutter: Any
@@ -208,7 +180,7 @@ class EStepConfig(training.DataclassConfig):
     ``min_weight`` of its face was seen; ``source_chunk`` sources per call.
     Acceptance: ``threshold`` / ``margin`` / ``margin_angle`` / ``max_new`` and the
     flip check and caps ``flip_margin`` / ``flip_window`` / ``max_per_source`` /
-    ``max_per_sector`` (:class:`nvsm_jax.pseudo_labels.Selection`), then
+    ``max_per_sector`` (:class:`nvsm_jax.nvsm.pseudo_labels.Selection`), then
     ``agree_angle`` (> 0: the NeMo grid search must agree) and ``refine_steps``
     (> 0: refine accepted poses by render-and-compare, from the matched pose).
     The label-free safeguard (issue 9): ``agreement_rate`` > 0 runs the current
@@ -217,7 +189,7 @@ class EStepConfig(training.DataclassConfig):
     at least that fraction of matches lies within ``agreement_angle`` of the
     solver's pose (prefixes shorter than ``agreement_min_count`` do not count);
     none -> the round accepts nothing and the run stops
-    (:func:`nvsm_jax.pseudo_labels.agreement_cut`).
+    (:func:`nvsm_jax.nvsm.pseudo_labels.agreement_cut`).
     Sources: ``mirror_sources`` adds their mirror images; ``novel_views_only``
     drops a pseudo-labelled source's own pose.
     Which source vertices carry features into the synthesised views (issue 9):
@@ -312,7 +284,7 @@ def source_vertex_mask(vf: feat.VertexFeatures, normals_cos, object_masks, is_la
                        min_view_cos: float = 0.0, memory=None, clutter=None):
     """Which vertices of each source carry features into its synthesised views.
 
-    vf: the sources' :class:`nvsm_jax.features.VertexFeatures` ([S, V] visible,
+    vf: the sources' :class:`nvsm_jax.nemo.features.VertexFeatures` ([S, V] visible,
     [S, V, 2] xy in input pixels, [S, V, D] features); normals_cos: [S, V]
     |n . v|; object_masks: [S, H, W] bool or None (labelled rows only are
     checked); is_labelled: [S] bool; memory: [V, D] and clutter: [D] unit
@@ -554,47 +526,6 @@ def mirrored_sources(feature_fn, batch_size, images, sources: Sources) -> Source
     return Sources.concat(sources, mirrored)
 
 
-def training_set(labelled: PoseSet, unlabelled, pl: pseudo_labels.PseudoLabels,
-                 labelled_min_fraction: float = 0.0) -> PoseSet:
-    """Labelled rows (repeated to make up ``labelled_min_fraction`` of the set)
-    followed by the pseudo-labelled rows at their pseudo poses."""
-    reps = 1
-    if labelled_min_fraction > 0 and len(pl):
-        want = labelled_min_fraction * len(pl) / max(1e-9, 1 - labelled_min_fraction)
-        reps = max(1, int(np.ceil(want / len(labelled))))
-    lab = labelled.subset(np.tile(np.arange(len(labelled)), reps))
-    if len(pl) == 0:
-        return lab
-    idx = pl.index
-    return PoseSet(labelled.category,
-                   lab.names + tuple(unlabelled.names[i] for i in idx),
-                   np.concatenate([lab.images, unlabelled.images[idx]]),
-                   np.concatenate([lab.poses, pl.poses.astype(np.float32)]),
-                   np.concatenate([lab.focal, unlabelled.focal[idx]]),
-                   np.concatenate([lab.principal, unlabelled.principal[idx]]))
-
-
-def _m_step(run: "NVSMRun", state, data: PoseSet, round_index: int, round_start: int,
-            begin: int, end: int, round_end: int):
-    """CoKe steps ``begin .. end - 1`` of round ``round_index``'s M-step, which spans
-    ``round_start .. round_end - 1``, on ``data``; batches are keyed by (seed, round,
-    step in the round), so a resumed M-step sees the batches it would have seen."""
-    config = run.config
-    log.info("round %d M-step: steps %d -> %d on %d images", round_index, begin, end, len(data))
-    augment = pipeline.augment_from_config(config.augment)
-    batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
-                                     augment=augment)
-    keys = ("image", "pose", "focal", "principal")
-    return training.fit(          # each process reads only its rows of every batch
-        state, run.train_step,
-        lambda s, rows: {k: v for k, v in batches.batch(s - round_start, rows).items()
-                         if k in keys},
-        run.mesh_axes, start=begin, end=end, num_steps=round_end, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=run.writer,
-        ckpt=run.ckpt, progress=run.progress, desc=f"round {round_index} M-step",
-        extra={"round": round_index}, process_local=True)
-
-
 def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
                    pl: pseudo_labels.PseudoLabels, mesh_axes=None) -> Sources:
     """The E-step's sources: the anchors, then the pseudo-labelled images ``pl``,
@@ -617,286 +548,3 @@ def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
         images = np.concatenate([labelled.images, unlabelled.images[pl.index]])
         return mirrored_sources(fn, config.eval_batch_size, images, sources)
     return sources
-
-
-def schedule_steps(config) -> int:
-    """Optimiser steps of a whole NVSM run, the learning-rate schedule's horizon:
-    round 0 (``initial_steps``) plus ``num_rounds`` M-steps of ``steps_per_round``."""
-    return int(config.initial_steps) + int(config.num_rounds) * int(config.steps_per_round)
-
-
-@dataclasses.dataclass
-class NVSMRun:
-    """What every round of one NVSM run shares, set up once by :func:`start_run`."""
-
-    config: Any                     # the run's config (``num_steps`` = the whole schedule)
-    workdir: str
-    estep_cfg: EStepConfig
-    solver_cfg: pose_solver.SolverConfig
-    labelled: PoseSet               # the anchors, at their labels
-    unlabelled: PoseSet             # the pool (its poses are never read)
-    hidden: np.ndarray              # the pool's hidden poses [N, 4]: reports and oracle rows only
-    test_sets: dict                 # {"L0": PoseSet, ...}
-    model_mesh: meshes.Mesh
-    mesh_axes: Any                  # the device mesh
-    model: Any
-    train_step: Any
-    ckpt: training.Checkpointer
-    writer: training.MetricsWriter      # metrics.jsonl (per step)
-    round_log: training.MetricsWriter   # rounds.jsonl (per round)
-    progress: bool
-
-
-@dataclasses.dataclass
-class RunPosition:
-    """Where a run stands between rounds: changed by each round's E-, M- and record step."""
-
-    state: Any                      # the TrainState
-    pl: pseudo_labels.PseudoLabels  # every pseudo-label so far
-    step: int                       # the optimiser step the next M-step starts at
-    rounds: list                    # the rounds.jsonl entries so far
-    next_round: int
-    mid_round: int | None           # a checkpoint inside next_round's M-step to go on from
-
-
-def start_run(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
-              test_sets: dict | None = None, num_devices: int | None = None,
-              progress: bool = True) -> tuple[NVSMRun, Any]:
-    """Checks ``config``, loads the data (unless given), records ``config.json`` and
-    builds the model, its fresh TrainState, the checkpointer and the logs ->
-    ``(run, state)``."""
-    config_checks.check_config(config)
-    workdir = os.fspath(workdir)
-    config = copy.deepcopy(config)
-    config.num_steps = schedule_steps(config)   # the learning-rate schedule spans the whole run
-    if train_set is None:
-        train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
-                                          lazy_images=jax.process_count() > 1)  # own rows only
-        model_mesh = loaders.load_model_mesh(config.data_root, config.category,
-                                             pose_set=train_set)
-    if test_sets is None:
-        test_sets = {}
-        if config.test_root:
-            for occ in config.eval_occlusions:
-                test_sets[occ] = loaders.load_pose_set(config.test_root, config.category, occ,
-                                                       limit=config.eval_limit)
-    split = fewshot.split_from_config(train_set, int(config.num_labelled), config)
-    hidden = fewshot.hidden_poses(train_set, split.unlabelled.names)   # reporting only
-    # the record, once the config and data are good (a failed run never blocks its rerun)
-    training.save_config(config, workdir, has_work=train.holds_work(workdir))
-    os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
-
-    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
-    model = train.build_model(config)
-    image_hw = train_set.image_size
-    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
-    state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    run = NVSMRun(
-        config=config, workdir=workdir, estep_cfg=EStepConfig.from_config(config.estep),
-        solver_cfg=pose_solver.SolverConfig.from_dict(config.solver.to_dict()),
-        labelled=split.labelled, unlabelled=split.unlabelled, hidden=hidden,
-        test_sets=test_sets, model_mesh=model_mesh, mesh_axes=mesh_axes, model=model,
-        train_step=train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
-                                         mesh_axes),
-        ckpt=training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
-                                   max_to_keep=max(1, int(config.keep_checkpoints))),
-        writer=training.MetricsWriter(workdir),
-        round_log=training.MetricsWriter(workdir, "rounds.jsonl"), progress=progress)
-    return run, state
-
-
-def resume(run: NVSMRun, state) -> RunPosition:
-    """Where the run in ``run.workdir`` stopped (:mod:`nvsm_jax.run_state`): after a
-    finished round, inside an M-step, or nowhere yet; ``state`` (fresh) is restored
-    from the matching checkpoint."""
-    done = run_state.load_progress(run.workdir)
-    rounds = run_state.round_log_entries(run.round_log.path, done)
-    next_round, step, mid_round = run_state.resume_point(run.config, done, run.ckpt.latest_step(),
-                                                         run.ckpt.directory)
-    pl = pseudo_labels.PseudoLabels.empty()
-    if done and done["round"] > 0:
-        pl = run_state.load_round(run.workdir, done["round"])
-    if mid_round is not None:       # killed inside round next_round's M-step
-        state = run.ckpt.restore(state, step=mid_round)
-        log.info("resuming round %d's M-step at step %d", next_round, mid_round)
-    elif done:
-        state = run.ckpt.restore(state, step=step)
-        log.info("resuming after round %d (step %d, %d pseudo-labels)", done["round"], step, len(pl))
-    return RunPosition(state, pl, step, rounds, next_round, mid_round)
-
-
-def e_step_for_round(run: NVSMRun, at: RunPosition, r: int) -> RoundResult:
-    """Round ``r``'s E-step (none in round 0): the stored one if the run was killed in
-    its M-step, else computed on the current model and stored before the M-step.
-    Its new pseudo-labels join ``at.pl``."""
-    if r == 0:
-        return RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
-    config, labelled, unlabelled, pl = run.config, run.labelled, run.unlabelled, at.pl
-    result = run_state.load_staged_estep(run.workdir, r)
-    if result is None and at.mid_round is not None:
-        raise RunStateError(f"{run.workdir}: checkpoint {at.mid_round} lies inside round {r}, "
-                            f"whose E-step is not stored ({run_state.staged_path(run.workdir, r)})"
-                            f"; delete checkpoints/{at.mid_round} to redo the round")
-    if result is None:
-        nemo = train.nemo_model(config, run.model, at.state, run.model_mesh)
-        fn = train.feature_fn(nemo)
-        log.info("round %d E-step: feature maps of %d pool images", r, len(unlabelled))
-        # each process: the feature maps of its own rows of the pool
-        pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
-                                        run.mesh_axes)
-        candidates = np.ones(len(unlabelled), bool)
-        candidates[pl.index] = False
-        pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
-        result = e_step(run.estep_cfg, round_sources(config, fn, labelled, unlabelled, pool, pl,
-                                                     run.mesh_axes),
-                        pool, model_mesh=run.model_mesh, stride=config.model.stride,
-                        round_index=r, mesh_axes=run.mesh_axes,
-                        solver=SolverInputs(at.state.aux.vertex,
-                                            feat.clutter_prototype(at.state.aux.clutter),
-                                            run.solver_cfg))
-        del pool_maps, pool
-        oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config
-        if oracle != "none":    # a diagnosis row: hidden poses change the round
-            result = dataclasses.replace(result, new=pseudo_labels.oracle_labels(
-                oracle, result.new, run.hidden, candidates,
-                np.random.default_rng([int(config.seed), r])))
-        if parallel.is_main_process():      # the same result on every process
-            run_state.stage_estep(run.workdir, r, result)
-        parallel.sync(f"nvsm round {r} E-step stored")
-    at.pl = pl.extend(result.new)
-    if len(result.new) == 0:
-        log.info("round %d: nothing new passes; stopping", r)
-    return result
-
-
-def m_step_for_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
-                     max_steps: int | None = None) -> int | None:
-    """Round ``r``'s M-step (none after an E-step that found nothing): CoKe on the
-    anchors and every pseudo-label so far, from ``at.step`` (or the checkpoint inside
-    it), at most ``max_steps`` steps -> the steps run, or None when it stopped short
-    of the round's end (a simulated kill)."""
-    if r > 0 and len(result.new) == 0:
-        return 0
-    config, labelled, unlabelled, pl, step = run.config, run.labelled, run.unlabelled, at.pl, at.step
-    data = training_set(labelled, unlabelled, pl, config.labelled_min_fraction)
-    n_steps = config.initial_steps if r == 0 else config.steps_per_round
-    begin = at.mid_round if at.mid_round is not None else step
-    end = step + n_steps if max_steps is None else min(step + n_steps, begin + max_steps)
-    at.state = _m_step(run, at.state, data, r, step, begin, end, step + n_steps)
-    at.mid_round = None
-    if end < step + n_steps:        # stopped inside the M-step (a simulated kill)
-        run.ckpt.wait()
-        return None
-    at.step = step + n_steps
-    return end - begin
-
-
-def round_entry(run: NVSMRun, at: RunPosition, r: int, result: RoundResult) -> dict:
-    """Round ``r``'s ``rounds.jsonl`` entry without its time and test scores: the
-    pseudo-labels' count, and their quality against the hidden poses (reporting only)."""
-    pl, new, hidden = at.pl, result.new, run.hidden
-    quality = pseudo_labels.label_quality(pl.poses, hidden[pl.index])
-    quality_new = pseudo_labels.label_quality(new.poses, hidden[new.index])
-    return {"round": r, "step": at.step, "num_pseudo": len(pl), "num_new": len(new),
-            "precision": quality["acc_pi_6"], "precision_new": quality_new["acc_pi_6"],
-            "median_err_deg": quality["median_err_deg"], "flip_rate": quality["flip_rate"],
-            "sectors_covered": quality["sectors_covered"],
-            "median_err_new_deg": quality_new["median_err_deg"],
-            "flip_rate_new": quality_new["flip_rate"],
-            "matched_median_err_new_deg": (
-                None if result.matched_poses is None or not len(new) else
-                pseudo_labels.label_quality(result.matched_poses,
-                                            hidden[new.index])["median_err_deg"]),
-            "coverage": pseudo_labels.coverage(np.concatenate([run.labelled.poses, pl.poses])),
-            "num_views": result.num_views, "estep_seconds": result.seconds,
-            "agreement": result.agreement}
-
-
-def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
-                 started: float) -> bool:
-    """Finishes round ``r`` (begun at time ``started``): its entry (and L0 test scores
-    with ``eval_every_round``), the checkpoint, then the run state
-    (:func:`nvsm_jax.run_state.record_round`). Returns True when the run stops here:
-    nothing new passed, or the pool is used up."""
-    config = run.config
-    entry = {**round_entry(run, at, r, result), "round_seconds": time.time() - started}
-    if config.eval_every_round and "L0" in run.test_sets:
-        res = train.evaluate_nemo(train.nemo_model(config, run.model, at.state, run.model_mesh),
-                                  {"L0": run.test_sets["L0"]}, run.solver_cfg,
-                                  config.eval_batch_size)
-        entry.update({f"test_{k}": v for k, v in res["L0"].items()
-                      if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
-    stopped = r > 0 and (len(result.new) == 0 or len(at.pl) == len(run.unlabelled))
-    run.ckpt.maybe_save(at.step, at.state, force=True)
-    run.ckpt.wait()
-    run_state.record_round(run.workdir, run.round_log, r, at.step, at.pl, entry, stopped=stopped)
-    parallel.sync(f"nvsm round {r} recorded")
-    at.rounds.append({**entry})
-    log.info("round %d: %s", r, _round_summary(entry))
-    return stopped
-
-
-@workdir_lock.locked
-def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
-             test_sets: dict | None = None, num_devices: int | None = None,
-             stop_after_rounds: int | None = None, stop_after_steps: int | None = None,
-             progress: bool = True) -> dict:
-    """NVSM per ``config`` into ``workdir``; resumes from ``progress.json`` and the
-    latest checkpoint, also from inside a round's M-step. Holds the workdir
-    (:func:`nvsm_jax.workdir_lock.hold`: another live run there is refused).
-
-    train_set / model_mesh / test_sets ({"L0": PoseSet, ...}): given directly
-    (tests, notebooks) or loaded from ``config.data_root`` / ``config.test_root``.
-    The learning-rate schedule spans the run (:func:`schedule_steps`; the recorded
-    ``config.json`` holds that as ``num_steps``). Checkpoints: every
-    ``config.checkpoint_every`` steps and at the end of every round, the last
-    ``config.keep_checkpoints`` kept.
-    stop_after_rounds / stop_after_steps: stop after finishing this many rounds,
-    or optimiser steps, in this call (simulates a kill). Returns ``{"rounds":
-    [...], "pseudo_labels": PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
-    """
-    run, state = start_run(config, workdir, train_set=train_set, model_mesh=model_mesh,
-                           test_sets=test_sets, num_devices=num_devices, progress=progress)
-    at = resume(run, state)
-    rounds_done, steps_done = 0, 0
-    for r in range(at.next_round, run.config.num_rounds + 1):
-        if stop_after_rounds is not None and rounds_done >= stop_after_rounds:
-            break
-        started = time.time()
-        result = e_step_for_round(run, at, r)
-        steps = m_step_for_round(run, at, r, result, None if stop_after_steps is None
-                                 else stop_after_steps - steps_done)
-        if steps is None:           # stopped inside the M-step
-            break
-        steps_done += steps
-        rounds_done += 1
-        if record_round(run, at, r, result, started):
-            break
-    run.ckpt.close()
-    out = {"rounds": at.rounds, "pseudo_labels": at.pl, "state": at.state,
-           "labelled": run.labelled, "unlabelled": run.unlabelled, "hidden": run.hidden}
-    if stop_after_rounds is None and stop_after_steps is None and run.test_sets:
-        out["test"] = train.evaluate_nemo(
-            train.nemo_model(run.config, run.model, at.state, run.model_mesh), run.test_sets,
-            run.solver_cfg, run.config.eval_batch_size)
-    return out
-
-
-def _round_summary(entry: dict) -> str:
-    """One short line: ``+30 -> 60 pseudo-labels, precision 0.83 (new 0.80), median
-    error 12.1 deg, flips 0.03, 9 / 12 sectors, coverage 0.42, L0 41.7 / 12.0 / 38.5
-    deg, 95 s`` (the pseudo-labels' quality from the hidden poses, reporting only)."""
-    def f(v, fmt):
-        return "-" if v is None else format(v, fmt)
-
-    text = (f"+{entry['num_new']} -> {entry['num_pseudo']} pseudo-labels, precision "
-            f"{f(entry['precision'], '.2f')} (new {f(entry['precision_new'], '.2f')}), "
-            f"median error {f(entry.get('median_err_deg'), '.1f')} deg, flips "
-            f"{f(entry.get('flip_rate'), '.2f')}, {entry.get('sectors_covered', 0)} / 12 "
-            f"sectors, coverage {entry['coverage']:.2f}")
-    if entry.get("agreement") is not None:
-        text += f", solver agreement {entry['agreement']:.2f}"
-    if "test_acc_pi_6" in entry:
-        text += (f", L0 {100 * entry['test_acc_pi_6']:.1f} / {100 * entry['test_acc_pi_18']:.1f}"
-                 f" / {entry['test_med_err_deg']:.1f} deg")
-    return text + f", {entry['round_seconds']:.0f} s"

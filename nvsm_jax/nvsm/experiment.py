@@ -8,8 +8,8 @@ composes the library; it computes nothing itself:
    ``config.data.generate``; ``config.json`` is written once the config is checked
    and the data found;
 2. per category and number of annotations, on the same few-shot split:
-   ``cls_baseline`` (:mod:`nvsm_jax.baselines`), ``nemo`` (:mod:`nvsm_jax.train` on
-   the labelled images), ``nvsm`` (:mod:`nvsm_jax.semi_supervised`); per category
+   ``cls_baseline`` (:mod:`nvsm_jax.baselines.classifier`), ``nemo`` (:mod:`nvsm_jax.nemo.train` on
+   the labelled images), ``nvsm`` (:mod:`nvsm_jax.nvsm.rounds`); per category
    ``nemo_full`` (every training label);
 3. evaluation on every occlusion level, ``results.json`` (rows as
    :mod:`nvsm_jax.evaluation`), ``report.md`` (the seed's table layouts, and
@@ -39,8 +39,11 @@ import time
 
 import numpy as np
 
-from nvsm_jax import (baselines, config_checks, evaluation, figures, parallel, pose_solver,
-                      pretrain, results, semi_supervised, train, training)
+from nvsm_jax.baselines import classifier, pretrain
+from nvsm_jax.nvsm import config_checks as nvsm_checks
+from nvsm_jax import evaluation, figures, parallel, results, training
+from nvsm_jax.nemo import pose_solver, train
+from nvsm_jax.nvsm import estep, rounds
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 from nvsm_jax.errors import ConfigError, RunStateError
 from nvsm_jax.workdir_lock import locked
@@ -49,7 +52,7 @@ log = logging.getLogger(__name__)
 
 __all__ = ["ensure_data", "train_and_evaluate", "format_report"]
 
-METHODS = config_checks.METHODS
+METHODS = nvsm_checks.METHODS
 
 
 def _synth_config(config) -> synthetic.SynthConfig:
@@ -246,14 +249,14 @@ def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
 
 
 def _run_cls(config, cell, labelled, test_sets):
-    c = baselines.ClassifierConfig.from_config(config.cls)
+    c = classifier.ClassifierConfig.from_config(config.cls)
     pretrained = None
     if config.pretrain_workdir:             # the encoder the NeMo rows start from, too
         pretrained = pretrain.load_pretrained_params(config.pretrain_workdir)
-    state = baselines.train_classifier(c, labelled, cell, pretrained=pretrained)
+    state = classifier.train_classifier(c, labelled, cell, pretrained=pretrained)
     out = {}
     for occ, test in test_sets.items():
-        pred = baselines.predict_classifier(state, test.images, config.eval_batch_size, config=c)
+        pred = classifier.predict_classifier(state, test.images, config.eval_batch_size, config=c)
         out[occ] = {"errors": evaluation.rotation_errors(pred, test.poses), "pred": pred}
     return out, int(state.step)
 
@@ -287,7 +290,7 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
 def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
-    out = semi_supervised.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,
+    out = rounds.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,
                                    test_sets=test_sets)
     if parallel.is_main_process():
         _nvsm_figures(cell, out, test_sets, mesh, c)
@@ -319,10 +322,10 @@ def _with_pretrained_backbone(config, workdir, category, train_set):
 @locked     # one run per workdir (nvsm_jax.workdir_lock)
 def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md).
-    Every enumerated option is checked first (:func:`nvsm_jax.config_checks.check_config`)."""
-    config_checks.check_config(config)
+    Every enumerated option is checked first (:func:`nvsm_jax.nvsm.config_checks.check_config`)."""
+    nvsm_checks.check_config(config)
     if "nvsm" in config.methods:                # the E-step's settings, before any row trains
-        semi_supervised.EStepConfig.from_config(config.estep)
+        estep.EStepConfig.from_config(config.estep)
     workdir = os.fspath(workdir)
     train_root, test_root = ensure_data(config, workdir)
     categories = [c for c in config.categories.split(",") if c]

@@ -300,7 +300,7 @@ def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, 
     """Full NeMo inference for a batch.
 
     feature_maps: [B, h, w, D]; vertex_memory: [V, D]; clutter: [D] (the clutter
-    prototype, see :func:`nvsm_jax.features.clutter_prototype`); focal: [B];
+    prototype, see :func:`nvsm_jax.nemo.features.clutter_prototype`); focal: [B];
     principal: [B, 2] for the **input image**; stride: the map's stride.
     """
     focal = jnp.asarray(focal, jnp.float32) / stride

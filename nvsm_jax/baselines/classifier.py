@@ -7,7 +7,7 @@ with label smoothing onto the two neighbouring bins; trained on labelled images
 only (a :class:`nvsm_jax.data.PoseSet`); prediction = the argmax bins' centres
 with distance = ``config.distance`` (5, NeMo's). The encoder starts from random
 weights, or from the self-supervised pre-training the NeMo rows use
-(``train_classifier(..., pretrained=...)``, :mod:`nvsm_jax.pretrain`).
+(``train_classifier(..., pretrained=...)``, :mod:`nvsm_jax.baselines.pretrain`).
 
 Bins (:class:`BinSpec`, all in radians):
 
@@ -18,7 +18,7 @@ Bins (:class:`BinSpec`, all in radians):
 * **theta** (periodic, default 36 bins over ``[-pi, pi)``): centres
   ``-pi + k w`` (0 is a centre), wrap-around at +-pi.
 
-Training follows :mod:`nvsm_jax.train`: one ``Mesh`` with a ``data`` axis, the
+Training follows :mod:`nvsm_jax.nemo.train`: one ``Mesh`` with a ``data`` axis, the
 batch sharded over it, everything else replicated; a jitted, donated step;
 keys ``fold_in(seed, step)`` and batches that are pure functions of ``(seed,
 step)`` (:class:`nvsm_jax.data.BatchIterator` with :class:`Augment`, whose
@@ -54,7 +54,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nvsm_jax import parallel, pretrain, training
+from nvsm_jax import parallel, training
+from nvsm_jax.baselines import pretrain
 from nvsm_jax.data import pipeline
 from nvsm_jax.models import backbone, weights
 
@@ -353,7 +354,7 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
       must be a multiple of it.
     stop_after: stop after this many steps *of this call* (simulates a killed run;
       the final checkpoint is then not forced).
-    pretrained: :class:`nvsm_jax.pretrain.Pretrained` (or a FeatureNet params
+    pretrained: :class:`nvsm_jax.baselines.pretrain.Pretrained` (or a FeatureNet params
       tree) whose ``encoder`` starts the run (the heads stay random); a
       checkpoint in ``workdir``, if any, still wins.
     Returns the replicated :class:`nvsm_jax.training.TrainState` (``apply_fn`` =

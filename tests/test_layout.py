@@ -1,0 +1,87 @@
+"""The package layout's one-way layers, read from the source (function-level imports
+included): the shared core (``nvsm_jax/*.py``, ``data/``, ``models/``) imports none of
+``nemo``, ``nvsm``, ``baselines`` and ``mcss``; ``nemo`` imports no ``nvsm``; the
+rasteriser imports nothing of ``nvsm_jax``; the library never imports the binaries."""
+
+import ast
+import os
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("nemo", "nvsm", "baselines", "mcss")
+
+
+def _modules(package: str) -> dict:
+    """``{dotted module name: path}`` of every .py file under ``package``."""
+    out = {}
+    for root, _, files in os.walk(os.path.join(REPO, package)):
+        for f in files:
+            if f.endswith(".py"):
+                rel = os.path.relpath(os.path.join(root, f), REPO)[:-3].replace(os.sep, ".")
+                out[rel[:-len(".__init__")] if rel.endswith(".__init__") else rel] = \
+                    os.path.join(root, f)
+    return out
+
+
+def _imports(path: str, known: dict) -> set:
+    """The modules of ``known`` (and any other top-level package) that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(open(path).read())):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names
+                         if f"{node.module}.{a.name}" in known)
+    return found
+
+
+def _closure(start: str, graph: dict) -> set:
+    seen, todo = set(), [start]
+    while todo:
+        m = todo.pop()
+        for n in graph.get(m, ()):
+            if n not in seen:
+                seen.add(n)
+                todo.append(n)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def graph():
+    known = {**_modules("nvsm_jax"), **_modules("rasterizer")}
+    return {m: _imports(p, known) for m, p in known.items()}
+
+
+def _layer(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "nvsm_jax" and len(parts) >= 2 and parts[1] in METHODS \
+        else "core" if parts[0] == "nvsm_jax" else parts[0]
+
+
+def test_the_core_imports_no_method(graph):
+    core = [m for m in graph if m.startswith("nvsm_jax") and _layer(m) == "core"]
+    assert "nvsm_jax.training" in core and "nvsm_jax.data.loaders" in core and len(core) > 20
+    for m in core:
+        bad = sorted(n for n in _closure(m, graph) if _layer(n) in METHODS)
+        assert not bad, f"{m} imports {bad}"
+
+
+def test_nemo_imports_no_nvsm_and_the_rasteriser_nothing_of_the_package(graph):
+    for m in graph:
+        reached = _closure(m, graph)
+        if _layer(m) == "nemo":
+            assert not [n for n in reached if _layer(n) == "nvsm"], m
+        if m.startswith("rasterizer"):
+            assert not [n for n in reached if n.startswith("nvsm_jax")], m
+        if m.startswith(("nvsm_jax", "rasterizer")):
+            assert not [n for n in reached if n.split(".")[0] in ("experiments", "benchmarks",
+                                                                   "tests")], m
+
+
+def test_every_method_package_says_what_it_holds():
+    for name in METHODS:
+        doc = ast.get_docstring(ast.parse(open(os.path.join(REPO, "nvsm_jax", name,
+                                                            "__init__.py")).read()))
+        assert doc and len(doc.split()) > 20, name
