@@ -139,13 +139,13 @@ def main(argv):
                                   max_new=30, **changes)
         run_cfg = ml_collections.ConfigDict({"eval_batch_size": 16, "estep": cfg.to_dict()})
         sources = estep.round_sources(run_cfg, fn, labelled, unlabelled, pool_maps,
-                                                pseudo_labels.PseudoLabels.empty())
+                                      pseudo_labels.PseudoLabels.empty())
         pool = estep.Pool(pool_maps, unlabelled.focal, unlabelled.principal,
-                                    np.ones(len(unlabelled), bool))
+                          np.ones(len(unlabelled), bool))
         t0 = time.time()
         table = estep.score_views(cfg, sources, pool, model_mesh=mesh,
-                                            stride=config.model.stride, mesh_axes=mesh_axes,
-                                            solver=solver)
+                                  stride=config.model.stride, mesh_axes=mesh_axes,
+                                  solver=solver)
         seconds = time.time() - t0
         rep = pseudo_labels.table_report(table.scores, table.view_poses, hidden,
                                          solver_poses=solver_poses,

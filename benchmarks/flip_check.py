@@ -98,8 +98,9 @@ def main(argv):
     rows = []
     for ck in steps:
         s = ckpt.restore(state, step=ck)
-        maps = estep.extract_features(train.feature_fn(train.nemo_model(config, model, s, model_mesh)),
-                                   unlabelled.images[pl.index], int(config.eval_batch_size))
+        maps = estep.extract_features(
+            train.feature_fn(train.nemo_model(config, model, s, model_mesh)),
+            unlabelled.images[pl.index], int(config.eval_batch_size))
         clutter = features.clutter_prototype(s.aux.clutter)
         for n in [int(x) for x in FLAGS.steps.split(",")]:
             cfg = dataclasses.replace(solver, steps=max(n, 1), lr=solver.lr if n > 0 else 0.0)

@@ -82,8 +82,12 @@ def _parse_flags(argv):
             raise
         if isinstance(err, (AttributeError, KeyError)) and key:
             guess = re.search(r'Did you mean "([\w.]+)"', text)
-            message = (f"did you mean --config.{_override_path(overrides, key.group(1), guess.group(1))}? "
-                       if guess else "")
+            hint = re.search(r"Did you mean [^?]*\?", text)    # another wording: kept as is
+            if guess:
+                path = _override_path(overrides, key.group(1), guess.group(1))
+                message = f"did you mean --config.{path}? "
+            else:
+                message = f"{hint.group(0)} " if hint else ""
             message += f"unknown config key {key.group(1)!r} in the --config overrides"
         else:
             message = f"a --config override does not fit the config: {text.splitlines()[0]}"

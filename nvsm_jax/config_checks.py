@@ -4,8 +4,8 @@ A misspelt or impossible value used to surface only where it was first read (a
 wrong ``anchor_rule`` after the whole ``nemo_full`` row had trained,
 ``estep.azimuth_steps=-1`` after NVSM's round 0), or never: ``keep_checkpoints=0``
 kept no checkpoint, ``num_labelled=0`` trained on every label, ``num_steps=0``
-reported an untrained network. This module holds the rules' machinery (:class:`Checks`: one line per bad key) and the
-rules every method shares (optimiser, augmentation, synthetic data); each method's
+reported an untrained network. This module holds the rules' machinery (:class:`Checks`:
+one line per bad key) and the rules every method shares (optimiser, augmentation, synthetic data); each method's
 own checks sit beside it: :func:`nvsm_jax.nemo.config_checks.check_nemo_config`,
 :func:`nvsm_jax.nvsm.config_checks.check_config` (NeMo's fields and the few-shot
 experiment's), :func:`nvsm_jax.mcss.config_checks.check_mcss_config`, and

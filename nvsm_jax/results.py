@@ -138,6 +138,9 @@ def load_cells(results_dir) -> list[dict]:
             continue
         cell = training.read_json(path, "record of a finished cell",
                                   "delete the cell's folder, or rerun the cell to rewrite it")
+        if not isinstance(cell, dict):
+            raise RunStateError(f"{path}: not a cell record (a JSON {type(cell).__name__}, not an "
+                                "object); delete the cell's folder, or rerun the cell to rewrite it")
         missing = [k for k in ("method", "category", "annotations", "seed", "rows", "config")
                    if k not in cell]
         if missing:
@@ -170,18 +173,19 @@ def _check_settings(cells) -> None:
             diffs = training.config_differences(first["config"], other["config"],
                                                 SETTINGS_FREE_KEYS)
             if diffs:
-                raise ValueError(
+                raise RunStateError(
                     f"{first['path']} and {other['path']}: cells of {key} ran with other "
                     f"settings ({'; '.join(diffs[:6])}); keep one setting per results folder")
             if not _same_test_sets(first, other):
-                raise ValueError(
+                raise RunStateError(
                     f"{first['path']} and {other['path']}: cells of {key} were evaluated on "
                     f"other test sets ({first['inputs'].get('test_root')}: "
                     f"{_test_sets(first)} vs {other['inputs'].get('test_root')}: "
                     f"{_test_sets(other)}); keep one test set per results folder")
         seeds = [c["seed"] for c in group]
         if len(set(seeds)) != len(seeds):
-            raise ValueError(f"cells of {key}: seed recorded twice ({sorted(seeds)})")
+            raise RunStateError(f"cells of {key}: seed recorded twice ({sorted(seeds)}); delete "
+                                "one of the cells' folders")
 
 
 def _se(values) -> float:

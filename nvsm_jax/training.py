@@ -60,6 +60,7 @@ from nvsm_jax.errors import InputError, NonFiniteError
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
            "progress_bar", "LogProgress", "heartbeat", "save_config", "read_json", "write_atomic",
+           "load_progress", "START_OVER",
            "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "make_optimizer",
            "quiet_checkpoint_logs",
@@ -801,6 +802,31 @@ def read_json(path, what: str, recover: str):
                             f"{where}); {recover}") from err
 
 
+#: How to start an NVSM run over in its workdir (the run-state files go together).
+START_OVER = ("delete it to restart the NVSM run from round 0 (and with it checkpoints/, "
+               "pseudo_labels/ and rounds.jsonl), or restore it")
+
+
+def load_progress(workdir) -> dict | None:
+    """``{"round": r, "step": s}`` of the last finished round (with ``"stopped": True``
+    when the run ended there before ``num_rounds``: nothing new passed, or the pool was
+    used up), or None. A damaged ``progress.json`` raises RunStateError naming it.
+
+    The NVSM round loop writes it (:mod:`nvsm_jax.nvsm.run_state`); it lives here, in the
+    core, because an evaluation of any workdir reads where its run ended."""
+    from nvsm_jax.errors import RunStateError
+
+    path = os.path.join(os.fspath(workdir), "progress.json")
+    if not os.path.exists(path):
+        return None
+    done = read_json(path, "record of the last finished NVSM round", START_OVER)
+    if not (isinstance(done, dict) and {"round", "step"} <= set(done)
+            and all(type(done[k]) is int and done[k] >= 0 for k in ("round", "step"))):
+        raise RunStateError(f"{path}: expected {{'round': r, 'step': s}} (integers >= 0), got "
+                            f"{done!r}; {START_OVER}")
+    return done
+
+
 class Throughput:
     """Images per second between calls of :meth:`tick` (wall clock)."""
 
@@ -900,7 +926,8 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
         else:
             batch = parallel.shard_batch(host_batch(s), mesh)
         if s == start and not progress:     # the progress bar beats for itself
-            with heartbeat(f"{desc}: step {s + 1} (the first call compiles)"):
+            with heartbeat(f"{desc}: step {s + 1} (the first call compiles)",
+                           every=HEARTBEAT_SECONDS):
                 state, metrics = train_step(state, batch, step_key(seed, s))
                 jax.block_until_ready(metrics)
         else:

@@ -495,3 +495,18 @@ def test_trainers_refuse_impossible_values_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="keep_checkpoints=0"):
         nemo_train.train_and_evaluate(n, str(tmp_path / "nemo"))
     assert not os.path.exists(tmp_path / "nemo") or os.listdir(tmp_path / "nemo") == []
+
+
+def test_an_unknown_solver_key_is_refused_before_any_training():
+    """A typo in the ``solver`` block (read only when the first evaluation builds the
+    solver, after a row has trained) is one of the config errors, for NeMo's check and
+    the few-shot experiment's."""
+    from nvsm_jax.nemo import config_checks as nemo_checks
+
+    for check, c in ((nemo_checks.check_nemo_config, nemo_config.get_config("tiny")),
+                     (nvsm_checks.check_config, nvsm_config.get_config("tiny"))):
+        check(c)
+        c.solver.num_azimuths = 12
+        with pytest.raises(ConfigError, match=r"solver: unknown solver config keys "
+                                              r"solver.num_azimuths; known: num_azimuth"):
+            check(c)

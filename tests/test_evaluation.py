@@ -179,3 +179,20 @@ def test_error_distribution_labels_thresholds_on_a_log_axis(tmp_path, monkeypatc
     np.testing.assert_allclose(curve.get_xdata(), [0.5, 5.0, 20.0, 100.0], atol=1e-9)
     np.testing.assert_allclose(curve.get_ydata(), [25.0, 50.0, 75.0, 100.0])
     plt.close(fig)
+
+
+def test_load_model_names_a_folder_without_a_checkpoint_and_creates_nothing(tmp_path):
+    """A workdir with a config record but no checkpoint (a run that failed before its
+    first save, or a few-shot top folder): a RunStateError naming it, before any model
+    is built, and no ``checkpoints/`` folder made."""
+    import json
+
+    import pytest
+
+    from nvsm_jax.errors import RunStateError
+    from nvsm_jax.nemo import train as nemo_train
+
+    (tmp_path / "config.json").write_text(json.dumps({"category": "car"}))
+    with pytest.raises(RunStateError, match=r"no checkpoint in .*checkpoints; is .* a trained"):
+        nemo_train.load_model(tmp_path)
+    assert not (tmp_path / "checkpoints").exists()

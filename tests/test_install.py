@@ -366,3 +366,24 @@ def test_a_config_override_typo_is_one_line_and_writes_nothing(tmp_path, overrid
     assert len(lines) == 1 and lines[0].startswith("nvsm_fewshot.py: error: "), proc.stderr
     assert all(w in lines[0] for w in words), lines[0]
     assert not work.exists()
+
+
+def test_argparse_binaries_and_the_report_say_a_bad_input_in_one_line(tmp_path):
+    """An argparse binary's bad flag: one line (no usage block), exit 2. ``nvsm-report``
+    on a missing folder or on one with no finished cells (a few-shot workdir): one line,
+    exit 2, and an existing ``report.md`` is left as it was."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    work = tmp_path / "fewshot"
+    work.mkdir()
+    (work / "report.md").write_text("the experiment's own report")
+    for args in (["experiments.show_data", "--root", "r", "--out", "o", "--bogus"],
+                 ["experiments.make_synthetic", "--out", str(tmp_path / "s"), "--train", "abc"],
+                 ["experiments.report", f"--results={tmp_path / 'nothere'}"],
+                 ["experiments.report", f"--results={work}"]):
+        proc = subprocess.run([sys.executable, "-m", *args], cwd=REPO, capture_output=True,
+                              text=True, timeout=120, env=env)
+        lines = [line for line in proc.stderr.splitlines() if line.strip()]
+        assert proc.returncode == 2 and len(lines) == 1 and ": error: " in lines[0], proc.stderr
+    assert "no finished cells" in lines[0]
+    assert (work / "report.md").read_text() == "the experiment's own report"
+    assert not (tmp_path / "s").exists()

@@ -472,3 +472,30 @@ def test_progress_is_log_lines_off_a_terminal_with_a_heartbeat(monkeypatch, capl
     beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
     assert 1 <= len(beats) <= 4 and all(b.startswith("fit: 1/2: still running, ")
                                         for b in beats), beats
+
+
+def test_fit_without_a_progress_bar_beats_during_its_first_step(tmp_path, monkeypatch, caplog):
+    """``progress=False`` (MCSS, the E-step's M-steps off a terminal): a first step slower
+    than the heartbeat (a compilation) is said to be running; later steps are not."""
+    import logging
+    import time
+
+    import optax
+
+    monkeypatch.setattr(training, "HEARTBEAT_SECONDS", 0.1)
+    mesh = parallel.make_mesh(1)
+    init = lambda k: training.TrainState.create(apply_fn=None, params={"w": jnp.zeros(())},
+                                                tx=optax.sgd(1.0))
+    state = training.create_replicated(init, jax.random.key(0), mesh)
+
+    def train_step(state, batch, key):
+        time.sleep(0.45 if int(state.step) == 0 else 0.0)
+        return state.replace(step=state.step + 1), {"loss": jnp.zeros(())}
+
+    caplog.set_level(logging.INFO, logger="nvsm_jax.training")
+    training.fit(state, train_step, lambda s: {"s": np.zeros((2,), np.float32)}, mesh, start=0,
+                 end=3, seed=0, batch_size=2, log_every=10, writer=training.MetricsWriter(tmp_path),
+                 progress=False, desc="mcss_S1")
+    beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
+    assert 2 <= len(beats) <= 6, beats
+    assert all(b.startswith("mcss_S1: step 1 (the first call compiles): still running") for b in beats)

@@ -3,7 +3,9 @@
 Modules: :mod:`skeleton` (17-joint H3.6M skeleton, FK, synthetic actions),
 :mod:`data` (rendered synchronised multi-view benchmark), :mod:`h36m` (loader
 for a preprocessed Human3.6M layout and the synthetic one), :mod:`model`,
-:mod:`losses`, :mod:`metrics`, :mod:`retrieval`, :mod:`train`.
+:mod:`losses`, :mod:`metrics`, :mod:`retrieval`, :mod:`train`, :mod:`fusion`,
+:mod:`experiment`, :mod:`config_checks` (every field of an MCSS config), :mod:`h36m_archives`
+(Human3.6M's official archives into that layout) and :mod:`mpi_inf_3dhp`.
 """
 
 from nvsm_jax.mcss.h36m import MultiViewData, load_dataset

@@ -94,6 +94,13 @@ def nemo_ranges(ck: Checks):
             and top_k > grid[0] * len(grid[1]) * len(grid[2])):
         ck.bad("solver.top_k", top_k, f"<= {grid[0] * len(grid[1]) * len(grid[2])}, the "
                "grid's poses: solver.num_azimuth x len(elevations) x len(thetas)")
+    solver = ck.get("solver")
+    if solver not in (MISSING, None) and not any(e.startswith("solver.") for e in ck.errors):
+        from nvsm_jax.nemo.pose_solver import SolverConfig    # (heavy: jax)
+        try:                                # unknown keys: refused before any training
+            SolverConfig.from_dict(solver.to_dict() if hasattr(solver, "to_dict") else solver)
+        except (ValueError, TypeError) as err:
+            ck.errors.append(f"solver: {err}")
 
 
 def check_nemo_config(config) -> None:

@@ -19,7 +19,7 @@ import numpy as np
 
 from nvsm_jax import evaluation, results, training
 from nvsm_jax.data import loaders
-from nvsm_jax.errors import NonFiniteError, RunStateError
+from nvsm_jax.errors import NonFiniteError
 from nvsm_jax.nemo import pose_solver
 from nvsm_jax.nemo.train import NemoModel, load_model, predict
 from nvsm_jax.workdir_lock import locked
@@ -33,20 +33,12 @@ def final_step(workdir, config) -> int:
     """The step a finished run of ``workdir`` ends at: ``config.num_steps``, or, for an
     NVSM run that ended early (its ``progress.json`` records ``stopped``: nothing new
     passed, or the pool was used up; older records: a last round with nothing new),
-    that round's step. ``progress.json`` and ``rounds.jsonl`` are read as the NVSM
-    round loop writes them (:mod:`nvsm_jax.nvsm.run_state`); NeMo imports no NVSM code."""
+    that round's step (:func:`nvsm_jax.training.load_progress`; NeMo imports no NVSM
+    code)."""
     final = int(config.get("num_steps") or 0)
-    path = os.path.join(os.fspath(workdir), "progress.json")
-    if not os.path.exists(path):
+    done = training.load_progress(workdir)
+    if done is None:
         return final
-    try:
-        done = training.read_json(path, "record of the last finished NVSM round",
-                                  "delete it to restart the NVSM run from round 0, or restore it")
-    except ValueError as err:
-        raise RunStateError(str(err)) from err
-    if not (isinstance(done, dict) and type(done.get("round")) is int
-            and type(done.get("step")) is int):
-        raise RunStateError(f"{path}: expected {{'round': r, 'step': s}} (integers), got {done!r}")
     last = (training.MetricsWriter(workdir, "rounds.jsonl", tensorboard=False).read()
             or [{}])[-1]
     if done.get("stopped") or (last.get("round") == done["round"] and done["round"] > 0

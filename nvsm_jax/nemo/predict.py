@@ -56,7 +56,6 @@ import numpy as np
 
 from nvsm_jax import geometry
 from nvsm_jax.nemo import pose_solver
-from nvsm_jax.nemo import evaluate as nemo_evaluate
 from nvsm_jax.data.format import IMAGE_EXTENSIONS, DataError
 from nvsm_jax.errors import RunStateError
 
@@ -131,7 +130,9 @@ def load_predictor(workdir):
         raise RunStateError(f"{workdir}: not a trained model (no config.json and checkpoint); "
                             f"{hint}")
     nemo = train.load_model(workdir)
-    nemo_evaluate.checkpoint_record(workdir, nemo)        # refuses NaN / infinite weights
+    from nvsm_jax.nemo import evaluate
+
+    evaluate.checkpoint_record(workdir, nemo)        # refuses NaN / infinite weights
     return nemo
 
 
@@ -236,7 +237,7 @@ def draw_wireframe(image, pose, verts, focal: float, principal, *, scale: float 
     pose [4], focal (pixels) and principal [2] are the crop's camera; ``scale`` and
     ``offset`` map crop points back to the photo (x_photo = (x_crop + o) / s, see
     :class:`Crop`). axes: the object's x, y, z axes as red / green / blue arrows from
-    its centre to its faces; key: an "x y z" key in the top-left corner. Edges with a
+    its centre to its faces; key: a "pose x y z" key in the top-left corner. Edges with a
     vertex behind the camera are left out."""
     from PIL import Image, ImageDraw, ImageFont
 

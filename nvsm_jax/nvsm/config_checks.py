@@ -24,11 +24,11 @@ METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
 # baseline's ``cls`` block to NeMo's fields, ``initial_steps`` to ``fewshot_steps``):
 # each is checked once, under the name it refers to, unless it holds its own value.
 LINKS = {"cls.seed": "seed", "cls.batch_size": "batch_size", "cls.log_every": "log_every",
-          "cls.keep_checkpoints": "keep_checkpoints", "cls.lr": "optim.lr",
-          "cls.weight_decay": "optim.weight_decay", "cls.frozen_stages": "model.frozen_stages",
-          "cls.flip_prob": "augment.flip_prob", "cls.jitter": "augment.jitter",
-          "cls.hue": "augment.hue", "cls.grayscale_prob": "augment.grayscale_prob",
-          "cls.checkpoint_every": "cls.num_steps", "initial_steps": "fewshot_steps"}
+         "cls.keep_checkpoints": "keep_checkpoints", "cls.lr": "optim.lr",
+         "cls.weight_decay": "optim.weight_decay", "cls.frozen_stages": "model.frozen_stages",
+         "cls.flip_prob": "augment.flip_prob", "cls.jitter": "augment.jitter",
+         "cls.hue": "augment.hue", "cls.grayscale_prob": "augment.grayscale_prob",
+         "cls.checkpoint_every": "cls.num_steps", "initial_steps": "fewshot_steps"}
 
 
 def experiment_ranges(ck: Checks):
@@ -49,7 +49,7 @@ def experiment_ranges(ck: Checks):
     ck.integer("data.num_test", 1)
     ck.sequence("data.image_size", 1, integers=True, length=2)
     ck.integer("data.seed", 0)
-    # the classification baseline (baselines.ClassifierConfig)
+    # the classification baseline (baselines.classifier.ClassifierConfig)
     for key in ("azimuth_bins", "elevation_bins", "theta_bins", "num_steps", "batch_size",
                 "log_every", "checkpoint_every", "keep_checkpoints"):
         if "cls." + key not in linked:

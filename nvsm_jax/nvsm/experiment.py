@@ -290,8 +290,7 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
 def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
-    out = rounds.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh,
-                                   test_sets=test_sets)
+    out = rounds.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh, test_sets=test_sets)
     if parallel.is_main_process():
         _nvsm_figures(cell, out, test_sets, mesh, c)
     return out["test"], int(out["state"].step)
@@ -368,13 +367,13 @@ def train_and_evaluate(config, workdir) -> str:
                 rows, inputs = stored
                 errors = dict(np.load(os.path.join(cell, "errors.npz")))
             if config.get("results_dir") and parallel.is_main_process():
-                rounds = (training.MetricsWriter(cell, "rounds.jsonl").read()
-                          if method == "nvsm" else None)
+                round_entries = (training.MetricsWriter(cell, "rounds.jsonl").read()
+                                 if method == "nvsm" else None)
                 results.record_cell(config.results_dir, method=results.recorded_method(
                                         method, config.get("nvsm_oracle", "none")),
                                     category=category,
                                     annotations=n, seed=int(cfg.seed), rows=rows,
-                                    errors=errors, config=cfg, rounds=rounds, inputs=inputs)
+                                    errors=errors, config=cfg, rounds=round_entries, inputs=inputs)
             all_rows += rows
             for r in rows:
                 all_errors[(r["method"], r["category"], r["annotations"], r["occlusion"])] = \

@@ -28,6 +28,7 @@ import numpy as np
 from nvsm_jax import parallel, training, workdir_lock
 from nvsm_jax.nvsm import pseudo_labels
 from nvsm_jax.errors import RunStateError
+from nvsm_jax.training import START_OVER, load_progress   # the record NeMo reads too
 
 log = logging.getLogger(__name__)
 
@@ -47,29 +48,6 @@ class RoundResult:
     #                                   checked (None: the safeguard is off)
     matched_poses: np.ndarray | None = None   # [M, 4] the matched poses before refinement
     #                                           (None: not refined)
-
-
-#: How to start an NVSM run over in its workdir (the run-state files go together).
-START_OVER = ("delete it to restart the NVSM run from round 0 (and with it checkpoints/, "
-               "pseudo_labels/ and rounds.jsonl), or restore it")
-
-
-def load_progress(workdir) -> dict | None:
-    """``{"round": r, "step": s}`` of the last finished round (with ``"stopped": True``
-    when the run ended there before ``num_rounds``: nothing new passed, or the pool was
-    used up), or None. A damaged ``progress.json`` raises RunStateError naming it."""
-    path = os.path.join(os.fspath(workdir), "progress.json")
-    if not os.path.exists(path):
-        return None
-    try:
-        done = training.read_json(path, "record of the last finished NVSM round", START_OVER)
-    except ValueError as err:
-        raise RunStateError(str(err)) from err
-    if not (isinstance(done, dict) and {"round", "step"} <= set(done)
-            and all(type(done[k]) is int and done[k] >= 0 for k in ("round", "step"))):
-        raise RunStateError(f"{path}: expected {{'round': r, 'step': s}} (integers >= 0), got "
-                            f"{done!r}; {START_OVER}")
-    return done
 
 
 def write_json_atomic(path, obj):

@@ -4,7 +4,7 @@ Given the feature map ``F_A`` of an image with a known pose ``theta_A`` and the
 object's model mesh:
 
 1. project the mesh at ``theta_A`` and read ``F_A`` at the vertices visible
-   under ``theta_A`` (:func:`nvsm_jax.nemo.features.sample_vertex_features`), giving
+   under ``theta_A`` (:func:`nvsm_jax.nemo.features.vertex_features`), giving
    vertex features ``[V, D]`` and a validity mask ``[V]``;
 2. rasterise the mesh under each target pose ``theta_A + dtheta``;
 3. interpolate the valid vertex features with the barycentrics of the winning
