@@ -55,7 +55,7 @@ import optax
 from flax.training import train_state
 
 from nvsm_jax import parallel
-from nvsm_jax.errors import InputError, NonFiniteError
+from nvsm_jax.errors import InputError, NonFiniteError, RunStateError
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
@@ -508,8 +508,6 @@ class MetricsWriter:
     def read(self) -> list[dict]:
         """The lines written so far. A last line cut short by a kill is left out; a
         damaged line before it raises RunStateError naming the file and the line."""
-        from nvsm_jax.errors import RunStateError
-
         if not os.path.exists(self.path):
             return []
         with open(self.path) as f:
@@ -791,8 +789,6 @@ def write_atomic(path, write: Callable[[Any], None], *, binary: bool = False,
 def read_json(path, what: str, recover: str):
     """``json.load`` of a run-state file, or a RunStateError naming the file, what it
     records and how to recover (instead of a bare JSONDecodeError)."""
-    from nvsm_jax.errors import RunStateError
-
     try:
         with open(path) as f:
             return json.load(f)
@@ -814,8 +810,6 @@ def load_progress(workdir) -> dict | None:
 
     The NVSM round loop writes it (:mod:`nvsm_jax.nvsm.run_state`); it lives here, in the
     core, because an evaluation of any workdir reads where its run ended."""
-    from nvsm_jax.errors import RunStateError
-
     path = os.path.join(os.fspath(workdir), "progress.json")
     if not os.path.exists(path):
         return None

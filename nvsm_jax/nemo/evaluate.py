@@ -26,7 +26,7 @@ from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
 
-__all__ = ["evaluate_workdir", "checkpoint_record", "final_step", "solver_config"]
+__all__ = ["evaluate_workdir", "checkpoint_record", "final_step"]
 
 
 def final_step(workdir, config) -> int:
@@ -68,25 +68,6 @@ def checkpoint_record(workdir, nemo: NemoModel) -> dict:
     else:
         log.info("%s: evaluating checkpoint step %d, the run's last step", workdir, step)
     return {"step": int(step), "final_step": final, "finished": bool(step >= final)}
-
-
-def solver_config(cfg, solver: str = "config", top_k: int | None = None):
-    """The pose solver's settings: the run's own (``"config"``), ``"reference"`` or
-    ``"fast"`` (:data:`nvsm_jax.nemo.pose_solver.REFERENCE` / ``FAST``); ``top_k``
-    overrides how many grid poses are refined."""
-    if solver == "config":
-        scfg = pose_solver.SolverConfig.from_dict(cfg.solver.to_dict())
-    elif solver == "reference":
-        scfg = pose_solver.REFERENCE
-    elif solver == "fast":
-        scfg = pose_solver.FAST
-    else:
-        raise ValueError(f"unknown solver setting {solver!r}")
-    if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scfg = dataclasses.replace(scfg, top_k=top_k)
-    return scfg
 
 
 @dataclasses.dataclass
@@ -210,7 +191,7 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         raise FileNotFoundError(f"{data_root}: test root not found (pass --data, or set the "
                                 "config's test_root; `nvsm-make-synthetic --out data/synthetic` "
                                 "makes data/synthetic/test); nothing written")
-    scfg = solver_config(cfg, solver, top_k)
+    scfg = pose_solver.settings_for(cfg, solver, top_k)
     levels = list(occlusions or cfg.get("eval_occlusions") or ("L0",))
     ev = _evaluate_levels(nemo, data_root, levels, scfg, method=method,
                           limit=limit if limit is not None else cfg.get("eval_limit"),

@@ -49,7 +49,7 @@ from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
            "nemo_loss", "pose_objective", "batch_objective", "grid_losses", "refine", "SolveResult", "solve",
-           "solve_batched"]
+           "solve_batched", "SETTINGS", "settings_for"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +107,26 @@ class SolverConfig:
 REFERENCE = SolverConfig()
 # tuned for speed (benchmarks/pose_solver.py): a third of the steps, faster decay
 FAST = SolverConfig(steps=60, lr=0.05, decay_every=25, top_k=1)
+
+#: The solver settings a trained model can be evaluated with (:func:`settings_for`).
+SETTINGS = ("config", "reference", "fast")
+
+
+def settings_for(run_config, setting: str = "config", top_k: int | None = None) -> SolverConfig:
+    """The solver of a trained run: its own ``solver`` block (``"config"``),
+    :data:`REFERENCE` or :data:`FAST`; ``top_k`` overrides how many grid poses are
+    refined. An unknown setting or ``top_k < 1`` is a ValueError."""
+    if setting == "config":
+        scfg = SolverConfig.from_dict(run_config.solver.to_dict())
+    elif setting in SETTINGS:
+        scfg = {"reference": REFERENCE, "fast": FAST}[setting]
+    else:
+        raise ValueError(f"solver must be one of {SETTINGS}, got {setting!r}")
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be >= 1, got {top_k}")
+        scfg = dataclasses.replace(scfg, top_k=top_k)
+    return scfg
 
 
 def score_table(vertex_memory, feature_map):

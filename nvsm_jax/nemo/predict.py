@@ -438,8 +438,8 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
         boxes = read_boxes(boxes)
     if boxes is not None and not isinstance(boxes, Mapping) and len(boxes) != len(paths):
         raise DataError(f"{len(boxes)} boxes for {len(paths)} images")
-    if solver not in ("config", "reference", "fast"):
-        raise ValueError(f"solver must be 'config', 'reference' or 'fast', got {solver!r}")
+    if solver not in pose_solver.SETTINGS:
+        raise ValueError(f"solver must be one of {pose_solver.SETTINGS}, got {solver!r}")
     photos, checked = [], []            # every input checked before the model is loaded
     for i, p in enumerate(paths):
         photo = loaders.load_image(p)
@@ -449,8 +449,7 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
     nemo = load_predictor(workdir)
     cfg = nemo.config
     camera = model_camera(cfg)
-    scfg = {"config": pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()),
-            "reference": pose_solver.REFERENCE, "fast": pose_solver.FAST}[solver]
+    scfg = pose_solver.settings_for(cfg, solver)
     grid = scfg.grid()
     ref_diag = reference_diagonal(nemo.mesh.verts, camera.size_focal, grid)
     crops = [crop_for_box(photo, box, camera, ref_diag) for photo, box in zip(photos, checked)]

@@ -37,13 +37,13 @@ import numpy as np
 import optax
 
 from nvsm_jax import evaluation, meshes, parallel, training
-from nvsm_jax.nemo import config_checks as nemo_checks
-from nvsm_jax.nemo import losses, pose_solver
 from nvsm_jax.baselines import pretrain
-from nvsm_jax.nemo import features as feat
 from nvsm_jax.data import fewshot, loaders, pipeline
-from nvsm_jax.errors import ConfigError, InputError, RunStateError
+from nvsm_jax.errors import ConfigError, RunStateError
 from nvsm_jax.models import backbone, weights
+from nvsm_jax.nemo import config_checks as nemo_checks
+from nvsm_jax.nemo import features as feat
+from nvsm_jax.nemo import losses, pose_solver
 from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
@@ -356,12 +356,7 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
                                 "NVSM run (nvsm-train-nemo, or a cell of nvsm-fewshot)?")
         recover = ("delete it and rerun the training command with the same config: it "
                    "writes it again and resumes from the checkpoints")
-        try:
-            config = training.read_json(path, "run's config", recover)
-        except InputError:
-            raise
-        except ValueError as err:
-            raise RunStateError(str(err)) from err
+        config = training.read_json(path, "run's config", recover)   # damaged: RunStateError
         if not isinstance(config, dict):
             raise RunStateError(f"{path}: the run's config is not a JSON object; {recover}")
         config = ml_collections.ConfigDict(config)

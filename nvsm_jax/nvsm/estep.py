@@ -32,11 +32,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from nvsm_jax.nemo import features as feat
 from nvsm_jax import geometry, meshes, parallel, training
-from nvsm_jax.nvsm import matching, pseudo_labels, synthesis
-from nvsm_jax.nemo import pose_solver
 from nvsm_jax.data import PoseSet, pipeline
+from nvsm_jax.nemo import features as feat
+from nvsm_jax.nemo import pose_solver
+from nvsm_jax.nvsm import matching, pseudo_labels, synthesis
 from nvsm_jax.nvsm.run_state import RoundResult
 
 log = logging.getLogger(__name__)

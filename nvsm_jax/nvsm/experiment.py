@@ -39,13 +39,13 @@ import time
 
 import numpy as np
 
-from nvsm_jax.baselines import classifier, pretrain
-from nvsm_jax.nvsm import config_checks as nvsm_checks
 from nvsm_jax import evaluation, figures, parallel, results, training
-from nvsm_jax.nemo import pose_solver, train
-from nvsm_jax.nvsm import estep, rounds
+from nvsm_jax.baselines import classifier, pretrain
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 from nvsm_jax.errors import ConfigError, RunStateError
+from nvsm_jax.nemo import pose_solver, train
+from nvsm_jax.nvsm import config_checks as nvsm_checks
+from nvsm_jax.nvsm import estep, rounds
 from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)

@@ -44,15 +44,15 @@ from typing import Any
 import jax
 import numpy as np
 
-from nvsm_jax.nemo import features as feat
-from nvsm_jax.nvsm import config_checks as nvsm_checks
-from nvsm_jax.nvsm.estep import (EStepConfig, Pool, SolverInputs, e_step, pool_features,
-                                 round_sources)
 from nvsm_jax import meshes, parallel, training, workdir_lock
-from nvsm_jax.nvsm import pseudo_labels, run_state
-from nvsm_jax.nemo import pose_solver, train
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 from nvsm_jax.errors import RunStateError
+from nvsm_jax.nemo import features as feat
+from nvsm_jax.nemo import pose_solver, train
+from nvsm_jax.nvsm import config_checks as nvsm_checks
+from nvsm_jax.nvsm import pseudo_labels, run_state
+from nvsm_jax.nvsm.estep import (EStepConfig, Pool, SolverInputs, e_step, pool_features,
+                                 round_sources)
 from nvsm_jax.nvsm.run_state import RoundResult, load_progress
 
 log = logging.getLogger(__name__)
