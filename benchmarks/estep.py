@@ -110,8 +110,8 @@ def main(argv):
     root = FLAGS.data or config.data_root
     n_lab = FLAGS.num_labelled or int(config.num_labelled)
     train_set = loaders.load_pose_set(root, config.category, "L0")
-    mesh = loaders.load_model_mesh(root, config.category)
-    nemo = train.load_model(FLAGS.workdir, config, mesh)
+    object_mesh = loaders.load_model_mesh(root, config.category)
+    nemo = train.load_model(FLAGS.workdir, config, object_mesh)
     split = fewshot.split_from_config(train_set, n_lab, config)
     labelled, unlabelled = split.labelled, split.unlabelled
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)
@@ -120,7 +120,7 @@ def main(argv):
     pool_maps = estep.extract_features(fn, unlabelled.images, 16)
     extract_s = time.time() - t0
     base = nvsm_config.get_config("demo").estep            # the experiment's estep block
-    mesh_axes = parallel.make_mesh()
+    mesh = parallel.make_mesh()
     solver = estep.SolverInputs(
         nemo.memory.vertex, feat.clutter_prototype(nemo.memory.clutter),
         pose_solver.SolverConfig.from_dict(config.solver.to_dict()))
@@ -129,8 +129,8 @@ def main(argv):
         scfg = dataclasses.replace(solver.config, steps=FLAGS.solver_steps)
         t0 = time.time()
         solver_poses = pose_solver.solve_batched(       # maps in, so the "backbone" is identity
-            lambda maps: maps, pool_maps, solver.vertex_memory, solver.clutter, mesh.verts,
-            mesh.faces, unlabelled.focal, unlabelled.principal, stride=config.model.stride,
+            lambda maps: maps, pool_maps, solver.vertex_memory, solver.clutter, object_mesh.verts,
+            object_mesh.faces, unlabelled.focal, unlabelled.principal, stride=config.model.stride,
             cfg=scfg).pose
         solver_s = time.time() - t0
     results, rows = {}, []
@@ -143,8 +143,8 @@ def main(argv):
         pool = estep.Pool(pool_maps, unlabelled.focal, unlabelled.principal,
                           np.ones(len(unlabelled), bool))
         t0 = time.time()
-        table = estep.score_views(cfg, sources, pool, model_mesh=mesh,
-                                  stride=config.model.stride, mesh_axes=mesh_axes,
+        table = estep.score_views(cfg, sources, pool, object_mesh=object_mesh,
+                                  stride=config.model.stride, mesh=mesh,
                                   solver=solver)
         seconds = time.time() - t0
         rep = pseudo_labels.table_report(table.scores, table.view_poses, hidden,
@@ -152,8 +152,8 @@ def main(argv):
                                          agree_angle=float(np.radians(FLAGS.agree_deg)))
         rep.update(num_views=int(table.scores.shape[0]), seconds=seconds, changes=changes)
         if FLAGS.holdout:
-            hc = estep.holdout_check(cfg, sources, model_mesh=mesh,
-                                               stride=config.model.stride, mesh_axes=mesh_axes,
+            hc = estep.holdout_check(cfg, sources, object_mesh=object_mesh,
+                                               stride=config.model.stride, mesh=mesh,
                                                solver=solver)
             rep.update(holdout_report(hc, table.scores, table.view_poses, hidden))
         results[name] = rep

@@ -67,7 +67,7 @@ def main(argv):
     training.quiet_checkpoint_logs()
     config = _config(FLAGS.cell)
     train_set = loaders.load_pose_set(config.data_root, config.category, "L0")
-    model_mesh = loaders.load_model_mesh(config.data_root, config.category)
+    object_mesh = loaders.load_model_mesh(config.data_root, config.category)
     unlabelled = fewshot.split_from_config(train_set, int(config.num_labelled), config).unlabelled
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)       # the report only
     files = sorted(glob.glob(os.path.join(FLAGS.cell, "pseudo_labels", "round_*.npz")))
@@ -79,17 +79,17 @@ def main(argv):
         first_round[pseudo_labels.PseudoLabels.from_dict(np.load(path)).index] = r
     pl = pseudo_labels.PseudoLabels.from_dict(np.load(files[-1]))
     last = int(os.path.basename(files[-1])[6:9])
-    mesh_axes = parallel.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     model = train.build_model(config)
-    state = train.init_state(config, model, len(model_mesh.verts), train_set.image_size,
-                             mesh_axes)
+    state = train.init_state(config, model, len(object_mesh.verts), train_set.image_size,
+                             mesh)
     ckpt = training.Checkpointer(os.path.join(FLAGS.cell, "checkpoints"), 10 ** 9)
     steps = ([int(s) for s in FLAGS.checkpoints.split(",")] if FLAGS.checkpoints
              else sorted(ckpt.manager.all_steps()))
     solver = pose_solver.SolverConfig.from_dict(config.solver.to_dict())
     stride = int(config.model.stride)
-    verts = jnp.asarray(model_mesh.verts, jnp.float32)
-    faces = jnp.asarray(model_mesh.faces, jnp.int32)
+    verts = jnp.asarray(object_mesh.verts, jnp.float32)
+    faces = jnp.asarray(object_mesh.faces, jnp.int32)
     starts = np.concatenate([pl.poses[:, None], pseudo_labels.symmetric_poses(pl.poses)],
                             1).astype(np.float32)                          # [M, 4, 4]
     truth = hidden[pl.index].astype(np.float64)
@@ -99,7 +99,7 @@ def main(argv):
     for ck in steps:
         s = ckpt.restore(state, step=ck)
         maps = estep.extract_features(
-            train.feature_fn(train.nemo_model(config, model, s, model_mesh)),
+            train.feature_fn(train.nemo_model(config, model, s, object_mesh)),
             unlabelled.images[pl.index], int(config.eval_batch_size))
         clutter = features.clutter_prototype(s.aux.clutter)
         for n in [int(x) for x in FLAGS.steps.split(",")]:

@@ -94,25 +94,25 @@ def _load_baseline(path):
     return mod
 
 
-def _efficiency(solver, fmaps, vmem, clutter, mesh, f_s, p_s, init, t_ref, cfg):
+def _efficiency(solver, fmaps, vmem, clutter, object_mesh, f_s, p_s, init, t_ref, cfg):
     """(solver_efficiency, rasteriser record): see the module docstring."""
     from benchmarks.rasterizer import score_fwd_bwd_frames_per_s
     from nvsm_jax import geometry
     nb, nk = init.shape[:2]
     hw = tuple(fmaps.shape[1:3])
-    sv = geometry.project_to_screen(jnp.asarray(mesh.verts, jnp.float32), init,
+    sv = geometry.project_to_screen(jnp.asarray(object_mesh.verts, jnp.float32), init,
                                     f_s[:, None], p_s[:, None]).reshape(nb * nk, -1, 3)
     tables = jnp.repeat(jax.vmap(lambda fm: solver.score_table(vmem, fm))(fmaps), nk, axis=0)
     s_cl = jnp.repeat(jax.vmap(lambda fm: solver.clutter_scores(fm, clutter))(fmaps), nk, axis=0)
-    rast = score_fwd_bwd_frames_per_s(sv, mesh.faces, tables, s_cl, hw)
+    rast = score_fwd_bwd_frames_per_s(sv, object_mesh.faces, tables, s_cl, hw)
     refine_fps = nb * nk * cfg.steps / t_ref
     return refine_fps / rast["frames_per_s"], refine_fps, rast
 
 
-def _accuracy(solver, cfg, feat_fn, pose_set, vmem, clutter, mesh, stride, batch):
+def _accuracy(solver, cfg, feat_fn, pose_set, vmem, clutter, object_mesh, stride, batch):
     """(record fields, per-image rotation errors [N] in radians) of the full solve."""
     t = time.perf_counter()
-    res = solver.solve_batched(feat_fn, pose_set.images, vmem, clutter, mesh.verts, mesh.faces,
+    res = solver.solve_batched(feat_fn, pose_set.images, vmem, clutter, object_mesh.verts, object_mesh.faces,
                                pose_set.focal, pose_set.principal, stride=stride, cfg=cfg,
                                batch_size=batch)
     wall = time.perf_counter() - t
@@ -171,7 +171,7 @@ def main():
         test = loaders.load_pose_set(args.data, nemo.config.category, args.level, limit=b)
         images, focal, principal, gt = test.images, test.focal, test.principal, test.poses
         model, variables, stride = nemo.model, nemo.variables, nemo.config.model.stride
-        vmem, clutter, mesh = nemo.memory.vertex, clutter_prototype(nemo.memory.clutter), nemo.mesh
+        vmem, clutter, object_mesh = nemo.memory.vertex, clutter_prototype(nemo.memory.clutter), nemo.object_mesh
     else:
         from nvsm_jax.models import backbone
         model = backbone.make_feature_net("small", stride=8)
@@ -182,8 +182,8 @@ def main():
         gt = None
         variables = model.init(jax.random.key(0), jnp.zeros((1, args.image, args.image, 3)))
         stride = 8
-        mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
-        vmem = jax.random.normal(jax.random.key(1), (len(mesh.verts), model.feature_dim))
+        object_mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
+        vmem = jax.random.normal(jax.random.key(1), (len(object_mesh.verts), model.feature_dim))
         vmem = vmem / jnp.linalg.norm(vmem, axis=-1, keepdims=True)
         clutter = vmem[0]
 
@@ -205,10 +205,10 @@ def main():
             cfg = {"fast": solver.FAST, "reference": solver.REFERENCE}[name]
             grid = cfg.grid()
             t_grid, losses = _timed(lambda f: solver.grid_losses(
-                f, vmem, clutter, mesh.verts, mesh.faces, f_s, p_s, grid), fmaps)
+                f, vmem, clutter, object_mesh.verts, object_mesh.faces, f_s, p_s, grid), fmaps)
             init = jnp.asarray(grid)[jnp.argsort(losses, axis=1)[:, :cfg.top_k]]
             t_ref, (poses, fl, _) = _timed(lambda f: solver.refine(
-                f, vmem, clutter, mesh.verts, mesh.faces, f_s, p_s, init, cfg), fmaps)
+                f, vmem, clutter, object_mesh.verts, object_mesh.faces, f_s, p_s, init, cfg), fmaps)
             total = t_bb + t_grid + t_ref
             rec = {"name": f"nemo_solve_{name}{suffix}", "setting": name, "batch": b,
                    "feature_hw": list(fmaps.shape[1:3]), "grid_poses": int(grid.shape[0]),
@@ -216,11 +216,11 @@ def main():
                    "s_per_image_backbone": t_bb / b, "s_per_image_grid": t_grid / b,
                    "s_per_image_refine": t_ref / b, "peak_rss_mb": peak_rss_mb()}
             if not args.no_efficiency and cfg.steps > 0:
-                eff, refine_fps, rast = _efficiency(solver, fmaps, vmem, clutter, mesh, f_s, p_s,
+                eff, refine_fps, rast = _efficiency(solver, fmaps, vmem, clutter, object_mesh, f_s, p_s,
                                                     init, t_ref, cfg)
                 rec.update(solver_efficiency=eff, refine_frames_per_s=refine_fps,
                            raster_fwd_bwd_frames_per_s=rast["frames_per_s"],
-                           raster_faces=int(len(mesh.faces)), raster_load1=rast["load1"])
+                           raster_faces=int(len(object_mesh.faces)), raster_load1=rast["load1"])
             if gt is not None:
                 best = np.asarray(poses)[np.arange(b), np.argmin(np.asarray(fl), axis=1)]
                 rec["med_err_deg_batch"] = evaluation.median_error_deg(
@@ -228,7 +228,7 @@ def main():
                 rec["med_err_deg_grid_only"] = evaluation.median_error_deg(
                     evaluation.rotation_errors(np.asarray(init[:, 0]), gt))
             if eval_set is not None:
-                fields, err = _accuracy(solver, cfg, feat_fn, eval_set, vmem, clutter, mesh,
+                fields, err = _accuracy(solver, cfg, feat_fn, eval_set, vmem, clutter, object_mesh,
                                         stride, b)
                 rec.update(fields)
                 if suffix:                 # the same setting of this solver, image by image
@@ -240,7 +240,7 @@ def main():
             print_table([rec])
             if eval_set is not None and args.feature_noise > 0:
                 fields, err_n = _accuracy(solver, cfg, _noisy(feat_fn, args.feature_noise),
-                                          eval_set, vmem, clutter, mesh, stride, b)
+                                          eval_set, vmem, clutter, object_mesh, stride, b)
                 noisy = {"name": f"nemo_solve_{name}{suffix}_noise", "setting": name,
                          "feature_noise": args.feature_noise, **fields, **_paired(err_n, err)}
                 records.append(noisy)

@@ -90,7 +90,7 @@ def time_row(row: dict) -> dict:
         from nvsm_jax import train as nemo_train
     from nvsm_jax.models import backbone
 
-    model_mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
+    object_mesh = meshes.cuboid_mesh([-0.26, -0.58, -0.22], [0.26, 0.58, 0.21], 1000)
     size, b = row["image"], row["batch"]
     hw = (size, size)
     rng = np.random.default_rng(0)
@@ -109,9 +109,9 @@ def time_row(row: dict) -> dict:
     cfg.loss.anchors_per_image = row["anchors_per_image"] or None
     devices = parallel.make_mesh(1)
     model = nemo_train.build_model(cfg)
-    state = nemo_train.init_state(cfg, model, len(model_mesh.verts), hw, devices)
+    state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, devices)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = nemo_train.make_train_step(cfg, model, model_mesh, hw, sharding, devices)
+    step = nemo_train.make_train_step(cfg, model, object_mesh, hw, sharding, devices)
     sb = parallel.shard_batch(batch, devices)
     key = jax.random.key(0)
 
@@ -133,7 +133,7 @@ def time_row(row: dict) -> dict:
     forward = None
     forward_compile_s = fwd_s = fwd_cpu = overhead = None
     if hasattr(nemo_train, "make_loss_fn"):          # a baseline commit may predate it
-        loss_fn = nemo_train.make_loss_fn(cfg, model, model_mesh, hw)
+        loss_fn = nemo_train.make_loss_fn(cfg, model, object_mesh, hw)
         jitted = jax.jit(lambda params, state, batch, key: loss_fn(params, state, batch, key)[0])
         forward = lambda: jitted(holder["state"].params, holder["state"], sb, key)  # noqa: E731
         forward_compile_s = time_fn_stats(forward, warmup=2, repeats=1)["compile_s"]

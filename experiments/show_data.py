@@ -26,8 +26,8 @@ from . import ArgumentParser
 _EDGES = [(0, 1), (2, 3), (4, 5), (6, 7), (0, 2), (1, 3), (4, 6), (5, 7), (0, 4), (1, 5), (2, 6), (3, 7)]
 
 
-def _corners(mesh):
-    lo, hi = mesh.verts.min(0), mesh.verts.max(0)
+def _corners(object_mesh):
+    lo, hi = object_mesh.verts.min(0), object_mesh.verts.max(0)
     return np.array([[x, y, z] for x in (lo[0], hi[0]) for y in (lo[1], hi[1]) for z in (lo[2], hi[2])])
 
 
@@ -69,16 +69,16 @@ def contact_sheet(root, out, *, per_row=8, tile=128, categories=None):
         if categories and cat not in categories:
             continue
         try:
-            mesh = load_model_mesh(root, cat)
+            object_mesh = load_model_mesh(root, cat)
         except Exception:  # no model mesh: draw boxes only
-            mesh = None
+            object_mesh = None
         names = list_names(root, cat, occ)
         pick = names[:: max(1, len(names) // per_row)][:per_row]
         tiles = []
         for n in pick:
             ann = load_annotation(os.path.join(root, "annotations", sub, n + ".npz"))
             img = load_image(_find_image(root, sub, n))
-            corners = _corners(mesh) if mesh is not None else np.zeros((8, 3))
+            corners = _corners(object_mesh) if object_mesh is not None else np.zeros((8, 3))
             tiles.append(draw_tile(img, ann, corners, tile))
         rows.append((sub, tiles))
     th = max(t.size[1] for _, ts in rows for t in ts)

@@ -48,7 +48,7 @@ def _nemo(workdir, data_root, **kw):
 
     data = load_pose_set(data_root, "car", lazy_images=True)
     state = train.train_and_evaluate(_nemo_config(), workdir, train_set=data,
-                                     model_mesh=load_model_mesh(data_root, "car"),
+                                     object_mesh=load_model_mesh(data_root, "car"),
                                      progress=False, **kw)
     leaves = {f"{name}_{i}": np.asarray(x) for name, tree in (("params", state.params),
                                                              ("aux", state.aux))
@@ -56,7 +56,7 @@ def _nemo(workdir, data_root, **kw):
     return leaves, sum(data.images.reads.values())
 
 
-def _estep(data_root, mesh_axes):
+def _estep(data_root, mesh):
     """One NVSM E-step of the initial model: score table, pseudo-labels, pool reads."""
     from experiments.configs import nvsm as nvsm_config
     from nvsm_jax.nemo import features as feat
@@ -73,25 +73,25 @@ def _estep(data_root, mesh_axes):
     split = fewshot.split_from_config(data, 7, cfg)
     labelled, unlabelled = split.labelled, split.unlabelled
     model = train.build_model(cfg)
-    state = train.init_state(cfg, model, len(mesh.verts), data.image_size, mesh_axes)
+    state = train.init_state(cfg, model, len(mesh.verts), data.image_size, mesh)
     fn = train.feature_fn(train.nemo_model(cfg, model, state, mesh))
-    maps, rows = estep.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh_axes)
+    maps, rows = estep.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh)
     pool_reads = sorted(p for p in data.images.read_paths if p in set(unlabelled.images.paths))
     candidates = np.ones(len(unlabelled), bool)
     candidates[[1, 5]] = False
     pool = estep.Pool(maps, unlabelled.focal, unlabelled.principal, candidates, rows)
     est = estep.EStepConfig.from_config(cfg.estep)
     sources = estep.round_sources(cfg, fn, labelled, unlabelled, pool,
-                               pseudo_labels.PseudoLabels.empty(), mesh_axes)
+                               pseudo_labels.PseudoLabels.empty(), mesh)
     solver = estep.SolverInputs(state.aux.vertex, feat.clutter_prototype(state.aux.clutter),
                              pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()))
-    kw = dict(model_mesh=mesh, stride=cfg.model.stride, mesh_axes=mesh_axes, solver=solver)
+    kw = dict(object_mesh=mesh, stride=cfg.model.stride, mesh=mesh, solver=solver)
     table = estep.score_views(est, sources, pool, **kw)
     new = estep.e_step(est, sources, pool, round_index=1, **kw).new
     own = np.asarray(unlabelled.images.paths)[rows]
     return {"scores": table.scores, "view_poses": table.view_poses, "index": new.index,
             "poses": new.poses, "score": new.score, "all_maps": pool.maps_at(
-                np.arange(len(unlabelled)), mesh_axes), "pool_reads": np.asarray(pool_reads),
+                np.arange(len(unlabelled)), mesh), "pool_reads": np.asarray(pool_reads),
             "own_rows": own}
 
 
@@ -100,7 +100,7 @@ def _fake_mcss_set(**kw):
     return fake_train_set(**kw)
 
 
-def _mcss(mesh_axes):
+def _mcss(mesh):
     """Two MCSS steps (pose + multi-view loss) on the mesh, each process gathering only
     its rows of the batch -> the second step's losses, and the predictions (embedding,
     joints) of 12 frames, gathered from every process."""
@@ -111,18 +111,18 @@ def _mcss(mesh_axes):
 
     cfg = mcss_config.get_config("tiny").train
     ts = _fake_mcss_set()
-    model, state = mtrain.init_state(cfg, mesh_axes, (32, 32), seed=0)
+    model, state = mtrain.init_state(cfg, mesh, (32, 32), seed=0)
     step = mtrain.make_train_step(model, cfg, use_multiview=True)
-    batch = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, True, 0, mesh=mesh_axes),
-                                 mesh_axes, process_local=True)
+    batch = parallel.shard_batch(mtrain._batch_for_step(ts, cfg, 0, True, 0, mesh=mesh),
+                                 mesh, process_local=True)
     for s in range(2):
         state, out = step(state, batch, training.step_key(0, s))
-    emb, joints = mtrain.predict(model, state, ts.images[:12], mesh_axes, batch_size=8)
+    emb, joints = mtrain.predict(model, state, ts.images[:12], mesh, batch_size=8)
     return {**{k: float(v) for k, v in jax.device_get(out).items()},
             "pred_emb": emb, "pred_joints": joints}
 
 
-def _classifier(root, mesh_axes):
+def _classifier(root, mesh):
     """The pose classifier's predictions (untrained, tiny) for 12 images, each process
     computing its rows of every chunk -> poses [12, 4], on every process."""
     from nvsm_jax.baselines import classifier
@@ -130,7 +130,7 @@ def _classifier(root, mesh_axes):
 
     cfg = classifier.classifier_config("tiny")
     images = load_pose_set(root, "car").images[:12]
-    state = classifier.init_classifier_state(cfg, images.shape[1:3], mesh_axes)
+    state = classifier.init_classifier_state(cfg, images.shape[1:3], mesh)
     return {"poses": classifier.predict_classifier(state, images, 8, config=cfg)}
 
 

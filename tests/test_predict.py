@@ -96,7 +96,7 @@ def test_box_crop_reproduces_the_camera(workdir):
     train = loaders.load_pose_set(nemo.config.data_root, "car", "L0")   # the size focal, by hand
     assert cam.size_focal == pytest.approx(np.median(train.focal * 5.0 / train.poses[:, 3]))
     grid = SolverConfig.from_dict(nemo.config.solver.to_dict()).grid()
-    ref = predict.reference_diagonal(nemo.mesh.verts, cam.size_focal, grid)
+    ref = predict.reference_diagonal(nemo.object_mesh.verts, cam.size_focal, grid)
     photo = np.zeros((70, 90, 3), np.uint8)
     photo[20:52, 30:62] = img
     c = np.array([46.0, 36.0])                       # the crop's centre in the photo

@@ -33,7 +33,7 @@ def _config():
 def _run(tiny_data, workdir, config=None, **kw):
     train_set, mesh, tests = tiny_data
     return rounds.run_nvsm(config or _config(), workdir, train_set=train_set,
-                                    model_mesh=mesh, test_sets=tests, num_devices=8,
+                                    object_mesh=mesh, test_sets=tests, num_devices=8,
                                     progress=False, **kw)
 
 
@@ -200,7 +200,7 @@ def test_e_step_rejects_empty_sources(tiny_data):
                                np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool)),
             estep.Pool(np.zeros((3, 8, 8, 4)), np.ones(3), np.zeros((3, 2)),
                                  np.ones(3, bool)),
-            model_mesh=mesh, stride=4, round_index=1, mesh_axes=None)
+            object_mesh=mesh, stride=4, round_index=1, mesh=None)
 
 
 
@@ -219,7 +219,7 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     pool_set = estep.Pool(pool, np.full(4, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 4, axis=0),
                                     np.ones(4, bool))
-    kw = dict(model_mesh=mesh, stride=4, round_index=2, mesh_axes=parallel.make_mesh(1))
+    kw = dict(object_mesh=mesh, stride=4, round_index=2, mesh=parallel.make_mesh(1))
     cfg = _estep(max_new=4)
 
     def pose_of_image_0(result):
@@ -257,7 +257,7 @@ def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
     feature map is the network's map of the mirrored image."""
     from nvsm_jax import geometry
 
-    train_set, model_mesh, _ = tiny_data
+    train_set, object_mesh, _ = tiny_data
     rows = np.arange(3)
     images = train_set.images[rows]
     w = images.shape[2]
@@ -277,7 +277,7 @@ def test_mirrored_sources_project_like_the_mirror_image(tiny_data):
     np.testing.assert_array_equal(m_maps[3:], feature_fn(images[:, :, ::-1]))
     np.testing.assert_array_equal(m_ids, [4, 5, 6, 4, 5, 6])
     np.testing.assert_array_equal(m_lab, [True, False, True] * 2)
-    verts = np.asarray(model_mesh.verts, np.float64)
+    verts = np.asarray(object_mesh.verts, np.float64)
     mirrored_verts = verts * [-1.0, 1.0, 1.0]       # the car is symmetric about x = 0
     for i in range(3):
         uv = geometry.project_to_screen(verts, *_camera(train_set.poses[i], train_set.focal[i],
@@ -298,12 +298,12 @@ def test_source_vertex_mask_keeps_visible_front_facing_object_vertices(tiny_data
     from nvsm_jax.nemo import features as feat
     from nvsm_jax import geometry, meshes
 
-    train_set, model_mesh, _ = tiny_data
+    train_set, object_mesh, _ = tiny_data
     rows = np.arange(3)
-    verts = np.asarray(model_mesh.verts, np.float32)
-    normals = meshes.vertex_normals(model_mesh.verts, model_mesh.faces)
+    verts = np.asarray(object_mesh.verts, np.float32)
+    normals = meshes.vertex_normals(object_mesh.verts, object_mesh.faces)
     poses = train_set.poses[rows]
-    vf = feat.vertex_features(np.zeros((3, 8, 8, 4), np.float32), verts, model_mesh.faces,
+    vf = feat.vertex_features(np.zeros((3, 8, 8, 4), np.float32), verts, object_mesh.faces,
                               normals, poses, train_set.focal[rows], train_set.principal[rows],
                               stride=4, render_stride=1)
     masks = np.zeros((3, 32, 32), bool)
@@ -355,7 +355,7 @@ def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(t
     15 deg from anchor 0's, wrong when it is 180 deg away: the label decides."""
     from nvsm_jax import parallel
     train_set, mesh, _ = tiny_data
-    kw = dict(model_mesh=mesh, stride=4, mesh_axes=parallel.make_mesh(1))
+    kw = dict(object_mesh=mesh, stride=4, mesh=parallel.make_mesh(1))
     cfg = _estep(mirror_sources=False)
     offsets = 2 * cfg.azimuth_steps + 1
     views_per_source = offsets * (2 * cfg.elevation_steps + 1)
@@ -398,7 +398,7 @@ def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_
     pool_set = estep.Pool(pool.astype(np.float32), np.full(6, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 6, axis=0),
                                     np.ones(6, bool))
-    kw = dict(model_mesh=mesh, stride=4, round_index=1, mesh_axes=parallel.make_mesh(1))
+    kw = dict(object_mesh=mesh, stride=4, round_index=1, mesh=parallel.make_mesh(1))
     cfg = _estep(max_new=4, mirror_sources=False, agreement_angle=float(np.radians(40.0)),
                  agreement_min_count=2)
     elevation = np.radians(20.0)

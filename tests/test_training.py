@@ -54,7 +54,7 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
     run = lambda wd, **kw: nemo_train.train_and_evaluate(  # noqa: E731
-        cfg, tmp_path / wd, train_set=data, model_mesh=mesh, progress=False, **kw)
+        cfg, tmp_path / wd, train_set=data, object_mesh=mesh, progress=False, **kw)
 
     killed = run("a", num_devices=8, stop_after=2)           # "killed" after step 2
     assert int(killed.step) == 2
@@ -80,7 +80,7 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     changed = _config()
     changed.model.feature_dim = 16
     with pytest.raises(training.ConfigMismatchError, match=r"model\.feature_dim: 32 -> 16"):
-        nemo_train.train_and_evaluate(changed, tmp_path / "a", train_set=data, model_mesh=mesh,
+        nemo_train.train_and_evaluate(changed, tmp_path / "a", train_set=data, object_mesh=mesh,
                                       progress=False)
     ckpt.close()
 
@@ -103,7 +103,7 @@ def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path, monkeypatch
                         lambda config, data: trained_on.append(data.names) or real(config, data))
     for n, wd in ((4, "pool"), (None, "all")):
         cfg.num_labelled = n
-        nemo_train.train_and_evaluate(cfg, tmp_path / wd, train_set=pool, model_mesh=mesh,
+        nemo_train.train_and_evaluate(cfg, tmp_path / wd, train_set=pool, object_mesh=mesh,
                                       num_devices=1, stop_after=0, progress=False)
     assert trained_on == [anchors.names, pool.names]
 
@@ -370,14 +370,14 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
     cfg.optim.schedule = "constant"
     cfg.optim.lr = 2e-3
     n, hw = cfg.batch_size, data.image_size
-    mesh_axes = parallel.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     model = nemo_train.build_model(cfg)
-    state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, mesh_axes)
+    state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, mesh)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, mesh_axes)
+    step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, mesh)
     host = {"image": data.images[:n], "pose": data.poses[:n], "focal": data.focal[:n],
             "principal": data.principal[:n]}
-    batch = parallel.shard_batch(host, mesh_axes)
+    batch = parallel.shard_batch(host, mesh)
     key = jax.random.key(3)
     params0 = jax.tree_util.tree_map(np.array, state.params)
     mem0 = jax.tree_util.tree_map(np.array, state.aux)
@@ -427,7 +427,7 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
     # learning on a fixed batch, the memory held at its start
     fixed = jax.tree_util.tree_map(np.copy, mem0)
     for _ in range(7):
-        state = state.replace(aux=jax.device_put(fixed, parallel.replicated(mesh_axes)))
+        state = state.replace(aux=jax.device_put(fixed, parallel.replicated(mesh)))
         state, m = step(state, batch, key)
         losses.append(float(m["loss"]))
     assert losses[-1] < 0.8 * losses[0], losses

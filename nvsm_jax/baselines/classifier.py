@@ -273,8 +273,8 @@ def _optimizer(config: ClassifierConfig):
         frozen=backbone.frozen_encoder_filter(config.backbone, config.frozen_stages))
 
 
-def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> training.TrainState:
-    """TrainState (params, Adam, batch_stats if any) replicated on ``mesh_axes``, the
+def init_classifier_state(config: ClassifierConfig, image_hw, mesh) -> training.TrainState:
+    """TrainState (params, Adam, batch_stats if any) replicated on ``mesh``, the
     encoder from ``config.pretrained`` (``"imagenet"`` or none).
 
     image_hw: (H, W) of the training images (only the init trace uses it).
@@ -284,7 +284,7 @@ def init_classifier_state(config: ClassifierConfig, image_hw, mesh_axes) -> trai
     model = build_classifier(config)
     init = training.state_initializer(model, _optimizer(config)[0], (1, *image_hw, 3))
     state = training.create_replicated(
-        init, jax.random.key(config.seed), mesh_axes,
+        init, jax.random.key(config.seed), mesh,
         cache_key=("classifier", config.replace(seed=0), tuple(image_hw)))
     encoder = weights.pretrained_encoder(model.encoder, config.pretrained)
     if encoder is not None:
@@ -309,14 +309,14 @@ def classification_loss(logits: dict, bins, config: ClassifierConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: ClassifierConfig, mesh_axes):
+def make_train_step(config: ClassifierConfig, mesh):
     """The jitted, donated step ``(state, batch, key) -> (state, metrics)``.
 
     batch: ``{"image": [B, H, W, 3] uint8, "pose": [B, 4]}`` sharded over ``data``.
     Cached on ``(config, mesh)`` so repeated runs (resume, tests) compile once.
     """
     _, schedule = _optimizer(config)
-    rep = parallel.replicated(mesh_axes)
+    rep = parallel.replicated(mesh)
     frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
 
     def step(state: training.TrainState, batch, key):
@@ -369,21 +369,21 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     workdir = os.fspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     _save_config(config, workdir)
-    mesh_axes = parallel.make_mesh(num_devices)
-    n_dev = mesh_axes.devices.size
+    mesh = parallel.make_mesh(num_devices)
+    n_dev = mesh.devices.size
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     image_hw = train_set.image_size
     log.info("classifier: initialising the model (compiling its initialiser)")
     with training.heartbeat("classifier: initialising the model"):
-        state = init_classifier_state(config, image_hw, mesh_axes)
+        state = init_classifier_state(config, image_hw, mesh)
     if pretrained is not None:
         state = pretrain.apply_pretrained(state, pretrained, subtree="encoder")
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=config.keep_checkpoints)
     state = ckpt.restore_or(state)
     start = int(state.step)
-    train_step = make_train_step(config, mesh_axes)
+    train_step = make_train_step(config, mesh)
     augment = pipeline.augment_from_config(
         {k: getattr(config, k) for k in ("flip_prob", "jitter", "hue", "grayscale_prob")})
     batches = pipeline.BatchIterator(train_set, config.batch_size, seed=config.seed,
@@ -399,7 +399,7 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
         return {"image": b["image"], "pose": b["pose"]}
 
     state = training.fit(
-        state, train_step, host_batch, mesh_axes, start=start, end=end,
+        state, train_step, host_batch, mesh, start=start, end=end,
         num_steps=config.num_steps, seed=config.seed, batch_size=config.batch_size,
         log_every=config.log_every, writer=writer, ckpt=ckpt, progress=progress,
         desc="classifier")
@@ -421,8 +421,8 @@ def load_classifier(workdir, config: ClassifierConfig | None = None) -> Classifi
     if config is None:
         with open(os.path.join(workdir, "config.json")) as f:
             config = ClassifierConfig.from_dict(json.load(f))
-    mesh_axes = parallel.make_mesh(1)
-    state = init_classifier_state(config, (32, 32), mesh_axes)  # fully convolutional + GAP
+    mesh = parallel.make_mesh(1)
+    state = init_classifier_state(config, (32, 32), mesh)  # fully convolutional + GAP
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
     state = ckpt.restore(state)
     ckpt.close()
@@ -462,10 +462,10 @@ def predict_classifier(state_or_model, images, batch_size: int = 32, *,
         raise ValueError(f"images must be [N, H, W, 3], got {images.shape}")
     if len(images) == 0:
         return np.zeros((0, 4), np.float32)
-    mesh_axes = parallel.make_mesh(num_devices)
-    n_dev = mesh_axes.devices.size
+    mesh = parallel.make_mesh(num_devices)
+    n_dev = mesh.devices.size
     bs = -(-int(batch_size) // n_dev) * n_dev
-    variables = parallel.replicate(jax.device_get(variables), mesh_axes)
+    variables = parallel.replicate(jax.device_get(variables), mesh)
     f = _predict_fn(model)
     out = []
     for i in range(0, len(images), bs):
@@ -473,5 +473,5 @@ def predict_classifier(state_or_model, images, batch_size: int = 32, *,
         n = len(chunk)
         if n < bs:
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], bs - n, axis=0)])
-        out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])
+        out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh)))[:n])
     return np.asarray(bins_to_pose(np.concatenate(out), config), np.float32)

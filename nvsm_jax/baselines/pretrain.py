@@ -311,13 +311,13 @@ def resolve_model(model_config_or_model) -> backbone.FeatureNet:
 
 
 def init_state(config: PretrainConfig, model: backbone.FeatureNet, image_hw,
-               mesh_axes) -> training.TrainState:
-    """TrainState (FeatureNet params, Adam, batch_stats if any) replicated on ``mesh_axes``,
+               mesh) -> training.TrainState:
+    """TrainState (FeatureNet params, Adam, batch_stats if any) replicated on ``mesh``,
     through :func:`nvsm_jax.training.create_replicated` (compiled once per config,
     seed aside, model and image size)."""
     init = training.state_initializer(model, _optimizer(config)[0], (1, *image_hw, 3))
     return training.create_replicated(
-        init, jax.random.key(config.seed), mesh_axes,
+        init, jax.random.key(config.seed), mesh,
         cache_key=("pretrain", config.replace(seed=0), model, tuple(image_hw)))
 
 
@@ -333,14 +333,14 @@ def _optimizer(config: PretrainConfig):
 
 
 @functools.lru_cache(maxsize=8)
-def make_train_step(config: PretrainConfig, model: backbone.FeatureNet, mesh_axes):
+def make_train_step(config: PretrainConfig, model: backbone.FeatureNet, mesh):
     """Jitted, donated ``(state, batch, key) -> (state, metrics)``.
 
     batch: ``view1``, ``view2`` [B, H, W, 3] uint8 and ``idx1``, ``idx2``,
     ``valid`` [B, K], ``cell`` [B, K, 2], sharded over ``data``.
     """
     _, schedule = _optimizer(config)
-    rep = parallel.replicated(mesh_axes)
+    rep = parallel.replicated(mesh)
 
     def step(state: training.TrainState, batch, key):
         del key
@@ -394,17 +394,17 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
                        "model": {fl.name: getattr(model, fl.name)
                                  for fl in dataclasses.fields(model)
                                  if fl.name not in ("parent", "name")}}, f, indent=2)
-    mesh_axes = parallel.make_mesh(num_devices)
-    n_dev = mesh_axes.devices.size
+    mesh = parallel.make_mesh(num_devices)
+    n_dev = mesh.devices.size
     if config.batch_size % n_dev:
         raise ValueError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     image_hw = tuple(unlabelled.images.shape[1:3])
-    state = init_state(config, model, image_hw, mesh_axes)
+    state = init_state(config, model, image_hw, mesh)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=config.keep_checkpoints)
     state = ckpt.restore_or(state)
     start = int(state.step)
-    train_step = make_train_step(config, model, mesh_axes)
+    train_step = make_train_step(config, model, mesh)
     batches = pipeline.BatchIterator(unlabelled, config.batch_size, seed=config.seed)
     writer = training.MetricsWriter(workdir)
     end = config.num_steps if stop_after is None else min(config.num_steps, start + stop_after)
@@ -412,7 +412,7 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
         log.info("pretrain: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(unlabelled))
     state = training.fit(
-        state, train_step, lambda s: _host_batch(batches, model, config, s), mesh_axes,
+        state, train_step, lambda s: _host_batch(batches, model, config, s), mesh,
         start=start, end=end, num_steps=config.num_steps, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
         progress=progress, desc="pretrain")

@@ -397,9 +397,9 @@ def load_model_mesh(root, category: str, cad_index: int = 1, *,
                 path = alt
                 break
     try:
-        mesh = meshes.load_mesh(path)
+        object_mesh = meshes.load_mesh(path)
     except meshes.MeshError as err:
         raise DataError(str(err)) from err
     if pose_set is not None:
-        meshes.check_camera_outside(mesh, pose_set.poses, source=path, names=pose_set.names)
-    return mesh
+        meshes.check_camera_outside(object_mesh, pose_set.poses, source=path, names=pose_set.names)
+    return object_mesh

@@ -451,14 +451,14 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
     camera = model_camera(cfg)
     scfg = pose_solver.settings_for(cfg, solver)
     grid = scfg.grid()
-    ref_diag = reference_diagonal(nemo.mesh.verts, camera.size_focal, grid)
+    ref_diag = reference_diagonal(nemo.object_mesh.verts, camera.size_focal, grid)
     crops = [crop_for_box(photo, box, camera, ref_diag) for photo, box in zip(photos, checked)]
 
     stride = int(cfg.model.stride)
     bs = int(batch_size or cfg.get("eval_batch_size", 16))
     features = train.feature_fn(nemo)
     clutter = feat.clutter_prototype(nemo.memory.clutter)
-    verts, faces = nemo.mesh.verts, nemo.mesh.faces
+    verts, faces = nemo.object_mesh.verts, nemo.object_mesh.faces
     n = len(paths)
     focal = np.full(n, camera.focal, np.float32)
     principal = np.tile(np.asarray(camera.principal, np.float32), (n, 1))
@@ -513,7 +513,7 @@ def _write_outputs(out_dir, records, photos, crops, best, score, nemo, camera):
     os.makedirs(over_dir, exist_ok=True)
     overlays, captions = [], []
     for i, rec in enumerate(records):
-        ov = overlay(photos[i], best[i], nemo.mesh.verts, camera.focal, camera.principal,
+        ov = overlay(photos[i], best[i], nemo.object_mesh.verts, camera.focal, camera.principal,
                      crops[i])
         name = os.path.splitext(os.path.basename(rec["image"]))[0]
         path = os.path.join(over_dir, f"{i:04d}_{name}.png")

@@ -83,8 +83,8 @@ def load_train_set(config):
     # several processes: each reads an image only when one of its batch rows needs it
     train = loaders.load_pose_set(config.data_root, config.category, "L0",
                                   lazy_images=jax.process_count() > 1)
-    mesh = loaders.load_model_mesh(config.data_root, config.category, pose_set=train)
-    return labelled_images(config, train), mesh
+    object_mesh = loaders.load_model_mesh(config.data_root, config.category, pose_set=train)
+    return labelled_images(config, train), object_mesh
 
 
 def neighbor_radius(config, image_width: int) -> float:
@@ -106,9 +106,9 @@ def make_optimizer(config):
                                               config.model.frozen_stages))
 
 
-def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
+def init_state(config, model, num_verts: int, image_hw, mesh, *,
                pretrained: bool = True) -> training.TrainState:
-    """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh_axes``.
+    """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh``.
 
     With ``pretrained``, the encoder starts from ``config.model.pretrained``
     (``"imagenet"``: :func:`nvsm_jax.models.weights.pretrained_encoder`) and, with
@@ -128,7 +128,7 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
     log.info("initialising the model (compiling its initialiser on first use)")
     with training.heartbeat("initialising the model"):
         state = training.create_replicated(
-            init, jax.random.key(config.seed), mesh_axes,
+            init, jax.random.key(config.seed), mesh,
             cache_key=("nemo", model, tuple(image_hw), num_verts, lc.clutter_size, optim_key))
     encoder = (weights.pretrained_encoder(model.encoder, config.model.pretrained)
                if pretrained else None)
@@ -143,36 +143,36 @@ def init_state(config, model, num_verts: int, image_hw, mesh_axes, *,
 _TRAIN_STEPS: dict = {}
 
 
-def make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
+def make_train_step(config, model, object_mesh: meshes.Mesh, image_hw, state_sharding, mesh):
     """The jitted, donated step ``(state, batch, key) -> (state, metrics)``.
 
     Kept per (config, model, mesh geometry, image size, state layout, device mesh):
     a resumed run, or a second run of the same config in one process (tests, the
     few-shot experiment's cells), reuses the compiled step instead of compiling it again.
     """
-    key = (training._config_text(config), model, np.asarray(mesh.verts).tobytes(),
-           np.asarray(mesh.faces).tobytes(), tuple(image_hw),
+    key = (training._config_text(config), model, np.asarray(object_mesh.verts).tobytes(),
+           np.asarray(object_mesh.faces).tobytes(), tuple(image_hw),
            tuple(jax.tree_util.keystr(k) for k, _ in
-                 jax.tree_util.tree_flatten_with_path(state_sharding)[0]), mesh_axes)
+                 jax.tree_util.tree_flatten_with_path(state_sharding)[0]), mesh)
     cached = _TRAIN_STEPS.get(key)
     if cached is None:
         if len(_TRAIN_STEPS) >= 16:
             _TRAIN_STEPS.pop(next(iter(_TRAIN_STEPS)))
-        cached = _TRAIN_STEPS[key] = _make_train_step(config, model, mesh, image_hw,
-                                                      state_sharding, mesh_axes)
+        cached = _TRAIN_STEPS[key] = _make_train_step(config, model, object_mesh, image_hw,
+                                                      state_sharding, mesh)
     return cached
 
 
-def make_loss_fn(config, model, mesh: meshes.Mesh, image_hw):
+def make_loss_fn(config, model, object_mesh: meshes.Mesh, image_hw):
     """The train step's forward: ``loss_fn(params, state, batch, key) -> (total, aux)``.
 
     ``aux`` = ``(CokeLoss, normalised vertex features, VertexFeatures, sampled
     clutter, new model state)``; :func:`make_train_step` differentiates it, and
     ``benchmarks.train`` times it alone (the step's forward pass).
     """
-    verts = jnp.asarray(mesh.verts, jnp.float32)
-    faces = jnp.asarray(mesh.faces, jnp.int32)
-    normals = jnp.asarray(meshes.vertex_normals(mesh.verts, mesh.faces))
+    verts = jnp.asarray(object_mesh.verts, jnp.float32)
+    faces = jnp.asarray(object_mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(object_mesh.verts, object_mesh.faces))
     lc = config.loss
     radius = neighbor_radius(config, image_hw[1])
     stride = config.model.stride
@@ -204,10 +204,10 @@ def make_loss_fn(config, model, mesh: meshes.Mesh, image_hw):
     return loss_fn
 
 
-def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding, mesh_axes):
+def _make_train_step(config, model, object_mesh: meshes.Mesh, image_hw, state_sharding, mesh):
     lc = config.loss
     _, schedule = make_optimizer(config)
-    loss_fn = make_loss_fn(config, model, mesh, image_hw)
+    loss_fn = make_loss_fn(config, model, object_mesh, image_hw)
 
     def step(state: training.TrainState, batch, key):
         memory: feat.MemoryBank = state.aux
@@ -225,7 +225,7 @@ def _make_train_step(config, model, mesh: meshes.Mesh, image_hw, state_sharding,
         return state, metrics
 
     return jax.jit(step, donate_argnums=0,
-                   out_shardings=(state_sharding, parallel.replicated(mesh_axes)))
+                   out_shardings=(state_sharding, parallel.replicated(mesh)))
 
 
 # files that mean a run did work: a finished cell, NVSM round, evaluation, pre-training
@@ -254,14 +254,14 @@ def _batch_iterator(config, train):
 
 @locked     # one run per workdir (nvsm_jax.workdir_lock)
 def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
-                       stop_after: int | None = None, train_set=None, model_mesh=None,
+                       stop_after: int | None = None, train_set=None, object_mesh=None,
                        progress: bool = True) -> training.TrainState:
     """Trains NeMo per ``config`` into ``workdir`` (resuming if checkpoints exist).
 
     num_devices: devices of the data axis (default ``config.num_devices`` or all).
     stop_after: stop the loop after this many steps *of this call* (simulates a
       killed run; the final checkpoint is then not forced).
-    train_set / model_mesh: a PoseSet (the whole pool; ``config.num_labelled``
+    train_set / object_mesh: a PoseSet (the whole pool; ``config.num_labelled``
       still picks the few-shot anchors from it) and Mesh to use instead of
       loading ``config.data_root`` (tests, notebooks, the few-shot experiment).
     Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
@@ -269,24 +269,24 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     nemo_checks.check_nemo_config(config)
     workdir = os.fspath(workdir)
     if train_set is None:
-        train_set, model_mesh = load_train_set(config)
+        train_set, object_mesh = load_train_set(config)
     else:
         train_set = labelled_images(config, train_set)
-    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
-    n_dev = mesh_axes.devices.size
+    mesh = parallel.make_mesh(num_devices or config.num_devices)
+    n_dev = mesh.devices.size
     if config.batch_size % n_dev:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     os.makedirs(workdir, exist_ok=True)     # the record, once the config and data are good
     training.save_config(config, workdir, has_work=holds_work(workdir))
     model = build_model(config)
     image_hw = train_set.image_size
-    state = init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
+    state = init_state(config, model, len(object_mesh.verts), image_hw, mesh)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                  max_to_keep=config.keep_checkpoints)
     state = ckpt.restore_or(state)
     start = int(state.step)
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    train_step = make_train_step(config, model, model_mesh, image_hw, state_sharding, mesh_axes)
+    train_step = make_train_step(config, model, object_mesh, image_hw, state_sharding, mesh)
     batches = _batch_iterator(config, train_set)
     writer = training.MetricsWriter(workdir)
     end = config.num_steps if stop_after is None else min(config.num_steps, start + stop_after)
@@ -298,7 +298,7 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     state = training.fit(        # each process reads only its rows of every batch
         state, train_step,
         lambda s, rows: {k: v for k, v in batches.batch(s, rows).items() if k in keys},
-        mesh_axes, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
+        mesh, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
         progress=progress, process_local=True)
     ckpt.close()
@@ -312,20 +312,20 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
 
 class NemoModel(NamedTuple):
     """Everything inference needs. variables: FeatureNet variables; memory: MemoryBank;
-    mesh: the model mesh; config: the training config; step: the checkpoint's step
+    object_mesh: the model mesh; config: the training config; step: the checkpoint's step
     (:func:`load_model`; None for a live state)."""
 
     model: Any
     variables: Any
     memory: feat.MemoryBank
-    mesh: meshes.Mesh
+    object_mesh: meshes.Mesh
     config: Any
     step: int | None = None
 
 
-def nemo_model(config, model, state, model_mesh) -> "NemoModel":
+def nemo_model(config, model, state, object_mesh) -> "NemoModel":
     """The inference bundle of a live TrainState."""
-    return NemoModel(model, state.variables(), state.aux, model_mesh, config)
+    return NemoModel(model, state.variables(), state.aux, object_mesh, config)
 
 
 def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
@@ -344,7 +344,7 @@ def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int)
     return rows
 
 
-def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
+def load_model(workdir, config=None, object_mesh=None) -> NemoModel:
     """Restores the latest checkpoint of a NeMo workdir (config from ``config.json``; a
     missing or damaged one is a RunStateError naming it)."""
 
@@ -365,18 +365,18 @@ def load_model(workdir, config=None, model_mesh=None) -> NemoModel:
         raise RunStateError(f"no checkpoint in {ckpt_dir}; is {workdir} a trained NeMo or NVSM "
                             "run (nvsm-train-nemo, or a cell of nvsm-fewshot such as "
                             "W/nvsm_car_7)?")
-    if model_mesh is None:
-        model_mesh = loaders.load_model_mesh(config.data_root, config.category)
+    if object_mesh is None:
+        object_mesh = loaders.load_model_mesh(config.data_root, config.category)
     model = build_model(config)
-    mesh_axes = parallel.make_mesh(1)
+    mesh = parallel.make_mesh(1)
     log.info("loading the model of %s", workdir)
     # image size only matters for shapes of nothing here (fully convolutional)
-    state = init_state(config, model, len(model_mesh.verts), (64, 64), mesh_axes,
+    state = init_state(config, model, len(object_mesh.verts), (64, 64), mesh,
                        pretrained=False)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"))
     state = ckpt.restore(state)
     ckpt.close()
-    return NemoModel(model, state.variables(), state.aux, model_mesh, config, int(state.step))
+    return NemoModel(model, state.variables(), state.aux, object_mesh, config, int(state.step))
 
 
 def feature_fn(nemo: NemoModel):
@@ -396,6 +396,6 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
     clutter = feat.clutter_prototype(nemo.memory.clutter)
     bar = (lambda it: training.progress_bar(it, desc="solve")) if progress else None
     return pose_solver.solve_batched(
-        feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.mesh.verts,
-        nemo.mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
+        feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.object_mesh.verts,
+        nemo.object_mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
         cfg=solver_cfg, batch_size=batch_size, progress=bar)

@@ -57,7 +57,7 @@ def extract_features(feature_fn, images, batch_size: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def pool_features(feature_fn, images, batch_size: int, mesh_axes) -> tuple[np.ndarray, slice]:
+def pool_features(feature_fn, images, batch_size: int, mesh) -> tuple[np.ndarray, slice]:
     """This process's share of the pool's feature maps: ``(maps, rows)``.
 
     images: uint8 [N, H, W, 3] (an array or a lazily read
@@ -66,7 +66,7 @@ def pool_features(feature_fn, images, batch_size: int, mesh_axes) -> tuple[np.nd
     all of them on one process); maps: float32 [rows, h, w, D]. ``Pool(maps, ...,
     rows=rows)`` then matches them as one array sharded over every process's devices.
     """
-    rows, _ = parallel.local_rows(len(images), mesh_axes)
+    rows, _ = parallel.local_rows(len(images), mesh)
     if rows.stop > rows.start:
         with training.heartbeat(f"E-step: feature maps of {rows.stop - rows.start} pool images"):
             return extract_features(feature_fn, images[rows], batch_size), rows
@@ -74,23 +74,23 @@ def pool_features(feature_fn, images, batch_size: int, mesh_axes) -> tuple[np.nd
     return np.zeros((0, *shape.shape[1:]), np.float32), rows
 
 
-def _padded_pool(pool: "Pool", mesh_axes):
+def _padded_pool(pool: "Pool", mesh):
     """The pool's feature maps padded to a multiple of the devices, sharded once:
     from all rows (``pool.rows`` None), or assembled from every process's own rows."""
     if pool.rows is None:
-        padded, _ = parallel.pad_to_multiple(pool.maps, mesh_axes.devices.size)
-        return parallel.shard_batch(padded, mesh_axes)
-    rows, n_pad = parallel.local_rows(len(pool.candidates), mesh_axes)
+        padded, _ = parallel.pad_to_multiple(pool.maps, mesh.devices.size)
+        return parallel.shard_batch(padded, mesh)
+    rows, n_pad = parallel.local_rows(len(pool.candidates), mesh)
     if (rows.start, rows.stop) != (pool.rows.start, pool.rows.stop) or \
             len(pool.maps) != rows.stop - rows.start:
         raise ValueError(f"Pool.rows {pool.rows} with {len(pool.maps)} maps, but this process "
                          f"holds rows {rows} of the {len(pool.candidates)}-image pool")
-    block = parallel.process_rows(n_pad, mesh_axes)
+    block = parallel.process_rows(n_pad, mesh)
     pad = (block.stop - block.start) - len(pool.maps)     # padded rows are scored, then cut
     local = np.asarray(pool.maps, np.float32)
     if pad:
         local = np.concatenate([local, np.zeros((pad, *local.shape[1:]), np.float32)])
-    return parallel.shard_batch(local, mesh_axes, process_local=True)
+    return parallel.shard_batch(local, mesh, process_local=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +147,7 @@ class Pool(NamedTuple):
     candidates: np.ndarray
     rows: slice | None = None
 
-    def maps_at(self, index, mesh_axes=None) -> np.ndarray:
+    def maps_at(self, index, mesh=None) -> np.ndarray:
         """The feature maps of pool rows ``index`` [M] -> [M, h, w, D], on every process
         (gathered from the processes that hold them; all must call this together)."""
         index = np.asarray(index, np.int64)
@@ -155,9 +155,9 @@ class Pool(NamedTuple):
             return np.asarray(self.maps)[index]
         if self.rows.start == 0 and self.rows.stop == len(self.candidates):
             return np.asarray(self.maps)[index]
-        pool = _padded_pool(self, mesh_axes)
-        picked = _take_rows(pool, parallel.replicate(index, mesh_axes),
-                            parallel.replicated(mesh_axes))
+        pool = _padded_pool(self, mesh)
+        picked = _take_rows(pool, parallel.replicate(index, mesh),
+                            parallel.replicated(mesh))
         return parallel.host_array(picked)
 
 
@@ -311,7 +311,7 @@ def source_vertex_mask(vf: feat.VertexFeatures, normals_cos, object_masks, is_la
 
 
 def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int,
-                 model_mesh: meshes.Mesh, *, stride: int, mesh_axes,
+                 object_mesh: meshes.Mesh, *, stride: int, mesh,
                  solver: "SolverInputs | None" = None) -> np.ndarray:
     """Scores of every synthesised view against the pool: targets [S, K, 4] -> [S*K, N].
 
@@ -319,9 +319,9 @@ def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int
     """
     k = targets.shape[1]
     map_hw = tuple(pool_shard.shape[1:3])
-    verts = jnp.asarray(model_mesh.verts, jnp.float32)
-    faces = jnp.asarray(model_mesh.faces, jnp.int32)
-    normals = jnp.asarray(meshes.vertex_normals(model_mesh.verts, model_mesh.faces))
+    verts = jnp.asarray(object_mesh.verts, jnp.float32)
+    faces = jnp.asarray(object_mesh.faces, jnp.int32)
+    normals = jnp.asarray(meshes.vertex_normals(object_mesh.verts, object_mesh.faces))
     scores = []
     chunk = max(1, int(cfg.source_chunk))
     use_masks = cfg.source_object == "mask" and sources.masks is not None
@@ -347,7 +347,7 @@ def _score_table(cfg: EStepConfig, sources: Sources, targets, pool_shard, n: int
             principal / stride, map_hw, min_weight=cfg.min_weight)
         syn = syn[:m].reshape(m * k, *map_hw, -1)
         mask = mask[:m].reshape(m * k, *map_hw)
-        scores.append(matching.match_scores_sharded(syn, mask, pool_shard, mesh_axes,
+        scores.append(matching.match_scores_sharded(syn, mask, pool_shard, mesh,
                                                     normalized=True)[:, :n])
     return np.concatenate(scores)
 
@@ -362,8 +362,8 @@ class ScoreTable(NamedTuple):
     view_labelled: np.ndarray
 
 
-def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes.Mesh,
-                stride: int, mesh_axes, solver: SolverInputs | None = None) -> ScoreTable:
+def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, object_mesh: meshes.Mesh,
+                stride: int, mesh, solver: SolverInputs | None = None) -> ScoreTable:
     """The E-step's score table: proposals around every source, their synthesised
     views, each view's score against every pool image (``cfg.novel_views_only``
     drops pseudo-labelled sources' own poses)."""
@@ -373,10 +373,10 @@ def score_views(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: m
                                             (cfg.min_elevation, cfg.max_elevation),
                                             cfg.distance_scales)              # [S, K, 4]
     k = targets.shape[1]
-    pool_shard = matching.normalize_images(_padded_pool(pool, mesh_axes))  # once per round
+    pool_shard = matching.normalize_images(_padded_pool(pool, mesh))  # once per round
     with training.heartbeat("E-step: scoring views"):       # a chunk's first call compiles
         scores = _score_table(cfg, sources, targets, pool_shard, len(pool.candidates),
-                              model_mesh, stride=stride, mesh_axes=mesh_axes,
+                              object_mesh, stride=stride, mesh=mesh,
                               solver=solver)                                  # [S*K, N]
     table = ScoreTable(scores, targets.reshape(-1, 4), np.repeat(np.asarray(sources.ids), k),
                        np.repeat(np.asarray(sources.is_labelled, bool), k))
@@ -405,8 +405,8 @@ class HoldoutCheck(NamedTuple):
         return float(np.mean(self.right)) if len(self.right) else 0.0
 
 
-def holdout_check(cfg: EStepConfig, sources: Sources, *, model_mesh: meshes.Mesh, stride: int,
-                  mesh_axes, solver: SolverInputs | None = None,
+def holdout_check(cfg: EStepConfig, sources: Sources, *, object_mesh: meshes.Mesh, stride: int,
+                  mesh, solver: SolverInputs | None = None,
                   correct_angle: float = float(np.pi / 6)) -> HoldoutCheck:
     """Matches every labelled source (anchors and their mirror images) against the
     views synthesised from all other sources, as the E-step matches a pool image.
@@ -427,7 +427,7 @@ def holdout_check(cfg: EStepConfig, sources: Sources, *, model_mesh: meshes.Mesh
     held = sources.take(lab)
     table = score_views(cfg, sources, Pool(held.maps, held.focal, held.principal,
                                            np.ones(len(lab), bool)),
-                        model_mesh=model_mesh, stride=stride, mesh_axes=mesh_axes, solver=solver)
+                        object_mesh=object_mesh, stride=stride, mesh=mesh, solver=solver)
     own = (table.view_labelled[:, None]
            & (table.view_source[:, None] == np.asarray(held.ids)[None, :]))    # [K, M]
     scores = np.where(own, -np.inf, table.scores)
@@ -439,8 +439,8 @@ def holdout_check(cfg: EStepConfig, sources: Sources, *, model_mesh: meshes.Mesh
     return HoldoutCheck(right, best_score.astype(np.float32), (~own).sum(axis=0))
 
 
-def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes.Mesh,
-           stride: int, round_index: int, mesh_axes,
+def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, object_mesh: meshes.Mesh,
+           stride: int, round_index: int, mesh,
            solver: SolverInputs | None = None) -> RoundResult:
     """One expansion: synthesise around every source, match against the pool, accept.
 
@@ -458,10 +458,10 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     if not np.any(candidates):
         return RoundResult(pseudo_labels.PseudoLabels.empty(), 0, 0.0)
     scores, view_poses, view_source, view_labelled = score_views(
-        cfg, sources, pool, model_mesh=model_mesh, stride=stride, mesh_axes=mesh_axes,
+        cfg, sources, pool, object_mesh=object_mesh, stride=stride, mesh=mesh,
         solver=solver)
-    verts = jnp.asarray(model_mesh.verts, jnp.float32)
-    faces = jnp.asarray(model_mesh.faces, jnp.int32)
+    verts = jnp.asarray(object_mesh.verts, jnp.float32)
+    faces = jnp.asarray(object_mesh.faces, jnp.int32)
     agree = float(cfg.agree_angle) if solver is not None else 0.0
     gate = float(cfg.agreement_rate) if solver is not None else 0.0
     if cfg.agreement_rate > 0 and solver is None:
@@ -476,7 +476,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     if len(new) and agree > 0:
         log.info("E-step: checking %d matches against the solver's grid search", len(new))
         grid_only = solver._replace(config=dataclasses.replace(solver.config, steps=0, top_k=1))
-        grid_best = _solver_poses(pool.maps_at(new.index, mesh_axes), grid_only, verts, faces,
+        grid_best = _solver_poses(pool.maps_at(new.index, mesh), grid_only, verts, faces,
                                   pool.focal[new.index], pool.principal[new.index], stride, 32)
         new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))
         if cfg.max_new is not None:
@@ -484,7 +484,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
     agreement = None
     if len(new) and gate > 0:
         log.info("E-step: solving %d matched images for the agreement safeguard", len(new))
-        solved = _solver_poses(pool.maps_at(new.index, mesh_axes), solver, verts, faces,
+        solved = _solver_poses(pool.maps_at(new.index, mesh), solver, verts, faces,
                                pool.focal[new.index], pool.principal[new.index], stride,
                                int(cfg.max_new))
         agrees = pseudo_labels.agree_with_solver(new.poses, solved, cfg.agreement_angle)
@@ -497,7 +497,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, model_mesh: meshes
         log.info("E-step: refining %d accepted poses", len(new))
         solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
         with training.heartbeat(f"E-step: refining {len(new)} accepted poses"):
-            poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh_axes)),
+            poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh)),
                                              solver.vertex_memory,
                                              solver.clutter, verts, faces, focal[new.index],
                                              principal[new.index],
@@ -527,11 +527,11 @@ def mirrored_sources(feature_fn, batch_size, images, sources: Sources) -> Source
 
 
 def round_sources(config, fn, labelled: PoseSet, unlabelled, pool_maps,
-                   pl: pseudo_labels.PseudoLabels, mesh_axes=None) -> Sources:
+                   pl: pseudo_labels.PseudoLabels, mesh=None) -> Sources:
     """The E-step's sources: the anchors, then the pseudo-labelled images ``pl``,
     then (``estep.mirror_sources``) their mirror images. pool_maps: all pool
     maps [N, h, w, D], or a :class:`Pool` (its rows may be spread over processes)."""
-    pl_maps = (pool_maps.maps_at(pl.index, mesh_axes) if isinstance(pool_maps, Pool)
+    pl_maps = (pool_maps.maps_at(pl.index, mesh) if isinstance(pool_maps, Pool)
                else pool_maps[pl.index])
     sources = Sources(
         maps=np.concatenate([extract_features(fn, labelled.images, config.eval_batch_size),

@@ -185,10 +185,10 @@ def _data_inputs(config, category, train_root, test_root) -> dict:
 def _load_category(config, category, train_root, test_root):
     """(training pool, model mesh, {level: test set}) of ``category``."""
     train_set = load_pose_set(train_root, category, "L0")
-    mesh = load_model_mesh(train_root, category, pose_set=train_set)
+    object_mesh = load_model_mesh(train_root, category, pose_set=train_set)
     test_sets = {occ: load_pose_set(test_root, category, occ, limit=config.eval_limit)
                  for occ in config.eval_occlusions}
-    return train_set, mesh, test_sets
+    return train_set, object_mesh, test_sets
 
 
 def _describe(inputs, part) -> str:
@@ -240,10 +240,10 @@ def _nemo_config(config, num_labelled, steps):
     return c
 
 
-def _run_nemo(config, cell, train_set, mesh, test_sets, num_labelled, steps):
+def _run_nemo(config, cell, train_set, object_mesh, test_sets, num_labelled, steps):
     c = _nemo_config(config, num_labelled, steps)
-    state = train.train_and_evaluate(c, cell, train_set=train_set, model_mesh=mesh)
-    nemo = train.nemo_model(c, train.build_model(c), state, mesh)
+    state = train.train_and_evaluate(c, cell, train_set=train_set, object_mesh=object_mesh)
+    nemo = train.nemo_model(c, train.build_model(c), state, object_mesh)
     solver = pose_solver.SolverConfig.from_dict(c.solver.to_dict())
     return train.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size), int(state.step)
 
@@ -261,7 +261,7 @@ def _run_cls(config, cell, labelled, test_sets):
     return out, int(state.step)
 
 
-def _nvsm_figures(cell, out, test_sets, mesh, config):
+def _nvsm_figures(cell, out, test_sets, object_mesh, config):
     """Pictures of one NVSM run (best effort: a failing plot never loses results)."""
 
     paths = {}
@@ -274,25 +274,25 @@ def _nvsm_figures(cell, out, test_sets, mesh, config):
                                                   os.path.join(cell, "coverage.png"))
         test = test_sets.get("L0") or next(iter(test_sets.values()))
         k = min(8, len(test))
-        nemo = train.nemo_model(config, train.build_model(config), out["state"], mesh)
+        nemo = train.nemo_model(config, train.build_model(config), out["state"], object_mesh)
         maps = np.asarray(train.feature_fn(nemo)(test.images[:k]))
-        paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), mesh.verts,
+        paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), object_mesh.verts,
                                                test.images[:k], os.path.join(cell, "features_pca.png"))
         pred = out["test"]["L0" if "L0" in out["test"] else next(iter(out["test"]))]["pred"]
-        paths["poses"] = figures.draw_poses(test.images[:k], pred[:k], test.poses[:k], mesh.verts,
-                                            mesh.faces, test.focal[:k], test.principal[:k],
+        paths["poses"] = figures.draw_poses(test.images[:k], pred[:k], test.poses[:k], object_mesh.verts,
+                                            object_mesh.faces, test.focal[:k], test.principal[:k],
                                             os.path.join(cell, "predicted_poses.png"))
     except Exception as err:  # noqa: BLE001 - figures are a by-product
         log.warning("NVSM figures failed: %s", err)
     return paths
 
 
-def _run_nvsm(config, cell, train_set, mesh, test_sets, num_labelled):
+def _run_nvsm(config, cell, train_set, object_mesh, test_sets, num_labelled):
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
-    out = rounds.run_nvsm(c, cell, train_set=train_set, model_mesh=mesh, test_sets=test_sets)
+    out = rounds.run_nvsm(c, cell, train_set=train_set, object_mesh=object_mesh, test_sets=test_sets)
     if parallel.is_main_process():
-        _nvsm_figures(cell, out, test_sets, mesh, c)
+        _nvsm_figures(cell, out, test_sets, object_mesh, c)
     return out["test"], int(out["state"].step)
 
 
@@ -334,7 +334,7 @@ def train_and_evaluate(config, workdir) -> str:
     training.save_config(config, workdir, has_work=train.holds_work(workdir))
     all_rows, all_errors, by_azimuth = [], {}, []
     for category in categories:
-        train_set, mesh, test_sets = (loaded.pop(category, None)
+        train_set, object_mesh, test_sets = (loaded.pop(category, None)
                                       or _load_category(config, category, train_root, test_root))
         cfg = _cell_config(_with_pretrained_backbone(config, workdir, category, train_set),
                            category, train_root, test_root)
@@ -350,14 +350,14 @@ def train_and_evaluate(config, workdir) -> str:
                 t0 = time.time()
                 log.info("=== %s, %s, %s annotations", method, category, n)
                 if method == "nemo_full":
-                    res = _run_nemo(cfg, cell, train_set, mesh, test_sets, None, cfg.full_steps)
+                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, None, cfg.full_steps)
                 elif method == "nemo":
-                    res = _run_nemo(cfg, cell, train_set, mesh, test_sets, n, cfg.fewshot_steps)
+                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, n, cfg.fewshot_steps)
                 elif method == "cls_baseline":
                     labelled = fewshot.split_from_config(train_set, n, cfg).labelled
                     res = _run_cls(cfg, cell, labelled, test_sets)
                 else:
-                    res = _run_nvsm(cfg, cell, train_set, mesh, test_sets, n)
+                    res = _run_nvsm(cfg, cell, train_set, object_mesh, test_sets, n)
                 rows, errors = _rows(method, category, n, res[0])
                 for r in rows:
                     r["seconds"] = time.time() - t0

@@ -97,7 +97,7 @@ def _m_step(run: "NVSMRun", state, data: PoseSet, round_index: int, round_start:
         state, run.train_step,
         lambda s, rows: {k: v for k, v in batches.batch(s - round_start, rows).items()
                          if k in keys},
-        run.mesh_axes, start=begin, end=end, num_steps=round_end, seed=config.seed,
+        run.mesh, start=begin, end=end, num_steps=round_end, seed=config.seed,
         batch_size=config.batch_size, log_every=config.log_every, writer=run.writer,
         ckpt=run.ckpt, progress=run.progress, desc=f"round {round_index} M-step",
         extra={"round": round_index}, process_local=True)
@@ -121,8 +121,8 @@ class NVSMRun:
     unlabelled: PoseSet             # the pool (its poses are never read)
     hidden: np.ndarray              # the pool's hidden poses [N, 4]: reports and oracle rows only
     test_sets: dict                 # {"L0": PoseSet, ...}
-    model_mesh: meshes.Mesh
-    mesh_axes: Any                  # the device mesh
+    object_mesh: meshes.Mesh
+    mesh: Any                  # the device mesh
     model: Any
     train_step: Any
     ckpt: training.Checkpointer
@@ -143,7 +143,7 @@ class RunPosition:
     mid_round: int | None           # a checkpoint inside next_round's M-step to go on from
 
 
-def start_run(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
+def start_run(config, workdir, *, train_set: PoseSet | None = None, object_mesh=None,
               test_sets: dict | None = None, num_devices: int | None = None,
               progress: bool = True) -> tuple[NVSMRun, Any]:
     """Checks ``config``, loads the data (unless given), records ``config.json`` and
@@ -156,7 +156,7 @@ def start_run(config, workdir, *, train_set: PoseSet | None = None, model_mesh=N
     if train_set is None:
         train_set = loaders.load_pose_set(config.data_root, config.category, "L0",
                                           lazy_images=jax.process_count() > 1)  # own rows only
-        model_mesh = loaders.load_model_mesh(config.data_root, config.category,
+        object_mesh = loaders.load_model_mesh(config.data_root, config.category,
                                              pose_set=train_set)
     if test_sets is None:
         test_sets = {}
@@ -170,18 +170,18 @@ def start_run(config, workdir, *, train_set: PoseSet | None = None, model_mesh=N
     training.save_config(config, workdir, has_work=train.holds_work(workdir))
     os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
 
-    mesh_axes = parallel.make_mesh(num_devices or config.num_devices)
+    mesh = parallel.make_mesh(num_devices or config.num_devices)
     model = train.build_model(config)
     image_hw = train_set.image_size
-    state = train.init_state(config, model, len(model_mesh.verts), image_hw, mesh_axes)
+    state = train.init_state(config, model, len(object_mesh.verts), image_hw, mesh)
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     run = NVSMRun(
         config=config, workdir=workdir, estep_cfg=EStepConfig.from_config(config.estep),
         solver_cfg=pose_solver.SolverConfig.from_dict(config.solver.to_dict()),
         labelled=split.labelled, unlabelled=split.unlabelled, hidden=hidden,
-        test_sets=test_sets, model_mesh=model_mesh, mesh_axes=mesh_axes, model=model,
-        train_step=train.make_train_step(config, model, model_mesh, image_hw, state_sharding,
-                                         mesh_axes),
+        test_sets=test_sets, object_mesh=object_mesh, mesh=mesh, model=model,
+        train_step=train.make_train_step(config, model, object_mesh, image_hw, state_sharding,
+                                         mesh),
         ckpt=training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                    max_to_keep=max(1, int(config.keep_checkpoints))),
         writer=training.MetricsWriter(workdir),
@@ -222,19 +222,19 @@ def e_step_for_round(run: NVSMRun, at: RunPosition, r: int) -> RoundResult:
                             f"whose E-step is not stored ({run_state.staged_path(run.workdir, r)})"
                             f"; delete checkpoints/{at.mid_round} to redo the round")
     if result is None:
-        nemo = train.nemo_model(config, run.model, at.state, run.model_mesh)
+        nemo = train.nemo_model(config, run.model, at.state, run.object_mesh)
         fn = train.feature_fn(nemo)
         log.info("round %d E-step: feature maps of %d pool images", r, len(unlabelled))
         # each process: the feature maps of its own rows of the pool
         pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
-                                        run.mesh_axes)
+                                        run.mesh)
         candidates = np.ones(len(unlabelled), bool)
         candidates[pl.index] = False
         pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
         result = e_step(run.estep_cfg, round_sources(config, fn, labelled, unlabelled, pool, pl,
-                                                     run.mesh_axes),
-                        pool, model_mesh=run.model_mesh, stride=config.model.stride,
-                        round_index=r, mesh_axes=run.mesh_axes,
+                                                     run.mesh),
+                        pool, object_mesh=run.object_mesh, stride=config.model.stride,
+                        round_index=r, mesh=run.mesh,
                         solver=SolverInputs(at.state.aux.vertex,
                                             feat.clutter_prototype(at.state.aux.clutter),
                                             run.solver_cfg))
@@ -305,7 +305,7 @@ def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
     config = run.config
     entry = {**round_entry(run, at, r, result), "round_seconds": time.time() - started}
     if config.eval_every_round and "L0" in run.test_sets:
-        res = train.evaluate_nemo(train.nemo_model(config, run.model, at.state, run.model_mesh),
+        res = train.evaluate_nemo(train.nemo_model(config, run.model, at.state, run.object_mesh),
                                   {"L0": run.test_sets["L0"]}, run.solver_cfg,
                                   config.eval_batch_size)
         entry.update({f"test_{k}": v for k, v in res["L0"].items()
@@ -321,7 +321,7 @@ def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
 
 
 @workdir_lock.locked
-def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=None,
+def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, object_mesh=None,
              test_sets: dict | None = None, num_devices: int | None = None,
              stop_after_rounds: int | None = None, stop_after_steps: int | None = None,
              progress: bool = True) -> dict:
@@ -329,7 +329,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     latest checkpoint, also from inside a round's M-step. Holds the workdir
     (:func:`nvsm_jax.workdir_lock.hold`: another live run there is refused).
 
-    train_set / model_mesh / test_sets ({"L0": PoseSet, ...}): given directly
+    train_set / object_mesh / test_sets ({"L0": PoseSet, ...}): given directly
     (tests, notebooks) or loaded from ``config.data_root`` / ``config.test_root``.
     The learning-rate schedule spans the run (:func:`schedule_steps`; the recorded
     ``config.json`` holds that as ``num_steps``). Checkpoints: every
@@ -339,7 +339,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
     or optimiser steps, in this call (simulates a kill). Returns ``{"rounds":
     [...], "pseudo_labels": PseudoLabels, "state": TrainState, "test": {occ: metrics}}``.
     """
-    run, state = start_run(config, workdir, train_set=train_set, model_mesh=model_mesh,
+    run, state = start_run(config, workdir, train_set=train_set, object_mesh=object_mesh,
                            test_sets=test_sets, num_devices=num_devices, progress=progress)
     at = resume(run, state)
     rounds_done, steps_done = 0, 0
@@ -361,7 +361,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, model_mesh=No
            "labelled": run.labelled, "unlabelled": run.unlabelled, "hidden": run.hidden}
     if stop_after_rounds is None and stop_after_steps is None and run.test_sets:
         out["test"] = train.evaluate_nemo(
-            train.nemo_model(run.config, run.model, at.state, run.model_mesh), run.test_sets,
+            train.nemo_model(run.config, run.model, at.state, run.object_mesh), run.test_sets,
             run.solver_cfg, run.config.eval_batch_size)
     return out
 

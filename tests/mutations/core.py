@@ -333,8 +333,8 @@ MUTATIONS = [
     Mutation(
         name="classifier_reads_local_shards",
         file="nvsm_jax/baselines/classifier.py",
-        old="out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
-        new="out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh_axes)))[:n])",
+        old="out.append(parallel.host_array(f(variables, parallel.shard_batch(chunk, mesh)))[:n])",
+        new="out.append(np.asarray(f(variables, parallel.shard_batch(chunk, mesh)))[:n])",
         tests=("tests/test_multihost.py::test_classifier_predictions_two_processes_match_one",),
         kind="skipped step"),
     Mutation(
