@@ -32,8 +32,8 @@ def test_roundtrip_png_with_masks(tmp_path):
     ann = _ann(tmp_path / "annotations/car/car_0000.npz")
     assert np.isclose(ps.poses[0, 0], ann["azimuth"]) and np.isclose(ps.poses[0, 3], ann["distance"])
     assert load_pose_set(tmp_path, "car", limit=2).names == tuple(names[:2])
-    mesh = load_model_mesh(tmp_path, "car")
-    assert mesh.verts.shape[1] == 3
+    object_mesh = load_model_mesh(tmp_path, "car")
+    assert object_mesh.verts.shape[1] == 3
 
 
 def test_occluded_pascal_jpeg_no_masks(tmp_path):

@@ -53,8 +53,8 @@ def _check_layout_and_readback(generated):
         ps = load_pose_set(out / "test", "aeroplane", lv)
         assert len(ps) == 4 and os.path.isdir(out / "test/images" / subset_name("aeroplane", lv))
     assert not (out / "train/images/carFGL1_BGL1").exists()
-    mesh = load_model_mesh(out / "train", "car")
-    assert 800 <= len(mesh.verts) <= 1200
+    object_mesh = load_model_mesh(out / "train", "car")
+    assert 800 <= len(object_mesh.verts) <= 1200
     ann = _ann(out / "test/annotations/carFGL2_BGL2/car_L2_00001.npz")
     for key in ("azimuth", "elevation", "theta", "distance", "focal", "viewport", "principal",
                 "box", "bbox", "cad_index", "height", "width", "object_mask", "occluder_mask"):

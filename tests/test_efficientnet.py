@@ -356,11 +356,11 @@ def test_nemo_state_starts_from_imagenet_and_frozen_stages_do_not_move():
     cfg.model.pretrained = "imagenet"
     cfg.model.frozen_stages = 3                       # the stem and MBConv stages 1-2
     cfg.batch_size = 2
-    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
-    axes = parallel.make_mesh(1)
+    object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    mesh = parallel.make_mesh(1)
     hw = (32, 32)
     model = nemo_train.build_model(cfg)
-    state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, axes)
+    state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, mesh)
     imagenet = weights.load_imagenet("efficientnet_lite0")
     np.testing.assert_array_equal(state.params["encoder"]["blocks_5"]["expand_conv"]["kernel"],
                                   imagenet["params"]["blocks_5"]["expand_conv"]["kernel"])
@@ -369,14 +369,14 @@ def test_nemo_state_starts_from_imagenet_and_frozen_stages_do_not_move():
         imagenet["batch_stats"]["bn0"]["BatchNorm_0"]["mean"])
     before = jax.tree_util.tree_map(np.asarray, state.params)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, axes)
+    step = nemo_train.make_train_step(cfg, model, object_mesh, hw, sharding, mesh)
     rng = np.random.default_rng(0)
     batch = {"image": rng.integers(0, 256, (2, *hw, 3), dtype=np.uint8),
              "pose": np.array([[0.3, 0.2, 0.0, 5.0], [2.0, 0.3, 0.1, 5.0]], np.float32),
              "focal": np.full(2, 100.0, np.float32),
              "principal": np.full((2, 2), 16.0, np.float32)}
     for i in range(2):           # warm-up: step 0 has lr 0
-        state, _ = step(state, parallel.shard_batch(batch, axes), jax.random.key(i))
+        state, _ = step(state, parallel.shard_batch(batch, mesh), jax.random.key(i))
     after = jax.tree_util.tree_map(np.asarray, state.params)
     enc_b, enc_a = before["encoder"], after["encoder"]
     np.testing.assert_array_equal(enc_a["conv_stem"]["kernel"], enc_b["conv_stem"]["kernel"])

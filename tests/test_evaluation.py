@@ -109,9 +109,9 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     cfg = nemo_config.get_config("tiny")
     cfg.eval_batch_size = 4
     model = nemo_train.build_model(cfg)
-    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
-    state = nemo_train.init_state(cfg, model, len(mesh.verts), (32, 32), parallel.make_mesh(1))
-    nemo = nemo_train.nemo_model(cfg, model, state, mesh)
+    object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
+    state = nemo_train.init_state(cfg, model, len(object_mesh.verts), (32, 32), parallel.make_mesh(1))
+    nemo = nemo_train.nemo_model(cfg, model, state, object_mesh)
     out = str(tmp_path / "eval")
     rows = nemo_evaluate.evaluate_workdir(str(tmp_path), root, nemo=nemo, out_dir=out,
                                          occlusions=["L0", "L3"], top_k=2)

@@ -47,9 +47,9 @@ def _png16(path, a):
 def test_mesh_scaled_x100_puts_the_camera_inside_and_is_refused(tmp_path):
     write_tiny_root(tmp_path, num=4)
     train = load_pose_set(tmp_path, "car")
-    mesh = load_model_mesh(tmp_path, "car", pose_set=train)      # the tiny root is fine
-    meshes.save_off(_mesh_path(tmp_path), mesh.verts * 100, mesh.faces)
-    with pytest.raises(meshes.MeshError, match=r"01\.off: the camera is inside the mesh's "
+    object_mesh = load_model_mesh(tmp_path, "car", pose_set=train)      # the tiny root is fine
+    meshes.save_off(_mesh_path(tmp_path), object_mesh.verts * 100, object_mesh.faces)
+    with pytest.raises(meshes.MeshError, match=r"01\.off: the camera is inside the object_mesh's "
                        r"bounding box .* for 4 of 4 images") as info:
         load_model_mesh(tmp_path, "car", pose_set=train)
     assert "car_000" in str(info.value) and len(str(info.value).splitlines()) <= 3
@@ -74,18 +74,18 @@ def test_a_long_mesh_seen_from_close_by_passes_and_a_few_inside_warn(caplog):
 
 def test_flattened_mesh_warns_with_the_count_of_dropped_faces(tmp_path, caplog):
     write_tiny_root(tmp_path, num=2)
-    mesh = load_model_mesh(tmp_path, "car")
-    flat = mesh.verts.copy()
+    object_mesh = load_model_mesh(tmp_path, "car")
+    flat = object_mesh.verts.copy()
     flat[:, 2] = 0.0
-    meshes.save_off(_mesh_path(tmp_path), flat, mesh.faces)
-    tri = flat[mesh.faces].astype(np.float64)
+    meshes.save_off(_mesh_path(tmp_path), flat, object_mesh.faces)
+    tri = flat[object_mesh.faces].astype(np.float64)
     area = np.linalg.norm(np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0]), axis=-1)
     dropped = int(np.sum(area <= 2e-12))
-    assert 0 < dropped < len(mesh.faces)
+    assert 0 < dropped < len(object_mesh.faces)
     with caplog.at_level(logging.WARNING, logger="nvsm_jax.meshes"):
         back = load_model_mesh(tmp_path, "car")
-    assert len(back.faces) == len(mesh.faces) - dropped
-    assert f"01.off: dropped {dropped} of {len(mesh.faces)} degenerate faces" in caplog.text
+    assert len(back.faces) == len(object_mesh.faces) - dropped
+    assert f"01.off: dropped {dropped} of {len(object_mesh.faces)} degenerate faces" in caplog.text
 
 
 def test_mesh_with_only_degenerate_faces_is_refused():

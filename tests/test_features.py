@@ -59,15 +59,15 @@ def test_sample_clutter_avoids_the_object():
 
 
 def test_vertex_features_visibility_and_weights():
-    mesh = meshes.cuboid_mesh([-1, -1, -1], [1, 1, 1], 300)
-    normals = meshes.vertex_normals(mesh.verts, mesh.faces)
+    object_mesh = meshes.cuboid_mesh([-1, -1, -1], [1, 1, 1], 300)
+    normals = meshes.vertex_normals(object_mesh.verts, object_mesh.faces)
     pose = jnp.array([[0.0, 0.0, 0.0, 6.0]])      # camera on -y: sees the y = -1 side
     h = w = 16
     stride = 4
     focal = jnp.array([120.0])
     principal = jnp.array([[32.0, 32.0]])
     fm = jax.random.normal(jax.random.key(0), (1, h, w, 8))
-    vf = feat.vertex_features(fm, mesh.verts, mesh.faces, normals, pose, focal, principal,
+    vf = feat.vertex_features(fm, object_mesh.verts, object_mesh.faces, normals, pose, focal, principal,
                               stride=stride, render_stride=1)
     vis = np.asarray(vf.visible[0])
     front = np.isclose(normals[:, 1], -1)
@@ -77,7 +77,7 @@ def test_vertex_features_visibility_and_weights():
     wts = np.asarray(vf.weights[0])
     assert np.all(wts[front & vis] > 0.9) and np.all(wts[~vis] == 0)
     # samples = bilinear reading at the projections / stride
-    xy = np.asarray(geometry.project_to_screen(jnp.asarray(mesh.verts), pose[0], focal[0],
+    xy = np.asarray(geometry.project_to_screen(jnp.asarray(object_mesh.verts), pose[0], focal[0],
                                                principal[0])[:, :2])
     np.testing.assert_allclose(np.asarray(vf.xy[0]), xy, atol=1e-3)
     want, _ = feat.bilinear_sample(fm[0], jnp.asarray(xy) / stride)

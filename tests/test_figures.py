@@ -45,8 +45,8 @@ def test_plot_coverage(tmp_path):
 def test_feature_pca_rgb_consistent_colours(tmp_path):
     rng = np.random.default_rng(0)
     n, h, w, d = 3, 6, 8, 16
-    mesh = meshes.cuboid_mesh([-1.0, -2.0, -0.7], [1.0, 2.0, 0.7], 200)
-    v = len(mesh.verts)
+    object_mesh = meshes.cuboid_mesh([-1.0, -2.0, -0.7], [1.0, 2.0, 0.7], 200)
+    v = len(object_mesh.verts)
     # features: a smooth function of 3 latent values plus noise, memory reuses map features
     basis = rng.normal(size=(3, d))
     lat = rng.normal(size=(n, h, w, 3))
@@ -55,7 +55,7 @@ def test_feature_pca_rgb_consistent_colours(tmp_path):
     pick = rng.integers(0, n * h * w, v)
     memory = fmap.reshape(-1, d)[pick]
     images = rng.integers(0, 255, (n, 48, 64, 3), dtype=np.uint8)
-    path, map_rgb, vert_rgb = figures.feature_pca_rgb(fmap, memory, mesh.verts, images,
+    path, map_rgb, vert_rgb = figures.feature_pca_rgb(fmap, memory, object_mesh.verts, images,
                                                       tmp_path / "pca.png", return_colors=True)
     _png(path, (500, 400))
     assert map_rgb.shape == (n, h, w, 3) and vert_rgb.shape == (v, 3)
@@ -69,13 +69,13 @@ def test_feature_pca_rgb_consistent_colours(tmp_path):
 
 
 def test_draw_poses_and_edges(tmp_path):
-    mesh = meshes.cuboid_mesh([-0.8, -1.8, -0.6], [0.8, 1.8, 0.6], 300)
-    corners, edges = figures.box_edges(mesh.verts)
+    object_mesh = meshes.cuboid_mesh([-0.8, -1.8, -0.6], [0.8, 1.8, 0.6], 300)
+    corners, edges = figures.box_edges(object_mesh.verts)
     assert corners.shape == (8, 3) and edges.shape == (12, 2)
     lengths = np.linalg.norm(corners[edges[:, 0]] - corners[edges[:, 1]], axis=1)
     np.testing.assert_allclose(np.sort(lengths), np.repeat([1.2, 1.6, 3.6], 4), atol=1e-6)
-    e = figures.mesh_edges(mesh.faces)
-    assert len(e) > 300 and len(figures.mesh_edges(mesh.faces, max_edges=50)) == 50
+    e = figures.mesh_edges(object_mesh.faces)
+    assert len(e) > 300 and len(figures.mesh_edges(object_mesh.faces, max_edges=50)) == 50
     rng = np.random.default_rng(0)
     n, hh, ww = 5, 96, 128
     images = rng.integers(40, 120, (n, hh, ww, 3), dtype=np.uint8)
@@ -85,9 +85,9 @@ def test_draw_poses_and_edges(tmp_path):
     pred[::2, 0] += np.pi / 2              # three wrong, two right
     focal = np.full(n, 120.0)
     principal = np.tile([[ww / 2, hh / 2]], (n, 1))
-    _png(figures.draw_poses(images, pred, gt, mesh.verts, mesh.faces, focal, principal,
+    _png(figures.draw_poses(images, pred, gt, object_mesh.verts, object_mesh.faces, focal, principal,
                             tmp_path / "poses.png"), (500, 250))
-    _png(figures.draw_poses(images[:2], pred[:2], None, mesh.verts, mesh.faces, focal[:2],
+    _png(figures.draw_poses(images[:2], pred[:2], None, object_mesh.verts, object_mesh.faces, focal[:2],
                             principal[:2], tmp_path / "poses_nogt.png",
                             style=figures.PoseDrawing(outline="edges")),
          (250, 100))

@@ -69,12 +69,12 @@ def _estep(data_root, mesh):
     cfg.estep = nvsm_config.get_config("tiny").estep
     cfg.estep.max_new = 4
     data = load_pose_set(data_root, "car", lazy_images=True)
-    mesh = load_model_mesh(data_root, "car")
+    object_mesh = load_model_mesh(data_root, "car")
     split = fewshot.split_from_config(data, 7, cfg)
     labelled, unlabelled = split.labelled, split.unlabelled
     model = train.build_model(cfg)
-    state = train.init_state(cfg, model, len(mesh.verts), data.image_size, mesh)
-    fn = train.feature_fn(train.nemo_model(cfg, model, state, mesh))
+    state = train.init_state(cfg, model, len(object_mesh.verts), data.image_size, mesh)
+    fn = train.feature_fn(train.nemo_model(cfg, model, state, object_mesh))
     maps, rows = estep.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh)
     pool_reads = sorted(p for p in data.images.read_paths if p in set(unlabelled.images.paths))
     candidates = np.ones(len(unlabelled), bool)
@@ -85,7 +85,7 @@ def _estep(data_root, mesh):
                                pseudo_labels.PseudoLabels.empty(), mesh)
     solver = estep.SolverInputs(state.aux.vertex, feat.clutter_prototype(state.aux.clutter),
                              pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()))
-    kw = dict(object_mesh=mesh, stride=cfg.model.stride, mesh=mesh, solver=solver)
+    kw = dict(object_mesh=object_mesh, stride=cfg.model.stride, mesh=mesh, solver=solver)
     table = estep.score_views(est, sources, pool, **kw)
     new = estep.e_step(est, sources, pool, round_index=1, **kw).new
     own = np.asarray(unlabelled.images.paths)[rows]

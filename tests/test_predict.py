@@ -35,10 +35,10 @@ def workdir(tmp_path_factory):
     cfg.data_root, cfg.test_root = train_root, test_root
     cfg.eval_batch_size = 4
     work = str(base / "work")
-    mesh = meshes.load_mesh(os.path.join(train_root, "CAD_single", "car", "01.off"))
+    object_mesh = meshes.load_mesh(os.path.join(train_root, "CAD_single", "car", "01.off"))
     model = train.build_model(cfg)
     # (64, 64): the size train.load_model initialises with, so its initialiser is reused
-    state = train.init_state(cfg, model, len(mesh.verts), (64, 64), parallel.make_mesh(1),
+    state = train.init_state(cfg, model, len(object_mesh.verts), (64, 64), parallel.make_mesh(1),
                              pretrained=False)
     training.save_config(cfg, work)
     ckpt = training.Checkpointer(os.path.join(work, "checkpoints"))
@@ -138,12 +138,12 @@ def test_wireframe_falls_on_the_object_mask():
     """The wireframe drawn at the true pose (photo scaled 2x: crop points mapped back)
     lies on the rendered silhouette (1-2 px of line rounding allowed) and covers its outline;
     the axes stay inside; a pose 90 deg off leaves it."""
-    mesh = meshes.cuboid_mesh([-0.25, -0.5, -0.2], [0.25, 0.5, 0.2], 200)
+    object_mesh = meshes.cuboid_mesh([-0.25, -0.5, -0.2], [0.25, 0.5, 0.2], 200)
     pose = np.array([np.radians(30), np.radians(20), np.radians(5), 5.0])
     focal, principal = 200.0, np.array([32.0, 24.0])
-    mask = _silhouette(mesh.verts, mesh.faces, pose, 2 * focal, 2 * principal, (96, 128))
+    mask = _silhouette(object_mesh.verts, object_mesh.faces, pose, 2 * focal, 2 * principal, (96, 128))
     photo = np.zeros((96, 128, 3), np.uint8)
-    over = predict.draw_wireframe(photo, pose, mesh.verts, focal, principal, scale=0.5,
+    over = predict.draw_wireframe(photo, pose, object_mesh.verts, focal, principal, scale=0.5,
                                   offset=(0, 0), width=1, key=False)
     wire = np.all(over == predict.WIRE_COLOR, -1)
     assert wire.sum() > 150
@@ -155,30 +155,30 @@ def test_wireframe_falls_on_the_object_mask():
     for colour in predict.AXIS_COLORS:
         axes |= np.all(over == colour, -1)
     assert axes.sum() > 20 and not (axes & ~_dilate(mask, 3)).any()
-    wrong = predict.draw_wireframe(photo, pose + np.array([np.pi / 2, 0, 0, 0]), mesh.verts,
+    wrong = predict.draw_wireframe(photo, pose + np.array([np.pi / 2, 0, 0, 0]), object_mesh.verts,
                                    focal, principal, scale=0.5, width=1, key=False)
     assert (np.all(wrong == predict.WIRE_COLOR, -1) & ~_dilate(mask, 2)).sum() > 20
-    keyed = predict.draw_wireframe(photo, pose, mesh.verts, focal, principal, scale=0.5)
+    keyed = predict.draw_wireframe(photo, pose, object_mesh.verts, focal, principal, scale=0.5)
     assert np.all(keyed[2:10, 3:7] == 0, -1).any() and (keyed[:13, :48] != 0).any()
 
 
 def test_overlay_of_a_small_photo_is_enlarged_and_stays_on_the_object():
     """A 96 x 128 photo is drawn 2x larger (256 px): the wireframe still lies on the
     silhouette rendered at that size, and the key names the box ("pose", yellow)."""
-    mesh = meshes.cuboid_mesh([-0.25, -0.5, -0.2], [0.25, 0.5, 0.2], 200)
+    object_mesh = meshes.cuboid_mesh([-0.25, -0.5, -0.2], [0.25, 0.5, 0.2], 200)
     pose = np.array([np.radians(30), np.radians(20), np.radians(5), 5.0])
     focal, principal = 200.0, np.array([32.0, 24.0])
     crop = predict.Crop(np.zeros((48, 64, 3), np.uint8), 0.5, np.zeros(2))
-    over = predict.overlay(np.zeros((96, 128, 3), np.uint8), pose, mesh.verts, focal,
+    over = predict.overlay(np.zeros((96, 128, 3), np.uint8), pose, object_mesh.verts, focal,
                            principal, crop)
     assert over.shape == (192, 256, 3)
-    mask = _silhouette(mesh.verts, mesh.faces, pose, 4 * focal, 4 * principal, (192, 256))
+    mask = _silhouette(object_mesh.verts, object_mesh.faces, pose, 4 * focal, 4 * principal, (192, 256))
     wire = np.all(over == predict.WIRE_COLOR, -1)
     wire[:14, :90] = False                                        # the key's "pose"
     assert wire.sum() > 300 and not (wire & ~_dilate(mask, 3)).any()
     key = over[:14, :30].astype(int)                                # "pose" in yellow
     assert ((key[..., 0] > 150) & (key[..., 1] > 120) & (key[..., 2] < 80)).sum() > 10
-    big = predict.overlay(np.zeros((300, 400, 3), np.uint8), pose, mesh.verts, focal,
+    big = predict.overlay(np.zeros((300, 400, 3), np.uint8), pose, object_mesh.verts, focal,
                           principal, crop)
     assert big.shape == (300, 400, 3)                               # large photos as they are
 

@@ -31,9 +31,9 @@ def _config():
 
 
 def _run(tiny_data, workdir, config=None, **kw):
-    train_set, mesh, tests = tiny_data
+    train_set, object_mesh, tests = tiny_data
     return rounds.run_nvsm(config or _config(), workdir, train_set=train_set,
-                                    object_mesh=mesh, test_sets=tests, num_devices=8,
+                                    object_mesh=object_mesh, test_sets=tests, num_devices=8,
                                     progress=False, **kw)
 
 
@@ -193,14 +193,14 @@ def _estep(**changes):
 
 
 def test_e_step_rejects_empty_sources(tiny_data):
-    _, mesh, _ = tiny_data
+    _, object_mesh, _ = tiny_data
     with pytest.raises(ValueError, match="no sources"):
         estep.e_step(
             _estep(), _sources(np.zeros((0, 8, 8, 4)), np.zeros((0, 4)), np.zeros(0),
                                np.zeros((0, 2)), np.zeros(0, int), np.zeros(0, bool)),
             estep.Pool(np.zeros((3, 8, 8, 4)), np.ones(3), np.zeros((3, 2)),
                                  np.ones(3, bool)),
-            object_mesh=mesh, stride=4, round_index=1, mesh=None)
+            object_mesh=object_mesh, stride=4, round_index=1, mesh=None)
 
 
 
@@ -210,7 +210,7 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     and the image lands at another pose."""
     from nvsm_jax import geometry, parallel
 
-    train_set, mesh, _ = tiny_data
+    train_set, object_mesh, _ = tiny_data
     rng = np.random.default_rng(0)
     maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
     pool = np.concatenate([maps[1:], rng.normal(size=(3, 8, 8, 16)).astype(np.float32)])
@@ -219,7 +219,7 @@ def test_novel_views_only_moves_a_look_alike_off_the_pseudo_source_pose(tiny_dat
     pool_set = estep.Pool(pool, np.full(4, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 4, axis=0),
                                     np.ones(4, bool))
-    kw = dict(object_mesh=mesh, stride=4, round_index=2, mesh=parallel.make_mesh(1))
+    kw = dict(object_mesh=object_mesh, stride=4, round_index=2, mesh=parallel.make_mesh(1))
     cfg = _estep(max_new=4)
 
     def pose_of_image_0(result):
@@ -354,8 +354,8 @@ def test_holdout_check_never_uses_an_anchors_own_views_and_judges_by_its_label(t
     (its own views are excluded), at anchor 1's pose. Right when anchor 1's pose is
     15 deg from anchor 0's, wrong when it is 180 deg away: the label decides."""
     from nvsm_jax import parallel
-    train_set, mesh, _ = tiny_data
-    kw = dict(object_mesh=mesh, stride=4, mesh=parallel.make_mesh(1))
+    train_set, object_mesh, _ = tiny_data
+    kw = dict(object_mesh=object_mesh, stride=4, mesh=parallel.make_mesh(1))
     cfg = _estep(mirror_sources=False)
     offsets = 2 * cfg.azimuth_steps + 1
     views_per_source = offsets * (2 * cfg.elevation_steps + 1)
@@ -391,20 +391,20 @@ def test_safeguard_accepts_what_the_solver_agrees_with_and_stops_otherwise(tiny_
     and the round accepts nothing."""
     from nvsm_jax import geometry, parallel
     from nvsm_jax.nemo import pose_solver
-    train_set, mesh, _ = tiny_data
+    train_set, object_mesh, _ = tiny_data
     rng = np.random.default_rng(3)
     maps = rng.normal(size=(2, 8, 8, 16)).astype(np.float32)
     pool = np.repeat(maps[:1], 6, axis=0) + 0.05 * rng.normal(size=(6, 8, 8, 16))
     pool_set = estep.Pool(pool.astype(np.float32), np.full(6, train_set.focal[0]),
                                     np.repeat(train_set.principal[:1], 6, axis=0),
                                     np.ones(6, bool))
-    kw = dict(object_mesh=mesh, stride=4, round_index=1, mesh=parallel.make_mesh(1))
+    kw = dict(object_mesh=object_mesh, stride=4, round_index=1, mesh=parallel.make_mesh(1))
     cfg = _estep(max_new=4, mirror_sources=False, agreement_angle=float(np.radians(40.0)),
                  agreement_min_count=2)
     elevation = np.radians(20.0)
     solver_cfg = pose_solver.SolverConfig(num_azimuth=1, elevations=(float(elevation),),
                                           thetas=(0.0,), steps=0)
-    memory = rng.normal(size=(len(mesh.verts), 16)).astype(np.float32)
+    memory = rng.normal(size=(len(object_mesh.verts), 16)).astype(np.float32)
     solver = estep.SolverInputs(memory, memory.mean(0), solver_cfg)
     for azimuth, kept in [(0.0, 4), (np.pi, 0)]:
         poses = np.array(train_set.poses[:2], np.float32)

@@ -20,12 +20,12 @@ PRINCIPAL = np.array([16.0, 16.0], np.float32)
 
 
 def _scene():
-    mesh = meshes.cuboid_mesh([-0.5, -0.25, -0.2], [0.5, 0.25, 0.2], 600)
-    v = mesh.verts
+    object_mesh = meshes.cuboid_mesh([-0.5, -0.25, -0.2], [0.5, 0.25, 0.2], 600)
+    v = object_mesh.verts
     field = np.stack([np.sin(2.5 * v[:, 0]), np.cos(3.0 * v[:, 1]), np.sin(4.0 * v[:, 2] + 1.0),
                       np.cos(2.0 * v[:, 0] + 3.0 * v[:, 2]), np.ones(len(v))], -1)
     field /= np.linalg.norm(field, axis=-1, keepdims=True)
-    return jnp.asarray(v), jnp.asarray(mesh.faces), jnp.asarray(mesh.verts), jnp.asarray(field, jnp.float32)
+    return jnp.asarray(v), jnp.asarray(object_mesh.faces), jnp.asarray(object_mesh.verts), jnp.asarray(field, jnp.float32)
 
 
 def _render(verts, faces, field, pose):

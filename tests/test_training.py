@@ -51,10 +51,10 @@ def _assert_close(a, b, atol, adam_lr=None, steps=0):
 
 def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     data = _toy_set()
-    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
     run = lambda wd, **kw: nemo_train.train_and_evaluate(  # noqa: E731
-        cfg, tmp_path / wd, train_set=data, object_mesh=mesh, progress=False, **kw)
+        cfg, tmp_path / wd, train_set=data, object_mesh=object_mesh, progress=False, **kw)
 
     killed = run("a", num_devices=8, stop_after=2)           # "killed" after step 2
     assert int(killed.step) == 2
@@ -80,7 +80,7 @@ def test_one_vs_eight_devices_and_resume_after_kill(tmp_path, eight_devices):
     changed = _config()
     changed.model.feature_dim = 16
     with pytest.raises(training.ConfigMismatchError, match=r"model\.feature_dim: 32 -> 16"):
-        nemo_train.train_and_evaluate(changed, tmp_path / "a", train_set=data, object_mesh=mesh,
+        nemo_train.train_and_evaluate(changed, tmp_path / "a", train_set=data, object_mesh=object_mesh,
                                       progress=False)
     ckpt.close()
 
@@ -90,7 +90,7 @@ def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path, monkeypatch
     from nvsm_jax.data import fewshot
 
     pool = _toy_set(n=16)
-    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
     cfg.num_labelled = 4
     anchors = fewshot.make_fewshot_split(pool, 4, seed=cfg.seed).labelled
@@ -103,7 +103,7 @@ def test_num_labelled_picks_the_anchors_from_a_passed_pool(tmp_path, monkeypatch
                         lambda config, data: trained_on.append(data.names) or real(config, data))
     for n, wd in ((4, "pool"), (None, "all")):
         cfg.num_labelled = n
-        nemo_train.train_and_evaluate(cfg, tmp_path / wd, train_set=pool, object_mesh=mesh,
+        nemo_train.train_and_evaluate(cfg, tmp_path / wd, train_set=pool, object_mesh=object_mesh,
                                       num_devices=1, stop_after=0, progress=False)
     assert trained_on == [anchors.names, pool.names]
 
@@ -365,16 +365,16 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
     from nvsm_jax.models import backbone
 
     data = _toy_set()
-    mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
+    object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     cfg = _config()
     cfg.optim.schedule = "constant"
     cfg.optim.lr = 2e-3
     n, hw = cfg.batch_size, data.image_size
     mesh = parallel.make_mesh(1)
     model = nemo_train.build_model(cfg)
-    state = nemo_train.init_state(cfg, model, len(mesh.verts), hw, mesh)
+    state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, mesh)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
-    step = nemo_train.make_train_step(cfg, model, mesh, hw, sharding, mesh)
+    step = nemo_train.make_train_step(cfg, model, object_mesh, hw, sharding, mesh)
     host = {"image": data.images[:n], "pose": data.poses[:n], "focal": data.focal[:n],
             "principal": data.principal[:n]}
     batch = parallel.shard_batch(host, mesh)
@@ -390,7 +390,7 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
         fmap = model.apply({"params": params, **state.model_state},
                            backbone.preprocess(b["image"]), train=True)
         return fmap, feat.vertex_features(
-            fmap, mesh.verts, mesh.faces, meshes.vertex_normals(mesh.verts, mesh.faces),
+            fmap, object_mesh.verts, object_mesh.faces, meshes.vertex_normals(object_mesh.verts, object_mesh.faces),
             b["pose"], b["focal"], b["principal"], stride=cfg.model.stride,
             render_stride=cfg.render_stride)
 
