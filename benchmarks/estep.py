@@ -99,7 +99,7 @@ def main(argv):
     import ml_collections
 
     from nvsm_jax.nemo import features as feat
-    from nvsm_jax import parallel
+    from nvsm_jax import geometry, parallel
     from nvsm_jax.nemo import pose_solver, train
     from nvsm_jax.nvsm import pseudo_labels, estep
     from nvsm_jax.data import fewshot, loaders
@@ -123,15 +123,15 @@ def main(argv):
     mesh = parallel.make_mesh()
     solver = estep.SolverInputs(
         nemo.memory.vertex, feat.clutter_prototype(nemo.memory.clutter),
-        pose_solver.SolverConfig.from_dict(config.solver.to_dict()))
+        pose_solver.SolverConfig.from_config(config.solver))
     solver_poses, solver_s = None, 0.0
     if FLAGS.solver_steps >= 0:
-        scfg = dataclasses.replace(solver.config, steps=FLAGS.solver_steps)
+        solver_cfg = dataclasses.replace(solver.solver_cfg, steps=FLAGS.solver_steps)
         t0 = time.time()
         solver_poses = pose_solver.solve_batched(       # maps in, so the "backbone" is identity
-            lambda maps: maps, pool_maps, solver.vertex_memory, solver.clutter, object_mesh.verts,
-            object_mesh.faces, unlabelled.focal, unlabelled.principal, stride=config.model.stride,
-            cfg=scfg).pose
+            lambda maps: maps, pool_maps, solver.vertex_memory, solver.clutter, object_mesh,
+            geometry.Intrinsics(unlabelled.focal, unlabelled.principal),
+            stride=config.model.stride, solver_cfg=solver_cfg).pose
         solver_s = time.time() - t0
     results, rows = {}, []
     for name, changes in parse_variants(FLAGS.variants):

@@ -80,13 +80,13 @@ def main(argv):
     pl = pseudo_labels.PseudoLabels.from_dict(np.load(files[-1]))
     last = int(os.path.basename(files[-1])[6:9])
     mesh = parallel.make_mesh(1)
-    model = train.build_model(config)
+    model = train.build_model(config.model)
     state = train.init_state(config, model, len(object_mesh.verts), train_set.image_size,
                              mesh)
     ckpt = training.Checkpointer(os.path.join(FLAGS.cell, "checkpoints"), 10 ** 9)
     steps = ([int(s) for s in FLAGS.checkpoints.split(",")] if FLAGS.checkpoints
              else sorted(ckpt.manager.all_steps()))
-    solver = pose_solver.SolverConfig.from_dict(config.solver.to_dict())
+    solver = pose_solver.SolverConfig.from_config(config.solver)
     stride = int(config.model.stride)
     verts = jnp.asarray(object_mesh.verts, jnp.float32)
     faces = jnp.asarray(object_mesh.faces, jnp.int32)

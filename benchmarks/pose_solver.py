@@ -111,10 +111,17 @@ def _efficiency(solver, fmaps, vmem, clutter, object_mesh, f_s, p_s, init, t_ref
 
 def _accuracy(solver, cfg, feat_fn, pose_set, vmem, clutter, object_mesh, stride, batch):
     """(record fields, per-image rotation errors [N] in radians) of the full solve."""
+    import inspect
+    from nvsm_jax import geometry
+    cams = geometry.Intrinsics(pose_set.focal, pose_set.principal)
+    params = inspect.signature(solver.solve_batched).parameters
+    # a --baseline from before solve_batched took the mesh and cameras whole, and named
+    # its solver config cfg
+    where = (object_mesh, cams) if "object_mesh" in params else (*object_mesh, *cams)
+    solver_kw = {"solver_cfg" if "solver_cfg" in params else "cfg": cfg}
     t = time.perf_counter()
-    res = solver.solve_batched(feat_fn, pose_set.images, vmem, clutter, object_mesh.verts, object_mesh.faces,
-                               pose_set.focal, pose_set.principal, stride=stride, cfg=cfg,
-                               batch_size=batch)
+    res = solver.solve_batched(feat_fn, pose_set.images, vmem, clutter, *where, stride=stride,
+                               batch_size=batch, **solver_kw)
     wall = time.perf_counter() - t
     err = evaluation.rotation_errors(res.pose, pose_set.poses)
     return {"eval_images": int(len(err)), "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),

@@ -4,10 +4,10 @@ with ``--model mcss``, the MCSS train step.
     python -m benchmarks.train --json runs/bench/train.json
     python -m benchmarks.train --baseline HEAD~1 --json runs/bench/train_vs_prev.json
     python -m benchmarks.train --backbones small,efficientnet_lite0 --image 128 \\
-        --depthwise shift,conv --anchors 128,0
+        --depthwise shift,conv --vertices 128,0
     python -m benchmarks.train --model mcss --image 64 --frozen_stages 9,5,4,3,0 --steps 10
 
-One record per (backbone, depthwise form, image size, anchors, frozen stages), each
+One record per (backbone, depthwise form, image size, sampled vertices, frozen stages), each
 timed in a fresh process (``--row``):
 
 * ``images_per_s`` / ``s_per_step``: the whole train step (forward, backward, Adam,
@@ -106,9 +106,16 @@ def time_row(row: dict) -> dict:
     if "encoder" in backbone.PRESETS[row["backbone"]]:
         cfg.model.depthwise = row["depthwise"]
     cfg.batch_size = b
-    cfg.loss.anchors_per_image = row["anchors_per_image"] or None
+    # (the key before the package layout: anchors_per_image, for --baseline commits)
+    key = "vertices_per_image" if "vertices_per_image" in cfg.loss else "anchors_per_image"
+    cfg.loss[key] = row["vertices_per_image"] or None
     devices = parallel.make_mesh(1)
-    model = nemo_train.build_model(cfg)
+    try:                                             # the typed settings, built once
+        from nvsm_jax.nemo.settings import NemoConfig
+        cfg = NemoConfig.of(cfg)
+        model = nemo_train.build_model(cfg.model)
+    except ImportError:                              # a baseline before them
+        model = nemo_train.build_model(cfg)
     state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, devices)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     step = nemo_train.make_train_step(cfg, model, object_mesh, hw, sharding, devices)
@@ -248,7 +255,8 @@ def main(argv=None):
     ap.add_argument("--image", default="64,128", help="image sizes (square)")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--steps", type=int, default=5, help="timed steps per row")
-    ap.add_argument("--anchors", default="128", help="anchors_per_image values (0 = all)")
+    ap.add_argument("--vertices", default="128",
+                    help="loss.vertices_per_image values (0 = all)")
     ap.add_argument("--frozen_stages", default="0",
                     help="model.frozen_stages values to time (the frozen stages need no backward)")
     ap.add_argument("--baseline", default=None,
@@ -256,7 +264,7 @@ def main(argv=None):
     ap.add_argument("--rounds", type=int, default=1,
                     help="times each row is run (alternating with --baseline); medians reported")
     ap.add_argument("--model", default="nemo", choices=("nemo", "mcss"),
-                    help="the NeMo step (--backbones, --batch, --anchors) or the MCSS step "
+                    help="the NeMo step (--backbones, --batch, --vertices) or the MCSS step "
                          "(--mcss_config, --cache, --method)")
     ap.add_argument("--mcss_config", default="demo", help="experiments/configs/mcss.py arg")
     ap.add_argument("--cache", default="auto",
@@ -279,10 +287,10 @@ def main(argv=None):
         lite = "encoder" in backbone.PRESETS[name]
         for form in (args.depthwise.split(",") if lite else ["-"]):
             for size in (int(s) for s in args.image.split(",")):
-                for anchors in (int(a) for a in args.anchors.split(",")):
+                for vertices in (int(a) for a in args.vertices.split(",")):
                     for frozen in (int(k) for k in args.frozen_stages.split(",")):
                         rows.append({"backbone": name, "depthwise": form, "image": size,
-                                     "batch": args.batch, "anchors_per_image": anchors,
+                                     "batch": args.batch, "vertices_per_image": vertices,
                                      "frozen_stages": frozen, "steps": args.steps})
     if args.model == "mcss":
         from experiments.configs import mcss as mcss_config

@@ -55,10 +55,11 @@ def median_error_deg(errors) -> float:
     return float(np.degrees(np.median(e))) if e.size else float("nan")
 
 
-def make_row(method: str, category: str, annotations, occlusion: str, errors) -> dict:
-    """A results row from rotation errors (radians)."""
+def make_row(method: str, category: str, num_labelled, occlusion: str, errors) -> dict:
+    """A results row from rotation errors (radians). ``num_labelled`` (an int, or "all")
+    goes in the column ``annotations``, the published tables' name for it."""
     e = _clean(errors)
-    return {"method": method, "category": category, "annotations": annotations,
+    return {"method": method, "category": category, "annotations": num_labelled,
             "occlusion": occlusion, "acc_pi_6": accuracy_at(e, np.pi / 6),
             "acc_pi_18": accuracy_at(e, np.pi / 18), "med_err_deg": median_error_deg(e),
             "num_images": int(e.size)}

@@ -7,7 +7,8 @@
 * :func:`create_replicated` (with :func:`state_initializer`): the one init
   path, ``jax.eval_shape`` then ``jit(init, out_shardings=replicated)`` so
   parameters are never built on one device and moved; compiled once per model.
-* :func:`fit`: the one step loop (metrics, the multi-device CPU wait,
+* :func:`fit` (steps as a :class:`StepRange`, reporting as a :class:`LoopLog`):
+  the one step loop (metrics, the multi-device CPU wait,
   checkpoints, progress, a stop at the first non-finite loss or gradient norm)
   every trainer runs; :func:`make_schedule`: the one
   warm-up + cosine/constant learning-rate builder; :func:`make_optimizer`: the one
@@ -29,9 +30,10 @@ Example (a complete run)::
     state = create_replicated(init, jax.random.key(seed), mesh, cache_key=(model, 64))
     ckpt = Checkpointer(workdir / "checkpoints", save_every=100)
     state = ckpt.restore_or(state)
-    state = fit(state, train_step, batch_for_step, mesh, start=int(state.step),
-                end=num_steps, seed=seed, batch_size=32, log_every=50,
-                writer=MetricsWriter(workdir), ckpt=ckpt)
+    host_batch = lambda s, rows: {k: v[rows] for k, v in batch_for_step(s).items()}
+    state = fit(state, train_step, host_batch, mesh, StepRange(int(state.step), num_steps),
+                seed=seed, batch_size=32, log=LoopLog(MetricsWriter(workdir), every=50),
+                ckpt=ckpt)
     ckpt.close()
 """
 
@@ -56,6 +58,7 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 from nvsm_jax.errors import InputError, NonFiniteError, RunStateError
+from nvsm_jax.settings import OptimConfig
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
@@ -64,7 +67,8 @@ __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gra
            "ConfigMismatchError", "config_differences",
            "RESUME_FREE_KEYS", "Throughput", "make_adamw", "make_optimizer",
            "quiet_checkpoint_logs",
-           "fit", "state_initializer", "DIVERGENCE_HINT", "nonfinite_leaf"]
+           "fit", "StepRange", "LoopLog", "state_initializer", "DIVERGENCE_HINT",
+           "nonfinite_leaf"]
 
 
 class TrainState(train_state.TrainState):
@@ -189,24 +193,20 @@ def make_adamw(learning_rate, weight_decay: float = 0.0, b1: float = 0.9, b2: fl
     return optax.chain(*parts)
 
 
-def make_optimizer(lr: float, num_steps: int, *, warmup_steps: int = 0,
-                   final_lr_fraction: float = 0.05, kind: str = "cosine",
-                   weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999),
-                   grad_clip: float | None = None, decoupled: bool = False,
+def make_optimizer(optim: OptimConfig, num_steps: int,
                    frozen: Callable[[tuple[str, ...]], bool] | None = None):
-    """The optimiser every trainer uses: ``(tx, schedule)``.
+    """The optimiser every trainer uses: ``(tx, schedule)`` of an ``optim`` block.
 
-    schedule: :func:`make_schedule` ``(lr, num_steps, warmup_steps,
-    final_lr_fraction, kind)``; tx: :func:`make_adamw` over it (``weight_decay``,
-    Adam's ``betas`` = (b1, b2), ``grad_clip``, ``decoupled``), wrapped in
-    :func:`freeze` when ``frozen`` (a path predicate, e.g.
-    ``backbone.frozen_encoder_filter``) is given.
+    schedule: :func:`make_schedule` (``optim.lr`` over ``num_steps``, its
+    ``warmup_steps``, ``final_lr_fraction`` and ``schedule`` kind); tx:
+    :func:`make_adamw` over it (``weight_decay``, Adam's ``b1`` / ``b2``,
+    ``grad_clip``, ``decoupled``), wrapped in :func:`freeze` when ``frozen`` (a path
+    predicate, e.g. ``backbone.frozen_encoder_filter``) is given.
     """
-    schedule = make_schedule(lr, num_steps, warmup_steps=warmup_steps,
-                             final_lr_fraction=final_lr_fraction, kind=kind)
-    b1, b2 = betas
-    tx = make_adamw(schedule, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,
-                    decoupled=decoupled)
+    schedule = make_schedule(optim.lr, num_steps, warmup_steps=optim.warmup_steps,
+                             final_lr_fraction=optim.final_lr_fraction, kind=optim.schedule)
+    tx = make_adamw(schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,
+                    grad_clip=optim.grad_clip, decoupled=optim.decoupled)
     return (tx if frozen is None else freeze(tx, frozen)), schedule
 
 
@@ -655,38 +655,6 @@ def quiet_checkpoint_logs() -> None:
         handler.addFilter(_DropCheckpointInfo())
 
 
-class DataclassConfig:
-    """``replace`` / ``to_dict`` / ``from_dict`` / ``from_config`` for the frozen
-    dataclass configs (pre-training, the classifier, the E-step). ``from_dict``
-    drops keys the dataclass does not know (older or newer files); ``from_config``
-    builds one from its config block and refuses unknown keys."""
-
-    def replace(self, **changes):
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d):
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in dict(d).items() if k in names})
-
-    @classmethod
-    def from_config(cls, block):
-        """From its config block (an ml_collections ConfigDict or a mapping): every
-        field the block names (lists become tuples, so the result stays hashable);
-        fields it leaves out keep the dataclass default, the one default of each
-        option. A key the dataclass does not know is an error naming it."""
-        d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"{cls.__name__}: unknown config keys {unknown}; "
-                             f"known: {', '.join(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
-
-
 # Keys that may change between a run and its resumption: they choose what is
 # evaluated, logged or added (the few-shot experiment's cells), not what is trained.
 RESUME_FREE_KEYS = ("eval_limit", "eval_batch_size", "eval_occlusions", "eval_at_end",
@@ -700,10 +668,12 @@ class ConfigMismatchError(InputError):
 
 
 def _config_text(config) -> str:
-    try:
+    """JSON of an ml_collections config, a typed config (a DataclassConfig) or a dict."""
+    if hasattr(config, "to_json_best_effort"):
         return config.to_json_best_effort(indent=2)
-    except AttributeError:
-        return json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
+    if dataclasses.is_dataclass(config):
+        config = config.to_dict()
+    return json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
 
 
 def _flatten_json(tree, prefix=""):
@@ -726,7 +696,7 @@ def config_differences(old: dict, new: dict, free_keys=RESUME_FREE_KEYS) -> list
 
 def save_config(config, workdir, filename: str = "config.json", *,
                 free_keys=RESUME_FREE_KEYS, has_work: bool = True) -> str:
-    """Writes an ml_collections config (JSON, best effort; else ``str``) as the run's record.
+    """Writes a config (ml_collections or typed; JSON, best effort) as the run's record.
 
     If ``workdir`` already holds ``filename`` from a run with a different config
     (outside ``free_keys``), raises :class:`ConfigMismatchError` naming every
@@ -749,7 +719,8 @@ def save_config(config, workdir, filename: str = "config.json", *,
             diffs = config_differences(old, json.loads(text), free_keys)
         except (json.JSONDecodeError, OSError, TypeError, ValueError) as err:
             diffs = [f"<{path} unreadable: {err}>"]
-        restart = bool(config.get("restart")) if hasattr(config, "get") else False
+        restart = bool(config.get("restart") if hasattr(config, "get")
+                       else getattr(config, "restart", False))
         if diffs and not restart and has_work:
             shown = "; ".join(diffs[:12]) + (f"; ... ({len(diffs)} keys)" if len(diffs) > 12 else "")
             raise ConfigMismatchError(
@@ -866,27 +837,51 @@ def _diverged(what: str, step: int, ckpt: "Checkpointer | None", hint: str) -> N
                           f"{hint}")
 
 
-def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: int, end: int,
-        seed, batch_size: int, log_every: int, writer: "MetricsWriter",
-        ckpt: "Checkpointer | None" = None, num_steps: int | None = None,
-        progress: bool = True, desc: str = "train", extra: dict | None = None,
-        process_local: bool = False, hint: str = DIVERGENCE_HINT):
-    """The step loop every trainer shares: global steps ``start .. end - 1``.
+@dataclasses.dataclass(frozen=True)
+class StepRange:
+    """The global steps one :func:`fit` call runs, ``start .. end - 1``, of a run whose
+    last step is ``total`` (default ``end``; e.g. a resumed run's, or the round's of an
+    NVSM M-step): the progress bar's total and a checkpoint always saved."""
 
-    host_batch(step) -> dict of host arrays, the whole global batch (sharded here
-    over ``mesh``'s data axis; on several processes each keeps its rows). With
-    ``process_local``, ``host_batch(step, rows)`` returns only the rows ``rows`` (a
-    slice of ``0 .. batch_size``, :func:`nvsm_jax.parallel.process_rows`) that this
-    process feeds, so it reads only its share (one process: all rows);
+    start: int
+    end: int
+    total: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopLog:
+    """How :func:`fit` reports: a line of metrics to ``writer`` every ``every`` steps
+    and at the loop's end, each with the constant fields ``extra`` (e.g. the NVSM
+    round); a progress bar named ``desc`` (without one, a heartbeat while the first
+    step compiles)."""
+
+    writer: "MetricsWriter"
+    every: int
+    progress: bool = True
+    desc: str = "train"
+    extra: dict | None = None
+
+
+def fit(state, train_step, host_batch: Callable[[int, slice], dict], mesh, steps: StepRange, *,
+        seed, batch_size: int, log: LoopLog, ckpt: "Checkpointer | None" = None,
+        hint: str = DIVERGENCE_HINT):
+    """The step loop every trainer shares: global steps ``steps.start .. steps.end - 1``.
+
+    host_batch(step, rows) -> dict of host arrays holding only the rows ``rows`` of
+    the step's global batch: ``rows`` is the slice of ``0 .. batch_size`` this
+    process feeds (:func:`nvsm_jax.parallel.process_rows`; one process: all rows),
+    so each process reads only its share; sharded here over ``mesh``'s data axis.
+    A caller that builds the whole batch slices it
+    (``{k: v[rows] for k, v in whole(step).items()}``).
     train_step(state, batch, key) -> (state, metrics), keyed by ``step_key(seed, step)``.
     On a multi-device CPU mesh at most one step is in flight
     (:func:`nvsm_jax.parallel.wait_if_cpu_collectives`).
-    Writes metrics (plus images/s and the constant fields ``extra``, e.g. the NVSM
-    round) every ``log_every`` steps and at ``end``. With ``ckpt``, saves
-    checkpoints on its schedule and always at ``num_steps`` (the run's last step;
-    default ``end``); the caller closes it. ``num_steps`` is also the progress
-    bar's total. Lines of ``writer`` after ``start`` (a killed run's, replayed now)
-    are dropped first.
+    Writes metrics (plus images/s and ``log.extra``) to ``log.writer`` every
+    ``log.every`` steps and at ``steps.end`` (:class:`LoopLog`). With ``ckpt``, saves
+    checkpoints on its schedule and always at ``steps.total`` (the run's last step;
+    default ``steps.end``); the caller closes it. ``steps.total`` is also the
+    progress bar's total. Lines of ``log.writer`` after ``steps.start`` (a killed
+    run's, replayed now) are dropped first.
 
     Divergence: the first step whose ``metrics["loss"]`` or ``metrics["grad_norm"]``
     is non-finite is tracked on the device (no per-step host sync) and read at every
@@ -895,16 +890,18 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
     last checkpoint kept and ``hint``. No checkpoint of that step or later is saved,
     nor any state with a non-finite value (:meth:`Checkpointer.save`).
     """
-    num_steps = end if num_steps is None else num_steps
-    extra = dict(extra or {})
+    start, end = steps.start, steps.end
+    num_steps = end if steps.total is None else steps.total
+    writer, log_every, progress, desc = log.writer, log.every, log.progress, log.desc
+    extra = dict(log.extra or {})
     timer = Throughput()
     since = 0
     if start < end:
         writer.discard_after(start)
-    steps = range(start, end)
+    loop = range(start, end)
     if progress:
-        steps = progress_bar(steps, total=num_steps, initial=start, desc=desc)
-    rows = parallel.process_rows(batch_size, mesh) if process_local else None
+        loop = progress_bar(loop, total=num_steps, initial=start, desc=desc)
+    rows = parallel.process_rows(batch_size, mesh)
     carry = np.array([-1, -1, start], np.int32)   # first non-finite loss, grad_norm; step
 
     def stop_if_diverged():
@@ -914,11 +911,8 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
             what = " and ".join(n for n, b in zip(("loss", "gradient norm"), bad) if b == k)
             raise _diverged(what, k, ckpt, hint)
 
-    for s in steps:
-        if process_local:
-            batch = parallel.shard_batch(host_batch(s, rows), mesh, process_local=True)
-        else:
-            batch = parallel.shard_batch(host_batch(s), mesh)
+    for s in loop:
+        batch = parallel.shard_batch(host_batch(s, rows), mesh, process_local=True)
         if s == start and not progress:     # the progress bar beats for itself
             with heartbeat(f"{desc}: step {s + 1} (the first call compiles)",
                            every=HEARTBEAT_SECONDS):
@@ -933,8 +927,8 @@ def fit(state, train_step, host_batch: Callable[[int], dict], mesh, *, start: in
             metrics = jax.device_get(metrics)
             writer.write(s + 1, **extra, images_per_s=timer.tick(since), **metrics)
             since = 0
-            if progress and hasattr(steps, "set_postfix"):
-                steps.set_postfix(loss=f"{float(metrics['loss']):.3f}")
+            if progress and hasattr(loop, "set_postfix"):
+                loop.set_postfix(loss=f"{float(metrics['loss']):.3f}")
             stop_if_diverged()
         if ckpt is not None and ckpt.due(s + 1, force=(s + 1 == num_steps)):
             stop_if_diverged()

@@ -98,7 +98,7 @@ def nemo():
 
     cfg = nemo_config.get_config("tiny")
     cfg.eval_batch_size = 4
-    model = nemo_train.build_model(cfg)
+    model = nemo_train.build_model(cfg.model)
     object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
     state = nemo_train.init_state(cfg, model, len(object_mesh.verts), (32, 32), parallel.make_mesh(1))
     return nemo_train.nemo_model(cfg, model, state, object_mesh)

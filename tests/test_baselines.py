@@ -77,8 +77,8 @@ def test_jax_encoding_matches_numpy_and_smoothing():
 
 
 def _cfg(**kw):
-    return classifier.classifier_config("tiny").replace(num_steps=6, checkpoint_every=3,
-                                                       lr=1e-2, **kw)
+    tiny = classifier.classifier_config("tiny")
+    return tiny.replace(num_steps=6, checkpoint_every=3, optim=tiny.optim.replace(lr=1e-2), **kw)
 
 
 @pytest.fixture(scope="module")

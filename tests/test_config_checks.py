@@ -156,7 +156,7 @@ NAN, INF = float("nan"), float("inf")
     ("loss.momentum", 1.0, "loss.momentum=1.0 (expected a finite number in [0, 1))"),
     ("loss.neighbor_reference_width", 0, "loss.neighbor_reference_width=0 (expected a finite number > 0)"),
     ("loss.clutter_size", 0, "loss.clutter_size=0 (expected an integer >= 1)"),
-    ("loss.anchors_per_image", 0, "loss.anchors_per_image=0 (expected None or an integer >= 1"),
+    ("loss.vertices_per_image", 0, "loss.vertices_per_image=0 (expected None or an integer >= 1"),
     ("augment.flip_prob", 1.5, "augment.flip_prob=1.5 (expected a finite number in [0, 1])"),
     ("augment.grayscale_prob", -0.1, "augment.grayscale_prob=-0.1 (expected a finite number in [0, 1])"),
     ("batch_size", 0, "batch_size=0 (expected an integer >= 1)"),
@@ -221,14 +221,14 @@ def test_each_impossible_value_is_refused(key, value, message):
     ("log_every", 1), ("seed", 0), ("optim.warmup_steps", 0), ("optim.b1", 0.0),
     ("optim.grad_clip", None), ("optim.grad_clip", 1e-6), ("optim.final_lr_fraction", 1.0),
     ("optim.final_lr_fraction", 0), ("loss.momentum", 0.0), ("loss.reg_weight", 0.0),
-    ("loss.anchors_per_image", None), ("loss.neighbor_radius_px", 0.0), ("augment.flip_prob", 1.0),
+    ("loss.vertices_per_image", None), ("loss.neighbor_radius_px", 0.0), ("augment.flip_prob", 1.0),
     ("augment.hue", 0.0), ("solver.steps", 0), ("solver.top_k", 144), ("solver.decay_factor", 1.0),
     ("render_stride", None), ("num_devices", None), ("eval_limit", 1), ("pretrain_steps", 0),
     ("labelled_min_fraction", 0.0), ("labelled_min_fraction", 1.0), ("annotations", (1,)),
     ("estep.azimuth_steps", 0), ("estep.elevation_steps", 0), ("estep.agreement_rate", 0.0),
     ("estep.refine_steps", 0),
     ("estep.min_weight", 1.0), ("estep.source_render_stride", None), ("estep.flip_margin", -1.0),
-    ("cls.label_smoothing", 0.0), ("cls.warmup_steps", 0), ("optim.lr", 1), ("loss.temperature", 1e-9),
+    ("cls.label_smoothing", 0.0), ("cls.optim.warmup_steps", 0), ("optim.lr", 1), ("loss.temperature", 1e-9),
 ])
 def test_boundary_values_pass(key, value):
     """The edge of every allowed range is accepted (0 rounds: round 0 only, 0 solver
@@ -265,10 +265,10 @@ def test_linked_fields_are_named_once_and_own_values_are_checked():
         nvsm_checks.check_config(c)
     c = nvsm_config.get_config("tiny")
     c.cls = ml_collections.ConfigDict(c.cls.to_dict())          # no references left
-    c.cls.keep_checkpoints, c.cls.lr = 0, -1.0
+    c.cls.keep_checkpoints, c.cls.optim.lr = 0, -1.0
     with pytest.raises(ConfigError) as info:
         nvsm_checks.check_config(c)
-    assert "cls.keep_checkpoints=0" in str(info.value) and "cls.lr=-1.0" in str(info.value)
+    assert "cls.keep_checkpoints=0" in str(info.value) and "cls.optim.lr=-1.0" in str(info.value)
     assert "invalid config: cls." in str(info.value)     # NeMo's own fields are fine
 
 
@@ -322,7 +322,8 @@ def test_shipped_mcss_configs_pass(arg):
     ("train.save_every", 0, "train.save_every=0 (expected an integer >= 1)"),
     ("train.log_every", 0, "train.log_every=0 (expected an integer >= 1)"),
     ("train.optim.lr", NAN, "train.optim.lr=nan (expected a finite number > 0)"),
-    ("train.optim.warmup", -1, "train.optim.warmup=-1 (expected an integer >= 0)"),
+    ("train.optim.warmup_steps", -1, "train.optim.warmup_steps=-1 (expected an integer >= 0)"),
+    ("train.optim.schedule", "step", "train.optim.schedule='step' (expected one of"),
     ("train.multiview.temperature", 0.0, "train.multiview.temperature=0.0 (expected a finite number > 0)"),
     ("train.multiview.num_views", 1, "train.multiview.num_views=1 (expected an integer >= 2"),
     ("train.multiview.num_views", 8, "train.multiview.num_views=8 (expected <= 4 with data.num_views=4)"),
@@ -384,6 +385,24 @@ def test_mcss_experiment_refuses_before_writing(tmp_path):
     with pytest.raises(ConfigError, match="train.steps=0"):
         mcss_experiment.train_and_evaluate(c, str(w), log=None)
     assert not os.path.exists(w) or os.listdir(w) == []      # no data, no config.json
+
+
+@pytest.mark.parametrize("block,key,message", [
+    ("train.optim", "warmup", r"train.optim: unknown config keys warmup \(OptimConfig\); "
+                              r"known: lr, weight_decay"),
+    ("train.model", "adapters", r"train.model: unknown config keys adapters \(MCSSModelConfig\)"),
+    ("train.multiview", "dt", r"train.multiview: unknown config keys dt \(MultiviewConfig\)"),
+    ("train.multiview_pseudo", "round", r"train.multiview_pseudo: unknown config keys round "),
+    ("eval", "k", r"eval: unknown config keys k \(EvalConfig\)"),
+])
+def test_an_unknown_mcss_block_key_is_refused(block, key, message):
+    """A typed block's unknown key (e.g. the old ``optim.warmup``) is a config error
+    naming it, not a key silently ignored."""
+    c = load_config("mcss:tiny")
+    mcss_checks.check_mcss_config(c)
+    _with(c, f"{block}.{key}", 1)
+    with pytest.raises(ConfigError, match=message):
+        mcss_checks.check_mcss_config(c)
 
 
 # ------------------------------------------------------------------------- synthetic data
@@ -507,6 +526,6 @@ def test_an_unknown_solver_key_is_refused_before_any_training():
                      (nvsm_checks.check_config, nvsm_config.get_config("tiny"))):
         check(c)
         c.solver.num_azimuths = 12
-        with pytest.raises(ConfigError, match=r"solver: unknown solver config keys "
-                                              r"solver.num_azimuths; known: num_azimuth"):
+        with pytest.raises(ConfigError, match=r"unknown config keys solver.num_azimuths "
+                                              r"\(SolverConfig\); known: num_azimuth"):
             check(c)

@@ -359,7 +359,7 @@ def test_nemo_state_starts_from_imagenet_and_frozen_stages_do_not_move():
     object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 200)
     mesh = parallel.make_mesh(1)
     hw = (32, 32)
-    model = nemo_train.build_model(cfg)
+    model = nemo_train.build_model(cfg.model)
     state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, mesh)
     imagenet = weights.load_imagenet("efficientnet_lite0")
     np.testing.assert_array_equal(state.params["encoder"]["blocks_5"]["expand_conv"]["kernel"],

@@ -108,7 +108,7 @@ def test_evaluate_cli_rows_files_and_top_k(tmp_path):
     write_tiny_root(root, "car", num=3, size=(32, 32), occlusion="L0")
     cfg = nemo_config.get_config("tiny")
     cfg.eval_batch_size = 4
-    model = nemo_train.build_model(cfg)
+    model = nemo_train.build_model(cfg.model)
     object_mesh = meshes.cuboid_mesh([-0.5, -1.0, -0.4], [0.5, 1.0, 0.4], 100)
     state = nemo_train.init_state(cfg, model, len(object_mesh.verts), (32, 32), parallel.make_mesh(1))
     nemo = nemo_train.nemo_model(cfg, model, state, object_mesh)

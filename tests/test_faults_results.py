@@ -279,7 +279,7 @@ def _nemo_workdir(roots):
     c.eval_occlusions = ("L0",)
     work = str(roots / "nemo")
     object_mesh = load_model_mesh(c.data_root, "car")
-    state = train.init_state(c, train.build_model(c), len(object_mesh.verts), (64, 64),
+    state = train.init_state(c, train.build_model(c.model), len(object_mesh.verts), (64, 64),
                              parallel.make_mesh(1), pretrained=False)
     ckpt = training.Checkpointer(os.path.join(work, "checkpoints"))
     ckpt.save(2, state.replace(step=np.int32(2)))

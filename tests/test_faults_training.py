@@ -49,11 +49,11 @@ def _fit(tmp_path, step_fn, state, mesh, *, end=10, save_every=2, log_every=1, c
     ck = (training.Checkpointer(tmp_path / "ckpt", save_every=save_every, max_to_keep=20)
           if ckpt else None)
     try:
-        return training.fit(state, step_fn, lambda s: {"x": np.zeros((1,), np.float32)}, mesh,
-                            start=int(state.step), end=end, num_steps=num_steps, seed=0,
-                            batch_size=1,
-                            log_every=log_every, writer=training.MetricsWriter(tmp_path),
-                            ckpt=ck, progress=False)
+        return training.fit(state, step_fn, lambda s, rows: {"x": np.zeros((1,), np.float32)[rows]},
+                            mesh, training.StepRange(int(state.step), end, total=num_steps),
+                            seed=0, batch_size=1,
+                            log=training.LoopLog(training.MetricsWriter(tmp_path), log_every,
+                                                 progress=False), ckpt=ck)
     finally:
         if ck is not None:
             ck.close()
@@ -120,9 +120,11 @@ def test_divergence_on_eight_devices(tmp_path, eight_devices):
     ck = training.Checkpointer(tmp_path / "ckpt", save_every=2)
     with pytest.raises(NonFiniteError, match="non-finite loss at step 3; the last finite "
                        "checkpoint, step 2,"):
-        training.fit(state, _step_fn(bad_loss_at=3), lambda s: {"x": np.zeros((8,), np.float32)},
-                     mesh, start=0, end=6, seed=0, batch_size=8, log_every=100,
-                     writer=training.MetricsWriter(tmp_path), ckpt=ck, progress=False)
+        training.fit(state, _step_fn(bad_loss_at=3),
+                     lambda s, rows: {"x": np.zeros((8,), np.float32)[rows]}, mesh,
+                     training.StepRange(0, 6), seed=0, batch_size=8,
+                     log=training.LoopLog(training.MetricsWriter(tmp_path), 100, progress=False),
+                     ckpt=ck)
     ck.close()
 
 

@@ -85,3 +85,47 @@ def test_every_method_package_says_what_it_holds():
         doc = ast.get_docstring(ast.parse(open(os.path.join(REPO, "nvsm_jax", name,
                                                             "__init__.py")).read()))
         assert doc and len(doc.split()) > 20, name
+
+
+def test_loading_every_config_file_imports_neither_jax_nor_flax():
+    """Config files read their defaults from the jax-free settings modules
+    (``nvsm_jax.settings`` and each method's ``settings``): loading one, in a fresh
+    interpreter, imports neither jax nor flax."""
+    import subprocess
+    import sys
+
+    code = ("import sys\n"
+            "from experiments.configs import mcss, nemo, nvsm, synthetic\n"
+            "for mod, args in ((nemo, ('default', 'tiny')), (nvsm, ('demo', 'paper', 'tiny')),\n"
+            "                  (mcss, ('demo', 'demo_scratch', 'tiny', 'full')),\n"
+            "                  (synthetic, ('', 'tiny', 'demo'))):\n"
+            "    for a in args:\n"
+            "        mod.get_config(a)\n"
+            "print(sorted(m for m in ('jax', 'flax', 'optax') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def _functions(package: str):
+    for module, path in _modules(package).items():
+        for node in ast.walk(ast.parse(open(path).read())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                params = [p.arg for p in a.posonlyargs + a.args + a.kwonlyargs]
+                params += [x.arg for x in (a.vararg, a.kwarg) if x is not None]
+                if params[:1] in (["self"], ["cls"]):
+                    params = params[1:]
+                yield module, node.name, len(params), node.end_lineno - node.lineno + 1
+
+
+def test_no_library_function_takes_more_than_ten_parameters_nor_a_method_one_80_lines():
+    """The layout's size rules: grouped arguments (e.g. ``training.StepRange`` and
+    ``LoopLog`` for :func:`nvsm_jax.training.fit`) instead of long parameter lists, and
+    NeMo's and NVSM's functions short enough to read."""
+    many = [f"{m}.{f} ({n})" for pkg in ("nvsm_jax", "rasterizer")
+            for m, f, n, _ in _functions(pkg) if n > 10]
+    assert not many, f"over 10 parameters: {many}"
+    long = [f"{m}.{f} ({lines} lines)" for m, f, _, lines in _functions("nvsm_jax")
+            if _layer(m) in ("nemo", "nvsm") and lines > 80]
+    assert not long, f"over 80 lines: {long}"

@@ -48,8 +48,7 @@ def test_coke_matches_hand_computation_with_neighbours_and_invisible():
     ce, reg = _coke_by_hand(f, vis, xy, mem, clu, cf, T, r, w, reg_w)
     out = losses.coke_loss(f.astype(np.float32), vis, xy.astype(np.float32),
                            mem.astype(np.float32), clu.astype(np.float32),
-                           cf.astype(np.float32), temperature=T, neighbor_radius=r,
-                           clutter_weight=w, reg_weight=reg_w)
+                           cf.astype(np.float32), weights=losses.CokeWeights(T, r, w, reg_w))
     np.testing.assert_allclose(float(out.contrastive), ce, rtol=1e-4)
     np.testing.assert_allclose(float(out.reg), reg, rtol=1e-4, atol=1e-7)
     np.testing.assert_allclose(float(out.total), ce + reg, rtol=1e-4)
@@ -61,7 +60,7 @@ def test_neighbour_mask_and_gradient_only_from_visible():
     xy = jnp.array([[[0.0, 0.0], [1.0, 0.0], [10.0, 0.0]]])
     m = np.asarray(losses.neighbor_mask(xy, 2.0))[0]
     np.testing.assert_array_equal(m, [[0, 1, 0], [1, 0, 0], [0, 0, 0]])
-    # the anchors' rows (what coke_loss masks) are those rows of the full mask
+    # the sampled vertices' rows (what coke_loss masks) are those rows of the full mask
     np.testing.assert_array_equal(
         np.asarray(losses.neighbor_mask(xy, 2.0, jnp.array([[2, 0, 1, 0]])))[0], m[[2, 0, 1, 0]])
     rng = np.random.default_rng(1)
@@ -77,7 +76,7 @@ def test_neighbour_mask_and_gradient_only_from_visible():
     assert float(out.contrastive) == 0.0
 
 
-def test_anchor_subsample_equals_full_loss_when_it_covers_every_vertex():
+def test_vertex_subsample_equals_full_loss_when_it_covers_every_vertex():
     import jax
     import jax.numpy as jnp
     rng = np.random.default_rng(2)
@@ -87,11 +86,12 @@ def test_anchor_subsample_equals_full_loss_when_it_covers_every_vertex():
     clu = jnp.asarray(_unit(rng.normal(size=(3, D))), jnp.float32)
     xy = jnp.asarray(rng.uniform(0, 20, size=(B, V, 2)), jnp.float32)
     vis = jnp.asarray(rng.random((B, V)) < 0.6)
-    full = losses.coke_loss(f, vis, xy, mem, clu, neighbor_radius=6.0)
+    cfg = losses.CokeWeights(neighbor_radius=6.0)
+    full = losses.coke_loss(f, vis, xy, mem, clu, weights=cfg)
     perm = jnp.asarray(np.stack([rng.permutation(V) for _ in range(B)]), jnp.int32)
-    sub = losses.coke_loss(f, vis, xy, mem, clu, anchors=perm, neighbor_radius=6.0)
+    sub = losses.coke_loss(f, vis, xy, mem, clu, vertex_ids=perm, weights=cfg)
     np.testing.assert_allclose(float(sub.total), float(full.total), rtol=1e-5)
-    a = np.asarray(losses.sample_anchors(jax.random.key(0), vis, 2))
+    a = np.asarray(losses.sample_vertices(jax.random.key(0), vis, 2))
     assert all(np.asarray(vis)[b, a[b]].all() for b in range(B) if np.asarray(vis)[b].sum() >= 2)
 
 
@@ -132,8 +132,7 @@ def test_coke_gradient_matches_finite_differences_and_the_memories_get_none():
 
     def total(f_, mem_, clu_, cf_):
         return losses.coke_loss(f_, jnp.asarray(vis), jnp.asarray(xy, jnp.float32), mem_, clu_,
-                                cf_, temperature=T, neighbor_radius=r, clutter_weight=w,
-                                reg_weight=reg_w).total
+                                cf_, weights=losses.CokeWeights(T, r, w, reg_w)).total
 
     args = [jnp.asarray(a, jnp.float32) for a in (f, mem, clu, cf)]
     g_f, g_mem, g_clu, g_cf = jax.grad(total, argnums=(0, 1, 2, 3))(*args)

@@ -35,7 +35,7 @@ def _nemo_config():
 
     c = nemo_config.get_config("tiny")
     c.num_steps, c.checkpoint_every, c.batch_size = 4, 2, 8
-    c.loss.anchors_per_image = 64
+    c.loss.vertices_per_image = 64
     c.augment.hue, c.augment.grayscale_prob = 0.5, 0.3   # row-wise draws must line up
     return c
 
@@ -72,7 +72,7 @@ def _estep(data_root, mesh):
     object_mesh = load_model_mesh(data_root, "car")
     split = fewshot.split_from_config(data, 7, cfg)
     labelled, unlabelled = split.labelled, split.unlabelled
-    model = train.build_model(cfg)
+    model = train.build_model(cfg.model)
     state = train.init_state(cfg, model, len(object_mesh.verts), data.image_size, mesh)
     fn = train.feature_fn(train.nemo_model(cfg, model, state, object_mesh))
     maps, rows = estep.pool_features(fn, unlabelled.images, cfg.eval_batch_size, mesh)
@@ -84,7 +84,7 @@ def _estep(data_root, mesh):
     sources = estep.round_sources(cfg, fn, labelled, unlabelled, pool,
                                pseudo_labels.PseudoLabels.empty(), mesh)
     solver = estep.SolverInputs(state.aux.vertex, feat.clutter_prototype(state.aux.clutter),
-                             pose_solver.SolverConfig.from_dict(cfg.solver.to_dict()))
+                             pose_solver.SolverConfig.from_config(cfg.solver))
     kw = dict(object_mesh=object_mesh, stride=cfg.model.stride, mesh=mesh, solver=solver)
     table = estep.score_views(est, sources, pool, **kw)
     new = estep.e_step(est, sources, pool, round_index=1, **kw).new

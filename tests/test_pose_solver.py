@@ -81,7 +81,7 @@ def test_grid_search_finds_the_coarse_pose():
     hw, focal = (32, 32), 40.0
     fm, mem, clutter, _, principal = _observed(gt, hw, focal, seed=1)
     res = ps.solve(fm[None], mem, clutter, MESH.verts, MESH.faces, jnp.array([focal]),
-                   principal[None], stride=1, cfg=cfg)
+                   principal[None], stride=1, solver_cfg=cfg)
     nearest = np.argmin(geometry.pose_error(grid, gt[None]))
     assert nearest == target
     assert int(np.argmin(res.grid_losses[0])) == target
@@ -90,7 +90,7 @@ def test_grid_search_finds_the_coarse_pose():
     # three hypotheses kept, none refined: the lowest-loss one still wins, its score is
     # 1 - its loss (the grid is scored by the same compiled call)
     res3 = ps.solve(fm[None], mem, clutter, MESH.verts, MESH.faces, jnp.array([focal]),
-                    principal[None], stride=1, cfg=ps.SolverConfig(steps=0, top_k=3))
+                    principal[None], stride=1, solver_cfg=ps.SolverConfig(steps=0, top_k=3))
     np.testing.assert_allclose(res3.pose[0], grid[target])
     np.testing.assert_allclose(res3.score[0], 1.0 - res.grid_losses[0].min(), rtol=1e-6)
     assert np.sort(res.grid_losses[0])[1] > res.grid_losses[0].min()   # a real choice
@@ -208,19 +208,19 @@ def test_reference_setting_is_nemos():
     assert r.grid().shape == (144, 4) and r.refine_distance and not r.cull_backfaces
 
 
-def test_solver_config_from_dict_refuses_unknown_keys_and_reads_every_shipped_config():
+def test_solver_config_from_config_refuses_unknown_keys_and_reads_every_shipped_config():
     import pytest
 
     from experiments.configs import nemo as nemo_config
     from experiments.configs import nvsm as nvsm_config
-    from nvsm_jax.errors import ConfigError
 
     for name, get, variants in (("nemo", nemo_config.get_config, ("default", "tiny")),
                                 ("nvsm", nvsm_config.get_config, ("demo", "paper", "tiny"))):
         for v in variants:
             block = get(v).solver.to_dict()
-            cfg = ps.SolverConfig.from_dict(block)
+            cfg = ps.SolverConfig.from_config(block)
             assert cfg.steps == block["steps"] and cfg.thetas == tuple(block["thetas"]), (name, v)
     block = nemo_config.get_config("tiny").solver.to_dict()
-    with pytest.raises(ConfigError, match=r"solver\.num_azimuths.*known: num_azimuth, "):
-        ps.SolverConfig.from_dict({**block, "num_azimuths": 8})
+    with pytest.raises(ValueError, match=r"num_azimuths.*known: num_azimuth, "):
+        ps.SolverConfig.from_config({**block, "num_azimuths": 8})
+    assert ps.SolverConfig().distance == geometry.NEMO_DISTANCE     # the settings module has no jax

@@ -36,7 +36,7 @@ def workdir(tmp_path_factory):
     cfg.eval_batch_size = 4
     work = str(base / "work")
     object_mesh = meshes.load_mesh(os.path.join(train_root, "CAD_single", "car", "01.off"))
-    model = train.build_model(cfg)
+    model = train.build_model(cfg.model)
     # (64, 64): the size train.load_model initialises with, so its initialiser is reused
     state = train.init_state(cfg, model, len(object_mesh.verts), (64, 64), parallel.make_mesh(1),
                              pretrained=False)
@@ -95,7 +95,7 @@ def test_box_crop_reproduces_the_camera(workdir):
     assert cam.image_hw == (32, 32) and cam.focal == pytest.approx(200.0)
     train = loaders.load_pose_set(nemo.config.data_root, "car", "L0")   # the size focal, by hand
     assert cam.size_focal == pytest.approx(np.median(train.focal * 5.0 / train.poses[:, 3]))
-    grid = SolverConfig.from_dict(nemo.config.solver.to_dict()).grid()
+    grid = SolverConfig.from_config(nemo.config.solver).grid()
     ref = predict.reference_diagonal(nemo.object_mesh.verts, cam.size_focal, grid)
     photo = np.zeros((70, 90, 3), np.uint8)
     photo[20:52, 30:62] = img

@@ -104,8 +104,9 @@ def test_tiny_pretrain_on_8_devices_decreases_loss(tmp_path, eight_devices):
     pool = UnlabelledSet("car", tuple(f"u{i}" for i in range(n)), images,
                          np.full(n, 200.0, np.float32), np.tile([[16.0, 16.0]], (n, 1)))
     model = backbone.make_feature_net("tiny", stride=8, feature_dim=16)
-    cfg = pretrain.pretrain_config("tiny").replace(num_steps=8, checkpoint_every=4, lr=1e-2,
-                                                   cells_per_image=8, jitter=0.2)
+    tiny = pretrain.pretrain_config("tiny")
+    cfg = tiny.replace(num_steps=8, checkpoint_every=4, optim=tiny.optim.replace(lr=1e-2),
+                       cells_per_image=8, jitter=0.2)
     out = pretrain.pretrain(cfg, model, pool, tmp_path, num_devices=8, progress=False)
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
     losses = [r["loss"] for r in rows]

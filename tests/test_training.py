@@ -9,8 +9,9 @@ import pytest
 
 from experiments.configs import nemo as nemo_config
 from nvsm_jax import meshes, parallel, training
-from nvsm_jax.nemo import train as nemo_train
 from nvsm_jax.data.loaders import PoseSet
+from nvsm_jax.nemo import train as nemo_train
+from nvsm_jax.settings import OptimConfig
 
 
 def _toy_set(n=12, hw=64, seed=0):
@@ -27,7 +28,7 @@ def _config():
     c.num_steps = 4
     c.checkpoint_every = 2
     c.batch_size = 8
-    c.loss.anchors_per_image = 64
+    c.loss.vertices_per_image = 64
     return c
 
 
@@ -175,9 +176,10 @@ def test_fit_keeps_one_multi_device_cpu_step_in_flight(tmp_path, eight_devices):
     # is about the outputs of the step before
     state = jax.block_until_ready(parallel.replicate(np.eye(512, dtype=np.float32), mesh))
     ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=1000)
-    training.fit(state, train_step, lambda s: {"x": rng.random((64, 512), np.float32)},
-                 mesh, start=0, end=6, num_steps=1000, seed=0, batch_size=64, log_every=1000,
-                 writer=training.MetricsWriter(tmp_path), ckpt=ckpt, progress=False)
+    training.fit(state, train_step, lambda s, rows: {"x": rng.random((64, 512), np.float32)[rows]},
+                 mesh, training.StepRange(0, 6, total=1000), seed=0, batch_size=64,
+                 log=training.LoopLog(training.MetricsWriter(tmp_path), 1000, progress=False),
+                 ckpt=ckpt)
     ckpt.close()
     assert all(seen), seen
     x = parallel.replicate(np.ones(3, np.float32), parallel.make_mesh(1))
@@ -203,9 +205,11 @@ def test_fit_logs_saves_and_keys_each_step_by_its_global_index(tmp_path):
 
     ckpt = training.Checkpointer(tmp_path / "ckpt", save_every=100)
     writer = training.MetricsWriter(tmp_path)
-    out = training.fit(state, train_step, lambda s: {"s": np.full((2,), s, np.float32)}, mesh,
-                       start=3, end=5, num_steps=5, seed=7, batch_size=2, log_every=2,
-                       writer=writer, ckpt=ckpt, progress=False, extra={"round": 4})
+    out = training.fit(state, train_step,
+                       lambda s, rows: {"s": np.full((2,), s, np.float32)[rows]}, mesh,
+                       training.StepRange(3, 5, total=5), seed=7, batch_size=2,
+                       log=training.LoopLog(writer, 2, progress=False, extra={"round": 4}),
+                       ckpt=ckpt)
     ckpt.close()
     assert [s for s, _ in seen] == [3, 4]
     assert [k for _, k in seen] == [np.asarray(jax.random.key_data(training.step_key(7, s))).tolist()
@@ -263,9 +267,9 @@ def test_make_optimizer_is_adam_with_clip_l2_warmup_cosine_and_frozen_leaves(dec
     warm-up from 0 over 2 steps, cosine to ``lr * final_lr_fraction`` at step 10; the
     frozen leaf gets zero updates."""
     lr, wd, clip, b1, b2 = 0.1, 0.1, 1.0, 0.8, 0.9
-    tx, schedule = training.make_optimizer(
-        lr, 10, warmup_steps=2, final_lr_fraction=0.5, weight_decay=wd, grad_clip=clip,
-        betas=(b1, b2), decoupled=decoupled, frozen=lambda path: path[0] == "enc")
+    optim = OptimConfig(lr=lr, weight_decay=wd, b1=b1, b2=b2, warmup_steps=2,
+                        final_lr_fraction=0.5, grad_clip=clip, decoupled=decoupled)
+    tx, schedule = training.make_optimizer(optim, 10, frozen=lambda path: path[0] == "enc")
 
     def lr_at(c):
         if c < 2:
@@ -371,7 +375,7 @@ def test_train_step_updates_the_memory_by_hand_and_lowers_the_coke_loss():
     cfg.optim.lr = 2e-3
     n, hw = cfg.batch_size, data.image_size
     mesh = parallel.make_mesh(1)
-    model = nemo_train.build_model(cfg)
+    model = nemo_train.build_model(cfg.model)
     state = nemo_train.init_state(cfg, model, len(object_mesh.verts), hw, mesh)
     sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     step = nemo_train.make_train_step(cfg, model, object_mesh, hw, sharding, mesh)
@@ -493,9 +497,10 @@ def test_fit_without_a_progress_bar_beats_during_its_first_step(tmp_path, monkey
         return state.replace(step=state.step + 1), {"loss": jnp.zeros(())}
 
     caplog.set_level(logging.INFO, logger="nvsm_jax.training")
-    training.fit(state, train_step, lambda s: {"s": np.zeros((2,), np.float32)}, mesh, start=0,
-                 end=3, seed=0, batch_size=2, log_every=10, writer=training.MetricsWriter(tmp_path),
-                 progress=False, desc="mcss_S1")
+    training.fit(state, train_step, lambda s, rows: {"s": np.zeros((2,), np.float32)[rows]}, mesh,
+                 training.StepRange(0, 3), seed=0, batch_size=2,
+                 log=training.LoopLog(training.MetricsWriter(tmp_path), 10, progress=False,
+                                      desc="mcss_S1"))
     beats = [r.getMessage() for r in caplog.records if "still running" in r.getMessage()]
     assert 2 <= len(beats) <= 6, beats
     assert all(b.startswith("mcss_S1: step 1 (the first call compiles): still running") for b in beats)

@@ -18,6 +18,10 @@ line, e.g. ``--config.train.steps=500 --config.train.multiview.kind=contrastive`
 
 import ml_collections
 
+from nvsm_jax.mcss.settings import (EvalConfig, MCSSModelConfig, MultiviewConfig,
+                                    MultiviewPseudoConfig)
+from nvsm_jax.settings import OptimConfig
+
 
 def get_config(arg: str = "demo"):
     c = ml_collections.ConfigDict()
@@ -55,18 +59,9 @@ def get_config(arg: str = "demo"):
     # --- model ------------------------------------------------------------------
     c.train = ml_collections.ConfigDict()
     t = c.train
-    # encoder: "resnet" (from scratch; stage_sizes / widths / stem_width) or
-    # "efficientnet_lite0" (pretrained="imagenet" puts in the ImageNet weights; its batch
-    # norm keeps the stored statistics: norm="frozen_batch"). frozen_stages: encoder
-    # stages 0 .. k-1 keep their weights (Lite: 0 stem, 1-7 MBConv stages, 8 head).
-    # tap: the encoder map pooled (stride 4 / 8 / 16 / 32); pool: "mean" (global
-    # average) or "flatten" (1x1 conv to reduce_dim channels, then the map flattened).
-    t.model = ml_collections.ConfigDict(dict(
-        encoder="resnet", pretrained="", frozen_stages=0, depthwise="auto",
-        stage_sizes=(1, 1, 1, 1), widths=(32, 64, 128, 256), stem_width=32, norm="group",
-        tap=32, pool="mean", reduce_dim=64,
-        embed_dim=64, head_hidden=256, regressor_hidden=(256, 256), regress_from="features",
-        embed_scale=8.0))
+    # the typed blocks: every field and its default in its dataclass (nvsm_jax.settings,
+    # nvsm_jax.mcss.settings), which documents it; set here only what differs
+    t.model = MCSSModelConfig().to_config_block()   # the from-scratch ResNet, pooled at stride 32
     # --- optimisation -----------------------------------------------------------
     t.steps = 600
     t.sup_batch = 32
@@ -80,29 +75,17 @@ def get_config(arg: str = "demo"):
     # cache_copies - 1 colour-jittered copies, computed once; each frame of a batch
     # reads one copy at random (1 = the plain maps only, no colour jitter)
     t.cache_copies = 1
-    t.optim = ml_collections.ConfigDict(dict(lr=2e-3, warmup=50, weight_decay=1e-4, grad_clip=1.0,
-                                             final_lr_fraction=0.05))
-    t.multiview = ml_collections.ConfigDict(dict(
-        kind="contrastive",               # "contrastive" | "triplet" (see DESIGN.md)
-        weight=1.0, margin=0.2, temperature=0.1, squared=True, dt_min=8,
-        cross_sequence=False, num_seqs=4, num_times=6, num_views=4,
-        # > 0: also the predicted poses of one instant's views must agree up to a
-        # rotation (their joint-distance matrices; losses.pose_consistency_loss)
-        pose_consistency=0.0))
-    # multi-view bootstrapping (MCSS only; nvsm_jax/mcss/fusion.py): after training, every
-    # unlabelled frame gets the pose fused from its instant's views (cameras rotated onto
-    # each other from the labelled instants or the predictions), and the network is
-    # trained again, from its initial weights, on labelled + pseudo-labelled frames;
-    # rounds = how many times (0 = off)
-    t.multiview_pseudo = ml_collections.ConfigDict(dict(rounds=0, fuse="median"))
+    t.optim = OptimConfig().to_config_block()       # Adam (torch-style L2), warm-up + cosine
+    t.optim.update(lr=2e-3, warmup_steps=50, weight_decay=1e-4, grad_clip=1.0,
+                   final_lr_fraction=0.05)
+    t.multiview = MultiviewConfig().to_config_block()   # contrastive, 4 seqs x 6 times x 4 views
+    # multi-view bootstrapping (nvsm_jax/mcss/fusion.py): rounds = how many (0 = off)
+    t.multiview_pseudo = MultiviewPseudoConfig().to_config_block()
     t.save_every = 200
     t.log_every = 50
     t.progress = False
     # --- evaluation -------------------------------------------------------------
-    c.eval = ml_collections.ConfigDict(dict(
-        query_view=0, ks=(1, 5, 10, 20), hit_threshold=50.0, random_embedding="untrained",
-        baseline_embedding="features",    # "features" (pooled, what it learned) | "head"
-        figure_rows=4))
+    c.eval = EvalConfig().to_config_block()         # retrieval from camera 0, k = 1, 5, 10, 20
     c.num_devices = 0                     # 0 = all
     c.compilation_cache = ""              # a folder for JAX's persistent compilation cache
     #                                       (one device only: with jax 0.10.2, cached
@@ -152,7 +135,7 @@ def get_config(arg: str = "demo"):
         t.multiview_pseudo.rounds = 1
         t.save_every = 2
         t.log_every = 2
-        t.optim.warmup = 1
+        t.optim.warmup_steps = 1
         c.eval.ks = (1, 5)
     elif arg == "full":
         c.data.num_frames = 512

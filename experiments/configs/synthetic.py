@@ -12,7 +12,7 @@ Variants (``get_config(arg)``):
 
 import ml_collections
 
-from nvsm_jax.data.shapes import CATEGORIES
+from nvsm_jax.data.format import CATEGORIES
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:

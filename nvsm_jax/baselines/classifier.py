@@ -41,7 +41,6 @@ Public API:
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import logging
@@ -56,8 +55,10 @@ import optax
 
 from nvsm_jax import parallel, training
 from nvsm_jax.baselines import pretrain
+from nvsm_jax.baselines.settings import ClassifierConfig
 from nvsm_jax.data import pipeline
 from nvsm_jax.models import backbone, weights
+from nvsm_jax.settings import ModelConfig, OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -70,66 +71,14 @@ __all__ = ["ClassifierConfig", "classifier_config", "BinSpec", "bin_specs", "bin
 HEADS = ("azimuth", "elevation", "theta")
 
 
-@dataclasses.dataclass(frozen=True)
-class ClassifierConfig(training.DataclassConfig):
-    """Everything a classifier run needs (hashable: the jitted step is cached on it).
-
-    Backbone: ``backbone`` / ``norm`` / ``encoder_norm`` / ``depthwise`` as
-    :func:`nvsm_jax.models.backbone.make_feature_net` (only its encoder fields are
-    used); ``pretrained="imagenet"`` starts the encoder from the packaged ImageNet
-    weights; ``frozen_stages`` as the NeMo config's. Bins: counts and the elevation / theta
-    ranges (radians). ``label_smoothing``: probability mass moved from the true
-    bin to its two neighbours (half each; periodic heads wrap). Optimiser: Adam
-    with torch-style L2 ``weight_decay``, linear warm-up then cosine decay to
-    ``lr * final_lr_fraction``. Augmentation: ``flip_prob`` / ``jitter`` /
-    ``hue`` / ``grayscale_prob`` of :class:`nvsm_jax.data.Augment`.
-    """
-
-    backbone: str = "small"
-    norm: str = "group"
-    encoder_norm: str | None = None
-    depthwise: str = "auto"
-    pretrained: str = ""
-    frozen_stages: int = 0
-    azimuth_bins: int = 36
-    elevation_bins: int = 18
-    theta_bins: int = 36
-    elevation_range: tuple[float, float] = (-np.pi / 2, np.pi / 2)
-    theta_range: tuple[float, float] = (-np.pi, np.pi)
-    label_smoothing: float = 0.0
-    distance: float = 5.0
-    seed: int = 0
-    num_steps: int = 2000
-    batch_size: int = 16
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.05
-    grad_clip: float | None = None
-    flip_prob: float = 0.5
-    jitter: float = 0.2
-    hue: float = 0.0
-    grayscale_prob: float = 0.0
-    log_every: int = 20
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-
-    @classmethod
-    def from_dict(cls, d) -> "ClassifierConfig":
-        d = dict(d)
-        for k in ("elevation_range", "theta_range"):
-            if k in d:
-                d[k] = tuple(float(v) for v in d[k])
-        return super().from_dict(d)
-
-
 def classifier_config(arg: str = "default") -> ClassifierConfig:
     """``"default"`` (NeMo's ``small`` preset, 2000 steps) or ``"tiny"`` (seconds, tests)."""
     if arg in (None, "", "default"):
         return ClassifierConfig()
     if arg == "tiny":
-        return ClassifierConfig(backbone="tiny", num_steps=4, batch_size=8, log_every=1,
-                                checkpoint_every=2, warmup_steps=1, lr=3e-3, weight_decay=0.0)
+        return ClassifierConfig(model=ModelConfig(backbone="tiny", pretrained=""), num_steps=4,
+                                batch_size=8, log_every=1, checkpoint_every=2,
+                                optim=OptimConfig(warmup_steps=1, lr=3e-3, weight_decay=0.0))
     raise ValueError(f"config arg must be 'default' or 'tiny', got {arg!r}")
 
 
@@ -249,11 +198,12 @@ class PoseClassifier(nn.Module):
 @functools.lru_cache(maxsize=16)
 def build_classifier(config: ClassifierConfig) -> PoseClassifier:
     """The :class:`PoseClassifier` of a config (encoder fields of ``backbone.PRESETS``)."""
-    if config.backbone not in backbone.PRESETS:
-        raise ValueError(f"unknown backbone preset {config.backbone!r}; "
+    m = config.model
+    if m.backbone not in backbone.PRESETS:
+        raise ValueError(f"unknown backbone preset {m.backbone!r}; "
                          f"choose from {sorted(backbone.PRESETS)}")
-    net = backbone.make_feature_net(config.backbone, norm=config.norm,
-                                    encoder_norm=config.encoder_norm, depthwise=config.depthwise)
+    net = backbone.make_feature_net(m.backbone, norm=m.norm, encoder_norm=m.encoder_norm,
+                                    depthwise=m.depthwise)
     return PoseClassifier(num_bins=(config.azimuth_bins, config.elevation_bins, config.theta_bins),
                           stage_sizes=net.stage_sizes, widths=net.widths,
                           bottleneck=net.bottleneck, stem_width=net.stem_width,
@@ -267,15 +217,13 @@ def _optimizer(config: ClassifierConfig):
     same config gets the same ``tx`` object, a static field of the state, so the
     cached train step sees the same state structure and does not compile again."""
     return training.make_optimizer(
-        config.lr, config.num_steps, warmup_steps=config.warmup_steps,
-        final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip,
-        frozen=backbone.frozen_encoder_filter(config.backbone, config.frozen_stages))
+        config.optim, config.num_steps,
+        frozen=backbone.frozen_encoder_filter(config.model.backbone, config.model.frozen_stages))
 
 
 def init_classifier_state(config: ClassifierConfig, image_hw, mesh) -> training.TrainState:
     """TrainState (params, Adam, batch_stats if any) replicated on ``mesh``, the
-    encoder from ``config.pretrained`` (``"imagenet"`` or none).
+    encoder from ``config.model.pretrained`` (``"imagenet"`` or none).
 
     image_hw: (H, W) of the training images (only the init trace uses it).
     Through :func:`nvsm_jax.training.create_replicated`, compiled once per config
@@ -286,7 +234,7 @@ def init_classifier_state(config: ClassifierConfig, image_hw, mesh) -> training.
     state = training.create_replicated(
         init, jax.random.key(config.seed), mesh,
         cache_key=("classifier", config.replace(seed=0), tuple(image_hw)))
-    encoder = weights.pretrained_encoder(model.encoder, config.pretrained)
+    encoder = weights.pretrained_encoder(model.encoder, config.model.pretrained)
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
     return state
@@ -317,7 +265,7 @@ def make_train_step(config: ClassifierConfig, mesh):
     """
     _, schedule = _optimizer(config)
     rep = parallel.replicated(mesh)
-    frozen = backbone.frozen_encoder_filter(config.backbone, config.frozen_stages)
+    frozen = backbone.frozen_encoder_filter(config.model.backbone, config.model.frozen_stages)
 
     def step(state: training.TrainState, batch, key):
         del key  # the model is deterministic; kept for the shared step signature
@@ -384,8 +332,7 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
     state = ckpt.restore_or(state)
     start = int(state.step)
     train_step = make_train_step(config, mesh)
-    augment = pipeline.augment_from_config(
-        {k: getattr(config, k) for k in ("flip_prob", "jitter", "hue", "grayscale_prob")})
+    augment = pipeline.augment_from_config(config.augment)
     batches = pipeline.BatchIterator(train_set, config.batch_size, seed=config.seed,
                                      augment=augment)
     writer = training.MetricsWriter(workdir)
@@ -394,15 +341,15 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
         log.info("classifier: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
 
-    def host_batch(step):
+    def host_batch(step, rows):             # this process's rows of the whole batch
         b = batches.batch(step)
-        return {"image": b["image"], "pose": b["pose"]}
+        return {"image": b["image"][rows], "pose": b["pose"][rows]}
 
     state = training.fit(
-        state, train_step, host_batch, mesh, start=start, end=end,
-        num_steps=config.num_steps, seed=config.seed, batch_size=config.batch_size,
-        log_every=config.log_every, writer=writer, ckpt=ckpt, progress=progress,
-        desc="classifier")
+        state, train_step, host_batch, mesh, training.StepRange(start, end, total=config.num_steps),
+        seed=config.seed, batch_size=config.batch_size,
+        log=training.LoopLog(writer, config.log_every, progress=progress, desc="classifier"),
+        ckpt=ckpt)
     ckpt.close()
     return state
 

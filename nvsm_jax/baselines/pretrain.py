@@ -67,7 +67,9 @@ import optax
 
 from nvsm_jax import parallel, training
 from nvsm_jax.data import pipeline
+from nvsm_jax.baselines.settings import PretrainConfig
 from nvsm_jax.models import backbone
+from nvsm_jax.settings import OptimConfig
 
 log = logging.getLogger(__name__)
 
@@ -79,47 +81,14 @@ __all__ = ["PretrainConfig", "pretrain_config", "Pretrained", "view_corresponden
 PARAMS_FILE = "pretrained.msgpack"
 
 
-@dataclasses.dataclass(frozen=True)
-class PretrainConfig(training.DataclassConfig):
-    """Dense contrastive pre-training settings (hashable: the jitted step is cached on it).
-
-    Views: ``max_shift_cells`` (translation range in feature cells), ``flip_prob``,
-    ``jitter`` (colour jitter strength), ``noise_std`` (uint8 units).
-    Loss: ``temperature``, ``cells_per_image`` (sampled positives per image),
-    ``neighbor_radius`` (same-image cells within it are not negatives; 0 = off),
-    ``global_weight``. Optimiser: Adam (torch-style L2 ``weight_decay``) with
-    linear warm-up and cosine decay to ``lr * final_lr_fraction``.
-    """
-
-    seed: int = 0
-    num_steps: int = 2000
-    batch_size: int = 32
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    warmup_steps: int = 100
-    final_lr_fraction: float = 0.05
-    grad_clip: float | None = None
-    temperature: float = 0.15
-    cells_per_image: int = 64
-    neighbor_radius: float = 1.0
-    global_weight: float = 0.25
-    max_shift_cells: int = 2
-    flip_prob: float = 0.5
-    jitter: float = 0.4
-    noise_std: float = 6.0
-    log_every: int = 20
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
-
-
 def pretrain_config(arg: str = "default") -> PretrainConfig:
     """``"default"`` or ``"tiny"`` (a smoke run that only exercises the code)."""
     if arg in (None, "", "default"):
         return PretrainConfig()
     if arg == "tiny":
         return PretrainConfig(num_steps=4, batch_size=8, cells_per_image=16, max_shift_cells=1,
-                              log_every=1, checkpoint_every=2, warmup_steps=1, lr=3e-3,
-                              weight_decay=0.0)
+                              log_every=1, checkpoint_every=2,
+                              optim=OptimConfig(warmup_steps=1, lr=3e-3, weight_decay=0.0))
     raise ValueError(f"config arg must be 'default' or 'tiny', got {arg!r}")
 
 
@@ -326,10 +295,7 @@ def _optimizer(config: PretrainConfig):
     """``(tx, schedule)`` of :func:`nvsm_jax.training.make_optimizer`, cached: the
     same config gets the same ``tx`` object, a static field of the state, so the
     cached train step sees the same state structure and does not compile again."""
-    return training.make_optimizer(
-        config.lr, config.num_steps, warmup_steps=config.warmup_steps,
-        final_lr_fraction=config.final_lr_fraction, weight_decay=config.weight_decay,
-        grad_clip=config.grad_clip)
+    return training.make_optimizer(config.optim, config.num_steps)
 
 
 @functools.lru_cache(maxsize=8)
@@ -364,10 +330,11 @@ def make_train_step(config: PretrainConfig, model: backbone.FeatureNet, mesh):
     return jax.jit(step, donate_argnums=0, out_shardings=(rep, rep))
 
 
-def _host_batch(batches, model, config: PretrainConfig, step: int) -> dict:
+def _host_batch(batches, model, config: PretrainConfig, step: int, rows: slice) -> dict:
+    """The rows ``rows`` of ``step``'s views (drawn for the whole batch)."""
     images = batches.batch(step)["image"]
     views = make_views(images, model.stride, config, np.random.default_rng([config.seed, 2, step]))
-    return {k: views[k] for k in ("view1", "view2", "idx1", "idx2", "valid", "cell")}
+    return {k: views[k][rows] for k in ("view1", "view2", "idx1", "idx2", "valid", "cell")}
 
 
 def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir, *,
@@ -412,10 +379,11 @@ def pretrain(config: PretrainConfig, model_config_or_model, unlabelled, workdir,
         log.info("pretrain: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(unlabelled))
     state = training.fit(
-        state, train_step, lambda s: _host_batch(batches, model, config, s), mesh,
-        start=start, end=end, num_steps=config.num_steps, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress, desc="pretrain")
+        state, train_step, lambda s, rows: _host_batch(batches, model, config, s, rows), mesh,
+        training.StepRange(start, end, total=config.num_steps), seed=config.seed,
+        batch_size=config.batch_size,
+        log=training.LoopLog(writer, config.log_every, progress=progress, desc="pretrain"),
+        ckpt=ckpt)
     ckpt.close()
     result = Pretrained(jax.device_get(state.params), jax.device_get(state.model_state or {}))
     if int(state.step) >= config.num_steps and parallel.is_main_process():

@@ -2,7 +2,7 @@
 
 Public API (see each module's docstring for the details):
 
-* format: ``OCCLUSION_LEVELS``, ``occlusion_suffix``, ``subset_name``, ``DataError``
+* format: ``CATEGORIES``, ``OCCLUSION_LEVELS``, ``occlusion_suffix``, ``subset_name``, ``DataError``
 * loaders: ``PoseSet``, ``load_pose_set``, ``load_model_mesh``
 * few-shot: ``UnlabelledSet``, ``FewShotSplit``, ``make_fewshot_split``,
   ``hidden_poses`` (evaluation/reporting only), ``anchor_order``
@@ -14,15 +14,16 @@ Public API (see each module's docstring for the details):
   ``nvsm_jax.mcss.h36m_archives`` (Human3.6M archives -> the MCSS layout)
 """
 
-from nvsm_jax.data.format import (OCCLUSION_LEVELS, DataError, occlusion_suffix,
-                                  subset_name)
-from nvsm_jax.data.loaders import PoseSet, load_model_mesh, load_pose_set
-from nvsm_jax.data.fewshot import (FewShotSplit, UnlabelledSet, anchor_order, hidden_poses,
-                                   make_fewshot_split)
-from nvsm_jax.data.pipeline import (Augment, BatchIterator, color_jitter, flip_pose,
-                                    normalize_images, shard)
+from nvsm_jax.lazy import lazy_exports
 
-__all__ = ["OCCLUSION_LEVELS", "DataError", "occlusion_suffix", "subset_name", "PoseSet",
-           "load_pose_set", "load_model_mesh", "FewShotSplit", "UnlabelledSet", "anchor_order",
-           "hidden_poses", "make_fewshot_split", "Augment", "BatchIterator", "color_jitter",
-           "flip_pose", "normalize_images", "shard"]
+_EXPORTS = {
+    "format": ("CATEGORIES", "OCCLUSION_LEVELS", "DataError", "occlusion_suffix", "subset_name"),
+    "loaders": ("PoseSet", "load_pose_set", "load_model_mesh"),
+    "fewshot": ("FewShotSplit", "UnlabelledSet", "anchor_order", "hidden_poses",
+                "make_fewshot_split"),
+    "pipeline": ("Augment", "BatchIterator", "color_jitter", "flip_pose", "normalize_images",
+                 "shard"),
+}
+__all__ = [name for names in _EXPORTS.values() for name in names]
+# imported on first use: ``nvsm_jax.data.format`` (a config file's categories) needs no jax
+__getattr__ = lazy_exports(__name__, {n: m for m, names in _EXPORTS.items() for n in names})

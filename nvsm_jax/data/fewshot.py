@@ -162,7 +162,7 @@ def split_from_config(train: PoseSet, num_labelled: int, config) -> FewShotSplit
     """:func:`make_fewshot_split` with ``config.anchor_rule`` (default
     :data:`DEFAULT_ANCHOR_RULE`) and ``config.seed``: every method of an experiment
     takes its labelled images from here, so they share one split."""
-    rule = config.get("anchor_rule") or DEFAULT_ANCHOR_RULE
+    rule = getattr(config, "anchor_rule", None) or DEFAULT_ANCHOR_RULE
     return make_fewshot_split(train, num_labelled, rule=rule, seed=config.seed)
 
 

@@ -38,10 +38,13 @@ import numpy as np
 
 from nvsm_jax.errors import InputError
 
-__all__ = ["OCCLUSION_LEVELS", "occlusion_suffix", "subset_name", "REQUIRED_KEYS",
+__all__ = ["CATEGORIES", "OCCLUSION_LEVELS", "occlusion_suffix", "subset_name", "REQUIRED_KEYS",
            "DataError", "save_npz", "save_png", "write_list", "read_list", "IMAGE_EXTENSIONS"]
 
 OCCLUSION_LEVELS = ("L0", "L1", "L2", "L3")
+# PASCAL3D+'s 12 categories, in its order
+CATEGORIES = ("aeroplane", "bicycle", "boat", "bottle", "bus", "car", "chair",
+              "diningtable", "motorbike", "sofa", "train", "tvmonitor")
 IMAGE_EXTENSIONS = (".png", ".JPEG", ".jpg", ".jpeg", ".PNG", ".JPG")
 REQUIRED_KEYS = ("azimuth", "elevation", "theta", "distance", "focal", "viewport", "principal")
 

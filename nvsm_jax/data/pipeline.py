@@ -37,6 +37,7 @@ import numpy as np
 from nvsm_jax import parallel
 from nvsm_jax.data.fewshot import UnlabelledSet
 from nvsm_jax.data.loaders import PoseSet
+from nvsm_jax.settings import Augment
 
 __all__ = ["Augment", "BatchIterator", "flip_pose", "flip_batch", "color_jitter",
            "hue_rotation", "recolor", "augment_from_config", "normalize_images", "shard",
@@ -147,24 +148,14 @@ def recolor(images: np.ndarray, rng: np.random.Generator, hue: float = 0.0,
     return np.clip(np.rint(x), 0, 255).astype(np.uint8)
 
 
-@dataclasses.dataclass(frozen=True)
-class Augment:
-    """flip_prob: probability of a horizontal flip; jitter: colour jitter strength
-    (0 = off); hue: hue rotation range as a fraction of pi (0 = off, 1 = any hue);
-    grayscale_prob: probability of a grey image (:func:`recolor`)."""
-
-    flip_prob: float = 0.5
-    jitter: float = 0.2
-    hue: float = 0.0
-    grayscale_prob: float = 0.0
-
-
 def augment_from_config(aug) -> Augment | None:
-    """An :class:`Augment` from a config block with its fields (missing ones keep
-    their defaults; older configs lack ``hue`` / ``grayscale_prob``), or None
-    when the block is None or every effect is off."""
+    """The ``augment`` block as an :class:`Augment` (given one, or a mapping with its
+    fields: missing ones keep their defaults, older configs lack ``hue`` /
+    ``grayscale_prob``), or None when the block is None or every effect is off."""
     if aug is None:
         return None
+    if isinstance(aug, Augment):
+        aug = aug.to_dict()
     fields = {f.name: float(aug.get(f.name, f.default)) for f in dataclasses.fields(Augment)}
     if not any(v > 0 for v in fields.values()):
         return None

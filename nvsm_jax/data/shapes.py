@@ -35,12 +35,11 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from nvsm_jax import meshes
+from nvsm_jax.data.format import CATEGORIES
 
 __all__ = ["CATEGORIES", "GROUPS", "Instance", "sample_instance", "category_topology",
            "model_mesh_points"]
 
-CATEGORIES = ("aeroplane", "bicycle", "boat", "bottle", "bus", "car", "chair",
-              "diningtable", "motorbike", "sofa", "train", "tvmonitor")
 
 # Material groups. Each instance draws a colour per group; ``TEXTURED`` groups
 # also get the procedural surface pattern.

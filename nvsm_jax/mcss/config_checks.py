@@ -6,14 +6,20 @@ from __future__ import annotations
 import math
 
 from nvsm_jax.config_checks import MISSING, NORMS, Checks, is_int, optim_rules
+from nvsm_jax.mcss.settings import TRAIN_BLOCKS, EvalConfig
 from nvsm_jax.models import backbone
 
-__all__ = ["check_mcss_config"]
+__all__ = ["check_mcss_config", "BLOCKS"]
+
+#: An MCSS config's typed blocks (:mod:`nvsm_jax.mcss.settings`): each is built from its
+#: block once, unknown keys refused.
+BLOCKS = {**{"train." + k: v for k, v in TRAIN_BLOCKS.items()}, "eval": EvalConfig}
 
 
 def check_mcss_config(config) -> None:
     """Raises :class:`~nvsm_jax.errors.ConfigError` listing every option of an MCSS
-    ``config`` (the package's ``mcss`` config) with a bad value."""
+    ``config`` (the package's ``mcss`` config) with a bad value, and every key of a
+    typed block (:data:`BLOCKS`) its dataclass does not know."""
     ck = Checks(config)
     one_of, integer, number, flag = ck.one_of, ck.integer, ck.number, ck.flag
     integer("seed", 0)
@@ -71,7 +77,11 @@ def check_mcss_config(config) -> None:
     number(t + "augment", 0, note="; 0 = off")
     one_of(t + "cache_features", ("auto", "on", "off"))
     integer(t + "cache_copies", 1)
-    optim_rules(ck, t + "optim.", "warmup")
+    optim_rules(ck, t + "optim.", "warmup_steps")
+    one_of(t + "optim.schedule", ("cosine", "constant"))
+    number(t + "optim.b1", 0, 1, high_open=True)
+    number(t + "optim.b2", 0, 1, high_open=True)
+    flag(t + "optim.decoupled")
     v = t + "multiview."
     one_of(v + "kind", ("contrastive", "triplet"))
     for key in ("weight", "margin", "pose_consistency"):
@@ -97,6 +107,13 @@ def check_mcss_config(config) -> None:
             value = ck.get(key)
             if is_int(value) and value > limit:
                 ck.bad(key, value, f"<= {limit} with data.num_views={views}")
+    for name, block_class in BLOCKS.items():     # unknown keys: refused before any training
+        block = ck.get(name)
+        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
+            try:
+                block_class.from_config(block)
+            except (ValueError, TypeError) as err:
+                ck.errors.append(f"{name}: {err}")
     ck.raise_if_any("invalid MCSS config")
 
 

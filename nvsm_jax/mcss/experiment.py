@@ -26,6 +26,7 @@ from nvsm_jax.mcss import config_checks as mcss_checks
 from nvsm_jax.mcss import data as mdata
 from nvsm_jax.mcss import h36m, mpi_inf_3dhp, retrieval
 from nvsm_jax.mcss import train as mtrain
+from nvsm_jax.mcss.settings import EvalConfig, MultiviewPseudoConfig
 from nvsm_jax.workdir_lock import locked
 
 __all__ = ["train_and_evaluate", "report_markdown", "headline_markdown", "aggregate",
@@ -38,13 +39,12 @@ def _slug(level: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", level)
 
 
-def _retrieval(emb, test, cfg) -> dict:
-    """Cross-view retrieval (queries: camera ``eval.query_view``; gallery: the other
+def _retrieval(emb, test, ev: EvalConfig) -> dict:
+    """Cross-view retrieval (queries: camera ``ev.query_view``; gallery: the other
     cameras) and the cross-subject row (gallery: only the other test subjects):
     ``{"pa_mpjpe", "hit", "pa_mpjpe_xs", "hit_xs"}`` (the ``_xs`` None with one subject);
     plus the cross-view ``queries`` / ``neighbours`` / ``errors`` for the figure."""
-    kw = dict(query_view=cfg.eval.query_view, ks=tuple(cfg.eval.ks),
-              threshold=cfg.eval.hit_threshold)
+    kw = dict(query_view=ev.query_view, ks=tuple(ev.ks), threshold=ev.hit_threshold)
     out = retrieval.retrieval_scores(emb, test.pose3d, test.view, **kw)
     xs = retrieval.cross_subject_scores(emb, test.pose3d, test.view, test.subject_of_frame, **kw)
     out["pa_mpjpe_xs"] = None if xs is None else xs["pa_mpjpe"]
@@ -70,11 +70,11 @@ def load_data(config, root: str):
             h36m.load_dataset(root, config.data.test_subjects, actions, size))
 
 
-def _eval_model(model, state, test, mesh, cfg, embedding: str = "head"):
+def _eval_model(model, state, test, mesh, cfg, ev: EvalConfig, embedding: str = "head"):
     """(pose metrics, retrieval dict of :func:`_retrieval`) of a trained network."""
     emb, pose = mtrain.predict_frames(model, state, test.images, cfg.train, mesh,
                                       embedding=embedding)
-    return mtrain.evaluate_poses(pose, test.pose3d), _retrieval(emb, test, cfg)
+    return mtrain.evaluate_poses(pose, test.pose3d), _retrieval(emb, test, ev)
 
 
 def _row(method: str, level: str, metrics: dict, ret: dict, **extra) -> dict:
@@ -122,6 +122,8 @@ def _run_seed(config, workdir: str, log) -> dict:
     """One seed: data, every supervision level's rows, the ceiling and the untrained
     network; writes ``results.json`` / ``report.md`` / ``retrieval.png``."""
     t0 = time.time()
+    ev = EvalConfig.from_config(config.eval)        # the typed blocks (mcss/settings.py)
+    pseudo = MultiviewPseudoConfig.from_config(config.train.multiview_pseudo)
     os.makedirs(workdir, exist_ok=True)
     training.save_config(config, workdir)
     if config.compilation_cache:
@@ -152,8 +154,8 @@ def _run_seed(config, workdir: str, log) -> dict:
                                     seed=config.seed, log=log)
         # The baseline's embedding head gets no gradient (and Adam-normalised L2 decay
         # shrinks it to zero); by default it is judged by the features it did learn.
-        emb_kind = config.eval.baseline_embedding if method == "baseline" else "head"
-        m, ret = _eval_model(model, state, test, mesh, config, embedding=emb_kind)
+        emb_kind = ev.baseline_embedding if method == "baseline" else "head"
+        m, ret = _eval_model(model, state, test, mesh, config, ev, embedding=emb_kind)
         row = _row(name, level, m, ret, embedding=emb_kind, labelled_frames=len(ts.labelled_idx),
                    labelled_fraction=len(ts.labelled_idx) / len(train_data),
                    seconds=time.time() - t1)
@@ -170,7 +172,7 @@ def _run_seed(config, workdir: str, log) -> dict:
         mean_pose = mtrain.mean_pose_prediction(ts, len(test))
         rng = np.random.default_rng([config.seed, 77])
         row = _row("mean pose", level, mtrain.evaluate_poses(mean_pose, test.pose3d),
-                   _retrieval(rng.normal(size=(len(test), 8)), test, config), embedding="none",
+                   _retrieval(rng.normal(size=(len(test), 8)), test, ev), embedding="none",
                    labelled_frames=n_inst, labelled_fraction=n_inst / len(train_data),
                    seconds=0.0)
         rows.append(row)
@@ -180,7 +182,7 @@ def _run_seed(config, workdir: str, log) -> dict:
             rows.append(row)
             if method == "mcss" and figure_src is None:
                 figure_src = (ret, level)
-            rounds = int(config.train.multiview_pseudo.rounds) if method == "mcss" else 0
+            rounds = int(pseudo.rounds) if method == "mcss" else 0
             if rounds <= 0:
                 continue
             t1, boots, before = time.time(), [], row["mpjpe"]
@@ -196,7 +198,7 @@ def _run_seed(config, workdir: str, log) -> dict:
                 model, state = mtrain.train(boot, config.train, os.path.join(
                     workdir, "runs", f"{method}_{_slug(level)}_round{r}"), method=method,
                     mesh=mesh, seed=config.seed + r, log=log)
-                m, ret = _eval_model(model, state, test, mesh, config)
+                m, ret = _eval_model(model, state, test, mesh, config, ev)
                 boots.append({"round": r, "test_mpjpe_before": before, "pseudo_labels": len(unl),
                               "pseudo_mpjpe": err, "single_view_mpjpe": err1})
                 before = m["mpjpe"]
@@ -212,10 +214,10 @@ def _run_seed(config, workdir: str, log) -> dict:
         rows.append(row)
     # The same network untrained (or gaussian vectors for the embedding).
     model, state = mtrain.init_state(config.train, mesh, size, config.seed + 1)
-    m, ret = _eval_model(model, state, test, mesh, config)
-    if config.eval.random_embedding == "gaussian":
+    m, ret = _eval_model(model, state, test, mesh, config, ev)
+    if ev.random_embedding == "gaussian":
         ret = _retrieval(np.random.default_rng(config.seed).normal(size=(len(test), 64)),
-                         test, config)
+                         test, ev)
     rows.append(_row("untrained", "none", m, ret, embedding="head"))
 
     fig_path = None
@@ -223,7 +225,7 @@ def _run_seed(config, workdir: str, log) -> dict:
         ret, level = figure_src
         fig_path = retrieval.save_retrieval_figure(
             os.path.join(workdir, "retrieval.png"), test.images, ret["queries"],
-            ret["neighbours"], ret["errors"], test.view, rows=config.eval.figure_rows,
+            ret["neighbours"], ret["errors"], test.view, rows=ev.figure_rows,
             title=f"MCSS ({level}): query (left) and top-5 from other views, PA-MPJPE")
     results = {"rows": rows, "data_seconds": t_data, "total_seconds": time.time() - t0,
                "test_frames": len(test), "train_frames": len(train_data),

@@ -29,6 +29,7 @@ design) or on the pooled features (``"features"``).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Sequence
 
 import flax.linen as nn
@@ -169,9 +170,11 @@ _FIELDS = ("stage_sizes", "widths", "stem_width", "norm", "depthwise", "tap", "p
 
 
 def make_model(cfg) -> MCSSNet:
-    """From a config dict / ConfigDict with the fields of :class:`MCSSNet`
-    (``encoder`` names ``encoder_kind``; ``pretrained`` / ``frozen_stages`` are read
-    by the trainer)."""
+    """From the ``model`` block: an :class:`nvsm_jax.mcss.settings.MCSSModelConfig`, or a
+    config dict / ConfigDict with the fields of :class:`MCSSNet` (``encoder`` names
+    ``encoder_kind``; ``pretrained`` / ``frozen_stages`` are read by the trainer)."""
+    if dataclasses.is_dataclass(cfg):
+        cfg = cfg.to_dict()
     kw = {k: (tuple(cfg[k]) if isinstance(cfg[k], (list, tuple)) else cfg[k])
           for k in _FIELDS if k in cfg}
     if "encoder" in cfg:

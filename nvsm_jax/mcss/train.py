@@ -32,7 +32,9 @@ from nvsm_jax import parallel, training
 from nvsm_jax.mcss import fusion, losses, metrics
 from nvsm_jax.mcss.h36m import MultiViewData
 from nvsm_jax.mcss.model import make_model
+from nvsm_jax.mcss.settings import MCSSModelConfig, MultiviewConfig, MultiviewPseudoConfig
 from nvsm_jax.models import efficientnet, weights
+from nvsm_jax.settings import OptimConfig
 from nvsm_jax.models.backbone import encoder_stage, preprocess
 
 __all__ = ["TrainSet", "supervision_mask", "make_train_set", "sample_multiview_batch",
@@ -157,16 +159,17 @@ def init_state(cfg, mesh, image_size, seed: int):
     :class:`nvsm_jax.training.TrainState` (optimiser of ``cfg.optim`` over ``cfg.steps``),
     through :func:`nvsm_jax.training.create_replicated`: compiled once per
     (config, image size, mesh), so runs that differ only in seed or data do not
-    recompile."""
-    model = make_model(cfg.model)
-    tx, _ = training.make_optimizer(cfg.optim.lr, cfg.steps, warmup_steps=cfg.optim.warmup,
-                                    final_lr_fraction=cfg.optim.final_lr_fraction,
-                                    weight_decay=cfg.optim.weight_decay,
-                                    grad_clip=cfg.optim.grad_clip, frozen=frozen_filter(cfg.model))
+    recompile. ``cfg``: the ``train`` block; its ``model`` / ``optim`` blocks are built
+    as :class:`~nvsm_jax.mcss.settings.MCSSModelConfig` /
+    :class:`~nvsm_jax.settings.OptimConfig` (an unknown key is a ValueError)."""
+    model_cfg = MCSSModelConfig.from_config(cfg.model)
+    model = make_model(model_cfg)
+    tx, _ = training.make_optimizer(OptimConfig.from_config(cfg.optim), cfg.steps,
+                                    frozen=frozen_filter(model_cfg))
     init = training.state_initializer(model, tx, (1, *image_size, 3))
     state = training.create_replicated(init, jax.random.key(seed), mesh,
                                        cache_key=("mcss", _cfg_key(cfg), tuple(image_size)))
-    encoder = weights.pretrained_encoder(model.encoder_kind, cfg.model.pretrained)
+    encoder = weights.pretrained_encoder(model.encoder_kind, model_cfg.pretrained)
     if encoder is not None:
         state = training.replace_weights(state, *encoder, subtree="encoder")
     return model, state
@@ -271,7 +274,7 @@ def make_train_step(model, cfg, use_multiview: bool):
     network runs from those maps on: from the tap (an encoder frozen up to it), or
     from the stage after the last frozen one (no augmentation either way).
     """
-    mv = cfg.multiview
+    mv = MultiviewConfig.from_config(cfg.multiview)
     w_mv = float(mv.weight) if use_multiview else 0.0
     frozen = frozen_filter(cfg.model)
     start_stage = _cache_split(cfg)[1]      # the network's first stage on cached maps
@@ -484,7 +487,10 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     """Trains (or resumes) one run in ``workdir``; returns ``(model, state)``.
 
     method: ``"mcss"`` (pose + multi-view loss) or ``"baseline"`` (pose only).
-    Checkpoints every ``cfg.save_every`` steps; metrics to ``metrics.jsonl``.
+    cfg: the ``train`` block; its ``model`` / ``optim`` / ``multiview`` blocks are built
+    as their dataclasses (:mod:`nvsm_jax.mcss.settings`; an unknown key is a ValueError
+    before any step). Checkpoints every ``cfg.save_every`` steps; metrics to
+    ``metrics.jsonl``.
     """
     if method not in ("mcss", "baseline"):
         raise ValueError(f"method must be 'mcss' or 'baseline', got {method!r}")
@@ -499,13 +505,13 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     start = int(jax.device_get(state.step))
     feats = encode_copies(model, state, ts.images, cfg, mesh, seed) \
         if uses_feature_cache(cfg) and start < cfg.steps else None
-    mv = cfg.multiview
+    mv = MultiviewConfig.from_config(cfg.multiview)
     batch_size = cfg.sup_batch + (mv.num_seqs * mv.num_times * mv.num_views if use_mv else 0)
     state = training.fit(         # each process gathers only its rows of each part
         state, step_fn, lambda s, _rows: _batch_for_step(ts, cfg, s, use_mv, seed, feats, mesh),
-        mesh, start=start, end=cfg.steps, seed=seed, batch_size=batch_size,
-        log_every=cfg.log_every, writer=writer, ckpt=ckpt, progress=cfg.progress,
-        desc=os.path.basename(workdir), process_local=True)
+        mesh, training.StepRange(start, cfg.steps), seed=seed, batch_size=batch_size,
+        log=training.LoopLog(writer, cfg.log_every, progress=cfg.progress,
+                             desc=os.path.basename(workdir)), ckpt=ckpt)
     ckpt.close()
     if log and start < cfg.steps:
         last = writer.read()[-1]
@@ -589,10 +595,10 @@ def bootstrap_train_set(model, state, ts: TrainSet, cfg, mesh=None
     one camera frame, the rotations between cameras from the labelled instants or
     the predictions; ``cfg.multiview_pseudo.fuse``: "median" or "mean" over views).
     Reads only images, synchronisation and the labelled poses."""
+    pseudo = MultiviewPseudoConfig.from_config(cfg.multiview_pseudo)
     _, pred = predict_frames(model, state, ts.images, cfg, mesh)
     pose = fusion.pseudo_labels(pred / 1000.0, ts.seq_offset, ts.seq_views, ts.seq_frames,
-                                ts.labelled_idx, ts.labelled_pose,
-                                how=cfg.multiview_pseudo.fuse)
+                                ts.labelled_idx, ts.labelled_pose, how=pseudo.fuse)
     return dataclasses.replace(ts, labelled_idx=np.arange(len(ts.images)),
                                labelled_pose=pose.astype(np.float32)), pred
 

@@ -9,9 +9,15 @@ from nvsm_jax.config_checks import MISSING, NORMS, Checks, augment_rules, get, i
 from nvsm_jax.data.fewshot import ANCHOR_RULES
 from nvsm_jax.data.format import OCCLUSION_LEVELS
 from nvsm_jax.models import backbone, weights
+from nvsm_jax.nemo.settings import LossConfig, SolverConfig
+from nvsm_jax.settings import Augment, ModelConfig, OptimConfig
 
 __all__ = ["check_nemo_config", "model_choices", "occlusion_choices", "weight_choices",
-           "nemo_ranges"]
+           "nemo_ranges", "BLOCKS"]
+
+#: A NeMo config's typed blocks: each is built from its block once, unknown keys refused.
+BLOCKS = {"model": ModelConfig, "optim": OptimConfig, "loss": LossConfig, "augment": Augment,
+          "solver": SolverConfig}
 
 
 def model_choices(ck: Checks) -> None:
@@ -75,7 +81,7 @@ def nemo_ranges(ck: Checks):
     ck.number("loss.momentum", 0, 1, high_open=True)
     ck.integer("loss.clutter_per_image", 1)
     ck.integer("loss.clutter_size", 1)
-    ck.integer("loss.anchors_per_image", 1, optional=True, note="; None = every visible vertex")
+    ck.integer("loss.vertices_per_image", 1, optional=True, note="; None = every visible vertex")
     augment_rules(ck, "augment.")
     ck.integer("solver.num_azimuth", 1)
     ck.sequence("solver.elevations", -math.pi / 2, math.pi / 2)
@@ -94,13 +100,13 @@ def nemo_ranges(ck: Checks):
             and top_k > grid[0] * len(grid[1]) * len(grid[2])):
         ck.bad("solver.top_k", top_k, f"<= {grid[0] * len(grid[1]) * len(grid[2])}, the "
                "grid's poses: solver.num_azimuth x len(elevations) x len(thetas)")
-    solver = ck.get("solver")
-    if solver not in (MISSING, None) and not any(e.startswith("solver.") for e in ck.errors):
-        from nvsm_jax.nemo.pose_solver import SolverConfig    # (heavy: jax)
-        try:                                # unknown keys: refused before any training
-            SolverConfig.from_dict(solver.to_dict() if hasattr(solver, "to_dict") else solver)
-        except (ValueError, TypeError) as err:
-            ck.errors.append(f"solver: {err}")
+    for name, block_class in BLOCKS.items():     # unknown keys: refused before any training
+        block = ck.get(name)
+        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
+            try:
+                block_class.from_config(block, f"{name}.")
+            except (ValueError, TypeError) as err:
+                ck.errors.append(str(err))
 
 
 def check_nemo_config(config) -> None:

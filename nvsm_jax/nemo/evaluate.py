@@ -35,7 +35,7 @@ def final_step(workdir, config) -> int:
     passed, or the pool was used up; older records: a last round with nothing new),
     that round's step (:func:`nvsm_jax.training.load_progress`; NeMo imports no NVSM
     code)."""
-    final = int(config.get("num_steps") or 0)
+    final = int(config.num_steps or 0)
     done = training.load_progress(workdir)
     if done is None:
         return final
@@ -83,11 +83,11 @@ class _Evaluation:
     test_data: dict = dataclasses.field(default_factory=dict)  # level -> fingerprint
 
 
-def _evaluate_levels(nemo: NemoModel, data_root, levels, scfg, *, method: str, limit,
+def _evaluate_levels(nemo: NemoModel, data_root, levels, solver_cfg, *, method: str, limit,
                      skip_bad: bool) -> _Evaluation:
     """The pose solver on each level of ``data_root`` that the root holds."""
     cfg = nemo.config
-    annotations = cfg.get("num_labelled") or "all"
+    num_labelled = cfg.num_labelled or "all"     # the rows' "annotations" column
     ev = _Evaluation()
     subsets = {occ: loaders.subset_name(cfg.category, occ) for occ in levels}  # bad names raise
     for occ in levels:
@@ -108,19 +108,19 @@ def _evaluate_levels(nemo: NemoModel, data_root, levels, scfg, *, method: str, l
             ev.test_data[occ] = None
         t = time.perf_counter()
         log.info("evaluating on %d %s test images", len(test), occ)
-        res = predict(nemo, test, scfg, batch_size=cfg.get("eval_batch_size", 16),
+        res = predict(nemo, test, solver_cfg, batch_size=cfg.eval_batch_size,
                       progress=True)
         ev.timing[occ] = {"images": len(test), "seconds": time.perf_counter() - t}
         err = evaluation.rotation_errors(res.pose, test.poses)
-        ev.errors[(method, cfg.category, annotations, occ)] = err
-        ev.rows.append(evaluation.make_row(method, cfg.category, annotations, occ, err))
+        ev.errors[(method, cfg.category, num_labelled, occ)] = err
+        ev.rows.append(evaluation.make_row(method, cfg.category, num_labelled, occ, err))
         log.info("%s %s: %s", cfg.category, occ, ev.rows[-1])
         ev.preds[occ] = dict(names=np.asarray(test.names), pred=res.pose, gt=test.poses,
                              score=res.score, init=res.init_pose, error=err)
     return ev
 
 
-def _write_outputs(out_dir, ev: _Evaluation, scfg, checkpoint: dict, data_root,
+def _write_outputs(out_dir, ev: _Evaluation, solver_cfg, checkpoint: dict, data_root,
                    title: str) -> list[dict]:
     """``results.json`` / ``results.md`` (rows and their means), the predictions and
     the error plot into ``out_dir``; predictions of other levels are removed."""
@@ -134,8 +134,8 @@ def _write_outputs(out_dir, ev: _Evaluation, scfg, checkpoint: dict, data_root,
     for occ, arrays in ev.preds.items():
         np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), **arrays)
     rows = ev.rows + evaluation.mean_rows(ev.rows, ev.errors)
-    _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": scfg.__dict__ | {
-        "elevations": list(scfg.elevations), "thetas": list(scfg.thetas)}, "timing": ev.timing,
+    _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": solver_cfg.__dict__ | {
+        "elevations": list(solver_cfg.elevations), "thetas": list(solver_cfg.thetas)}, "timing": ev.timing,
         "missing": ev.missing, "skipped": {k: v for k, v in ev.skipped.items() if v},
         "checkpoint": checkpoint,
         "test_data": {"root": os.path.abspath(data_root), "levels": ev.test_data}})
@@ -191,15 +191,14 @@ def evaluate_workdir(workdir, data_root=None, *, solver: str = "config", limit=N
         raise FileNotFoundError(f"{data_root}: test root not found (pass --data, or set the "
                                 "config's test_root; `nvsm-make-synthetic --out data/synthetic` "
                                 "makes data/synthetic/test); nothing written")
-    scfg = pose_solver.settings_for(cfg, solver, top_k)
-    levels = list(occlusions or cfg.get("eval_occlusions") or ("L0",))
-    ev = _evaluate_levels(nemo, data_root, levels, scfg, method=method,
-                          limit=limit if limit is not None else cfg.get("eval_limit"),
+    solver_cfg = pose_solver.settings_for(cfg, solver, top_k)
+    levels = list(occlusions or cfg.eval_occlusions or ("L0",))
+    ev = _evaluate_levels(nemo, data_root, levels, solver_cfg, method=method,
+                          limit=limit if limit is not None else cfg.eval_limit,
                           skip_bad=skip_bad)
     if not ev.rows:
         raise loaders.DataError(f"{data_root}: no level of {cfg.category} to evaluate ("
                                 + "; ".join(f"{k}: {v}" for k, v in ev.missing.items())
                                 + "); nothing written")
-    annotations = cfg.get("num_labelled") or "all"
-    return _write_outputs(out_dir, ev, scfg, checkpoint, data_root,
-                          f"{method} {cfg.category} ({annotations} labels)")
+    return _write_outputs(out_dir, ev, solver_cfg, checkpoint, data_root,
+                          f"{method} {cfg.category} ({cfg.num_labelled or 'all'} labels)")

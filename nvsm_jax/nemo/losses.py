@@ -25,7 +25,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["CokeLoss", "coke_loss", "neighbor_mask", "sample_anchors"]
+__all__ = ["CokeWeights", "CokeLoss", "coke_loss", "neighbor_mask", "sample_vertices"]
+
+
+class CokeWeights(NamedTuple):
+    """The loss's constants (module docstring), Python floats: temperature ``T``,
+    neighbor_radius (input pixels), clutter_weight and reg_weight."""
+
+    temperature: float = 0.07
+    neighbor_radius: float = 48.0
+    clutter_weight: float = 0.005
+    reg_weight: float = 0.1
 
 
 class CokeLoss(NamedTuple):
@@ -46,22 +56,22 @@ def _squared_distances(p, q):
     return dx * dx + dy * dy
 
 
-def neighbor_mask(xy, radius: float, anchors=None):
+def neighbor_mask(xy, radius: float, vertex_ids=None):
     """``[..., V, V]`` True where vertices i != j project within ``radius`` pixels.
 
-    xy: [..., V, 2]. anchors: optional [..., N] vertex ids: only their rows,
-    ``[..., N, V]`` (row n is vertex ``anchors[..., n]``'s neighbours), the mask
+    xy: [..., V, 2]. vertex_ids: optional [..., N] vertex ids: only their rows,
+    ``[..., N, V]`` (row n is vertex ``vertex_ids[..., n]``'s neighbours), the mask
     :func:`coke_loss` removes from the softmax.
     """
     v = xy.shape[-2]
-    if anchors is None:
+    if vertex_ids is None:
         rows, ids = xy, jnp.arange(v)
     else:
-        rows, ids = jnp.take_along_axis(xy, anchors[..., None], axis=-2), anchors
+        rows, ids = jnp.take_along_axis(xy, vertex_ids[..., None], axis=-2), vertex_ids
     return (_squared_distances(rows, xy) <= radius ** 2) & (ids[..., :, None] != jnp.arange(v))
 
 
-def sample_anchors(key, visible, num: int):
+def sample_vertices(key, visible, num: int):
     """``num`` distinct visible vertex ids per image, uniformly (Gumbel top-k).
 
     visible: [B, V] bool -> [B, num] int32. Where an image has fewer than
@@ -74,30 +84,30 @@ def sample_anchors(key, visible, num: int):
 
 
 def coke_loss(features, visible, xy, vertex_memory, clutter_memory, clutter_features=None, *,
-              anchors=None, temperature: float = 0.07, neighbor_radius: float = 48.0,
-              clutter_weight: float = 0.005, reg_weight: float = 0.1) -> CokeLoss:
-    """The CoKe loss (module docstring).
+              vertex_ids=None, weights: CokeWeights = CokeWeights()) -> CokeLoss:
+    """The CoKe loss (module docstring) with the constants ``weights``.
 
     features: [B, V, D] vertex features (unit); visible: [B, V] bool; xy: [B, V, 2]
     vertex projections in input pixels; vertex_memory: [V, D]; clutter_memory:
     [K, D]; clutter_features: [B, M, D] background features of these images
-    (for the regulariser; None skips it). anchors: optional [B, N] vertex ids:
-    the cross-entropy is then averaged over these (visible) vertices only, a
-    uniform subsample that cuts the [B, V, V + K] logits to [B, N, V + K];
-    negatives are still all V vertices and K clutter rows.
+    (for the regulariser; None skips it). vertex_ids: optional [B, N] vertex ids
+    (:func:`sample_vertices`): the cross-entropy is then averaged over these
+    (visible) vertices only, a uniform subsample that cuts the [B, V, V + K] logits
+    to [B, N, V + K]; negatives are still all V vertices and K clutter rows.
     """
+    temperature, neighbor_radius, clutter_weight, reg_weight = weights
     vm = jax.lax.stop_gradient(vertex_memory)
     cm = jax.lax.stop_gradient(clutter_memory)
     b, v = visible.shape
-    if anchors is None:
-        anchors = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
-    fa = jnp.take_along_axis(features, anchors[..., None], axis=1)       # [B, N, D]
-    va = jnp.take_along_axis(visible, anchors, axis=1)                   # [B, N]
+    if vertex_ids is None:
+        vertex_ids = jnp.broadcast_to(jnp.arange(v, dtype=jnp.int32), (b, v))
+    fa = jnp.take_along_axis(features, vertex_ids[..., None], axis=1)    # [B, N, D]
+    va = jnp.take_along_axis(visible, vertex_ids, axis=1)                # [B, N]
     hp = jax.lax.Precision.HIGHEST
     lv = jnp.einsum("bnd,ud->bnu", fa, vm, precision=hp) / temperature  # [B, N, V]
-    is_self = anchors[..., None] == jnp.arange(v)
+    is_self = vertex_ids[..., None] == jnp.arange(v)
     target = jnp.sum(jnp.where(is_self, lv, 0.0), axis=-1)              # [B, N]
-    lv = jnp.where(neighbor_mask(xy, neighbor_radius, anchors), -jnp.inf, lv)  # [B, N, V]
+    lv = jnp.where(neighbor_mask(xy, neighbor_radius, vertex_ids), -jnp.inf, lv)  # [B, N, V]
     lc = jnp.einsum("bnd,kd->bnk", fa, cm, precision=hp) / temperature + np.log(clutter_weight)
     lse = jnp.logaddexp(jax.nn.logsumexp(lv, axis=-1), jax.nn.logsumexp(lc, axis=-1))
     ce = lse - target

@@ -36,15 +36,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from nvsm_jax import geometry, parallel
-from nvsm_jax.errors import ConfigError
+from nvsm_jax import geometry, meshes, parallel
+from nvsm_jax.nemo.settings import FAST, REFERENCE, SolverConfig
 from rasterizer import interpolate_score, rasterize
 
 __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores", "fold_scores",
@@ -52,61 +52,6 @@ __all__ = ["SolverConfig", "FAST", "REFERENCE", "score_table", "clutter_scores",
            "solve_batched", "SETTINGS", "settings_for"]
 
 
-@dataclasses.dataclass(frozen=True)
-class SolverConfig:
-    """Search + refinement settings (defaults: NeMo's, facts file).
-
-    num_azimuth/elevations/thetas/distance: the initial grid (12 x 4 x 3 = 144).
-    top_k: grid hypotheses refined per image. steps/lr/b1/b2: Adam refinement;
-    the lr is multiplied by ``decay_factor`` every ``decay_every`` steps.
-    refine_distance: whether the distance is optimised too.
-    cull_backfaces: skip faces turned away from the camera in every render;
-    exact for closed meshes seen from outside (the NeMo cuboid), off by default
-    (an open mesh would lose its inside faces). Speed gain at 16 x 16 within
-    noise (WORKSPACE).
-    """
-
-    num_azimuth: int = 12
-    elevations: Sequence[float] = tuple(np.linspace(-np.pi / 6, np.pi / 3, 4).tolist())
-    thetas: Sequence[float] = tuple(np.linspace(-np.pi / 6, np.pi / 6, 3).tolist())
-    distance: float = geometry.NEMO_DISTANCE
-    top_k: int = 1
-    steps: int = 300
-    lr: float = 0.05
-    b1: float = 0.4
-    b2: float = 0.6
-    decay_every: int = 100
-    decay_factor: float = 0.2
-    refine_distance: bool = True
-    cull_backfaces: bool = False
-
-    def grid(self) -> np.ndarray:
-        return geometry.nemo_pose_grid(self.num_azimuth, self.elevations, self.thetas,
-                                       self.distance)
-
-    @classmethod
-    def from_dict(cls, d) -> "SolverConfig":
-        """From a config's ``solver`` block (a mapping; ``elevations`` and ``thetas``
-        become tuples of floats). Keys it leaves out keep the defaults; a key that is
-        no field is a :class:`nvsm_jax.errors.ConfigError` naming it and the known
-        keys (no solver key was ever renamed or dropped, so a recorded config.json
-        carries none)."""
-        d = dict(d)
-        names = [f.name for f in dataclasses.fields(cls)]
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown solver config keys "
-                              f"{', '.join('solver.' + k for k in unknown)}; "
-                              f"known: {', '.join(names)}")
-        for k in ("elevations", "thetas"):
-            if k in d and d[k] is not None:
-                d[k] = tuple(float(x) for x in d[k])
-        return cls(**d)
-
-
-REFERENCE = SolverConfig()
-# tuned for speed (benchmarks/pose_solver.py): a third of the steps, faster decay
-FAST = SolverConfig(steps=60, lr=0.05, decay_every=25, top_k=1)
 
 #: The solver settings a trained model can be evaluated with (:func:`settings_for`).
 SETTINGS = ("config", "reference", "fast")
@@ -117,16 +62,16 @@ def settings_for(run_config, setting: str = "config", top_k: int | None = None) 
     :data:`REFERENCE` or :data:`FAST`; ``top_k`` overrides how many grid poses are
     refined. An unknown setting or ``top_k < 1`` is a ValueError."""
     if setting == "config":
-        scfg = SolverConfig.from_dict(run_config.solver.to_dict())
+        solver_cfg = SolverConfig.from_config(run_config.solver)
     elif setting in SETTINGS:
-        scfg = {"reference": REFERENCE, "fast": FAST}[setting]
+        solver_cfg = {"reference": REFERENCE, "fast": FAST}[setting]
     else:
         raise ValueError(f"solver must be one of {SETTINGS}, got {setting!r}")
     if top_k is not None:
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        scfg = dataclasses.replace(scfg, top_k=top_k)
-    return scfg
+        solver_cfg = dataclasses.replace(solver_cfg, top_k=top_k)
+    return solver_cfg
 
 
 def score_table(vertex_memory, feature_map):
@@ -260,21 +205,21 @@ def grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, princ
                         bool(cull_backfaces))
 
 
-def _optimizer(cfg: SolverConfig):
-    schedule = optax.exponential_decay(cfg.lr, transition_steps=cfg.decay_every,
-                                       decay_rate=cfg.decay_factor, staircase=True)
-    return optax.adam(schedule, b1=cfg.b1, b2=cfg.b2)
+def _optimizer(solver_cfg: SolverConfig):
+    schedule = optax.exponential_decay(solver_cfg.lr, transition_steps=solver_cfg.decay_every,
+                                       decay_rate=solver_cfg.decay_factor, staircase=True)
+    return optax.adam(schedule, b1=solver_cfg.b1, b2=solver_cfg.b2)
 
 
-@functools.partial(jax.jit, static_argnames=("hw", "cfg"))
-def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init, hw, cfg):
-    tx = _optimizer(cfg)
-    mask = jnp.array([1.0, 1.0, 1.0, 1.0 if cfg.refine_distance else 0.0])
+@functools.partial(jax.jit, static_argnames=("hw", "solver_cfg"))
+def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init, hw, solver_cfg):
+    tx = _optimizer(solver_cfg)
+    mask = jnp.array([1.0, 1.0, 1.0, 1.0 if solver_cfg.refine_distance else 0.0])
     tables, s_cl = _prepare_batch(feature_maps, vertex_memory, clutter)
 
     def losses_fn(p):                                                  # [B, K, 4] -> [B, K]
         return batch_objective(p, verts, faces, focal, principal, tables, s_cl, hw,
-                               cull_backfaces=cfg.cull_backfaces)
+                               cull_backfaces=solver_cfg.cull_backfaces)
 
     def total(p):
         losses = losses_fn(p)
@@ -289,12 +234,12 @@ def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal
         upd, opt = tx.update(g, opt, p)
         return (optax.apply_updates(p, upd), opt), loss
 
-    (p, _), trace = jax.lax.scan(body, (init, tx.init(init)), None, length=cfg.steps)
+    (p, _), trace = jax.lax.scan(body, (init, tx.init(init)), None, length=solver_cfg.steps)
     return p, losses_fn(p), jnp.moveaxis(trace, 0, -1)
 
 
 def refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init,
-           cfg: SolverConfig = REFERENCE):
+           solver_cfg: SolverConfig = REFERENCE):
     """Adam refinement of ``init: [B, K, 4]`` -> (poses [B, K, 4], losses [B, K],
     loss traces [B, K, steps]). Intrinsics are the feature map's: focal [B],
     principal [B, 2]. All B x K hypotheses step together in one program."""
@@ -302,7 +247,7 @@ def refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal,
     return _refine(feature_maps, jnp.asarray(vertex_memory), jnp.asarray(clutter),
                    jnp.asarray(verts, jnp.float32), jnp.asarray(faces, jnp.int32),
                    jnp.asarray(focal, jnp.float32), jnp.asarray(principal, jnp.float32),
-                   jnp.asarray(init, jnp.float32), hw, cfg)
+                   jnp.asarray(init, jnp.float32), hw, solver_cfg)
 
 
 class SolveResult(NamedTuple):
@@ -316,7 +261,7 @@ class SolveResult(NamedTuple):
 
 
 def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, *,
-          stride: int, cfg: SolverConfig = REFERENCE) -> SolveResult:
+          stride: int, solver_cfg: SolverConfig = REFERENCE) -> SolveResult:
     """Full NeMo inference for a batch.
 
     feature_maps: [B, h, w, D]; vertex_memory: [V, D]; clutter: [D] (the clutter
@@ -325,15 +270,15 @@ def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, 
     """
     focal = jnp.asarray(focal, jnp.float32) / stride
     principal = jnp.asarray(principal, jnp.float32) / stride
-    grid = cfg.grid()
+    grid = solver_cfg.grid()
     losses = grid_losses(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, grid,
-                         cull_backfaces=cfg.cull_backfaces)
-    k = min(cfg.top_k, grid.shape[0])
+                         cull_backfaces=solver_cfg.cull_backfaces)
+    k = min(solver_cfg.top_k, grid.shape[0])
     _, idx = jax.lax.top_k(-losses, k)
     init = jnp.asarray(grid)[idx]                                      # [B, K, 4]
-    if cfg.steps > 0:
+    if solver_cfg.steps > 0:
         poses, final, _ = refine(feature_maps, vertex_memory, clutter, verts, faces, focal,
-                                 principal, init, cfg)
+                                 principal, init, solver_cfg)
     else:
         poses, final = init, jnp.take_along_axis(losses, idx, axis=1)
     best = jnp.argmin(final, axis=1)
@@ -343,14 +288,17 @@ def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, 
                        np.asarray(losses))
 
 
-def solve_batched(feature_fn, images, vertex_memory, clutter, verts, faces, focal, principal, *,
-                  stride: int, cfg: SolverConfig = REFERENCE, batch_size: int = 16,
-                  progress=None) -> SolveResult:
+def solve_batched(feature_fn, images, vertex_memory, clutter, object_mesh: meshes.Mesh,
+                  cameras: geometry.Intrinsics, *, stride: int, solver_cfg: SolverConfig = REFERENCE,
+                  batch_size: int = 16, progress=None) -> SolveResult:
     """:func:`solve` over a whole set in chunks; ``feature_fn(images_chunk) -> maps``.
 
-    The last chunk is padded to ``batch_size`` (one compilation) and cut back.
+    images: [N, ...] (what ``feature_fn`` takes); cameras: the **input images'**
+    intrinsics, focal [N] and principal [N, 2], as :func:`solve`'s. The last chunk is
+    padded to ``batch_size`` (one compilation) and cut back.
     """
-
+    verts, faces = object_mesh
+    focal, principal = cameras
     n = len(images)
     outs = []
     starts = range(0, n, batch_size)
@@ -362,6 +310,6 @@ def solve_batched(feature_fn, images, vertex_memory, clutter, verts, faces, foca
              np.asarray(principal[s:s + batch_size])), batch_size)
         fmaps = feature_fn(chunk[0])
         r = solve(fmaps, vertex_memory, clutter, verts, faces, chunk[1], chunk[2],
-                  stride=stride, cfg=cfg)
+                  stride=stride, solver_cfg=solver_cfg)
         outs.append(jax.tree_util.tree_map(lambda x: x[:m], r))
     return SolveResult(*(np.concatenate([getattr(o, f) for o in outs]) for f in SolveResult._fields))

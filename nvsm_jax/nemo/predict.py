@@ -425,12 +425,25 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
     ``elevation``, ``theta`` (degrees), ``distance``, ``score`` and ``second`` (the
     second hypothesis: the same keys), plus ``overlay`` when written.
     """
-    import jax
-    import jax.numpy as jnp
+    paths, photos, checked = _read_inputs(images, boxes, solver)
+    nemo = load_predictor(workdir)
+    cfg = nemo.config
+    camera = model_camera(cfg)
+    solver_cfg = pose_solver.settings_for(cfg, solver)
+    ref_diag = reference_diagonal(nemo.object_mesh.verts, camera.size_focal, solver_cfg.grid())
+    crops = [crop_for_box(photo, box, camera, ref_diag) for photo, box in zip(photos, checked)]
+    bs = int(batch_size or cfg.eval_batch_size)
+    best, score, second, second_score = _solve_crops(
+        nemo, crops, camera, solver_cfg, bs, np.deg2rad(min_separation_deg), progress)
+    records = _records(paths, checked, best, score, second, second_score)
+    if out_dir is not None:
+        _write_outputs(out_dir, records, photos, crops, best, score, nemo, camera)
+    return records
 
-    from nvsm_jax.nemo import features as feat
-    from nvsm_jax import parallel, training
-    from nvsm_jax.nemo import train
+
+def _read_inputs(images, boxes, solver: str):
+    """:func:`predict_images`' inputs, every one checked before the model is loaded ->
+    (image paths, photos [h, w, 3] uint8, boxes: None or [4] float64 per image)."""
     from nvsm_jax.data import loaders
 
     paths = list_images(images)
@@ -440,69 +453,85 @@ def predict_images(workdir, images, boxes=None, *, out_dir=None, solver: str = "
         raise DataError(f"{len(boxes)} boxes for {len(paths)} images")
     if solver not in pose_solver.SETTINGS:
         raise ValueError(f"solver must be one of {pose_solver.SETTINGS}, got {solver!r}")
-    photos, checked = [], []            # every input checked before the model is loaded
+    photos, checked = [], []
     for i, p in enumerate(paths):
         photo = loaders.load_image(p)
         box = _box_for(boxes, i, p)
         checked.append(None if box is None else check_box(box, photo.shape[:2], p))
         photos.append(photo)
-    nemo = load_predictor(workdir)
-    cfg = nemo.config
-    camera = model_camera(cfg)
-    scfg = pose_solver.settings_for(cfg, solver)
-    grid = scfg.grid()
-    ref_diag = reference_diagonal(nemo.object_mesh.verts, camera.size_focal, grid)
-    crops = [crop_for_box(photo, box, camera, ref_diag) for photo, box in zip(photos, checked)]
+    return paths, photos, checked
 
-    stride = int(cfg.model.stride)
-    bs = int(batch_size or cfg.get("eval_batch_size", 16))
+
+def _solve_crops(nemo, crops, camera: ModelCamera, solver_cfg, batch_size: int, min_sep: float,
+                 progress: bool):
+    """:func:`_solve_chunk` over the crops, ``batch_size`` at a time (the last chunk padded,
+    then cut back), all seen with ``camera``; min_sep: radians -> (poses [N, 4],
+    scores [N], second poses [N, 4], second scores [N])."""
+    from nvsm_jax import parallel, training
+    from nvsm_jax.nemo import features as feat
+    from nvsm_jax.nemo import train
+
+    bs = batch_size
     features = train.feature_fn(nemo)
     clutter = feat.clutter_prototype(nemo.memory.clutter)
-    verts, faces = nemo.object_mesh.verts, nemo.object_mesh.faces
-    n = len(paths)
+    n = len(crops)
     focal = np.full(n, camera.focal, np.float32)
     principal = np.tile(np.asarray(camera.principal, np.float32), (n, 1))
     all_images = np.stack([c.image for c in crops])
     starts = range(0, n, bs)
     if progress:
         starts = training.progress_bar(starts, total=len(starts), desc="predict")
-    best, score, second, second_score = [], [], [], []
-    min_sep = np.deg2rad(min_separation_deg)
+    outs = []
     for s in starts:
         (chunk, f, c), m = parallel.pad_to_multiple(
             (all_images[s:s + bs], focal[s:s + bs], principal[s:s + bs]), bs)
-        fmaps = features(chunk)
-        r = pose_solver.solve(fmaps, nemo.memory.vertex, clutter, verts, faces, f, c,
-                              stride=stride, cfg=scfg)
-        init, init_loss = second_hypotheses(grid, r.grid_losses, r.pose, min_sep)
-        if scfg.steps > 0:
-            refined, loss, _ = pose_solver.refine(   # the cameras as solve() passes them
-                fmaps, nemo.memory.vertex, clutter, verts, faces,
-                jnp.asarray(f, jnp.float32) / stride, jnp.asarray(c, jnp.float32) / stride,
-                jax.device_put(init[:, None], nemo.memory.vertex.sharding), scfg)
-            refined, loss = np.asarray(refined)[:, 0], np.asarray(loss)[:, 0]
-            far = geometry.pose_error(refined.astype(np.float64), r.pose.astype(np.float64),
-                                      xnp=np) > min_sep
-            sec = np.where(far[:, None], refined, init)
-            sec_loss = np.where(far, loss, init_loss)
-        else:
-            sec, sec_loss = init, init_loss
-        best.append(r.pose[:m])
-        score.append(r.score[:m])
-        second.append(sec[:m])
-        second_score.append(1.0 - sec_loss[:m])
-    best, score = np.concatenate(best), np.concatenate(score)
-    second, second_score = np.concatenate(second), np.concatenate(second_score)
+        out = _solve_chunk(features, nemo, clutter, chunk, geometry.Intrinsics(f, c), solver_cfg,
+                           min_sep)
+        outs.append([x[:m] for x in out])
+    return tuple(np.concatenate(x) for x in zip(*outs))
 
+
+def _solve_chunk(features, nemo, clutter, images, cameras, solver_cfg, min_sep: float):
+    """:func:`nvsm_jax.nemo.pose_solver.solve` of one chunk and its second hypotheses
+    (module docstring). features: the jitted :func:`nvsm_jax.nemo.train.feature_fn`;
+    clutter: the prototype [D]; images: [B, H, W, 3] uint8 crops; cameras: their
+    :class:`nvsm_jax.geometry.Intrinsics`, focal [B] and principal [B, 2] -> (poses
+    [B, 4], scores [B], second poses [B, 4], second scores [B])."""
+    import jax
+    import jax.numpy as jnp
+
+    stride = int(nemo.config.model.stride)
+    verts, faces = nemo.object_mesh
+    f, c = cameras
+    fmaps = features(images)
+    r = pose_solver.solve(fmaps, nemo.memory.vertex, clutter, verts, faces, f, c,
+                          stride=stride, solver_cfg=solver_cfg)
+    init, init_loss = second_hypotheses(solver_cfg.grid(), r.grid_losses, r.pose, min_sep)
+    if solver_cfg.steps > 0:
+        refined, loss, _ = pose_solver.refine(   # the cameras as solve() passes them
+            fmaps, nemo.memory.vertex, clutter, verts, faces,
+            jnp.asarray(f, jnp.float32) / stride, jnp.asarray(c, jnp.float32) / stride,
+            jax.device_put(init[:, None], nemo.memory.vertex.sharding), solver_cfg)
+        refined, loss = np.asarray(refined)[:, 0], np.asarray(loss)[:, 0]
+        far = geometry.pose_error(refined.astype(np.float64), r.pose.astype(np.float64),
+                                  xnp=np) > min_sep
+        sec = np.where(far[:, None], refined, init)
+        sec_loss = np.where(far, loss, init_loss)
+    else:
+        sec, sec_loss = init, init_loss
+    return r.pose, r.score, sec, 1.0 - sec_loss
+
+
+def _records(paths, checked, poses, scores, second, second_scores) -> list[dict]:
+    """:func:`predict_images`' records (without ``overlay``): poses / second [N, 4]
+    radians, scores / second_scores [N], checked: None or a box per image."""
     records = []
     for i, p in enumerate(paths):
         rec = {"image": p, "box": None if checked[i] is None else checked[i].tolist()}
-        rec.update(_degrees(best[i]))
-        rec["score"] = float(score[i])
-        rec["second"] = dict(_degrees(second[i]), score=float(second_score[i]))
+        rec.update(_degrees(poses[i]))
+        rec["score"] = float(scores[i])
+        rec["second"] = dict(_degrees(second[i]), score=float(second_scores[i]))
         records.append(rec)
-    if out_dir is not None:
-        _write_outputs(out_dir, records, photos, crops, best, score, nemo, camera)
     return records
 
 

@@ -25,18 +25,16 @@ clutter ring.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 
-from nvsm_jax import evaluation, meshes, parallel, training
+from nvsm_jax import evaluation, geometry, meshes, parallel, training
 from nvsm_jax.baselines import pretrain
 from nvsm_jax.data import fewshot, loaders, pipeline
 from nvsm_jax.errors import ConfigError, RunStateError
@@ -44,21 +42,23 @@ from nvsm_jax.models import backbone, weights
 from nvsm_jax.nemo import config_checks as nemo_checks
 from nvsm_jax.nemo import features as feat
 from nvsm_jax.nemo import losses, pose_solver
+from nvsm_jax.nemo.settings import NemoConfig
+from nvsm_jax.settings import ModelConfig
 from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
 
-__all__ = ["build_model", "labelled_images", "load_train_set", "neighbor_radius",
+__all__ = ["build_model", "labelled_images", "load_train_set",
            "make_optimizer", "init_state", "make_loss_fn", "make_train_step",
            "train_and_evaluate", "NemoModel", "load_model", "feature_fn", "predict",
            "nemo_model", "evaluate_nemo", "holds_work"]
 
 
-def build_model(config) -> backbone.FeatureNet:
-    m = config.model
-    return backbone.make_feature_net(m.backbone, stride=m.stride, feature_dim=m.feature_dim,
-                                     norm=m.norm, encoder_norm=m.encoder_norm,
-                                     depthwise=m.depthwise)
+def build_model(model: ModelConfig) -> backbone.FeatureNet:
+    """The feature net of a ``model`` block."""
+    return backbone.make_feature_net(model.backbone, stride=model.stride,
+                                     feature_dim=model.feature_dim, norm=model.norm,
+                                     encoder_norm=model.encoder_norm, depthwise=model.depthwise)
 
 
 def labelled_images(config, pool):
@@ -87,26 +87,16 @@ def load_train_set(config):
     return labelled_images(config, train), object_mesh
 
 
-def neighbor_radius(config, image_width: int) -> float:
-    """NeMo's 48 px neighbour radius scaled from its image width (672) to ours."""
-    lc = config.loss
-    return float(lc.neighbor_radius_px) * image_width / float(lc.neighbor_reference_width)
-
-
-def make_optimizer(config):
-    """Adam (torch-style L2 weight decay, as NeMo) with warm-up + cosine or constant lr.
-
-    Returns (tx, schedule)."""
-    o = config.optim
+def make_optimizer(config: NemoConfig):
+    """``(tx, schedule)``: the ``optim`` block over ``num_steps``, the frozen encoder
+    stages kept (:func:`nvsm_jax.training.make_optimizer`)."""
+    config = NemoConfig.of(config)
     return training.make_optimizer(
-        o.lr, config.num_steps, warmup_steps=o.warmup_steps,
-        final_lr_fraction=o.final_lr_fraction, kind=o.schedule, weight_decay=o.weight_decay,
-        betas=(o.b1, o.b2), grad_clip=o.grad_clip, decoupled=o.decoupled,
-        frozen=backbone.frozen_encoder_filter(config.model.backbone,
-                                              config.model.frozen_stages))
+        config.optim, config.num_steps,
+        frozen=backbone.frozen_encoder_filter(config.model.backbone, config.model.frozen_stages))
 
 
-def init_state(config, model, num_verts: int, image_hw, mesh, *,
+def init_state(config: NemoConfig, model, num_verts: int, image_hw, mesh, *,
                pretrained: bool = True) -> training.TrainState:
     """TrainState (params, Adam, batch_stats if any, MemoryBank) replicated on ``mesh``.
 
@@ -116,20 +106,20 @@ def init_state(config, model, num_verts: int, image_hw, mesh, *,
     weights (:mod:`nvsm_jax.baselines.pretrain`); restoring a checkpoint afterwards
     overrides them as usual.
     """
+    config = NemoConfig.of(config)
     tx, _ = make_optimizer(config)
-    lc = config.loss
+    clutter_size = config.loss.clutter_size
     init = training.state_initializer(
         model, tx, (1, *image_hw, 3),
-        aux_fn=lambda k: feat.init_memory(k, num_verts, model.feature_dim, lc.clutter_size))
+        aux_fn=lambda k: feat.init_memory(k, num_verts, model.feature_dim, clutter_size))
     # the initialiser closes over the model, the optimiser (config.optim and the
     # schedule's horizon, the frozen stages) and the memory's shape: its cache key
-    optim_key = json.dumps({"optim": config.optim.to_dict(), "num_steps": config.num_steps,
-                            "frozen": config.model.frozen_stages}, sort_keys=True)
+    optim_key = (config.optim, config.num_steps, config.model.frozen_stages)
     log.info("initialising the model (compiling its initialiser on first use)")
     with training.heartbeat("initialising the model"):
         state = training.create_replicated(
             init, jax.random.key(config.seed), mesh,
-            cache_key=("nemo", model, tuple(image_hw), num_verts, lc.clutter_size, optim_key))
+            cache_key=("nemo", model, tuple(image_hw), num_verts, clutter_size, optim_key))
     encoder = (weights.pretrained_encoder(model.encoder, config.model.pretrained)
                if pretrained else None)
     if encoder is not None:
@@ -143,14 +133,16 @@ def init_state(config, model, num_verts: int, image_hw, mesh, *,
 _TRAIN_STEPS: dict = {}
 
 
-def make_train_step(config, model, object_mesh: meshes.Mesh, image_hw, state_sharding, mesh):
+def make_train_step(config: NemoConfig, model, object_mesh: meshes.Mesh, image_hw,
+                    state_sharding, mesh):
     """The jitted, donated step ``(state, batch, key) -> (state, metrics)``.
 
     Kept per (config, model, mesh geometry, image size, state layout, device mesh):
     a resumed run, or a second run of the same config in one process (tests, the
     few-shot experiment's cells), reuses the compiled step instead of compiling it again.
     """
-    key = (training._config_text(config), model, np.asarray(object_mesh.verts).tobytes(),
+    config = NemoConfig.of(config)
+    key = (config, model, np.asarray(object_mesh.verts).tobytes(),
            np.asarray(object_mesh.faces).tobytes(), tuple(image_hw),
            tuple(jax.tree_util.keystr(k) for k, _ in
                  jax.tree_util.tree_flatten_with_path(state_sharding)[0]), mesh)
@@ -163,7 +155,7 @@ def make_train_step(config, model, object_mesh: meshes.Mesh, image_hw, state_sha
     return cached
 
 
-def make_loss_fn(config, model, object_mesh: meshes.Mesh, image_hw):
+def make_loss_fn(config: NemoConfig, model, object_mesh: meshes.Mesh, image_hw):
     """The train step's forward: ``loss_fn(params, state, batch, key) -> (total, aux)``.
 
     ``aux`` = ``(CokeLoss, normalised vertex features, VertexFeatures, sampled
@@ -173,8 +165,10 @@ def make_loss_fn(config, model, object_mesh: meshes.Mesh, image_hw):
     verts = jnp.asarray(object_mesh.verts, jnp.float32)
     faces = jnp.asarray(object_mesh.faces, jnp.int32)
     normals = jnp.asarray(meshes.vertex_normals(object_mesh.verts, object_mesh.faces))
+    config = NemoConfig.of(config)
     lc = config.loss
-    radius = neighbor_radius(config, image_hw[1])
+    coke = losses.CokeWeights(lc.temperature, lc.neighbor_radius(image_hw[1]),
+                             lc.clutter_weight, lc.reg_weight)
     stride = config.model.stride
     render_stride = config.render_stride or stride
     frozen = backbone.frozen_encoder_filter(config.model.backbone,
@@ -189,22 +183,21 @@ def make_loss_fn(config, model, object_mesh: meshes.Mesh, image_hw):
                                   batch["principal"], stride=stride,
                                   render_stride=render_stride)
         fv = feat.l2_normalize(vf.features)
-        k_clutter, k_anchor = jax.random.split(key)
+        k_clutter, k_vertex = jax.random.split(key)
         clutter = feat.sample_clutter(k_clutter, fmap, vf.silhouette, lc.clutter_per_image)
-        anchors = None
-        if lc.anchors_per_image:
-            anchors = losses.sample_anchors(k_anchor, vf.visible,
-                                            min(int(lc.anchors_per_image), verts.shape[0]))
+        vertex_ids = None
+        if lc.vertices_per_image:
+            vertex_ids = losses.sample_vertices(k_vertex, vf.visible,
+                                                min(int(lc.vertices_per_image), verts.shape[0]))
         loss = losses.coke_loss(fv, vf.visible, vf.xy, memory.vertex, memory.clutter,
-                                clutter, anchors=anchors, temperature=lc.temperature,
-                                neighbor_radius=radius, clutter_weight=lc.clutter_weight,
-                                reg_weight=lc.reg_weight)
+                                clutter, vertex_ids=vertex_ids, weights=coke)
         return loss.total, (loss, fv, vf, clutter, new_model_state)
 
     return loss_fn
 
 
-def _make_train_step(config, model, object_mesh: meshes.Mesh, image_hw, state_sharding, mesh):
+def _make_train_step(config: NemoConfig, model, object_mesh: meshes.Mesh, image_hw,
+                     state_sharding, mesh):
     lc = config.loss
     _, schedule = make_optimizer(config)
     loss_fn = make_loss_fn(config, model, object_mesh, image_hw)
@@ -247,7 +240,7 @@ def holds_work(workdir) -> bool:
     return False
 
 
-def _batch_iterator(config, train):
+def _batch_iterator(config: NemoConfig, train):
     return pipeline.BatchIterator(train, config.batch_size, seed=config.seed,
                                   augment=pipeline.augment_from_config(config.augment))
 
@@ -267,6 +260,8 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     Evaluates on ``config.test_root`` at the end when ``config.eval_at_end``.
     """
     nemo_checks.check_nemo_config(config)
+    record = config     # config.json: as given (a few-shot cell's holds the experiment's too)
+    config = NemoConfig.of(config)
     workdir = os.fspath(workdir)
     if train_set is None:
         train_set, object_mesh = load_train_set(config)
@@ -277,8 +272,8 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     if config.batch_size % n_dev:
         raise ConfigError(f"batch_size {config.batch_size} must be a multiple of {n_dev} devices")
     os.makedirs(workdir, exist_ok=True)     # the record, once the config and data are good
-    training.save_config(config, workdir, has_work=holds_work(workdir))
-    model = build_model(config)
+    training.save_config(record, workdir, has_work=holds_work(workdir))
+    model = build_model(config.model)
     image_hw = train_set.image_size
     state = init_state(config, model, len(object_mesh.verts), image_hw, mesh)
     ckpt = training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
@@ -298,9 +293,9 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
     state = training.fit(        # each process reads only its rows of every batch
         state, train_step,
         lambda s, rows: {k: v for k, v in batches.batch(s, rows).items() if k in keys},
-        mesh, start=start, end=end, num_steps=config.num_steps, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=writer, ckpt=ckpt,
-        progress=progress, process_local=True)
+        mesh, training.StepRange(start, end, total=config.num_steps), seed=config.seed,
+        batch_size=config.batch_size,
+        log=training.LoopLog(writer, config.log_every, progress=progress), ckpt=ckpt)
     ckpt.close()
     if (stop_after is None and config.eval_at_end and config.test_root
             and parallel.is_main_process()):     # one process evaluates and writes results
@@ -312,20 +307,21 @@ def train_and_evaluate(config, workdir, *, num_devices: int | None = None,
 
 class NemoModel(NamedTuple):
     """Everything inference needs. variables: FeatureNet variables; memory: MemoryBank;
-    object_mesh: the model mesh; config: the training config; step: the checkpoint's step
-    (:func:`load_model`; None for a live state)."""
+    object_mesh: the model mesh; config: the run's NeMo settings; step: the checkpoint's
+    step (:func:`load_model`; None for a live state)."""
 
     model: Any
     variables: Any
     memory: feat.MemoryBank
     object_mesh: meshes.Mesh
-    config: Any
+    config: NemoConfig
     step: int | None = None
 
 
 def nemo_model(config, model, state, object_mesh) -> "NemoModel":
-    """The inference bundle of a live TrainState."""
-    return NemoModel(model, state.variables(), state.aux, object_mesh, config)
+    """The inference bundle of a live TrainState (``config``: a NemoConfig, or a config
+    it is built from)."""
+    return NemoModel(model, state.variables(), state.aux, object_mesh, NemoConfig.of(config))
 
 
 def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
@@ -359,7 +355,11 @@ def load_model(workdir, config=None, object_mesh=None) -> NemoModel:
         config = training.read_json(path, "run's config", recover)   # damaged: RunStateError
         if not isinstance(config, dict):
             raise RunStateError(f"{path}: the run's config is not a JSON object; {recover}")
-        config = ml_collections.ConfigDict(config)
+        try:        # a key this code does not know (an older or newer run's) is dropped
+            config = NemoConfig.of(config, recorded=True)
+        except (TypeError, ValueError) as err:
+            raise RunStateError(f"{path}: not a NeMo run's config ({err}); {recover}") from None
+    config = NemoConfig.of(config)
     ckpt_dir = os.path.join(workdir, "checkpoints")
     if not (os.path.isdir(ckpt_dir) and any(d.isdigit() for d in os.listdir(ckpt_dir))):
         raise RunStateError(f"no checkpoint in {ckpt_dir}; is {workdir} a trained NeMo or NVSM "
@@ -367,7 +367,7 @@ def load_model(workdir, config=None, object_mesh=None) -> NemoModel:
                             "W/nvsm_car_7)?")
     if object_mesh is None:
         object_mesh = loaders.load_model_mesh(config.data_root, config.category)
-    model = build_model(config)
+    model = build_model(config.model)
     mesh = parallel.make_mesh(1)
     log.info("loading the model of %s", workdir)
     # image size only matters for shapes of nothing here (fully convolutional)
@@ -389,13 +389,12 @@ def feature_fn(nemo: NemoModel):
 
 def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
             progress: bool = False):
-    """NeMo inference on a PoseSet -> :class:`nvsm_jax.nemo.pose_solver.SolveResult`."""
-
-    if solver_cfg is None:
-        solver_cfg = pose_solver.SolverConfig.from_dict(nemo.config.solver.to_dict())
+    """NeMo inference on a PoseSet -> :class:`nvsm_jax.nemo.pose_solver.SolveResult`
+    (``solver_cfg``: the run's own solver when None)."""
+    solver_cfg = nemo.config.solver if solver_cfg is None else solver_cfg
     clutter = feat.clutter_prototype(nemo.memory.clutter)
     bar = (lambda it: training.progress_bar(it, desc="solve")) if progress else None
     return pose_solver.solve_batched(
-        feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.object_mesh.verts,
-        nemo.object_mesh.faces, pose_set.focal, pose_set.principal, stride=nemo.config.model.stride,
-        cfg=solver_cfg, batch_size=batch_size, progress=bar)
+        feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.object_mesh,
+        geometry.Intrinsics(pose_set.focal, pose_set.principal), stride=nemo.config.model.stride,
+        solver_cfg=solver_cfg, batch_size=batch_size, progress=bar)

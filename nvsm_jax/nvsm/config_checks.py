@@ -14,6 +14,7 @@ from nvsm_jax.errors import ConfigError
 from nvsm_jax.nemo.config_checks import (model_choices, nemo_ranges, occlusion_choices,
                                          weight_choices)
 from nvsm_jax.nvsm import pseudo_labels
+from nvsm_jax.nvsm.settings import EStepConfig, FewShotConfig
 
 __all__ = ["check_config", "METHODS", "LINKS", "experiment_ranges", "estep_ranges"]
 
@@ -24,10 +25,11 @@ METHODS = ("cls_baseline", "nemo", "nvsm", "nemo_full")
 # baseline's ``cls`` block to NeMo's fields, ``initial_steps`` to ``fewshot_steps``):
 # each is checked once, under the name it refers to, unless it holds its own value.
 LINKS = {"cls.seed": "seed", "cls.batch_size": "batch_size", "cls.log_every": "log_every",
-         "cls.keep_checkpoints": "keep_checkpoints", "cls.lr": "optim.lr",
-         "cls.weight_decay": "optim.weight_decay", "cls.frozen_stages": "model.frozen_stages",
-         "cls.flip_prob": "augment.flip_prob", "cls.jitter": "augment.jitter",
-         "cls.hue": "augment.hue", "cls.grayscale_prob": "augment.grayscale_prob",
+         "cls.keep_checkpoints": "keep_checkpoints", "cls.optim.lr": "optim.lr",
+         "cls.optim.weight_decay": "optim.weight_decay",
+         "cls.model.frozen_stages": "model.frozen_stages",
+         "cls.augment.flip_prob": "augment.flip_prob", "cls.augment.jitter": "augment.jitter",
+         "cls.augment.hue": "augment.hue", "cls.augment.grayscale_prob": "augment.grayscale_prob",
          "cls.checkpoint_every": "cls.num_steps", "initial_steps": "fewshot_steps"}
 
 
@@ -54,15 +56,15 @@ def experiment_ranges(ck: Checks):
                 "log_every", "checkpoint_every", "keep_checkpoints"):
         if "cls." + key not in linked:
             ck.integer("cls." + key, 1)
-    for key in ("seed", "frozen_stages"):
+    for key in ("seed", "model.frozen_stages"):
         if "cls." + key not in linked:
             ck.integer("cls." + key, 0)
     ck.interval("cls.elevation_range")
     ck.interval("cls.theta_range")
     ck.number("cls.label_smoothing", 0, 1)
     ck.number("cls.distance", 0, low_open=True)
-    optim_rules(ck, "cls.", "warmup_steps", skip=linked)
-    augment_rules(ck, "cls.", skip=linked)
+    optim_rules(ck, "cls.optim.", "warmup_steps", skip=linked)
+    augment_rules(ck, "cls.augment.", skip=linked)
 
 
 def estep_ranges(ck: Checks):
@@ -120,13 +122,17 @@ def check_config(config) -> None:
         before = len(errors)
         estep_ranges(ck)
         if len(errors) == before:     # its own checks: unknown keys, options, combinations
-            from nvsm_jax.nvsm.estep import EStepConfig   # (heavy: jax)
             try:
                 fields = [f.name for f in dataclasses.fields(pseudo_labels.Selection)]
                 pseudo_labels.Selection(**{k: block[k] for k in fields if k in block})
                 EStepConfig.from_config(block)
             except (ValueError, TypeError, KeyError) as err:
                 errors.append(f"estep: {err}")
+    if not errors:                      # unknown keys, at the top and in every block
+        try:
+            FewShotConfig.from_config(config)
+        except (ValueError, TypeError) as err:
+            errors.append(str(err))
     if errors:
         raise ConfigError("invalid config: " + "; ".join(errors))
 

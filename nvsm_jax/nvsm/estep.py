@@ -38,6 +38,7 @@ from nvsm_jax.nemo import features as feat
 from nvsm_jax.nemo import pose_solver
 from nvsm_jax.nvsm import matching, pseudo_labels, synthesis
 from nvsm_jax.nvsm.run_state import RoundResult
+from nvsm_jax.nvsm.settings import EStepConfig
 
 log = logging.getLogger(__name__)
 
@@ -167,94 +168,7 @@ class SolverInputs(NamedTuple):
 
     vertex_memory: Any
     clutter: Any
-    config: pose_solver.SolverConfig
-
-
-@dataclasses.dataclass(frozen=True)
-class EStepConfig(training.DataclassConfig):
-    """The ``estep`` config block (the package's ``nvsm`` config documents each field).
-
-    Proposals: ``azimuth_steps`` / ``elevation_steps`` offsets of ``azimuth_step`` /
-    ``elevation_step`` radians around every source, elevations clipped to
-    [``min_elevation``, ``max_elevation``]. Synthesis: a pixel is valid when
-    ``min_weight`` of its face was seen; ``source_chunk`` sources per call.
-    Acceptance: ``threshold`` / ``margin`` / ``margin_angle`` / ``max_new`` and the
-    flip check and caps ``flip_margin`` / ``flip_window`` / ``max_per_source`` /
-    ``max_per_sector`` (:class:`nvsm_jax.nvsm.pseudo_labels.Selection`), then
-    ``agree_angle`` (> 0: the NeMo grid search must agree) and ``refine_steps``
-    (> 0: refine accepted poses by render-and-compare, from the matched pose).
-    The label-free safeguard (issue 9): ``agreement_rate`` > 0 runs the current
-    model's own render-and-compare (the ``solver`` config) on the ``max_new``
-    best-scoring candidates and accepts the longest score-ranked prefix in which
-    at least that fraction of matches lies within ``agreement_angle`` of the
-    solver's pose (prefixes shorter than ``agreement_min_count`` do not count);
-    none -> the round accepts nothing and the run stops
-    (:func:`nvsm_jax.nvsm.pseudo_labels.agreement_cut`).
-    Sources: ``mirror_sources`` adds their mirror images; ``novel_views_only``
-    drops a pseudo-labelled source's own pose.
-    Which source vertices carry features into the synthesised views (issue 9):
-    visibility from a render at ``H / source_render_stride`` (None: at the
-    feature map's stride); ``min_view_cos`` drops grazing vertices (|n . v|
-    below it); ``source_object="mask"`` keeps a labelled source's vertex only
-    inside its object mask; ``pseudo_object="memory"`` keeps a pseudo-labelled
-    source's vertex only where its feature is closer to the vertex's memory than
-    to the clutter prototype. ``distance_scales``: the proposals' distances are
-    the source's times each factor (the object's scale varies between images).
-    """
-
-    azimuth_step: float = float(np.radians(15.0))
-    azimuth_steps: int = 2
-    elevation_step: float = float(np.radians(10.0))
-    elevation_steps: int = 1
-    min_elevation: float = float(np.radians(-20.0))
-    max_elevation: float = float(np.radians(60.0))
-    min_weight: float = 0.5
-    threshold: float = -1.0
-    margin: float = -1.0
-    margin_angle: float = float(np.pi / 6)
-    max_new: int | None = 30
-    source_chunk: int = 8
-    agree_angle: float = 0.0
-    refine_steps: int = 0
-    agreement_rate: float = 0.0
-    agreement_angle: float = float(np.pi / 6)
-    agreement_min_count: int = 5
-    mirror_sources: bool = True
-    novel_views_only: bool = False
-    source_render_stride: int | None = 2     # the training render's stride (issue 9)
-    min_view_cos: float = 0.0
-    source_object: str = "mask"
-    pseudo_object: str = "none"
-    distance_scales: tuple = (1.0,)
-    flip_margin: float | None = None
-    flip_window: float = float(np.radians(20.0))
-    max_per_source: int | None = None
-    max_per_sector: int | None = None
-
-    def __post_init__(self):
-        if self.source_object not in ("none", "mask"):
-            raise ValueError(f"estep.source_object={self.source_object!r} "
-                             "(expected 'none' or 'mask')")
-        if self.pseudo_object not in ("none", "memory"):
-            raise ValueError(f"estep.pseudo_object={self.pseudo_object!r} "
-                             "(expected 'none' or 'memory')")
-        if not 0.0 <= self.min_view_cos < 1.0:
-            raise ValueError(f"estep.min_view_cos={self.min_view_cos} (expected in [0, 1))")
-        if not 0.0 <= self.agreement_rate <= 1.0:
-            raise ValueError(f"estep.agreement_rate={self.agreement_rate} (expected in [0, 1])")
-        if self.agreement_rate > 0 and not self.max_new:
-            raise ValueError("estep.agreement_rate > 0 needs estep.max_new (how many "
-                             f"candidates the solver checks), got max_new={self.max_new}")
-        if self.agreement_min_count < 1:
-            raise ValueError(f"estep.agreement_min_count={self.agreement_min_count} "
-                             "(expected >= 1)")
-
-    @property
-    def selection(self) -> pseudo_labels.Selection:
-        return pseudo_labels.Selection(
-            self.threshold, self.margin, self.margin_angle, self.max_new,
-            flip_margin=self.flip_margin, flip_window=self.flip_window,
-            max_per_source=self.max_per_source, max_per_sector=self.max_per_sector)
+    solver_cfg: pose_solver.SolverConfig
 
 
 @functools.partial(jax.jit, static_argnums=2)
@@ -264,7 +178,7 @@ def _take_rows(x, index, out_sharding):
 
 def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, stride: int,
                   batch: int) -> np.ndarray:
-    """The current model's render-and-compare pose (``solver.config``: grid, then Adam;
+    """The current model's render-and-compare pose (``solver.solver_cfg``: grid, then Adam;
     ``steps=0``: the grid search's best pose) of each map. maps: [M, h, w, D] at
     ``stride``; focal [M], principal [M, 2] of the input images -> [M, 4]. Chunks
     are padded to ``batch`` (one compilation)."""
@@ -275,7 +189,7 @@ def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, st
              np.asarray(principal[s0:s0 + batch], np.float32)), batch)
         with training.heartbeat(f"E-step: solving images {s0 + 1}-{s0 + m} of {len(maps)}"):
             res = pose_solver.solve(jnp.asarray(chunk), solver.vertex_memory, solver.clutter,
-                                    verts, faces, fo, pr, stride=stride, cfg=solver.config)
+                                    verts, faces, fo, pr, stride=stride, solver_cfg=solver.solver_cfg)
             out.append(np.asarray(res.pose)[:m])
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
@@ -475,7 +389,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, object_mesh: meshe
     principal = np.asarray(pool.principal, np.float32) / stride
     if len(new) and agree > 0:
         log.info("E-step: checking %d matches against the solver's grid search", len(new))
-        grid_only = solver._replace(config=dataclasses.replace(solver.config, steps=0, top_k=1))
+        grid_only = solver._replace(solver_cfg=dataclasses.replace(solver.solver_cfg, steps=0, top_k=1))
         grid_best = _solver_poses(pool.maps_at(new.index, mesh), grid_only, verts, faces,
                                   pool.focal[new.index], pool.principal[new.index], stride, 32)
         new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))
@@ -495,7 +409,7 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, object_mesh: meshe
     if len(new) and cfg.refine_steps > 0 and solver is not None:
         matched = np.array(new.poses, np.float32)
         log.info("E-step: refining %d accepted poses", len(new))
-        solver_cfg = dataclasses.replace(solver.config, steps=int(cfg.refine_steps))
+        solver_cfg = dataclasses.replace(solver.solver_cfg, steps=int(cfg.refine_steps))
         with training.heartbeat(f"E-step: refining {len(new)} accepted poses"):
             poses, _, _ = pose_solver.refine(jnp.asarray(pool.maps_at(new.index, mesh)),
                                              solver.vertex_memory,

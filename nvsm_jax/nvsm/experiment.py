@@ -43,9 +43,10 @@ from nvsm_jax import evaluation, figures, parallel, results, training
 from nvsm_jax.baselines import classifier, pretrain
 from nvsm_jax.data import fewshot, load_model_mesh, load_pose_set, synthetic
 from nvsm_jax.errors import ConfigError, RunStateError
-from nvsm_jax.nemo import pose_solver, train
+from nvsm_jax.nemo import train
+from nvsm_jax.nemo.settings import NemoConfig
 from nvsm_jax.nvsm import config_checks as nvsm_checks
-from nvsm_jax.nvsm import estep, rounds
+from nvsm_jax.nvsm import rounds
 from nvsm_jax.workdir_lock import locked
 
 log = logging.getLogger(__name__)
@@ -136,8 +137,8 @@ def ensure_data(config, workdir) -> tuple[str, str]:
     return train_root, test_root
 
 
-def _cell(workdir, method, category, annotations):
-    return os.path.join(workdir, f"{method}_{category}_{annotations}")
+def _cell(workdir, method, category, num_labelled):
+    return os.path.join(workdir, f"{method}_{category}_{num_labelled}")
 
 
 def _load_rows(cell):
@@ -216,8 +217,8 @@ def _stale(cell, stored, data) -> str | None:
     return None
 
 
-def _rows(method, category, annotations, results):
-    rows = [evaluation.make_row(method, category, annotations, occ, r["errors"])
+def _rows(method, category, num_labelled, results):
+    rows = [evaluation.make_row(method, category, num_labelled, occ, r["errors"])
             for occ, r in results.items()]
     return rows, {occ: np.asarray(r["errors"]) for occ, r in results.items()}
 
@@ -243,9 +244,10 @@ def _nemo_config(config, num_labelled, steps):
 def _run_nemo(config, cell, train_set, object_mesh, test_sets, num_labelled, steps):
     c = _nemo_config(config, num_labelled, steps)
     state = train.train_and_evaluate(c, cell, train_set=train_set, object_mesh=object_mesh)
-    nemo = train.nemo_model(c, train.build_model(c), state, object_mesh)
-    solver = pose_solver.SolverConfig.from_dict(c.solver.to_dict())
-    return train.evaluate_nemo(nemo, test_sets, solver, c.eval_batch_size), int(state.step)
+    settings = NemoConfig.of(c)
+    nemo = train.nemo_model(settings, train.build_model(settings.model), state, object_mesh)
+    return (train.evaluate_nemo(nemo, test_sets, settings.solver, settings.eval_batch_size),
+            int(state.step))
 
 
 def _run_cls(config, cell, labelled, test_sets):
@@ -274,7 +276,7 @@ def _nvsm_figures(cell, out, test_sets, object_mesh, config):
                                                   os.path.join(cell, "coverage.png"))
         test = test_sets.get("L0") or next(iter(test_sets.values()))
         k = min(8, len(test))
-        nemo = train.nemo_model(config, train.build_model(config), out["state"], object_mesh)
+        nemo = train.nemo_model(config, train.build_model(config.model), out["state"], object_mesh)
         maps = np.asarray(train.feature_fn(nemo)(test.images[:k]))
         paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), object_mesh.verts,
                                                test.images[:k], os.path.join(cell, "features_pca.png"))
@@ -323,8 +325,6 @@ def train_and_evaluate(config, workdir) -> str:
     """Runs every configured row; returns the markdown report (also in report.md).
     Every enumerated option is checked first (:func:`nvsm_jax.nvsm.config_checks.check_config`)."""
     nvsm_checks.check_config(config)
-    if "nvsm" in config.methods:                # the E-step's settings, before any row trains
-        estep.EStepConfig.from_config(config.estep)
     workdir = os.fspath(workdir)
     train_root, test_root = ensure_data(config, workdir)
     categories = [c for c in config.categories.split(",") if c]

