@@ -49,7 +49,7 @@ def test_mesh_scaled_x100_puts_the_camera_inside_and_is_refused(tmp_path):
     train = load_pose_set(tmp_path, "car")
     object_mesh = load_model_mesh(tmp_path, "car", pose_set=train)      # the tiny root is fine
     meshes.save_off(_mesh_path(tmp_path), object_mesh.verts * 100, object_mesh.faces)
-    with pytest.raises(meshes.MeshError, match=r"01\.off: the camera is inside the object_mesh's "
+    with pytest.raises(meshes.MeshError, match=r"01\.off: the camera is inside the mesh's "
                        r"bounding box .* for 4 of 4 images") as info:
         load_model_mesh(tmp_path, "car", pose_set=train)
     assert "car_000" in str(info.value) and len(str(info.value).splitlines()) <= 3

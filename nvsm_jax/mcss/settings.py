@@ -65,8 +65,9 @@ class MultiviewConfig(DataclassConfig):
     the total; 1.0. margin: the triplet hinge's; 0.2. temperature: the contrastive
     logits'; 0.1. squared: the triplet's distances squared; True. dt_min: frames of one
     sequence at least this far apart in time are negatives (any view); 8.
-    cross_sequence: other sequences' frames are negatives too; False. num_seqs x num_times x num_views: the batch's
-    sequences, distinct instants per sequence and views per instant; 4 x 6 x 4.
+    cross_sequence: other sequences' frames are negatives too; False. num_seqs x
+    num_times x num_views: the batch's sequences, distinct instants per sequence and
+    views per instant; 4 x 6 x 4.
     pose_consistency: > 0, also the predicted poses of one instant's views must agree
     up to a rotation (their joint-distance matrices,
     :func:`nvsm_jax.mcss.losses.pose_consistency_loss`), with this weight; 0.0 = off.
@@ -109,8 +110,9 @@ class EvalConfig(DataclassConfig):
     query_view: the camera whose frames are the retrieval queries (the gallery: the
     other cameras); 0. ks: the top-k of the retrieval scores; (1, 5, 10, 20) (the first
     is the headline's). hit_threshold: Hit@k is the fraction of queries with a top-k
-    neighbour under this PA-MPJPE (mm); 50.0. random_embedding: the untrained row's retrieval from the untrained
-    network's embedding, "untrained" (default), or from "gaussian" vectors.
+    neighbour under this PA-MPJPE (mm); 50.0. random_embedding: the untrained row's
+    retrieval from the untrained network's embedding, "untrained" (default), or from
+    "gaussian" vectors.
     baseline_embedding: the baseline's retrieval from its "features" (pooled, what it
     learned; default) or its (untrained) embedding "head". figure_rows: queries in
     ``retrieval.png``; 4.

@@ -135,7 +135,8 @@ def _write_outputs(out_dir, ev: _Evaluation, solver_cfg, checkpoint: dict, data_
         np.savez(os.path.join(out_dir, f"predictions_{occ}.npz"), **arrays)
     rows = ev.rows + evaluation.mean_rows(ev.rows, ev.errors)
     _, md_path = evaluation.write_results(out_dir, rows, extra={"solver": solver_cfg.__dict__ | {
-        "elevations": list(solver_cfg.elevations), "thetas": list(solver_cfg.thetas)}, "timing": ev.timing,
+        "elevations": list(solver_cfg.elevations), "thetas": list(solver_cfg.thetas)},
+        "timing": ev.timing,
         "missing": ev.missing, "skipped": {k: v for k, v in ev.skipped.items() if v},
         "checkpoint": checkpoint,
         "test_data": {"root": os.path.abspath(data_root), "levels": ev.test_data}})

@@ -212,7 +212,8 @@ def _optimizer(solver_cfg: SolverConfig):
 
 
 @functools.partial(jax.jit, static_argnames=("hw", "solver_cfg"))
-def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init, hw, solver_cfg):
+def _refine(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, init, hw,
+            solver_cfg):
     tx = _optimizer(solver_cfg)
     mask = jnp.array([1.0, 1.0, 1.0, 1.0 if solver_cfg.refine_distance else 0.0])
     tables, s_cl = _prepare_batch(feature_maps, vertex_memory, clutter)
@@ -289,8 +290,9 @@ def solve(feature_maps, vertex_memory, clutter, verts, faces, focal, principal, 
 
 
 def solve_batched(feature_fn, images, vertex_memory, clutter, object_mesh: meshes.Mesh,
-                  cameras: geometry.Intrinsics, *, stride: int, solver_cfg: SolverConfig = REFERENCE,
-                  batch_size: int = 16, progress=None) -> SolveResult:
+                  cameras: geometry.Intrinsics, *, stride: int,
+                  solver_cfg: SolverConfig = REFERENCE, batch_size: int = 16,
+                  progress=None) -> SolveResult:
     """:func:`solve` over a whole set in chunks; ``feature_fn(images_chunk) -> maps``.
 
     images: [N, ...] (what ``feature_fn`` takes); cameras: the **input images'**

@@ -189,7 +189,8 @@ def _solver_poses(maps, solver: SolverInputs, verts, faces, focal, principal, st
              np.asarray(principal[s0:s0 + batch], np.float32)), batch)
         with training.heartbeat(f"E-step: solving images {s0 + 1}-{s0 + m} of {len(maps)}"):
             res = pose_solver.solve(jnp.asarray(chunk), solver.vertex_memory, solver.clutter,
-                                    verts, faces, fo, pr, stride=stride, solver_cfg=solver.solver_cfg)
+                                    verts, faces, fo, pr, stride=stride,
+                                    solver_cfg=solver.solver_cfg)
             out.append(np.asarray(res.pose)[:m])
     return np.concatenate(out) if out else np.zeros((0, 4), np.float32)
 
@@ -389,7 +390,8 @@ def e_step(cfg: EStepConfig, sources: Sources, pool: Pool, *, object_mesh: meshe
     principal = np.asarray(pool.principal, np.float32) / stride
     if len(new) and agree > 0:
         log.info("E-step: checking %d matches against the solver's grid search", len(new))
-        grid_only = solver._replace(solver_cfg=dataclasses.replace(solver.solver_cfg, steps=0, top_k=1))
+        grid_only = solver._replace(
+            solver_cfg=dataclasses.replace(solver.solver_cfg, steps=0, top_k=1))
         grid_best = _solver_poses(pool.maps_at(new.index, mesh), grid_only, verts, faces,
                                   pool.focal[new.index], pool.principal[new.index], stride, 32)
         new = new.take(pseudo_labels.agree_with_solver(new.poses, grid_best, agree))

@@ -278,11 +278,13 @@ def _nvsm_figures(cell, out, test_sets, object_mesh, config):
         k = min(8, len(test))
         nemo = train.nemo_model(config, train.build_model(config.model), out["state"], object_mesh)
         maps = np.asarray(train.feature_fn(nemo)(test.images[:k]))
-        paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex), object_mesh.verts,
-                                               test.images[:k], os.path.join(cell, "features_pca.png"))
+        paths["pca"] = figures.feature_pca_rgb(maps, np.asarray(nemo.memory.vertex),
+                                               object_mesh.verts, test.images[:k],
+                                               os.path.join(cell, "features_pca.png"))
         pred = out["test"]["L0" if "L0" in out["test"] else next(iter(out["test"]))]["pred"]
-        paths["poses"] = figures.draw_poses(test.images[:k], pred[:k], test.poses[:k], object_mesh.verts,
-                                            object_mesh.faces, test.focal[:k], test.principal[:k],
+        paths["poses"] = figures.draw_poses(test.images[:k], pred[:k], test.poses[:k],
+                                            object_mesh.verts, object_mesh.faces, test.focal[:k],
+                                            test.principal[:k],
                                             os.path.join(cell, "predicted_poses.png"))
     except Exception as err:  # noqa: BLE001 - figures are a by-product
         log.warning("NVSM figures failed: %s", err)
@@ -292,7 +294,8 @@ def _nvsm_figures(cell, out, test_sets, object_mesh, config):
 def _run_nvsm(config, cell, train_set, object_mesh, test_sets, num_labelled):
     c = copy.deepcopy(config)
     c.num_labelled = num_labelled
-    out = rounds.run_nvsm(c, cell, train_set=train_set, object_mesh=object_mesh, test_sets=test_sets)
+    out = rounds.run_nvsm(c, cell, train_set=train_set, object_mesh=object_mesh,
+                          test_sets=test_sets)
     if parallel.is_main_process():
         _nvsm_figures(cell, out, test_sets, object_mesh, c)
     return out["test"], int(out["state"].step)
@@ -350,9 +353,11 @@ def train_and_evaluate(config, workdir) -> str:
                 t0 = time.time()
                 log.info("=== %s, %s, %s annotations", method, category, n)
                 if method == "nemo_full":
-                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, None, cfg.full_steps)
+                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, None,
+                                    cfg.full_steps)
                 elif method == "nemo":
-                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, n, cfg.fewshot_steps)
+                    res = _run_nemo(cfg, cell, train_set, object_mesh, test_sets, n,
+                                    cfg.fewshot_steps)
                 elif method == "cls_baseline":
                     labelled = fewshot.split_from_config(train_set, n, cfg).labelled
                     res = _run_cls(cfg, cell, labelled, test_sets)
