@@ -1,6 +1,8 @@
 """NeMo: a feature net and a vertex memory trained with the CoKe loss, and pose by
 render-and-compare. In the order data flows:
 
+* :mod:`~nvsm_jax.nemo.settings`: the typed config (``NemoConfig``: the CoKe loss, the
+  solver and the shared blocks; no jax, a config file imports it);
 * :mod:`~nvsm_jax.nemo.config_checks`: every field of a NeMo config, checked before work;
 * :mod:`~nvsm_jax.nemo.features`: vertex features sampled at projected, visible vertices,
   the moving-average vertex memory and the clutter bank;

@@ -1,6 +1,8 @@
 """NVSM: neural view synthesis and matching, the semi-supervised EM over NeMo.
 In the order data flows:
 
+* :mod:`~nvsm_jax.nvsm.settings`: the typed configs (``FewShotConfig``, the E-step's
+  ``EStepConfig``; no jax, a config file imports them);
 * :mod:`~nvsm_jax.nvsm.synthesis`: a labelled image's vertex features rasterised at a
   nearby pose, a feature map for a pose nobody labelled;
 * :mod:`~nvsm_jax.nvsm.matching`: every synthesised view scored against every pool image;
