@@ -111,7 +111,7 @@ def main(argv):
     n_lab = FLAGS.num_labelled or int(config.num_labelled)
     train_set = loaders.load_pose_set(root, config.category, "L0")
     object_mesh = loaders.load_model_mesh(root, config.category)
-    nemo = train.load_model(FLAGS.workdir, config, object_mesh)
+    nemo = train.load_model(FLAGS.workdir, object_mesh=object_mesh)   # its recorded config
     split = fewshot.split_from_config(train_set, n_lab, config)
     labelled, unlabelled = split.labelled, split.unlabelled
     hidden = fewshot.hidden_poses(train_set, unlabelled.names)

@@ -59,6 +59,7 @@ def main(argv):
     import jax.numpy as jnp
 
     from nvsm_jax.nemo import features, pose_solver, train
+    from nvsm_jax.nemo.settings import NemoConfig
     from nvsm_jax import geometry, parallel, training
     from nvsm_jax.nvsm import pseudo_labels
     from nvsm_jax.nvsm import estep
@@ -80,14 +81,15 @@ def main(argv):
     pl = pseudo_labels.PseudoLabels.from_dict(np.load(files[-1]))
     last = int(os.path.basename(files[-1])[6:9])
     mesh = parallel.make_mesh(1)
-    model = train.build_model(config.model)
-    state = train.init_state(config, model, len(object_mesh.verts), train_set.image_size,
+    nemo_cfg = NemoConfig.of(config, recorded=True)     # a record: maybe an earlier version's
+    model = train.build_model(nemo_cfg.model)
+    state = train.init_state(nemo_cfg, model, len(object_mesh.verts), train_set.image_size,
                              mesh)
     ckpt = training.Checkpointer(os.path.join(FLAGS.cell, "checkpoints"), 10 ** 9)
     steps = ([int(s) for s in FLAGS.checkpoints.split(",")] if FLAGS.checkpoints
              else sorted(ckpt.manager.all_steps()))
-    solver = pose_solver.SolverConfig.from_config(config.solver)
-    stride = int(config.model.stride)
+    solver_cfg = nemo_cfg.solver
+    stride = int(nemo_cfg.model.stride)
     verts = jnp.asarray(object_mesh.verts, jnp.float32)
     faces = jnp.asarray(object_mesh.faces, jnp.int32)
     starts = np.concatenate([pl.poses[:, None], pseudo_labels.symmetric_poses(pl.poses)],
@@ -99,11 +101,12 @@ def main(argv):
     for ck in steps:
         s = ckpt.restore(state, step=ck)
         maps = estep.extract_features(
-            train.feature_fn(train.nemo_model(config, model, s, object_mesh)),
-            unlabelled.images[pl.index], int(config.eval_batch_size))
+            train.feature_fn(train.nemo_model(nemo_cfg, model, s, object_mesh)),
+            unlabelled.images[pl.index], int(nemo_cfg.eval_batch_size))
         clutter = features.clutter_prototype(s.aux.clutter)
         for n in [int(x) for x in FLAGS.steps.split(",")]:
-            cfg = dataclasses.replace(solver, steps=max(n, 1), lr=solver.lr if n > 0 else 0.0)
+            refine_cfg = dataclasses.replace(solver_cfg, steps=max(n, 1),
+                                             lr=solver_cfg.lr if n > 0 else 0.0)
             losses = []
             for b in range(0, len(pl), 50):
                 rows_b = slice(b, b + 50)
@@ -111,7 +114,7 @@ def main(argv):
                     jnp.asarray(maps[rows_b]), s.aux.vertex, clutter, verts, faces,
                     unlabelled.focal[pl.index][rows_b] / stride,
                     unlabelled.principal[pl.index][rows_b] / stride,
-                    jnp.asarray(starts[rows_b]), cfg)
+                    jnp.asarray(starts[rows_b]), refine_cfg)
                 losses.append(np.asarray(loss))
             loss = np.concatenate(losses)                                   # [M, 4]
             pick = np.argmin(loss, 1)

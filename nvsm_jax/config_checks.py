@@ -182,16 +182,19 @@ def augment_rules(ck: Checks, prefix: str, skip=()):
             ck.number(prefix + key, 0, high)
 
 
-def optim_rules(ck: Checks, prefix: str, warmup: str, skip=()):
-    """The optimiser fields every trainer shares (:func:`nvsm_jax.training.make_schedule`,
-    :func:`nvsm_jax.training.make_adamw`) under ``prefix``; ``warmup``: the warm-up key."""
+def optim_rules(ck: Checks, prefix: str, skip=()):
+    """The ``optim`` block every trainer shares (:class:`nvsm_jax.settings.OptimConfig`,
+    :func:`nvsm_jax.training.make_optimizer`) under ``prefix``."""
     rules = {"lr": dict(low=0, low_open=True), "weight_decay": dict(low=0),
              "final_lr_fraction": dict(low=0, high=1),
-             "grad_clip": dict(low=0, low_open=True, optional=True, note="; None = no clipping")}
+             "grad_clip": dict(low=0, low_open=True, optional=True, note="; None = no clipping"),
+             "b1": dict(low=0, high=1, high_open=True), "b2": dict(low=0, high=1, high_open=True)}
     for key, kw in rules.items():
         if prefix + key not in skip:
             ck.number(prefix + key, **kw)
-    ck.integer(prefix + warmup, 0)
+    ck.integer(prefix + "warmup_steps", 0)
+    ck.one_of(prefix + "schedule", ("cosine", "constant"))
+    ck.flag(prefix + "decoupled")
 
 
 def synthetic_rules(ck: Checks, prefix: str = ""):

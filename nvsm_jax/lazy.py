@@ -11,7 +11,8 @@ __all__ = ["lazy_exports"]
 
 def lazy_exports(package: str, exports: dict[str, str]):
     """A module ``__getattr__`` for ``package``: ``exports`` maps each public name to
-    the submodule (relative to ``package``) that defines it (PEP 562)."""
+    the submodule (relative to ``package``) that defines it (PEP 562). The package sets
+    ``__dir__ = lambda: sorted(set(globals()) | set(__all__))`` for tab completion."""
 
     def __getattr__(name: str):
         module = exports.get(name)

@@ -107,12 +107,13 @@ def load_mesh(path: str | os.PathLike, **kwargs) -> Mesh:
     return validate_mesh(verts, faces, source=path, **kwargs)
 
 
-def check_camera_outside(mesh: Mesh, poses, *, source: str = "<mesh>", names=None) -> None:
+def check_camera_outside(object_mesh: Mesh, poses, *, source: str = "<mesh>",
+                         names=None) -> None:
     """Refuses a mesh whose box holds the camera for most images: its scale does not
     match the data (a mesh scaled x100 leaves a fraction of a percent of its vertices
     visible); warns when it does for a few (those annotations or the mesh may be off).
 
-    mesh: Mesh; poses: [N, 4] the images' poses (the camera centre from azimuth,
+    object_mesh: Mesh; poses: [N, 4] the images' poses (the camera centre from azimuth,
     elevation and distance, :func:`nvsm_jax.geometry.camera_center`); names: [N] image
     names (for the message) or None. The test is the mesh's axis-aligned bounding box,
     so a long or off-centre mesh seen from close by passes. Raises MeshError naming
@@ -124,7 +125,8 @@ def check_camera_outside(mesh: Mesh, poses, *, source: str = "<mesh>", names=Non
     if len(p) == 0:
         return
     centre = np.asarray(geometry.camera_center(p[:, 0], p[:, 1], p[:, 3], xnp=np))   # [N, 3]
-    lo, hi = mesh.verts.min(0).astype(np.float64), mesh.verts.max(0).astype(np.float64)
+    lo = object_mesh.verts.min(0).astype(np.float64)
+    hi = object_mesh.verts.max(0).astype(np.float64)
     inside = np.all((centre >= lo) & (centre <= hi), axis=-1)
     if not inside.any():
         return

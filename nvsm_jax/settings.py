@@ -2,8 +2,8 @@
 
 Each block of a config file (``config.model``, ``config.optim``, ``config.augment``)
 is one of these frozen dataclasses written out as a dict, so its defaults live here
-once: a config file starts a block from ``ModelConfig().to_dict()`` and sets only
-what differs. Code below the experiment builds the block once with
+once: a config file starts a block from ``ModelConfig().to_config_block()`` and sets
+only what differs. Code below the experiment builds the block once with
 :meth:`DataclassConfig.from_config` (an unknown key is an error naming it) and passes
 the object on. The method blocks sit beside their method
 (:mod:`nvsm_jax.nemo.settings`, :mod:`nvsm_jax.nvsm.settings`,
@@ -17,7 +17,10 @@ from __future__ import annotations
 
 import dataclasses
 
-__all__ = ["DataclassConfig", "ModelConfig", "OptimConfig", "Augment"]
+from nvsm_jax.errors import ConfigError
+
+__all__ = ["DataclassConfig", "ModelConfig", "OptimConfig", "Augment", "upgrade_record",
+           "flatten", "unflatten"]
 
 
 class DataclassConfig:
@@ -66,8 +69,9 @@ class DataclassConfig:
         for the errors) or, with ``prefix=None``, leniently."""
         defaults = cls._field_defaults()
         values = {}
-        for k, v in d.items():
-            if isinstance(defaults.get(k), DataclassConfig) and not isinstance(v, DataclassConfig):
+        for k, v in d.items():       # a block set to None (e.g. augment: none) stays None
+            if (isinstance(defaults.get(k), DataclassConfig) and v is not None
+                    and not isinstance(v, DataclassConfig)):
                 sub = type(defaults[k])
                 v = sub.from_dict(v) if prefix is None else sub.from_config(v, f"{prefix}{k}.")
             values[k] = tuple(v) if isinstance(v, list) else v
@@ -83,13 +87,14 @@ class DataclassConfig:
         """From its config block (an ml_collections ConfigDict or a mapping): every
         field the block names (lists become tuples, so the result stays hashable);
         fields it leaves out keep the dataclass default, the one default of each
-        option. A key the dataclass does not know is a ValueError naming it (with
-        ``prefix``, the block's dotted path in its config, e.g. ``"cls.optim."``)."""
+        option. A key the dataclass does not know is a ConfigError (a ValueError)
+        naming it (with ``prefix``, the block's dotted path in its config, e.g.
+        ``"cls.optim."``)."""
         d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
         if unknown:
-            raise ValueError(f"unknown config keys {', '.join(prefix + k for k in unknown)} "
+            raise ConfigError(f"unknown config keys {', '.join(prefix + k for k in unknown)} "
                              f"({cls.__name__}); known: {', '.join(names)}")
         return cls._build(d, prefix)
 
@@ -151,3 +156,72 @@ class Augment(DataclassConfig):
     jitter: float = 0.2
     hue: float = 0.0
     grayscale_prob: float = 0.0
+
+
+# ----------------------------------------------------------- records of earlier versions
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config record's dotted keys)."""
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def unflatten(flat: dict) -> dict:
+    """The inverse of :func:`flatten`."""
+    out: dict = {}
+    for key, v in flat.items():
+        *parents, last = key.split(".")
+        node = out
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[last] = v
+    return out
+
+
+# A record (a run's config.json, a results cell) written before the typed blocks names
+# some keys otherwise and lacks keys whose value the code then used without naming it.
+_RENAMED = {"loss.anchors_per_image": "loss.vertices_per_image",
+            "train.optim.warmup": "train.optim.warmup_steps"}
+_CLASSIFIER_NESTED = {
+    **{k: "model." + k for k in ("backbone", "norm", "encoder_norm", "depthwise", "pretrained",
+                                 "frozen_stages")},
+    **{k: "optim." + k for k in ("lr", "weight_decay", "warmup_steps", "final_lr_fraction",
+                                 "grad_clip")},
+    **{k: "augment." + k for k in ("flip_prob", "jitter", "hue", "grayscale_prob")}}
+_OPTIM_UNNAMED = {"b1": 0.9, "b2": 0.999, "schedule": "cosine", "decoupled": False}
+_UNNAMED = {"solver.cull_backfaces": False, "train.model.adapter_layers": 0,
+            **{"train.optim." + k: v for k, v in _OPTIM_UNNAMED.items()}}
+
+
+def upgrade_record(flat: dict, *, classifier: bool = False) -> dict:
+    """A flattened config record in today's names: renamed keys renamed, the
+    classifier's flat keys moved into its ``model`` / ``optim`` / ``augment`` blocks
+    (``classifier``, or a record of ``kind`` "pose_classifier": at the top; else under
+    ``cls.``), and each key a block gained with the value the code used before it was
+    named filled in where that block is recorded without it. A record of today is
+    returned as it is."""
+    out = dict(flat)
+
+    def move(old, new):
+        if old in out and new not in out:
+            out[new] = out.pop(old)
+
+    for old, new in _RENAMED.items():
+        move(old, new)
+    prefix = "" if classifier or out.get("kind") == "pose_classifier" else "cls."
+    unnamed = dict(_UNNAMED)
+    if not prefix or any(k.startswith("cls.") for k in out):
+        for old, new in _CLASSIFIER_NESTED.items():
+            move(prefix + old, prefix + new)
+        unnamed.update({f"{prefix}optim.{k}": v for k, v in _OPTIM_UNNAMED.items()})
+        unnamed.update({f"{prefix}model.stride": 8, f"{prefix}model.feature_dim": 128})
+    for key, value in unnamed.items():
+        block = key.rsplit(".", 1)[0] + "."
+        if key not in out and any(k.startswith(block) for k in out):
+            out[key] = value
+    return out

@@ -58,7 +58,7 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 from nvsm_jax.errors import InputError, NonFiniteError, RunStateError
-from nvsm_jax.settings import OptimConfig
+from nvsm_jax.settings import OptimConfig, upgrade_record
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
@@ -687,8 +687,9 @@ def _flatten_json(tree, prefix=""):
 
 
 def config_differences(old: dict, new: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
-    """``"key: old -> new"`` for every dotted key that differs outside ``free_keys``."""
-    a, b = _flatten_json(old), _flatten_json(new)
+    """``"key: old -> new"`` for every dotted key that differs outside ``free_keys``
+    (a record of an earlier version read in today's names: :func:`upgrade_record`)."""
+    a, b = (upgrade_record(_flatten_json(x)) for x in (old, new))
     free = lambda k: any(k == f or k.startswith(f + ".") for f in free_keys)  # noqa: E731
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]

@@ -11,8 +11,9 @@ Variants (``get_config(arg)``):
              a GPU/TPU, resumable on CPU (every method and round checkpoints).
     "tiny":  a smoke run that only exercises the code (about 2.5 min on 2 CPU cores;
              its accuracies are meaningless, 0 % is expected).
-All NeMo/CoKe settings (model, loss, optimiser, solver) come from the ``nemo``
-config so NeMo and NVSM train the same way. ``nvsm-report --results DIR`` aggregates
+Every field, its default and its meaning: ``nvsm_jax.nvsm.settings.FewShotConfig``;
+its NeMo/CoKe settings (model, loss, optimiser, solver) are ``NemoConfig``'s, so NeMo
+and NVSM train the same way. ``nvsm-report --results DIR`` aggregates
 the cells recorded with ``--config.results_dir=DIR``.
 """
 

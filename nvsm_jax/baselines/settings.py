@@ -9,7 +9,8 @@ import dataclasses
 
 import numpy as np
 
-from nvsm_jax.settings import Augment, DataclassConfig, ModelConfig, OptimConfig
+from nvsm_jax.settings import (Augment, DataclassConfig, ModelConfig, OptimConfig, flatten,
+                               unflatten, upgrade_record)
 
 __all__ = ["ClassifierConfig", "PretrainConfig"]
 
@@ -46,7 +47,9 @@ class ClassifierConfig(DataclassConfig):
 
     @classmethod
     def from_dict(cls, d) -> "ClassifierConfig":
-        d = dict(d)
+        """Leniently, from a mapping or a run's record (an earlier version's flat
+        backbone, optimiser and augmentation keys moved into their blocks)."""
+        d = unflatten(upgrade_record(flatten(dict(d)), classifier=True))
         for k in ("elevation_range", "theta_range"):
             if k in d:
                 d[k] = tuple(float(v) for v in d[k])

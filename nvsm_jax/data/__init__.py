@@ -27,3 +27,7 @@ _EXPORTS = {
 __all__ = [name for names in _EXPORTS.values() for name in names]
 # imported on first use: ``nvsm_jax.data.format`` (a config file's categories) needs no jax
 __getattr__ = lazy_exports(__name__, {n: m for m, names in _EXPORTS.items() for n in names})
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

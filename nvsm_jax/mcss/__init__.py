@@ -22,3 +22,7 @@ _EXPORTS = {"h36m": ("MultiViewData", "load_dataset"),
             "skeleton": ("BONES", "H36M_32_TO_17", "JOINT_NAMES")}
 __all__ = [name for names in _EXPORTS.values() for name in names]
 __getattr__ = lazy_exports(__name__, {n: m for m, names in _EXPORTS.items() for n in names})
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -77,11 +77,7 @@ def check_mcss_config(config) -> None:
     number(t + "augment", 0, note="; 0 = off")
     one_of(t + "cache_features", ("auto", "on", "off"))
     integer(t + "cache_copies", 1)
-    optim_rules(ck, t + "optim.", "warmup_steps")
-    one_of(t + "optim.schedule", ("cosine", "constant"))
-    number(t + "optim.b1", 0, 1, high_open=True)
-    number(t + "optim.b2", 0, 1, high_open=True)
-    flag(t + "optim.decoupled")
+    optim_rules(ck, t + "optim.")
     v = t + "multiview."
     one_of(v + "kind", ("contrastive", "triplet"))
     for key in ("weight", "margin", "pose_consistency"):

@@ -31,7 +31,6 @@ def model_choices(ck: Checks) -> None:
     one_of("model.norm", NORMS, optional=True)
     one_of("model.encoder_norm", NORMS, optional=True)
     one_of("model.stride", (4, 8, 16, 32))
-    one_of("optim.schedule", ("cosine", "constant"))
 
 
 def occlusion_choices(ck: Checks) -> None:
@@ -68,11 +67,9 @@ def nemo_ranges(ck: Checks):
                 "eval_batch_size", "model.feature_dim"):
         ck.integer(key, 1)
     ck.integer("eval_limit", 1, optional=True, note="; None = every test image")
-    for key in ("eval_at_end", "restart", "optim.decoupled", "solver.refine_distance"):
+    for key in ("eval_at_end", "restart", "solver.refine_distance"):
         ck.flag(key)
-    optim_rules(ck, "optim.", "warmup_steps")
-    ck.number("optim.b1", 0, 1, high_open=True)
-    ck.number("optim.b2", 0, 1, high_open=True)
+    optim_rules(ck, "optim.")
     ck.number("loss.temperature", 0, low_open=True)
     ck.number("loss.neighbor_radius_px", 0)
     ck.number("loss.neighbor_reference_width", 0, low_open=True)

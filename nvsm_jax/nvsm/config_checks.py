@@ -63,7 +63,7 @@ def experiment_ranges(ck: Checks):
     ck.interval("cls.theta_range")
     ck.number("cls.label_smoothing", 0, 1)
     ck.number("cls.distance", 0, low_open=True)
-    optim_rules(ck, "cls.optim.", "warmup_steps", skip=linked)
+    optim_rules(ck, "cls.optim.", skip=linked)
     augment_rules(ck, "cls.augment.", skip=linked)
 
 

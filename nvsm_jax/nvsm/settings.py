@@ -17,7 +17,7 @@ __all__ = ["EStepConfig", "FewShotData", "FewShotConfig"]
 
 @dataclasses.dataclass(frozen=True)
 class EStepConfig(DataclassConfig):
-    """The ``estep`` config block (the package's ``nvsm`` config documents each field).
+    """The ``estep`` config block: the E-step's proposals, synthesis and acceptance.
 
     Proposals: ``azimuth_steps`` / ``elevation_steps`` offsets of ``azimuth_step`` /
     ``elevation_step`` radians around every source, elevations clipped to
@@ -114,7 +114,7 @@ class FewShotData(DataclassConfig):
     level); image_size (H, W); seed."""
 
     generate: bool = True
-    synthetic: dict = dataclasses.field(default_factory=dict)
+    synthetic: dict = dataclasses.field(default_factory=dict, hash=False)
     num_train: int = 1000
     num_test: int = 200
     image_size: tuple = (128, 128)
