@@ -49,7 +49,7 @@ from nvsm_jax.workdir_lock import locked
 log = logging.getLogger(__name__)
 
 __all__ = ["build_model", "labelled_images", "load_train_set",
-           "make_optimizer", "init_state", "make_loss_fn", "make_train_step",
+           "init_state", "make_loss_fn", "make_train_step",
            "train_and_evaluate", "NemoModel", "load_model", "feature_fn", "predict",
            "nemo_model", "evaluate_nemo", "holds_work"]
 
@@ -87,7 +87,7 @@ def load_train_set(config):
     return labelled_images(config, train), object_mesh
 
 
-def make_optimizer(config: NemoConfig):
+def _optimizer(config: NemoConfig):
     """``(tx, schedule)``: the ``optim`` block over ``num_steps``, the frozen encoder
     stages kept (:func:`nvsm_jax.training.make_optimizer`)."""
     config = NemoConfig.of(config)
@@ -107,7 +107,7 @@ def init_state(config: NemoConfig, model, num_verts: int, image_hw, mesh, *,
     overrides them as usual.
     """
     config = NemoConfig.of(config)
-    tx, _ = make_optimizer(config)
+    tx, _ = _optimizer(config)
     clutter_size = config.loss.clutter_size
     init = training.state_initializer(
         model, tx, (1, *image_hw, 3),
@@ -199,7 +199,7 @@ def make_loss_fn(config: NemoConfig, model, object_mesh: meshes.Mesh, image_hw):
 def _make_train_step(config: NemoConfig, model, object_mesh: meshes.Mesh, image_hw,
                      state_sharding, mesh):
     lc = config.loss
-    _, schedule = make_optimizer(config)
+    _, schedule = _optimizer(config)
     loss_fn = make_loss_fn(config, model, object_mesh, image_hw)
 
     def step(state: training.TrainState, batch, key):
