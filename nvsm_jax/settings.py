@@ -89,7 +89,10 @@ class DataclassConfig:
         fields it leaves out keep the dataclass default, the one default of each
         option. A key the dataclass does not know is a ConfigError (a ValueError)
         naming it (with ``prefix``, the block's dotted path in its config, e.g.
-        ``"cls.optim."``)."""
+        ``"cls.optim."``). Given a ``cls`` already, returns it: a block built once is
+        passed on as it is."""
+        if type(block) is cls:
+            return block
         d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))

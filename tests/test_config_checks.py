@@ -388,12 +388,13 @@ def test_mcss_experiment_refuses_before_writing(tmp_path):
 
 
 @pytest.mark.parametrize("block,key,message", [
-    ("train.optim", "warmup", r"train.optim: unknown config keys warmup \(OptimConfig\); "
+    ("train.optim", "warmup", r"unknown config keys train.optim.warmup \(OptimConfig\); "
                               r"known: lr, weight_decay"),
-    ("train.model", "adapters", r"train.model: unknown config keys adapters \(MCSSModelConfig\)"),
-    ("train.multiview", "dt", r"train.multiview: unknown config keys dt \(MultiviewConfig\)"),
-    ("train.multiview_pseudo", "round", r"train.multiview_pseudo: unknown config keys round "),
-    ("eval", "k", r"eval: unknown config keys k \(EvalConfig\)"),
+    ("train.model", "adapters", r"unknown config keys train.model.adapters \(MCSSModelConfig\)"),
+    ("train.multiview", "dt", r"unknown config keys train.multiview.dt \(MultiviewConfig\)"),
+    ("train.multiview_pseudo", "round", r"unknown config keys train.multiview_pseudo.round "),
+    ("eval", "k", r"unknown config keys eval.k \(EvalConfig\)"),
+    ("train", "stepz", r"unknown config keys train.stepz \(MCSSTrainConfig\)"),
 ])
 def test_an_unknown_mcss_block_key_is_refused(block, key, message):
     """A typed block's unknown key (e.g. the old ``optim.warmup``) is a config error

@@ -18,9 +18,7 @@ line, e.g. ``--config.train.steps=500 --config.train.multiview.kind=contrastive`
 
 import ml_collections
 
-from nvsm_jax.mcss.settings import (EvalConfig, MCSSModelConfig, MultiviewConfig,
-                                    MultiviewPseudoConfig)
-from nvsm_jax.settings import OptimConfig
+from nvsm_jax.mcss.settings import EvalConfig, MCSSTrainConfig
 
 
 def get_config(arg: str = "demo"):
@@ -56,34 +54,14 @@ def get_config(arg: str = "demo"):
     c.ceiling = True                      # + the baseline trained on every training label
     c.seeds = ()                          # e.g. (0, 1, 2): one run per seed in WORKDIR/seed<S>,
     #                                       their mean +- SE in WORKDIR/report.md
-    # --- model ------------------------------------------------------------------
-    c.train = ml_collections.ConfigDict()
+    # --- training ---------------------------------------------------------------
+    # every field, its default and its meaning: nvsm_jax.mcss.settings.MCSSTrainConfig and
+    # its blocks (the from-scratch ResNet pooled at stride 32; 600 steps of 32 labelled
+    # frames with colour jitter 0.2; the contrastive multi-view loss on 4 sequences x 6
+    # times x 4 views; Adam at lr 2e-3 with 50 warm-up steps, the gradient clipped at 1);
+    # set here only what differs
+    c.train = MCSSTrainConfig().to_config_block()
     t = c.train
-    # the typed blocks: every field and its default in its dataclass (nvsm_jax.settings,
-    # nvsm_jax.mcss.settings), which documents it; set here only what differs
-    t.model = MCSSModelConfig().to_config_block()   # the from-scratch ResNet, pooled at stride 32
-    # --- optimisation -----------------------------------------------------------
-    t.steps = 600
-    t.sup_batch = 32
-    t.pose_loss = "mpjpe"                 # "mpjpe" | "l1" | "mse" (metres)
-    t.pose_weight = 1.0
-    t.augment = 0.2                       # colour jitter strength (0 = off)
-    # "auto": when the encoder is frozen up to the tap, its maps are computed once and
-    # training runs from the tap on (no colour jitter then); "on" / "off" force it.
-    t.cache_features = "auto"
-    # With the cache and augment > 0: the maps of the images as they are plus
-    # cache_copies - 1 colour-jittered copies, computed once; each frame of a batch
-    # reads one copy at random (1 = the plain maps only, no colour jitter)
-    t.cache_copies = 1
-    t.optim = OptimConfig().to_config_block()       # Adam (torch-style L2), warm-up + cosine
-    t.optim.update(lr=2e-3, warmup_steps=50, weight_decay=1e-4, grad_clip=1.0,
-                   final_lr_fraction=0.05)
-    t.multiview = MultiviewConfig().to_config_block()   # contrastive, 4 seqs x 6 times x 4 views
-    # multi-view bootstrapping (nvsm_jax/mcss/fusion.py): rounds = how many (0 = off)
-    t.multiview_pseudo = MultiviewPseudoConfig().to_config_block()
-    t.save_every = 200
-    t.log_every = 50
-    t.progress = False
     # --- evaluation -------------------------------------------------------------
     c.eval = EvalConfig().to_config_block()         # retrieval from camera 0, k = 1, 5, 10, 20
     c.num_devices = 0                     # 0 = all

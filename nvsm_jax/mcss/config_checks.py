@@ -6,14 +6,14 @@ from __future__ import annotations
 import math
 
 from nvsm_jax.config_checks import MISSING, NORMS, Checks, is_int, optim_rules
-from nvsm_jax.mcss.settings import TRAIN_BLOCKS, EvalConfig
+from nvsm_jax.mcss.settings import EvalConfig, MCSSTrainConfig
 from nvsm_jax.models import backbone
 
 __all__ = ["check_mcss_config", "BLOCKS"]
 
-#: An MCSS config's typed blocks (:mod:`nvsm_jax.mcss.settings`): each is built from its
-#: block once, unknown keys refused.
-BLOCKS = {**{"train." + k: v for k, v in TRAIN_BLOCKS.items()}, "eval": EvalConfig}
+#: An MCSS config's typed blocks (:mod:`nvsm_jax.mcss.settings`; ``train`` with its
+#: sub-blocks): each is built from its block, unknown keys refused with their path.
+BLOCKS = {"train": MCSSTrainConfig, "eval": EvalConfig}
 
 
 def check_mcss_config(config) -> None:
@@ -107,9 +107,9 @@ def check_mcss_config(config) -> None:
         block = ck.get(name)
         if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
             try:
-                block_class.from_config(block)
+                block_class.from_config(block, f"{name}.")
             except (ValueError, TypeError) as err:
-                ck.errors.append(f"{name}: {err}")
+                ck.errors.append(str(err))
     ck.raise_if_any("invalid MCSS config")
 
 

@@ -26,7 +26,7 @@ from nvsm_jax.mcss import config_checks as mcss_checks
 from nvsm_jax.mcss import data as mdata
 from nvsm_jax.mcss import h36m, mpi_inf_3dhp, retrieval
 from nvsm_jax.mcss import train as mtrain
-from nvsm_jax.mcss.settings import EvalConfig, MultiviewPseudoConfig
+from nvsm_jax.mcss.settings import EvalConfig, MCSSTrainConfig
 from nvsm_jax.workdir_lock import locked
 
 __all__ = ["train_and_evaluate", "report_markdown", "headline_markdown", "aggregate",
@@ -70,9 +70,10 @@ def load_data(config, root: str):
             h36m.load_dataset(root, config.data.test_subjects, actions, size))
 
 
-def _eval_model(model, state, test, mesh, cfg, ev: EvalConfig, embedding: str = "head"):
+def _eval_model(model, state, test, mesh, train_cfg: MCSSTrainConfig, ev: EvalConfig,
+                embedding: str = "head"):
     """(pose metrics, retrieval dict of :func:`_retrieval`) of a trained network."""
-    emb, pose = mtrain.predict_frames(model, state, test.images, cfg.train, mesh,
+    emb, pose = mtrain.predict_frames(model, state, test.images, train_cfg, mesh,
                                       embedding=embedding)
     return mtrain.evaluate_poses(pose, test.pose3d), _retrieval(emb, test, ev)
 
@@ -122,8 +123,9 @@ def _run_seed(config, workdir: str, log) -> dict:
     """One seed: data, every supervision level's rows, the ceiling and the untrained
     network; writes ``results.json`` / ``report.md`` / ``retrieval.png``."""
     t0 = time.time()
-    ev = EvalConfig.from_config(config.eval)        # the typed blocks (mcss/settings.py)
-    pseudo = MultiviewPseudoConfig.from_config(config.train.multiview_pseudo)
+    ev = EvalConfig.from_config(config.eval)        # the typed blocks (mcss/settings.py),
+    train_cfg = MCSSTrainConfig.from_config(config.train)     # built once, passed on
+    pseudo = train_cfg.multiview_pseudo
     os.makedirs(workdir, exist_ok=True)
     training.save_config(config, workdir)
     if config.compilation_cache:
@@ -150,12 +152,12 @@ def _run_seed(config, workdir: str, log) -> dict:
     def run(method, level, ts, name):
         t1 = time.time()
         run_dir = os.path.join(workdir, "runs", f"{method}_{_slug(level)}")
-        model, state = mtrain.train(ts, config.train, run_dir, method=method, mesh=mesh,
+        model, state = mtrain.train(ts, train_cfg, run_dir, method=method, mesh=mesh,
                                     seed=config.seed, log=log)
         # The baseline's embedding head gets no gradient (and Adam-normalised L2 decay
         # shrinks it to zero); by default it is judged by the features it did learn.
         emb_kind = ev.baseline_embedding if method == "baseline" else "head"
-        m, ret = _eval_model(model, state, test, mesh, config, ev, embedding=emb_kind)
+        m, ret = _eval_model(model, state, test, mesh, train_cfg, ev, embedding=emb_kind)
         row = _row(name, level, m, ret, embedding=emb_kind, labelled_frames=len(ts.labelled_idx),
                    labelled_fraction=len(ts.labelled_idx) / len(train_data),
                    seconds=time.time() - t1)
@@ -187,7 +189,7 @@ def _run_seed(config, workdir: str, log) -> dict:
                 continue
             t1, boots, before = time.time(), [], row["mpjpe"]
             for r in range(1, rounds + 1):      # multi-view bootstrapping (fusion.py)
-                boot, single = mtrain.bootstrap_train_set(model, state, ts, config.train, mesh)
+                boot, single = mtrain.bootstrap_train_set(model, state, ts, train_cfg, mesh)
                 unl = np.setdiff1d(boot.labelled_idx, ts.labelled_idx)
                 hidden = train_data.pose3d[unl]                     # hidden: report only
                 err = mtrain.evaluate_poses(boot.labelled_pose[unl] * 1000.0, hidden)["mpjpe"]
@@ -195,10 +197,10 @@ def _run_seed(config, workdir: str, log) -> dict:
                 log(f"[mcss] {level} round {r}: test MPJPE so far {before:.1f}; "
                     f"{len(unl)} pseudo-labels, MPJPE {err:.1f} fused vs {err1:.1f} single-view "
                     "(hidden poses, report only)")
-                model, state = mtrain.train(boot, config.train, os.path.join(
+                model, state = mtrain.train(boot, train_cfg, os.path.join(
                     workdir, "runs", f"{method}_{_slug(level)}_round{r}"), method=method,
                     mesh=mesh, seed=config.seed + r, log=log)
-                m, ret = _eval_model(model, state, test, mesh, config, ev)
+                m, ret = _eval_model(model, state, test, mesh, train_cfg, ev)
                 boots.append({"round": r, "test_mpjpe_before": before, "pseudo_labels": len(unl),
                               "pseudo_mpjpe": err, "single_view_mpjpe": err1})
                 before = m["mpjpe"]
@@ -213,8 +215,8 @@ def _run_seed(config, workdir: str, log) -> dict:
             train_data, np.ones(len(train_data), bool)), "ceiling")
         rows.append(row)
     # The same network untrained (or gaussian vectors for the embedding).
-    model, state = mtrain.init_state(config.train, mesh, size, config.seed + 1)
-    m, ret = _eval_model(model, state, test, mesh, config, ev)
+    model, state = mtrain.init_state(train_cfg, mesh, size, config.seed + 1)
+    m, ret = _eval_model(model, state, test, mesh, train_cfg, ev)
     if ev.random_embedding == "gaussian":
         ret = _retrieval(np.random.default_rng(config.seed).normal(size=(len(test), 64)),
                          test, ev)

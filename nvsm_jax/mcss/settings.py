@@ -12,7 +12,7 @@ import dataclasses
 from nvsm_jax.settings import DataclassConfig, OptimConfig
 
 __all__ = ["MCSSModelConfig", "MultiviewConfig", "MultiviewPseudoConfig", "EvalConfig",
-           "TRAIN_BLOCKS"]
+           "MCSSTrainConfig"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +126,36 @@ class EvalConfig(DataclassConfig):
     figure_rows: int = 4
 
 
-#: The ``train`` block's typed blocks: key -> class (each built with ``from_config``).
-TRAIN_BLOCKS = {"model": MCSSModelConfig, "optim": OptimConfig, "multiview": MultiviewConfig,
-                "multiview_pseudo": MultiviewPseudoConfig}
+@dataclasses.dataclass(frozen=True)
+class MCSSTrainConfig(DataclassConfig):
+    """The ``train`` block: one network's training (:func:`nvsm_jax.mcss.train.train`),
+    built once by the experiment and passed to every run.
+
+    model / optim / multiview / multiview_pseudo: the blocks above (the optimiser is the
+    shared :class:`nvsm_jax.settings.OptimConfig`: Adam, torch-style L2, lr 2e-3, 50
+    warm-up steps, then cosine to 5 %; the global norm clipped at 1). steps: of
+    ``sup_batch`` labelled frames (600 / 32) plus, for MCSS, the multi-view batch.
+    pose_loss: "mpjpe" (default) | "l1" | "mse" (metres), weighted ``pose_weight`` (1).
+    augment: colour jitter strength (0.2; 0 = off). cache_features: "auto" (default:
+    when the encoder is frozen up to the tap, its maps are computed once and training
+    runs from the tap on, without colour jitter) | "on" | "off". cache_copies: with the
+    cache and ``augment > 0``, the maps of the images as they are plus
+    ``cache_copies - 1`` colour-jittered copies, computed once; each frame of a batch
+    reads one at random (1 = the plain maps only). save_every / log_every: checkpoints
+    and metrics (200 / 50 steps). progress: a progress bar (False).
+    """
+
+    model: MCSSModelConfig = MCSSModelConfig()
+    steps: int = 600
+    sup_batch: int = 32
+    pose_loss: str = "mpjpe"
+    pose_weight: float = 1.0
+    augment: float = 0.2
+    cache_features: str = "auto"
+    cache_copies: int = 1
+    optim: OptimConfig = OptimConfig(lr=2e-3, warmup_steps=50, grad_clip=1.0)
+    multiview: MultiviewConfig = MultiviewConfig()
+    multiview_pseudo: MultiviewPseudoConfig = MultiviewPseudoConfig()
+    save_every: int = 200
+    log_every: int = 50
+    progress: bool = False
