@@ -27,7 +27,7 @@ from nvsm_jax.data.shapes import CATEGORIES
 from nvsm_jax.errors import ConfigError
 
 __all__ = ["Checks", "MISSING", "get", "as_list", "is_int", "is_number", "same",
-           "optim_rules", "augment_rules", "synthetic_rules", "check_synthetic_config",
+           "optim_rules", "augment_rules", "block_rules", "synthetic_rules", "check_synthetic_config",
            "NORMS"]
 
 NORMS = ("group", "batch", "frozen_batch")
@@ -173,6 +173,19 @@ class Checks:
     def raise_if_any(self, what: str = "invalid config"):
         if self.errors:
             raise ConfigError(f"{what}: " + "; ".join(self.errors))
+
+
+def block_rules(ck: Checks, blocks: dict):
+    """Each typed block ``{dotted name: DataclassConfig class}`` built from its block (an
+    unknown key, with its path, or a value its class refuses is an error), unless its
+    own fields already failed a check or it is absent or None."""
+    for name, block_class in blocks.items():
+        block = ck.get(name)
+        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
+            try:
+                block_class.from_config(block, f"{name}.")
+            except (ValueError, TypeError) as err:
+                ck.errors.append(str(err))
 
 
 def augment_rules(ck: Checks, prefix: str, skip=()):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 
-from nvsm_jax.config_checks import MISSING, NORMS, Checks, is_int, optim_rules
+from nvsm_jax.config_checks import MISSING, NORMS, Checks, block_rules, is_int, optim_rules
 from nvsm_jax.mcss.settings import EvalConfig, MCSSTrainConfig
 from nvsm_jax.models import backbone
 
@@ -103,13 +103,7 @@ def check_mcss_config(config) -> None:
             value = ck.get(key)
             if is_int(value) and value > limit:
                 ck.bad(key, value, f"<= {limit} with data.num_views={views}")
-    for name, block_class in BLOCKS.items():     # unknown keys: refused before any training
-        block = ck.get(name)
-        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
-            try:
-                block_class.from_config(block, f"{name}.")
-            except (ValueError, TypeError) as err:
-                ck.errors.append(str(err))
+    block_rules(ck, BLOCKS)         # unknown keys: refused before any training
     ck.raise_if_any("invalid MCSS config")
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 
-from nvsm_jax.config_checks import MISSING, NORMS, Checks, augment_rules, get, is_int, optim_rules
+from nvsm_jax.config_checks import (MISSING, NORMS, Checks, augment_rules, block_rules, get,
+                                    is_int, optim_rules)
 from nvsm_jax.data.fewshot import ANCHOR_RULES
 from nvsm_jax.data.format import OCCLUSION_LEVELS
 from nvsm_jax.models import backbone, weights
@@ -97,13 +98,7 @@ def nemo_ranges(ck: Checks):
             and top_k > grid[0] * len(grid[1]) * len(grid[2])):
         ck.bad("solver.top_k", top_k, f"<= {grid[0] * len(grid[1]) * len(grid[2])}, the "
                "grid's poses: solver.num_azimuth x len(elevations) x len(thetas)")
-    for name, block_class in BLOCKS.items():     # unknown keys: refused before any training
-        block = ck.get(name)
-        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
-            try:
-                block_class.from_config(block, f"{name}.")
-            except (ValueError, TypeError) as err:
-                ck.errors.append(str(err))
+    block_rules(ck, BLOCKS)         # unknown keys: refused before any training
 
 
 def check_nemo_config(config) -> None:
