@@ -16,6 +16,7 @@ fast (``tests/test_layout.py`` checks it).
 from __future__ import annotations
 
 import dataclasses
+import re
 
 from nvsm_jax.errors import ConfigError
 
@@ -47,8 +48,9 @@ class DataclassConfig:
             value = getattr(self, f.name)
             if isinstance(value, DataclassConfig):
                 value = value.to_config_block()
-            elif value is None:
-                kinds = [t for t in (int, float, str, bool) if t.__name__ in str(f.type)]
+            elif value is None:         # the annotation's type: "int | None" -> int
+                words = re.findall(r"\w+", str(f.type))
+                kinds = [t for t in (int, float, str, bool) if t.__name__ in words]
                 value = ml_collections.config_dict.placeholder(kinds[0] if kinds else object)
             block[f.name] = value
         return block
@@ -98,7 +100,7 @@ class DataclassConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ConfigError(f"unknown config keys {', '.join(prefix + k for k in unknown)} "
-                             f"({cls.__name__}); known: {', '.join(names)}")
+                              f"({cls.__name__}); known: {', '.join(names)}")
         return cls._build(d, prefix)
 
 
