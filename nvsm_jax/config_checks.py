@@ -27,8 +27,8 @@ from nvsm_jax.data.shapes import CATEGORIES
 from nvsm_jax.errors import ConfigError
 
 __all__ = ["Checks", "MISSING", "get", "as_list", "is_int", "is_number", "same",
-           "optim_rules", "augment_rules", "block_rules", "synthetic_rules", "check_synthetic_config",
-           "NORMS"]
+           "optim_rules", "augment_rules", "block_rules", "synthetic_rules",
+           "check_synthetic_config", "NORMS"]
 
 NORMS = ("group", "batch", "frozen_batch")
 
@@ -176,12 +176,17 @@ class Checks:
 
 
 def block_rules(ck: Checks, blocks: dict):
-    """Each typed block ``{dotted name: DataclassConfig class}`` built from its block (an
-    unknown key, with its path, or a value its class refuses is an error), unless its
-    own fields already failed a check or it is absent or None."""
+    """Each typed block ``{dotted name: DataclassConfig class}``: its unknown keys (and
+    its sub-blocks') are errors, with their paths; then, unless its own fields already
+    failed a check, it is built (a value its class refuses is an error). An absent or
+    None block is left to the checks of its fields."""
     for name, block_class in blocks.items():
         block = ck.get(name)
-        if block not in (MISSING, None) and not any(e.startswith(name + ".") for e in ck.errors):
+        if block in (MISSING, None) or not hasattr(block, "keys"):
+            continue
+        unknown = block_class.unknown_keys(block, f"{name}.")
+        ck.errors.extend(unknown)
+        if not unknown and not any(e.startswith(name + ".") for e in ck.errors):
             try:
                 block_class.from_config(block, f"{name}.")
             except (ValueError, TypeError) as err:

@@ -70,14 +70,32 @@ class DataclassConfig:
         """``cls`` from ``d``; sub-blocks strictly (``prefix``: the block's dotted path,
         for the errors) or, with ``prefix=None``, leniently."""
         defaults = cls._field_defaults()
+        optional = {f.name for f in dataclasses.fields(cls) if "None" in str(f.type)}
         values = {}
-        for k, v in d.items():       # a block set to None (e.g. augment: none) stays None
+        for k, v in d.items():
+            if isinstance(defaults.get(k), DataclassConfig) and v is None and k not in optional:
+                raise ConfigError(f"{prefix or ''}{k}=None (expected a block of "
+                                  f"{type(defaults[k]).__name__}'s fields)")
             if (isinstance(defaults.get(k), DataclassConfig) and v is not None
                     and not isinstance(v, DataclassConfig)):
                 sub = type(defaults[k])
                 v = sub.from_dict(v) if prefix is None else sub.from_config(v, f"{prefix}{k}.")
             values[k] = tuple(v) if isinstance(v, list) else v
         return cls(**values)
+
+    @classmethod
+    def unknown_keys(cls, block, prefix: str = "") -> list[str]:
+        """One message per block or sub-block of ``block`` with keys its class does not
+        know (the same words as :meth:`from_config`'s error), found without building
+        anything, so they are reported beside other errors of the block's values."""
+        d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        defaults = cls._field_defaults()
+        message = cls._unknown(d, prefix)
+        out = [message] if message else []
+        for k, v in d.items():
+            if isinstance(defaults.get(k), DataclassConfig) and hasattr(v, "keys"):
+                out += type(defaults[k]).unknown_keys(v, f"{prefix}{k}.")
+        return out
 
     @classmethod
     def from_dict(cls, d):
@@ -96,12 +114,20 @@ class DataclassConfig:
         if type(block) is cls:
             return block
         d = block.to_dict() if hasattr(block, "to_dict") else dict(block)
+        message = cls._unknown(d, prefix)
+        if message:
+            raise ConfigError(message)
+        return cls._build(d, prefix)
+
+    @classmethod
+    def _unknown(cls, d: dict, prefix: str) -> str | None:
+        """The error naming the keys of ``d`` that ``cls`` does not know (None: none)."""
         names = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ConfigError(f"unknown config keys {', '.join(prefix + k for k in unknown)} "
-                              f"({cls.__name__}); known: {', '.join(names)}")
-        return cls._build(d, prefix)
+        if not unknown:
+            return None
+        return (f"unknown config keys {', '.join(prefix + k for k in unknown)} "
+                f"({cls.__name__}); known: {', '.join(names)}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ class ClassifierConfig(DataclassConfig):
     num_steps: int = 2000
     batch_size: int = 16
     optim: OptimConfig = OptimConfig()
-    augment: Augment = Augment()
+    augment: Augment | None = Augment()     # None: no augmentation
     log_every: int = 20
     checkpoint_every: int = 500
     keep_checkpoints: int = 2

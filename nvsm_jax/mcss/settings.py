@@ -1,8 +1,8 @@
-"""MCSS's typed config blocks: the network (``config.train.model``), the multi-view
-loss (``config.train.multiview``), the bootstrapping (``config.train.multiview_pseudo``)
-and the evaluation (``config.eval``); the optimiser (``config.train.optim``) is the
-shared :class:`nvsm_jax.settings.OptimConfig`. The defaults are the ``mcss`` config's
-base values (before its variants). Like :mod:`nvsm_jax.settings`, this module imports
+"""MCSS's typed config blocks: the training (``config.train``, :class:`MCSSTrainConfig`)
+with its network (``train.model``), multi-view loss (``train.multiview``) and
+bootstrapping (``train.multiview_pseudo``), and the evaluation (``config.eval``); the
+optimiser (``train.optim``) is the shared :class:`nvsm_jax.settings.OptimConfig`. The
+defaults are the ``mcss`` config's base values (before its variants). Like :mod:`nvsm_jax.settings`, this module imports
 neither jax nor flax (a config file imports it)."""
 
 from __future__ import annotations
@@ -129,7 +129,7 @@ class EvalConfig(DataclassConfig):
 @dataclasses.dataclass(frozen=True)
 class MCSSTrainConfig(DataclassConfig):
     """The ``train`` block: one network's training (:func:`nvsm_jax.mcss.train.train`),
-    built once by the experiment and passed to every run.
+    built once per seed by the experiment and passed to each of its runs.
 
     model / optim / multiview / multiview_pseudo: the blocks above (the optimiser is the
     shared :class:`nvsm_jax.settings.OptimConfig`: Adam, torch-style L2, lr 2e-3, 50
@@ -153,7 +153,8 @@ class MCSSTrainConfig(DataclassConfig):
     augment: float = 0.2
     cache_features: str = "auto"
     cache_copies: int = 1
-    optim: OptimConfig = OptimConfig(lr=2e-3, warmup_steps=50, grad_clip=1.0)
+    optim: OptimConfig = OptimConfig(lr=2e-3, weight_decay=1e-4, warmup_steps=50,
+                                     final_lr_fraction=0.05, grad_clip=1.0)
     multiview: MultiviewConfig = MultiviewConfig()
     multiview_pseudo: MultiviewPseudoConfig = MultiviewPseudoConfig()
     save_every: int = 200

@@ -159,9 +159,11 @@ def init_state(cfg, mesh, image_size, seed: int):
     :class:`nvsm_jax.training.TrainState` (optimiser of ``cfg.optim`` over ``cfg.steps``),
     through :func:`nvsm_jax.training.create_replicated`: compiled once per
     (config, image size, mesh), so runs that differ only in seed or data do not
-    recompile. ``cfg``: the ``train`` block; its ``model`` / ``optim`` blocks are built
-    as :class:`~nvsm_jax.mcss.settings.MCSSModelConfig` /
-    :class:`~nvsm_jax.settings.OptimConfig` (an unknown key is a ValueError)."""
+    recompile. ``cfg``: the ``train`` block (an
+    :class:`~nvsm_jax.mcss.settings.MCSSTrainConfig`, as the experiment passes it, or a
+    config block); its ``model`` / ``optim`` blocks are built as
+    :class:`~nvsm_jax.mcss.settings.MCSSModelConfig` / :class:`~nvsm_jax.settings.OptimConfig`
+    (an unknown key is a ConfigError)."""
     model_cfg = MCSSModelConfig.from_config(cfg.model)
     model = make_model(model_cfg)
     tx, _ = training.make_optimizer(OptimConfig.from_config(cfg.optim), cfg.steps,
@@ -487,8 +489,9 @@ def train(ts: TrainSet, cfg, workdir: str, *, method: str, mesh=None, seed: int 
     """Trains (or resumes) one run in ``workdir``; returns ``(model, state)``.
 
     method: ``"mcss"`` (pose + multi-view loss) or ``"baseline"`` (pose only).
-    cfg: the ``train`` block; its ``model`` / ``optim`` / ``multiview`` blocks are built
-    as their dataclasses (:mod:`nvsm_jax.mcss.settings`; an unknown key is a ValueError
+    cfg: the ``train`` block (an :class:`~nvsm_jax.mcss.settings.MCSSTrainConfig`, or a
+    config block); its ``model`` / ``optim`` / ``multiview`` blocks are built
+    as their dataclasses (:mod:`nvsm_jax.mcss.settings`; an unknown key is a ConfigError
     before any step). Checkpoints every ``cfg.save_every`` steps; metrics to
     ``metrics.jsonl``.
     """

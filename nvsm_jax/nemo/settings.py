@@ -137,7 +137,7 @@ class NemoConfig(DataclassConfig):
     eval_at_end: bool = False
     optim: OptimConfig = OptimConfig()
     loss: LossConfig = LossConfig()
-    augment: Augment = Augment()
+    augment: Augment | None = Augment()     # None: no augmentation
     solver: SolverConfig = FAST
     eval_batch_size: int = 16
     eval_occlusions: tuple = ("L0", "L1", "L2", "L3")

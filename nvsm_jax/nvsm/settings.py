@@ -154,7 +154,7 @@ class FewShotConfig(NemoConfig):
     data_root: str = ""
     test_root: str = ""
     num_labelled: int | None = 7
-    augment: Augment = Augment(hue=1.0, grayscale_prob=0.2)
+    augment: Augment | None = Augment(hue=1.0, grayscale_prob=0.2)
     categories: str = "car"
     annotations: tuple = (7,)
     methods: tuple = ("cls_baseline", "nemo", "nvsm", "nemo_full")
