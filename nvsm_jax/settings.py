@@ -192,13 +192,13 @@ class Augment(DataclassConfig):
 # ----------------------------------------------------------- records of earlier versions
 
 def flatten(tree: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config record's dotted keys)."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}`` (a config record's dotted keys; an empty
+    block has none; a record that is no mapping at all is one key, "")."""
+    if not isinstance(tree, dict):
+        return {prefix[:-1]: tree}
     out = {}
     for k, v in tree.items():
-        if isinstance(v, dict) and v:
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[prefix + k] = v
+        out.update(flatten(v, f"{prefix}{k}."))
     return out
 
 

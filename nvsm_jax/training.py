@@ -58,7 +58,7 @@ from flax.training import train_state
 
 from nvsm_jax import parallel
 from nvsm_jax.errors import InputError, NonFiniteError, RunStateError
-from nvsm_jax.settings import OptimConfig, upgrade_record
+from nvsm_jax.settings import OptimConfig, flatten, upgrade_record
 
 __all__ = ["TrainState", "make_schedule", "replace_weights", "freeze", "stop_gradient_where",
            "create_replicated", "step_key", "Checkpointer", "MetricsWriter",
@@ -676,20 +676,10 @@ def _config_text(config) -> str:
     return json.dumps(config, indent=2, default=str) if isinstance(config, dict) else str(config)
 
 
-def _flatten_json(tree, prefix=""):
-    out = {}
-    if isinstance(tree, dict):
-        for k, v in tree.items():
-            out.update(_flatten_json(v, f"{prefix}{k}."))
-    else:
-        out[prefix[:-1]] = tree
-    return out
-
-
 def config_differences(old: dict, new: dict, free_keys=RESUME_FREE_KEYS) -> list[str]:
     """``"key: old -> new"`` for every dotted key that differs outside ``free_keys``
     (a record of an earlier version read in today's names: :func:`upgrade_record`)."""
-    a, b = (upgrade_record(_flatten_json(x)) for x in (old, new))
+    a, b = (upgrade_record(flatten(x)) for x in (old, new))
     free = lambda k: any(k == f or k.startswith(f + ".") for f in free_keys)  # noqa: E731
     return [f"{k}: {a.get(k, '<absent>')!r} -> {b.get(k, '<absent>')!r}"
             for k in sorted(set(a) | set(b)) if not free(k) and a.get(k) != b.get(k)]

@@ -288,7 +288,7 @@ def _nemo_workdir(roots):
     return work, state
 
 
-def _fake_predict(nemo, test, cfg=None, *, batch_size=16, progress=False):
+def _fake_predict(nemo, test, solver_cfg=None, *, batch_size=16, progress=False):
     return pose_solver.SolveResult(test.poses.copy(), np.ones(len(test)), test.poses.copy(),
                                    np.zeros((len(test), 1)))
 

@@ -341,13 +341,14 @@ def train_classifier(config: ClassifierConfig, train_set, workdir, *,
         log.info("classifier: steps %d -> %d on %d device(s), %d images", start, end, n_dev,
                  len(train_set))
 
-    def host_batch(step, rows):             # this process's rows of the whole batch
-        b = batches.batch(step)
-        return {"image": b["image"][rows], "pose": b["pose"][rows]}
+    def host_batch(step, rows):     # each process reads only its rows of every batch
+        b = batches.batch(step, rows)
+        return {"image": b["image"], "pose": b["pose"]}
 
     state = training.fit(
-        state, train_step, host_batch, mesh, training.StepRange(start, end, total=config.num_steps),
-        seed=config.seed, batch_size=config.batch_size,
+        state, train_step, host_batch, mesh,
+        training.StepRange(start, end, total=config.num_steps), seed=config.seed,
+        batch_size=config.batch_size,
         log=training.LoopLog(writer, config.log_every, progress=progress, desc="classifier"),
         ckpt=ckpt)
     ckpt.close()

@@ -90,7 +90,6 @@ def load_train_set(config):
 def _optimizer(config: NemoConfig):
     """``(tx, schedule)``: the ``optim`` block over ``num_steps``, the frozen encoder
     stages kept (:func:`nvsm_jax.training.make_optimizer`)."""
-    config = NemoConfig.of(config)
     return training.make_optimizer(
         config.optim, config.num_steps,
         frozen=backbone.frozen_encoder_filter(config.model.backbone, config.model.frozen_stages))
@@ -324,14 +323,15 @@ def nemo_model(config, model, state, object_mesh) -> "NemoModel":
     return NemoModel(model, state.variables(), state.aux, object_mesh, NemoConfig.of(config))
 
 
-def evaluate_nemo(nemo: NemoModel, test_sets: dict, solver_cfg, batch_size: int) -> dict:
-    """NeMo inference on ``{occlusion: PoseSet}`` -> ``{occlusion: {"errors" [N] rad,
-    "pred" [N, 4], "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
+def evaluate_nemo(nemo: NemoModel, test_sets: dict) -> dict:
+    """NeMo inference (the run's own solver, ``eval_batch_size`` images a call) on
+    ``{occlusion: PoseSet}`` -> ``{occlusion: {"errors" [N] rad, "pred" [N, 4],
+    "score" [N], "acc_pi_6", "acc_pi_18", "med_err_deg"}}``."""
     rows = {}
     for occ, test in test_sets.items():
         log.info("evaluating on %d %s test images", len(test), occ)
         with training.heartbeat(f"evaluating on {occ}"):
-            res = predict(nemo, test, solver_cfg, batch_size=batch_size)
+            res = predict(nemo, test, batch_size=nemo.config.eval_batch_size)
         err = evaluation.rotation_errors(res.pose, test.poses)
         rows[occ] = {"errors": err, "pred": res.pose, "score": res.score,
                      "acc_pi_6": evaluation.accuracy_at(err, np.pi / 6),
@@ -396,5 +396,6 @@ def predict(nemo: NemoModel, pose_set, solver_cfg=None, *, batch_size: int = 16,
     bar = (lambda it: training.progress_bar(it, desc="solve")) if progress else None
     return pose_solver.solve_batched(
         feature_fn(nemo), pose_set.images, nemo.memory.vertex, clutter, nemo.object_mesh,
-        geometry.Intrinsics(pose_set.focal, pose_set.principal), stride=nemo.config.model.stride,
-        solver_cfg=solver_cfg, batch_size=batch_size, progress=bar)
+        geometry.Intrinsics(pose_set.focal, pose_set.principal),
+        stride=nemo.config.model.stride, solver_cfg=solver_cfg, batch_size=batch_size,
+        progress=bar)

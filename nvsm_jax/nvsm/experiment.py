@@ -246,8 +246,7 @@ def _run_nemo(config, cell, train_set, object_mesh, test_sets, num_labelled, ste
     state = train.train_and_evaluate(c, cell, train_set=train_set, object_mesh=object_mesh)
     settings = NemoConfig.of(c)
     nemo = train.nemo_model(settings, train.build_model(settings.model), state, object_mesh)
-    return (train.evaluate_nemo(nemo, test_sets, settings.solver, settings.eval_batch_size),
-            int(state.step))
+    return train.evaluate_nemo(nemo, test_sets), int(state.step)
 
 
 def _run_cls(config, cell, labelled, test_sets):

@@ -307,8 +307,7 @@ def record_round(run: NVSMRun, at: RunPosition, r: int, result: RoundResult,
     entry = {**round_entry(run, at, r, result), "round_seconds": time.time() - started}
     if config.eval_every_round and "L0" in run.test_sets:
         res = train.evaluate_nemo(train.nemo_model(run.nemo, run.model, at.state, run.object_mesh),
-                                  {"L0": run.test_sets["L0"]}, run.nemo.solver,
-                                  run.nemo.eval_batch_size)
+                                  {"L0": run.test_sets["L0"]})
         entry.update({f"test_{k}": v for k, v in res["L0"].items()
                       if k in ("acc_pi_6", "acc_pi_18", "med_err_deg")})
     stopped = r > 0 and (len(result.new) == 0 or len(at.pl) == len(run.unlabelled))
@@ -362,8 +361,7 @@ def run_nvsm(config, workdir, *, train_set: PoseSet | None = None, object_mesh=N
            "labelled": run.labelled, "unlabelled": run.unlabelled, "hidden": run.hidden}
     if stop_after_rounds is None and stop_after_steps is None and run.test_sets:
         out["test"] = train.evaluate_nemo(
-            train.nemo_model(run.nemo, run.model, at.state, run.object_mesh), run.test_sets,
-            run.nemo.solver, run.nemo.eval_batch_size)
+            train.nemo_model(run.nemo, run.model, at.state, run.object_mesh), run.test_sets)
     return out
 
 
